@@ -1,0 +1,1 @@
+"""Generated CSI v1.12 stubs (scripts/gen-proto.sh); do not edit."""

@@ -1,0 +1,179 @@
+"""Typed wrappers for the SPDK JSON-RPC methods the driver uses.
+
+Each wrapper names SPDK's parameters once, so the controller reads as intent
+(``spdk.lvol_create(...)``) and a reviewer can check every parameter against
+SPDK's docs in one file. Wrappers return SPDK's JSON as plain dicts; lookups
+that the driver treats as "maybe absent" return ``None`` instead of raising.
+
+Concurrency: stateless; safe to share between threads (the client is).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .client import SpdkClient
+from .errors import SpdkNotFound
+
+MiB = 1024 * 1024
+
+
+class SpdkApi:
+    def __init__(self, client: SpdkClient) -> None:
+        self.client = client
+
+    def call(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
+        return self.client.call(method, params, timeout=timeout)
+
+    # --- framework --------------------------------------------------------
+    def version(self) -> dict:
+        return self.call("spdk_get_version")
+
+    def methods(self) -> list[str]:
+        return self.call("rpc_get_methods")
+
+    # --- bdevs ------------------------------------------------------------
+    def bdev_get(self, name: str) -> dict | None:
+        """One bdev by name, uuid or alias; None when it does not exist."""
+        try:
+            found = self.call("bdev_get_bdevs", {"name": name})
+        except SpdkNotFound:
+            return None
+        return found[0] if found else None
+
+    def bdevs(self) -> list[dict]:
+        return self.call("bdev_get_bdevs")
+
+    def malloc_create(self, name: str, size_bytes: int, block_size: int = 4096) -> str:
+        return self.call("bdev_malloc_create", {
+            "name": name, "num_blocks": size_bytes // block_size, "block_size": block_size})
+
+    def iostat(self, name: str | None = None) -> dict:
+        return self.call("bdev_get_iostat", {"name": name} if name else None)
+
+    def set_qos(self, name: str, **limits: int) -> None:
+        self.call("bdev_set_qos_limit", {"name": name, **limits})
+
+    # --- lvstores ---------------------------------------------------------
+    def lvstores(self, name: str | None = None) -> list[dict]:
+        """All lvstores, or the one named (empty list when it is missing)."""
+        try:
+            return self.call("bdev_lvol_get_lvstores", {"lvs_name": name} if name else None)
+        except SpdkNotFound:
+            return []
+
+    def lvstore_create(self, bdev_name: str, lvs_name: str,
+                       cluster_sz: int | None = None) -> str:
+        params: dict[str, Any] = {"bdev_name": bdev_name, "lvs_name": lvs_name}
+        if cluster_sz:
+            params["cluster_sz"] = cluster_sz
+        return self.call("bdev_lvol_create_lvstore", params)
+
+    # --- lvols ------------------------------------------------------------
+    def lvols(self, lvs_name: str | None = None) -> list[dict]:
+        return self.call("bdev_lvol_get_lvols", {"lvs_name": lvs_name} if lvs_name else None)
+
+    def lvol_create(self, lvs_name: str, lvol_name: str, size_bytes: int, thin: bool,
+                    clear_method: str | None = None) -> str:
+        """Create an lvol; returns its uuid (also its bdev name).
+
+        SPDK takes whole MiB; callers round sizes to clusters (>= 1 MiB) first.
+        """
+        params: dict[str, Any] = {
+            "lvs_name": lvs_name, "lvol_name": lvol_name,
+            "size_in_mib": -(-size_bytes // MiB), "thin_provision": thin,
+        }
+        if clear_method:
+            params["clear_method"] = clear_method
+        return self.call("bdev_lvol_create", params)
+
+    def lvol_resize(self, name: str, size_bytes: int) -> None:
+        self.call("bdev_lvol_resize", {"name": name, "size_in_mib": -(-size_bytes // MiB)})
+
+    def lvol_delete(self, name: str) -> None:
+        self.call("bdev_lvol_delete", {"name": name})
+
+    def lvol_rename(self, old_name: str, new_name: str) -> None:
+        """Rename; ``old_name`` is ``lvs/lvol`` or a uuid, ``new_name`` is bare."""
+        self.call("bdev_lvol_rename", {"old_name": old_name, "new_name": new_name})
+
+    def snapshot(self, lvol_name: str, snapshot_name: str) -> str:
+        return self.call("bdev_lvol_snapshot",
+                         {"lvol_name": lvol_name, "snapshot_name": snapshot_name})
+
+    def clone(self, snapshot_name: str, clone_name: str) -> str:
+        return self.call("bdev_lvol_clone",
+                         {"snapshot_name": snapshot_name, "clone_name": clone_name})
+
+    def inflate(self, name: str) -> None:
+        self.call("bdev_lvol_inflate", {"name": name})
+
+    def decouple_parent(self, name: str) -> None:
+        self.call("bdev_lvol_decouple_parent", {"name": name})
+
+    def set_read_only(self, name: str) -> None:
+        self.call("bdev_lvol_set_read_only", {"name": name})
+
+    # --- nvmf ---------------------------------------------------------------
+    def transports(self) -> list[dict]:
+        return self.call("nvmf_get_transports")
+
+    def transport_create(self, trtype: str = "TCP", **opts: Any) -> None:
+        self.call("nvmf_create_transport", {"trtype": trtype, **opts})
+
+    def subsystem_get(self, nqn: str) -> dict | None:
+        """One subsystem; None when missing (SPDK answers -19 for an unknown nqn)."""
+        try:
+            found = self.call("nvmf_get_subsystems", {"nqn": nqn})
+        except SpdkNotFound:
+            return None
+        return found[0] if found else None
+
+    def subsystems(self) -> list[dict]:
+        return self.call("nvmf_get_subsystems")
+
+    def subsystem_create(self, nqn: str, serial_number: str, model_number: str,
+                         max_namespaces: int = 1) -> None:
+        self.call("nvmf_create_subsystem", {
+            "nqn": nqn, "serial_number": serial_number, "model_number": model_number,
+            "allow_any_host": False, "max_namespaces": max_namespaces,
+        })
+
+    def subsystem_delete(self, nqn: str) -> None:
+        self.call("nvmf_delete_subsystem", {"nqn": nqn})
+
+    def ns_add(self, nqn: str, bdev_name: str, uuid: str | None = None,
+               nsid: int | None = None) -> int:
+        ns: dict[str, Any] = {"bdev_name": bdev_name}
+        if uuid:
+            ns["uuid"] = uuid
+        if nsid:
+            ns["nsid"] = nsid
+        return self.call("nvmf_subsystem_add_ns", {"nqn": nqn, "namespace": ns})
+
+    def ns_remove(self, nqn: str, nsid: int) -> None:
+        self.call("nvmf_subsystem_remove_ns", {"nqn": nqn, "nsid": nsid})
+
+    @staticmethod
+    def listen_address(traddr: str, trsvcid: int | str, trtype: str = "TCP") -> dict:
+        adrfam = "IPv6" if ":" in traddr else "IPv4"
+        return {"trtype": trtype, "adrfam": adrfam, "traddr": traddr, "trsvcid": str(trsvcid)}
+
+    def listener_add(self, nqn: str, address: dict) -> None:
+        self.call("nvmf_subsystem_add_listener", {"nqn": nqn, "listen_address": address})
+
+    def listener_remove(self, nqn: str, address: dict) -> None:
+        self.call("nvmf_subsystem_remove_listener", {"nqn": nqn, "listen_address": address})
+
+    def host_add(self, nqn: str, host: str, **keys: str) -> None:
+        self.call("nvmf_subsystem_add_host", {"nqn": nqn, "host": host, **keys})
+
+    def host_remove(self, nqn: str, host: str) -> None:
+        self.call("nvmf_subsystem_remove_host", {"nqn": nqn, "host": host})
+
+    def controllers(self, nqn: str) -> list[dict]:
+        return self.call("nvmf_subsystem_get_controllers", {"nqn": nqn})
+
+    # --- nvme (SSDs owned by SPDK, for topology) ---------------------------
+    def nvme_controllers(self) -> list[dict]:
+        return self.call("bdev_nvme_get_controllers")
