@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Install everything the driver and its tests need on a fresh Debian 12
+# machine (idempotent, quick when already done):
+#   - the package itself (editable) with its test extras, into this python3
+#   - csi-sanity (Go module proxy)
+#   - Debian tools the node plugin tests use (mkfs, blkid, losetup)
+#   - the QEMU guest rig and the deploy check tools, via their own scripts
+# Usage: scripts/setup.sh [--no-guest] [--no-deploy]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+guest=1 deploy=1
+for a in "$@"; do
+  case "$a" in
+    --no-guest) guest=0 ;;
+    --no-deploy) deploy=0 ;;
+    *) echo "unknown option $a" >&2; exit 2 ;;
+  esac
+done
+
+CSI_SANITY_VERSION=v5.4.0
+export PATH="$(go env GOPATH)/bin:$PATH"
+
+need_apt=()
+for tool in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs losetup:mount blkid:util-linux; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+echo "setup: python package and test dependencies"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+
+if ! csi-sanity --ginkgo.dry-run >/dev/null 2>&1 || \
+   [ "$(cat "$(go env GOPATH)/bin/.csi-sanity-version" 2>/dev/null)" != "$CSI_SANITY_VERSION" ]; then
+  echo "setup: go install csi-sanity@$CSI_SANITY_VERSION"
+  (cd /tmp && go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_SANITY_VERSION")
+  echo "$CSI_SANITY_VERSION" > "$(go env GOPATH)/bin/.csi-sanity-version"
+fi
+
+if [ "$guest" = 1 ] && [ -x scripts/install-guest-deps.sh ]; then
+  scripts/install-guest-deps.sh
+fi
+if [ "$deploy" = 1 ] && [ -x scripts/install-deploy-tools.sh ]; then
+  scripts/install-deploy-tools.sh
+fi
+echo "setup: done"
