@@ -50,10 +50,10 @@ def node_server(args: argparse.Namespace) -> GrpcServer:
     from .initiator import NvmeTcpInitiator
     from .mount import Mounter
     from .node import NodeServicer
-    from .topology import discover, segments
+    from .topology import inventory, parse_extra, segments
 
-    extra = dict(kv.split("=", 1) for kv in getattr(args, "topology", []) or [])
-    inventory = discover(sysfs_root=args.sysfs_root, spdk_rpc=args.spdk_rpc or None)
+    extra = parse_extra(args.topology)
+    ssds = inventory(args.sysfs_root, args.spdk_rpc)
     initiator = NvmeTcpInitiator(
         host_nqn=contract.host_nqn(args.node_id), host_id=contract.host_id(args.node_id),
         ctrl_loss_tmo=args.ctrl_loss_tmo, reconnect_delay=args.reconnect_delay,
@@ -62,7 +62,7 @@ def node_server(args: argparse.Namespace) -> GrpcServer:
     node = NodeServicer(
         node_id=args.node_id, state_dir=args.state_dir, initiator=initiator,
         mounter=Mounter(), max_volumes=args.max_volumes,
-        topology_segments=segments(args.node_id, inventory, extra),
+        topology_segments=segments(args.node_id, ssds, extra),
         connect_timeout=args.connect_timeout,
     )
     identity = IdentityServicer(args.driver_name, node=node)

@@ -1,0 +1,116 @@
+"""csi-sanity (kubernetes-csi/csi-test) against `csi-spdk dev`.
+
+This runs the README's embedded default exactly as a newcomer would (the
+simulator, an lvstore, controller and node plugin), so the command itself is
+under test. On the host there is no NVMe/TCP, so the Node Service specs run
+in the QEMU guest instead (tests/e2e); here every other spec must pass.
+With CSI_SPDK_TEST_RPC set, `dev --spdk-rpc` uses that real spdk_tgt.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.sanity
+ROOT = Path(__file__).resolve().parents[2]
+HOST_SKIP = "Node Service"
+
+
+def _csi_sanity() -> str:
+    found = shutil.which("csi-sanity")
+    if not found:
+        gopath = subprocess.run(["go", "env", "GOPATH"], capture_output=True, text=True,
+                                check=False).stdout.strip()
+        candidate = Path(gopath or "/root/go") / "bin" / "csi-sanity"
+        found = str(candidate) if candidate.exists() else None
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("csi-sanity is not installed (scripts/setup.sh installs it)")
+        pytest.skip("csi-sanity is not installed; run scripts/setup.sh")
+    return found
+
+
+@pytest.fixture
+def dev(tmp_path: Path):
+    """`csi-spdk dev` in a subprocess; yields its socket dir; checks clean exit."""
+    sock_dir = tmp_path / "s"
+    cmd = [sys.executable, "-m", "csi_spdk", "dev", "--socket-dir", str(sock_dir)]
+    if os.environ.get("CSI_SPDK_TEST_RPC"):
+        cmd += ["--spdk-rpc", os.environ["CSI_SPDK_TEST_RPC"]]
+    log = open(tmp_path / "dev.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not all((sock_dir / n).exists() for n in ("controller.sock", "node.sock")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("csi-spdk dev did not start:\n" + (tmp_path / "dev.log").read_text())
+        time.sleep(0.05)
+    yield sock_dir, tmp_path / "dev.log"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(20)
+    finally:
+        proc.kill()
+        log.close()
+    assert rc == 0, (tmp_path / "dev.log").read_text()[-4000:]
+    leftovers = sorted(p.name for p in sock_dir.iterdir()) if sock_dir.exists() else []
+    assert leftovers == [], f"csi-spdk dev left {leftovers} behind"
+
+
+def run_sanity(binary: str, sock_dir: Path, work: Path, skip: str) -> ET.Element:
+    junit = work / "junit.xml"
+    (work / "mnt").mkdir()
+    (work / "stage").mkdir()
+    cmd = [
+        binary,
+        f"--csi.endpoint=unix://{sock_dir}/node.sock",
+        f"--csi.controllerendpoint=unix://{sock_dir}/controller.sock",
+        f"--csi.mountdir={work}/mnt/target",
+        f"--csi.stagingdir={work}/stage/staging",
+        "--csi.testvolumesize=67108864",
+        "--csi.testvolumeexpandsize=134217728",
+        f"--csi.junitfile={junit}",
+        "--ginkgo.timeout=15m",
+    ]
+    if skip:
+        cmd.append(f"--ginkgo.skip={skip}")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
+    (work / "sanity.log").write_text(out.stdout + out.stderr)
+    assert junit.exists(), out.stdout[-4000:] + out.stderr[-4000:]
+    return ET.parse(junit).getroot()
+
+
+def summarize(root: ET.Element) -> tuple[int, int, int, list[str]]:
+    passed = failed = skipped = 0
+    failures = []
+    for case in root.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed += 1
+            node = case.find("failure") if case.find("failure") is not None \
+                else case.find("error")
+            failures.append(f"{case.get('name')}: {(node.get('message') or '')[:300]}")
+        elif case.find("skipped") is not None or case.get("status") == "skipped":
+            skipped += 1
+        else:
+            passed += 1
+    return passed, failed, skipped, failures
+
+
+def test_csi_sanity_controller(dev, tmp_path: Path) -> None:
+    binary = _csi_sanity()
+    sock_dir, dev_log = dev
+    root = run_sanity(binary, sock_dir, tmp_path, HOST_SKIP)
+    passed, failed, skipped, failures = summarize(root)
+    print(f"csi-sanity: {passed} passed, {failed} failed, {skipped} skipped")
+    assert failed == 0, "\n".join(failures) + "\n--- driver log tail:\n" + \
+        dev_log.read_text()[-3000:]
+    assert passed >= 50, f"only {passed} csi-sanity specs ran"

@@ -1,0 +1,200 @@
+"""NvmeTcpInitiator against a fake sysfs tree and a fake ``nvme`` executable."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+import fakesys  # noqa: E402
+
+from csi_spdk import contract  # noqa: E402
+from csi_spdk.errors import InvalidArgument, Unavailable  # noqa: E402
+from csi_spdk.initiator import NvmeTcpInitiator  # noqa: E402
+
+NS1 = "5b0c7b0e-3c1e-4e7a-9c55-0a8f3c4b7d21"
+NS2 = "0d6f1f4a-8a57-4e0a-b1c2-7e7a5d3a9b10"
+NQN1 = contract.subsystem_nqn(NS1)
+NQN2 = contract.subsystem_nqn(NS2)
+HOSTNQN = contract.host_nqn("worker-1")
+HOSTID = contract.host_id("worker-1")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    sysfs, dev, bindir = tmp_path / "sys", tmp_path / "dev", tmp_path / "bin"
+    sysfs.mkdir()
+    dev.mkdir()
+    fakesys.install_fake_nvme(str(bindir))
+    log = tmp_path / "nvme.log"
+    monkeypatch.setenv("FAKE_NVME_LOG", str(log))
+    monkeypatch.setenv("FAKE_NVME_SYSFS", str(sysfs))
+    monkeypatch.setenv("FAKE_NVME_DEV", str(dev))
+    monkeypatch.setenv("FAKE_NVME_EXPORTS", f'{{"{NQN1}": ["{NS1}"], "{NQN2}": ["{NS2}"]}}')
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    ini = NvmeTcpInitiator(HOSTNQN, HOSTID, ctrl_loss_tmo=60, reconnect_delay=2,
+                           sysfs_root=str(sysfs), dev_root=str(dev))
+    return ini, str(sysfs), str(dev), str(log)
+
+
+def pc(nqn=NQN1, ns=NS1, addr="10.0.2.2", port="4420"):
+    return {contract.PC_NQN: nqn, contract.PC_TRTYPE: "tcp", contract.PC_TRADDR: addr,
+            contract.PC_TRSVCID: port, contract.PC_ADRFAM: "ipv4", contract.PC_NS_UUID: ns,
+            contract.PC_SERIAL: contract.serial_number(ns)}
+
+
+def test_default_udev_only_for_real_sysfs(tmp_path):
+    assert NvmeTcpInitiator(HOSTNQN, HOSTID, 60, 2).use_udev
+    assert not NvmeTcpInitiator(HOSTNQN, HOSTID, 60, 2, sysfs_root=str(tmp_path)).use_udev
+
+
+def test_connect_runs_exact_command_and_finds_device(env):
+    ini, _sysfs, dev, log = env
+    device = ini.connect(pc(), timeout=2)
+    assert device == os.path.join(dev, "nvme0n1")
+    assert fakesys.read_log(log) == [[
+        "connect", "-t", "tcp", "-a", "10.0.2.2", "-s", "4420", "-n", NQN1,
+        "--hostnqn", HOSTNQN, "--hostid", HOSTID, "--ctrl-loss-tmo=60",
+        "--reconnect-delay=2"]]
+    assert ini.is_connected(NQN1) and ini.path_live(NQN1)
+    assert not ini.is_connected(NQN2)
+
+
+def test_connect_skipped_when_already_connected(env):
+    ini, _sysfs, dev, log = env
+    first = ini.connect(pc(), timeout=2)
+    second = ini.connect(pc(), timeout=2)
+    assert first == second
+    assert [a[0] for a in fakesys.read_log(log)] == ["connect"]
+
+
+def test_second_volume_gets_its_own_device(env):
+    ini, *_ = env
+    d1 = ini.connect(pc(), timeout=2)
+    d2 = ini.connect(pc(NQN2, NS2), timeout=2)
+    assert d1 != d2
+    assert ini.find_device(NQN2, NS2, 0) == d2
+    # A namespace uuid under the wrong subsystem never matches.
+    assert ini.find_device(NQN1, NS2, 0) is None
+
+
+def test_disconnect_only_that_subsystem(env):
+    ini, _sysfs, dev, log = env
+    ini.connect(pc(), timeout=2)
+    ini.connect(pc(NQN2, NS2), timeout=2)
+    ini.disconnect(NQN1)
+    assert fakesys.read_log(log)[-1] == ["disconnect", "-n", NQN1]
+    assert not ini.is_connected(NQN1) and ini.is_connected(NQN2)
+    assert ini.find_device(NQN2, NS2, 0)
+    n = len(fakesys.read_log(log))
+    ini.disconnect(NQN1)   # idempotent: nothing to do, no command
+    assert len(fakesys.read_log(log)) == n
+    assert all("disconnect-all" not in a for a in fakesys.read_log(log))
+
+
+def test_connect_failure_is_unavailable(env, monkeypatch):
+    ini, *_ = env
+    monkeypatch.setenv("FAKE_NVME_FAIL", "connect")
+    with pytest.raises(Unavailable, match="Connection refused"):
+        ini.connect(pc(), timeout=1)
+
+
+def test_namespace_never_appears_disconnects_again(env, monkeypatch):
+    ini, _sysfs, _dev, log = env
+    monkeypatch.setenv("FAKE_NVME_EXPORTS", "{}")
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="did not appear"):
+        ini.connect(pc(), timeout=0.5)
+    assert time.monotonic() - t0 < 3
+    assert [a[0] for a in fakesys.read_log(log)] == ["connect", "disconnect"]
+    assert not ini.is_connected(NQN1)
+
+
+def test_missing_publish_context_key(env):
+    ini, *_ = env
+    bad = pc()
+    del bad[contract.PC_NS_UUID]
+    with pytest.raises(InvalidArgument):
+        ini.connect(bad)
+
+
+def test_find_device_waits_for_late_namespace(env):
+    ini, sysfs, dev, _log = env
+    subsys, ctrl = fakesys.add_fabrics_subsystem(sysfs, dev, NQN1, [])
+
+    def later():
+        time.sleep(0.3)
+        fakesys.add_namespace(sysfs, dev, subsys, ctrl, NS1)
+
+    t = threading.Thread(target=later)
+    t0 = time.monotonic()
+    t.start()
+    found = ini.find_device(NQN1, NS1, timeout=5)
+    t.join()
+    assert found == os.path.join(dev, "nvme0n1")
+    assert time.monotonic() - t0 < 1.5   # short polls, not one-second steps
+
+
+def test_find_device_times_out(env):
+    ini, *_ = env
+    t0 = time.monotonic()
+    assert ini.find_device(NQN1, NS1, timeout=0.3) is None
+    assert 0.25 < time.monotonic() - t0 < 1.5
+
+
+def test_connected_to_other_address_connects_again(env):
+    ini, sysfs, dev, log = env
+    fakesys.add_fabrics_subsystem(sysfs, dev, NQN1, [NS1], traddr="10.0.0.9")
+    ini.connect(pc(), timeout=2)
+    assert [a[0] for a in fakesys.read_log(log)] == ["connect"]
+
+
+def test_dead_controller_is_not_connected(env):
+    ini, sysfs, dev, _log = env
+    fakesys.add_fabrics_subsystem(sysfs, dev, NQN1, [NS1], state="deleting")
+    assert not ini.is_connected(NQN1)
+    assert not ini.path_live(NQN1)
+
+
+def test_path_live_follows_controller_state(env):
+    ini, sysfs, dev, _log = env
+    _subsys, ctrl = fakesys.add_fabrics_subsystem(sysfs, dev, NQN1, [NS1])
+    assert ini.path_live(NQN1)
+    with open(os.path.join(ctrl, "state"), "w") as f:
+        f.write("connecting\n")
+    assert not ini.path_live(NQN1)
+    assert ini.is_connected(NQN1)
+
+
+def test_rescan_writes_sysfs_attribute(env):
+    ini, sysfs, dev, log = env
+    _subsys, ctrl = fakesys.add_fabrics_subsystem(sysfs, dev, NQN1, [NS1])
+    ini.rescan(NQN1)
+    with open(os.path.join(ctrl, "rescan_controller")) as f:
+        assert f.read() == "1"
+    assert fakesys.read_log(log) == []
+
+
+def test_udev_monitor_path(env, monkeypatch):
+    """With udev on, the wait is driven by monitor.poll (faked here)."""
+    ini, sysfs, dev, _log = env
+    subsys, ctrl = fakesys.add_fabrics_subsystem(sysfs, dev, NQN1, [])
+    polls = []
+
+    class FakeMonitor:
+        def poll(self, timeout):
+            polls.append(timeout)
+            fakesys.add_namespace(sysfs, dev, subsys, ctrl, NS1)   # "the uevent"
+            return object()
+
+        def stop(self):
+            polls.append("stopped")
+
+    ini.use_udev = True
+    monkeypatch.setattr(NvmeTcpInitiator, "_monitor", staticmethod(lambda: FakeMonitor()))
+    assert ini.find_device(NQN1, NS1, timeout=5) == os.path.join(dev, "nvme0n1")
+    assert len(polls) == 2 and polls[-1] == "stopped"
