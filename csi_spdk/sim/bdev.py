@@ -1,0 +1,264 @@
+"""Simulated bdevs: the common JSON shape, malloc and aio, QoS and iostat.
+
+Result shapes (key order included) follow what SPDK v25.09 returns for
+``bdev_get_bdevs`` / ``bdev_get_iostat``, as recorded in spdk-golden/.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .state import EAGAIN, EEXIST, EINVAL, ENODEV, ENOENT, RpcError, SimState, errno_error
+
+TICK_RATE = 2596100000
+MEMORY_DOMAINS = [{"dma_device_id": "system", "dma_device_type": 1},
+                  {"dma_device_id": "SPDK_ACCEL_DMA_DEVICE", "dma_device_type": 2}]
+IO_TYPES = ("read", "write", "unmap", "flush", "reset", "nvme_admin", "nvme_io", "nvme_io_md",
+            "write_zeroes", "zcopy", "get_zone_info", "zone_management", "zone_append",
+            "compare", "compare_and_write", "abort", "seek_hole", "seek_data", "copy",
+            "nvme_iov_md", "nvme_nssr")
+QOS_KEYS = ("rw_ios_per_sec", "rw_mbytes_per_sec", "r_mbytes_per_sec", "w_mbytes_per_sec")
+IOSTAT_OPS = ("read", "write", "unmap", "copy")
+
+
+def io_types(*supported: str) -> dict[str, bool]:
+    return {name: name in supported for name in IO_TYPES}
+
+
+@dataclass
+class IoStat:
+    """Byte and op counters of one bdev (latencies are simulated as constant)."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def add(self, op: str, nbytes: int, ops: int = 1) -> None:
+        key = "unmapped" if op == "unmap" else ("copied" if op == "copy" else
+                                                 ("read" if op == "read" else "written"))
+        self.counters[f"bytes_{key}"] = self.counters.get(f"bytes_{key}", 0) + nbytes
+        self.counters[f"num_{op}_ops"] = self.counters.get(f"num_{op}_ops", 0) + ops
+
+    def reset(self) -> None:
+        self.counters.clear()
+
+    def json(self, with_errors: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for op, key in (("read", "read"), ("write", "written"), ("unmap", "unmapped"),
+                        ("copy", "copied")):
+            out[f"bytes_{key}"] = self.counters.get(f"bytes_{key}", 0)
+            out[f"num_{op}_ops"] = self.counters.get(f"num_{op}_ops", 0)
+        for op in IOSTAT_OPS:
+            n = out[f"num_{op}_ops"]
+            # Simulated latency: 1000 ticks per op (the golden test normalises ticks).
+            out[f"{op}_latency_ticks"] = 1000 * n
+            out[f"max_{op}_latency_ticks"] = 1000 if n else 0
+            out[f"min_{op}_latency_ticks"] = 1000 if n else 0
+        if with_errors:
+            out["io_error"] = {}
+        return out
+
+
+class Bdev:
+    """Base class of every simulated bdev."""
+
+    product_name = "Unknown"
+    supported: dict[str, bool] = io_types("read", "write")
+    has_memory_domains = True
+
+    def __init__(self, state: SimState, name: str, block_size: int, num_blocks: int,
+                 uuid: str | None = None) -> None:
+        self.state = state
+        self.name = name
+        self.uuid = uuid or str(uuidlib.uuid4())
+        self.aliases: list[str] = [self.uuid]
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.claim_type: str | None = None      # "exclusive_write" / "read_many_write_one"
+        self.qos = dict.fromkeys(QOS_KEYS, 0)
+        self.qos_configured = False              # a QoS set while unopened is pending
+        self.iostat = IoStat()
+        self.channel_stat = IoStat()             # the one nvmf I/O channel, while open
+        # SPDK's examine modules read every new bdev: 3 reads, 40 KiB.
+        self.iostat.add("read", 40960, 3)
+
+    @property
+    def size(self) -> int:
+        return self.block_size * self.num_blocks
+
+    @property
+    def opened(self) -> bool:
+        """True while a consumer holds an I/O channel (nvmf namespace)."""
+        return self.claim_type == "exclusive_write"
+
+    def driver_specific(self) -> dict[str, Any]:
+        return {}
+
+    def json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name, "aliases": list(self.aliases),
+            "product_name": self.product_name, "block_size": self.block_size,
+            "num_blocks": self.num_blocks, "preferred_write_alignment": 0,
+            "preferred_write_granularity": 0, "optimal_write_size": 0,
+            "preferred_unmap_alignment": 0, "preferred_unmap_granularity": 0,
+            "uuid": self.uuid, "assigned_rate_limits": dict(self.qos),
+            "claimed": self.claim_type is not None,
+        }
+        if self.claim_type is not None:
+            out["claim_type"] = self.claim_type
+        out["zoned"] = False
+        out["supported_io_types"] = dict(self.supported)
+        if self.has_memory_domains:
+            out["memory_domains"] = [dict(d) for d in MEMORY_DOMAINS]
+        out["driver_specific"] = self.driver_specific()
+        return out
+
+    def remove(self) -> None:
+        """Called when the bdev is deleted (after consumers were hot-removed)."""
+
+
+class MallocBdev(Bdev):
+    product_name = "Malloc disk"
+    supported = io_types("read", "write", "unmap", "flush", "reset", "write_zeroes", "zcopy",
+                         "abort", "copy")
+
+
+class AioBdev(Bdev):
+    product_name = "AIO disk"
+    supported = io_types("read", "write", "flush", "reset", "write_zeroes")
+    has_memory_domains = False
+
+    def __init__(self, state: SimState, name: str, block_size: int, num_blocks: int,
+                 filename: str, block_size_override: bool, readonly: bool,
+                 fallocate: bool, uuid: str | None = None) -> None:
+        super().__init__(state, name, block_size, num_blocks, uuid)
+        self.filename = filename
+        self.block_size_override = block_size_override
+        self.readonly = readonly
+        self.fallocate = fallocate
+
+    def driver_specific(self) -> dict[str, Any]:
+        return {"aio": {"filename": self.filename,
+                        "block_size_override": self.block_size_override,
+                        "readonly": self.readonly, "fallocate": self.fallocate}}
+
+
+VALID_BLOCK_SIZES = (512, 520, 528, 4096, 4160, 4224)
+
+
+def malloc_create(state: SimState, p: dict[str, Any]) -> str:
+    block_size = p["block_size"]
+    num_blocks = p["num_blocks"]
+    name = p.get("name")
+    if not name:
+        name = f"Malloc{state.malloc_counter}"
+        state.malloc_counter += 1
+    if block_size not in VALID_BLOCK_SIZES or block_size % 512 or num_blocks == 0:
+        raise errno_error(EINVAL)
+    uuid = p.get("uuid")
+    if uuid is not None:
+        try:
+            uuid = str(uuidlib.UUID(uuid))
+        except ValueError:
+            raise errno_error(EINVAL) from None
+    if state.name_taken(name) or (uuid is not None and state.name_taken(uuid)):
+        raise errno_error(EEXIST)
+    state.register_bdev(MallocBdev(state, name, block_size, num_blocks, uuid))
+    return name
+
+
+def aio_create(state: SimState, p: dict[str, Any]) -> str:
+    name = p["name"]
+    filename = p["filename"]
+    if state.name_taken(name):
+        raise errno_error(EEXIST)
+    try:
+        st = os.stat(filename)
+    except FileNotFoundError:
+        raise errno_error(ENOENT) from None
+    except OSError as err:
+        raise errno_error(err.errno or EINVAL) from None
+    block_size = p.get("block_size") or 512
+    if block_size % 512:
+        raise errno_error(EINVAL)
+    size = st.st_size
+    if size < block_size:
+        raise errno_error(EINVAL)
+    bdev = AioBdev(state, name, block_size, size // block_size, filename,
+                   block_size_override=bool(p.get("block_size")),
+                   readonly=bool(p.get("readonly", False)),
+                   fallocate=bool(p.get("fallocate", False)), uuid=p.get("uuid"))
+    state.register_bdev(bdev)
+    return name
+
+
+def delete_typed(state: SimState, name: str, cls: type[Bdev]) -> bool:
+    bdev = state.find_bdev(name)
+    if bdev is None or not isinstance(bdev, cls):
+        raise errno_error(ENODEV)
+    state.unregister_bdev(bdev)
+    bdev.remove()
+    return True
+
+
+def set_qos_limit(state: SimState, p: dict[str, Any]) -> bool:
+    """``bdev_set_qos_limit``: SPDK needs an I/O channel to apply a second change.
+
+    On a bdev nobody has opened, the first call succeeds (it only records the
+    limits); until something opens a channel every further call fails EAGAIN.
+    IOPS are rounded up to a multiple of 1000.
+    """
+    bdev = state.find_bdev(p["name"])
+    if bdev is None:
+        raise errno_error(ENODEV)
+    given = {k: p[k] for k in QOS_KEYS if k in p}
+    if not given:
+        raise RpcError(-EINVAL, "No rate limits specified")
+    if bdev.qos_configured and not bdev.opened:
+        raise RpcError(-32602, "Failed to configure rate limit: "
+                               + os.strerror(EAGAIN))
+    for key, value in given.items():
+        if key == "rw_ios_per_sec" and value:
+            value = int(math.ceil(value / 1000) * 1000)
+        bdev.qos[key] = value
+    bdev.qos_configured = any(bdev.qos.values()) or bdev.qos_configured
+    return True
+
+
+def iostat(state: SimState, p: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"tick_rate": TICK_RATE, "ticks": state.ticks()}
+    if "name" in p:
+        bdev = state.find_bdev(p["name"])
+        if bdev is None:
+            raise errno_error(ENODEV)
+        bdevs = [bdev]
+    else:
+        bdevs = list(reversed(state.bdevs))
+    if p.get("per_channel"):
+        if len(bdevs) != 1:
+            raise errno_error(EINVAL)
+        bdev = bdevs[0]
+        out["name"] = bdev.name
+        channels = []
+        if bdev.opened:
+            channels.append({"thread_id": 2, **bdev.channel_stat.json(with_errors=False)})
+        out["channels"] = channels
+        return out
+    out["bdevs"] = [{"name": b.name, **b.iostat.json()} for b in bdevs]
+    return out
+
+
+def reset_iostat(state: SimState, p: dict[str, Any]) -> bool:
+    if "name" in p:
+        bdev = state.find_bdev(p["name"])
+        if bdev is None:
+            raise errno_error(ENODEV)
+        bdevs = [bdev]
+    else:
+        bdevs = list(state.bdevs)
+    for bdev in bdevs:
+        bdev.iostat.reset()
+        bdev.channel_stat.reset()
+    return True

@@ -1,0 +1,501 @@
+"""Logical volume stores and lvols with SPDK blobstore cluster accounting.
+
+Model (as observed on SPDK v25.09, see spdk-golden/README.md):
+- a thick lvol owns all its clusters from creation; a thin one owns none and
+  gets a cluster on the first write to it (copy-on-write for clones);
+- a snapshot takes over the source's clusters, the source becomes a thin
+  clone of it (``free_clusters`` unchanged);
+- deleting a snapshot with exactly one child merges its clusters into the
+  child; with more it is refused (EPERM);
+- inflate allocates every cluster and makes the lvol thick; decouple copies
+  the parent's allocated clusters, re-parents to the grandparent, stays thin.
+The metadata overhead of an lvstore follows the blobstore layout (super block,
+three masks, one metadata page per cluster).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+from . import files
+from .bdev import Bdev, io_types
+from .state import (
+    EEXIST,
+    EINVAL,
+    ENODEV,
+    ENOSPC,
+    EPERM,
+    RpcError,
+    SimState,
+    async_error,
+    errno_error,
+)
+
+PAGE = 4096
+DEFAULT_CLUSTER = 4 << 20
+MAX_NAME = 63
+CLEAR_METHODS = ("none", "unmap", "write_zeroes")
+
+
+def metadata_pages(num_clusters: int) -> int:
+    """Pages the blobstore reserves at the start of the base bdev."""
+    md_pages = num_clusters                                 # md_pages_per_cluster_ratio 100
+    def mask(bits: int) -> int:
+        return math.ceil((8 + math.ceil(bits / 8)) / PAGE)
+    return 1 + mask(md_pages) + mask(num_clusters) + mask(md_pages) + md_pages
+
+
+class Lvstore:
+    def __init__(self, state: SimState, name: str, base: Bdev, cluster_size: int,
+                 clear_method: str) -> None:
+        self.state = state
+        self.uuid = str(uuidlib.uuid4())
+        self.name = name
+        self.base_bdev = base
+        self.cluster_size = cluster_size
+        self.block_size = base.block_size
+        num_clusters = base.size // cluster_size
+        md_clusters = math.ceil(metadata_pages(num_clusters) * PAGE / cluster_size)
+        self.total_clusters = num_clusters - md_clusters
+        self.md_bytes = metadata_pages(num_clusters) * PAGE
+        self.clear_method = clear_method
+        self.lvols: list[Lvol] = []
+        self.dir = state.data_dir / "lvstores" / self.uuid
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def free_clusters(self) -> int:
+        return self.total_clusters - sum(len(lv.clusters) for lv in self.lvols)
+
+    def json(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "name": self.name, "base_bdev": self.base_bdev.name,
+                "total_data_clusters": self.total_clusters, "free_clusters": self.free_clusters,
+                "block_size": self.block_size, "cluster_size": self.cluster_size}
+
+    def find(self, name: str) -> Lvol | None:
+        return next((lv for lv in self.lvols if lv.name == name), None)
+
+    def hot_remove(self) -> None:
+        """The base bdev went away: the lvstore and all its lvols vanish."""
+        for lv in list(reversed(self.lvols)):
+            lv.destroy()
+        self.state.lvstores.remove(self)
+        self.base_bdev.claim_type = None
+        _rmdir(self.dir)
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        for child in path.iterdir():
+            files.remove(child)
+        path.rmdir()
+    except OSError:
+        pass
+
+
+class LvolBdev(Bdev):
+    """The bdev an lvol presents: named by its uuid, alias ``lvs/lvol``."""
+
+    product_name = "Logical Volume"
+
+    def __init__(self, lvol: Lvol) -> None:
+        super().__init__(lvol.lvs.state, lvol.uuid, lvol.lvs.block_size,
+                         lvol.size // lvol.lvs.block_size, lvol.uuid)
+        self.lvol = lvol
+        self.aliases = [lvol.alias]
+
+    @property
+    def supported(self) -> dict[str, bool]:  # type: ignore[override]
+        if self.lvol.read_only:
+            return io_types("read", "reset", "seek_hole", "seek_data")
+        return io_types("read", "write", "unmap", "reset", "write_zeroes", "seek_hole",
+                        "seek_data")
+
+    def driver_specific(self) -> dict[str, Any]:
+        lv = self.lvol
+        out: dict[str, Any] = {"lvol_store_uuid": lv.lvs.uuid,
+                               "base_bdev": lv.lvs.base_bdev.name,
+                               "thin_provision": lv.thin,
+                               "num_allocated_clusters": len(lv.clusters),
+                               "snapshot": lv.is_snapshot, "clone": lv.parent is not None}
+        if lv.parent is not None:
+            out["base_snapshot"] = lv.parent.name
+        if lv.is_snapshot:
+            out["clones"] = [c.name for c in lv.children]
+        out["esnap_clone"] = False
+        return {"lvol": out}
+
+
+class Lvol:
+    def __init__(self, lvs: Lvstore, name: str, num_clusters: int, thin: bool,
+                 clear_method: str, lvol_uuid: str | None = None) -> None:
+        self.lvs = lvs
+        self.uuid = lvol_uuid or str(uuidlib.uuid4())
+        self.name = name
+        self.num_clusters = num_clusters
+        self.thin = thin
+        self.clear_method = clear_method
+        self.clusters: set[int] = set() if thin else set(range(num_clusters))
+        self.parent: Lvol | None = None
+        self.children: list[Lvol] = []
+        self.is_snapshot = False
+        self.set_read_only = False
+        self.path = lvs.dir / f"{self.uuid}.img"
+        self.bdev = LvolBdev(self)
+
+    # --- derived -----------------------------------------------------
+    @property
+    def alias(self) -> str:
+        return f"{self.lvs.name}/{self.name}"
+
+    @property
+    def size(self) -> int:
+        return self.num_clusters * self.lvs.cluster_size
+
+    @property
+    def read_only(self) -> bool:
+        return self.is_snapshot or self.set_read_only
+
+    def json(self) -> dict[str, Any]:
+        return {"alias": self.alias, "uuid": self.uuid, "name": self.name,
+                "is_thin_provisioned": self.thin, "is_snapshot": self.is_snapshot,
+                "is_clone": self.parent is not None, "is_esnap_clone": False,
+                "is_degraded": False, "num_allocated_clusters": len(self.clusters),
+                "lvs": {"name": self.lvs.name, "uuid": self.lvs.uuid}}
+
+    # --- lifecycle ---------------------------------------------------
+    def register(self) -> None:
+        self.lvs.lvols.append(self)
+        self.lvs.state.register_bdev(self.bdev)
+
+    def sync_bdev(self) -> None:
+        self.bdev.num_blocks = self.size // self.lvs.block_size
+        self.bdev.aliases = [self.alias]
+
+    def destroy(self) -> None:
+        """Drop the lvol, its bdev (and namespace) and its file. No checks."""
+        state = self.lvs.state
+        state.unregister_bdev(self.bdev)
+        if self.parent is not None:
+            self.parent.children.remove(self)
+        if self in self.lvs.lvols:
+            self.lvs.lvols.remove(self)
+        files.remove(self.path)
+
+    def allocate(self, wanted: set[int]) -> None:
+        """Give this lvol the clusters in ``wanted`` it does not own yet (ENOSPC)."""
+        new = wanted - self.clusters
+        if len(new) > self.lvs.free_clusters:
+            raise async_error(ENOSPC)
+        self.clusters |= new
+
+    # --- I/O (simulator only) ------------------------------------------
+    def write(self, offset: int, data: bytes, io_size: int = 0) -> None:
+        """A host write: allocate touched clusters (COW in clones), then store."""
+        if self.read_only:
+            raise errno_error(EPERM)
+        if offset < 0 or offset + len(data) > self.size:
+            raise errno_error(EINVAL)
+        if data:
+            cs = self.lvs.cluster_size
+            first, last = offset // cs, (offset + len(data) - 1) // cs
+            self.allocate(set(range(first, last + 1)))
+            files.write(self.path, offset, data)
+        ops = max(1, math.ceil(len(data) / io_size)) if io_size else 1
+        self.bdev.iostat.add("write", len(data), ops)
+        if self.bdev.opened:
+            self.bdev.channel_stat.add("write", len(data), ops)
+
+    def read(self, offset: int, length: int, io_size: int = 0) -> bytes:
+        if offset < 0 or offset + length > self.size:
+            raise errno_error(EINVAL)
+        ops = max(1, math.ceil(length / io_size)) if io_size else 1
+        self.bdev.iostat.add("read", length, ops)
+        if self.bdev.opened:
+            self.bdev.channel_stat.add("read", length, ops)
+        return files.read(self.path, offset, length)
+
+    def reconcile(self) -> bool:
+        """Best effort: count clusters a kernel data plane wrote into the file.
+
+        A cluster not yet owned is taken as written when the file has data in
+        it (SEEK_DATA) and, in a clone, when its content differs from what the
+        parent chain presents there. Writes that leave a clone's cluster equal
+        to the parent's data, and writes beyond free space, go unnoticed.
+        """
+        changed = False
+        cs = self.lvs.cluster_size
+        for idx in range(self.num_clusters):
+            if idx in self.clusters or self.lvs.free_clusters == 0:
+                continue
+            start, end = idx * cs, (idx + 1) * cs
+            if not files.range_has_data(self.path, start, end):
+                continue
+            if self.parent is not None and files.ranges_equal(self.path, self.parent.path,
+                                                              start, end):
+                continue
+            self.clusters.add(idx)
+            changed = True
+        return changed
+
+
+# --- validation helpers ------------------------------------------------------
+
+def check_name(name: str) -> None:
+    if not name or len(name) > MAX_NAME:
+        raise errno_error(EINVAL)
+
+
+def clusters_for(lvs: Lvstore, size: int) -> int:
+    return math.ceil(size / lvs.cluster_size)
+
+
+def find_lvol(state: SimState, name: str) -> Lvol:
+    bdev = state.find_bdev(name)
+    if not isinstance(bdev, LvolBdev):
+        raise errno_error(ENODEV)
+    return bdev.lvol
+
+
+def lvstore_from(state: SimState, p: dict[str, Any], name_key: str = "lvs_name",
+                 uuid_key: str = "uuid") -> Lvstore:
+    name, uuid = p.get(name_key), p.get(uuid_key)
+    if (name is None) == (uuid is None):
+        raise errno_error(EINVAL)
+    lvs = state.find_lvstore(name=name) if name is not None else state.find_lvstore(uuid=uuid)
+    if lvs is None:
+        raise errno_error(ENODEV)
+    return lvs
+
+
+def notify_resized(state: SimState, lv: Lvol) -> None:
+    state.nvmf.bdev_resized(lv.bdev)
+
+
+# --- lvstore RPCs ------------------------------------------------------------
+
+def create_lvstore(state: SimState, p: dict[str, Any]) -> str:
+    base = state.find_bdev(p["bdev_name"])
+    if base is None:
+        raise errno_error(ENODEV)
+    cluster_size = p.get("cluster_sz", DEFAULT_CLUSTER) or DEFAULT_CLUSTER
+    clear_method = p.get("clear_method", "unmap")
+    if clear_method not in CLEAR_METHODS:
+        raise RpcError(-EINVAL, "Invalid clear_method parameter")
+    name = p["lvs_name"]
+    if not name or len(name) > MAX_NAME:
+        raise errno_error(EINVAL)
+    if cluster_size % PAGE or cluster_size < PAGE:
+        raise errno_error(EINVAL)
+    if base.claim_type is not None:
+        raise errno_error(EPERM)
+    if state.find_lvstore(name=name) is not None:
+        raise errno_error(EEXIST)
+    num_clusters = base.size // cluster_size
+    if num_clusters == 0 or metadata_pages(num_clusters) * PAGE >= base.size:
+        raise async_error(EINVAL)
+    lvs = Lvstore(state, name, base, cluster_size, clear_method)
+    if lvs.total_clusters <= 0:
+        raise async_error(EINVAL)
+    base.claim_type = "read_many_write_one"
+    # Blobstore init I/O on the base bdev: metadata reads/writes, unmap of data area.
+    base.iostat.add("read", 3 * PAGE, 3)
+    base.iostat.add("write", 5 * PAGE, 5)
+    base.iostat.add("unmap", base.size - lvs.md_bytes, 1)
+    state.lvstores.append(lvs)
+    return lvs.uuid
+
+
+def get_lvstores(state: SimState, p: dict[str, Any]) -> list[dict[str, Any]]:
+    if "lvs_name" in p or "uuid" in p:
+        return [lvstore_from(state, p).json()]
+    reconcile_all(state)
+    return [lvs.json() for lvs in state.lvstores]
+
+
+def rename_lvstore(state: SimState, p: dict[str, Any]) -> bool:
+    lvs = state.find_lvstore(name=p["old_name"])
+    if lvs is None:
+        raise errno_error(ENODEV)
+    new = p["new_name"]
+    if not new or len(new) > MAX_NAME:
+        raise async_error(EINVAL)
+    if new != lvs.name and state.find_lvstore(name=new) is not None:
+        raise async_error(EEXIST)
+    lvs.name = new
+    for lv in lvs.lvols:
+        lv.sync_bdev()
+    return True
+
+
+def delete_lvstore(state: SimState, p: dict[str, Any]) -> bool:
+    lvs = lvstore_from(state, p)
+    lvs.hot_remove()
+    return True
+
+
+# --- lvol RPCs ---------------------------------------------------------------
+
+def reconcile_all(state: SimState) -> None:
+    if not state.dataplane.writes_external_data():
+        return
+    for lvs in state.lvstores:
+        for lv in lvs.lvols:
+            if lv.bdev.opened and not lv.read_only:
+                lv.reconcile()
+
+
+def create_lvol(state: SimState, p: dict[str, Any]) -> str:
+    lvs = lvstore_from(state, p)
+    name = p["lvol_name"]
+    check_name(name)
+    clear_method = p.get("clear_method", "default")
+    if clear_method not in (*CLEAR_METHODS, "default"):
+        raise RpcError(-EINVAL, "Invalid clean_method option")
+    if lvs.find(name) is not None:
+        raise errno_error(EEXIST)
+    size = p["size_in_mib"] << 20
+    thin = bool(p.get("thin_provision", False))
+    lv = Lvol(lvs, name, clusters_for(lvs, size), thin, clear_method)
+    if not thin and lv.num_clusters > lvs.free_clusters:
+        raise async_error(ENOSPC)
+    files.create_sparse(lv.path, lv.size)
+    lv.register()
+    return lv.uuid
+
+
+def get_lvols(state: SimState, p: dict[str, Any]) -> list[dict[str, Any]]:
+    if "lvs_name" in p or "lvs_uuid" in p:
+        lvstores = [lvstore_from(state, p, "lvs_name", "lvs_uuid")]
+    else:
+        lvstores = list(state.lvstores)
+    reconcile_all(state)
+    return [lv.json() for lvs in lvstores for lv in lvs.lvols]
+
+
+def rename_lvol(state: SimState, p: dict[str, Any]) -> bool:
+    lv = find_lvol(state, p["old_name"])
+    new = p["new_name"]
+    if not new or len(new) > MAX_NAME:
+        raise async_error(EINVAL)
+    if new == lv.name:
+        return True
+    if lv.lvs.find(new) is not None:
+        raise async_error(EEXIST)
+    lv.name = new
+    lv.sync_bdev()
+    return True
+
+
+def resize_lvol(state: SimState, p: dict[str, Any]) -> bool:
+    lv = find_lvol(state, p["name"])
+    if lv.read_only:
+        raise async_error(EPERM)
+    new_clusters = clusters_for(lv.lvs, p["size_in_mib"] << 20)
+    old_size = lv.size
+    if new_clusters > lv.num_clusters and not lv.thin:
+        lv.allocate(set(range(new_clusters)))
+    lv.clusters = {c for c in lv.clusters if c < new_clusters}
+    lv.num_clusters = new_clusters
+    files.resize(lv.path, lv.size)
+    if lv.size > old_size and lv.parent is not None:
+        # Grown clone: the new range shows what the parent chain holds there.
+        files.copy_range(lv.parent.path, lv.path, old_size, lv.size)
+    lv.sync_bdev()
+    if lv.size != old_size:
+        notify_resized(state, lv)
+    return True
+
+
+def set_read_only(state: SimState, p: dict[str, Any]) -> bool:
+    lv = find_lvol(state, p["name"])
+    lv.set_read_only = True
+    return True
+
+
+def snapshot(state: SimState, p: dict[str, Any]) -> str:
+    lv = find_lvol(state, p["lvol_name"])
+    name = p["snapshot_name"]
+    check_name(name)
+    lvs = lv.lvs
+    if lv.read_only:
+        raise async_error(EINVAL)
+    if lvs.find(name) is not None:
+        raise async_error(EEXIST)
+    reconcile_all(state)
+    snap = Lvol(lvs, name, lv.num_clusters, lv.thin, lv.clear_method)
+    snap.is_snapshot = True
+    snap.clusters = lv.clusters
+    files.sparse_copy(lv.path, snap.path)
+    old_parent = lv.parent
+    if old_parent is not None:
+        old_parent.children.remove(lv)
+        old_parent.children.append(snap)
+    snap.parent = old_parent
+    lv.parent = snap
+    lv.clusters = set()
+    lv.thin = True
+    snap.children.append(lv)
+    snap.register()
+    return snap.uuid
+
+
+def clone(state: SimState, p: dict[str, Any]) -> str:
+    snap = find_lvol(state, p["snapshot_name"])
+    name = p["clone_name"]
+    check_name(name)
+    lvs = snap.lvs
+    if not snap.read_only:
+        raise async_error(EINVAL)
+    if lvs.find(name) is not None:
+        raise async_error(EEXIST)
+    cl = Lvol(lvs, name, snap.num_clusters, True, snap.clear_method)
+    files.sparse_copy(snap.path, cl.path)
+    cl.parent = snap
+    snap.children.append(cl)
+    cl.register()
+    return cl.uuid
+
+
+def delete_lvol(state: SimState, p: dict[str, Any]) -> bool:
+    lv = find_lvol(state, p["name"])
+    if len(lv.children) > 1:
+        raise async_error(EPERM, -32603)
+    if lv.children:
+        # Merge the snapshot into its only child, which takes its place.
+        child = lv.children[0]
+        child.clusters |= {c for c in lv.clusters if c < child.num_clusters}
+        lv.clusters = set()
+        lv.children = []
+        child.parent = lv.parent
+        if lv.parent is not None:
+            lv.parent.children.append(child)
+    lv.destroy()
+    return True
+
+
+def inflate(state: SimState, p: dict[str, Any], allocate_all: bool) -> bool:
+    lv = find_lvol(state, p["name"])
+    if lv.read_only:
+        raise async_error(EPERM)
+    parent = lv.parent
+    if allocate_all:
+        if parent is None and not lv.thin:
+            return True
+        lv.allocate(set(range(lv.num_clusters)))
+        lv.thin = False
+        new_parent = None
+    else:
+        if parent is None:
+            raise async_error(EINVAL)
+        lv.allocate({c for c in parent.clusters if c < lv.num_clusters})
+        new_parent = parent.parent
+    if parent is not None:
+        parent.children.remove(lv)
+    lv.parent = new_parent
+    if new_parent is not None:
+        new_parent.children.append(lv)
+    return True

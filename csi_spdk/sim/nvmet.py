@@ -1,0 +1,369 @@
+"""A simulator data plane that serves exported namespaces with the Linux
+kernel NVMe-oF target (nvmet) through configfs.
+
+``csi-spdk sim --nvmet`` uses it inside the test guest: the simulator keeps the
+JSON-RPC view of SPDK (subsystems, namespaces, listeners, hosts) and this
+class mirrors every change into ``/sys/kernel/config/nvmet`` so a real
+``nvme connect`` reaches the lvol's backing file.
+
+Mapping (configfs layout of Linux 6.1):
+
+* subsystem -> ``subsystems/<nqn>`` with ``attr_allow_any_host``,
+  ``attr_serial``, ``attr_model``;
+* namespace -> ``subsystems/<nqn>/namespaces/<nsid>`` with ``device_path`` (the
+  lvol's backing file), ``device_uuid``, ``device_nguid``, ``buffered_io`` and
+  ``enable``;
+* host -> ``hosts/<hostnqn>`` plus a symlink
+  ``subsystems/<nqn>/allowed_hosts/<hostnqn>``;
+* listener -> ``ports/<id>`` (``addr_trtype``/``addr_adrfam``/``addr_traddr``/
+  ``addr_trsvcid``) with ``ports/<id>/subsystems/<nqn>`` symlinked.
+
+The kernel port listens on the address the initiator dials, which may differ
+from SPDK's listener address (``traddr``; inside the test guest that is
+127.0.0.1). SPDK's view, the JSON-RPC listener list, is not changed. Several
+SPDK listeners that map to the same kernel address share one port.
+
+Backing files live on tmpfs in the guest, which (before Linux 6.6) has no
+O_DIRECT, so namespaces use buffered I/O.
+
+Removal order: unlink subsystem from ports, remove allowed_hosts links,
+disable and remove namespaces, remove the subsystem, then remove hosts and
+ports nothing refers to anymore. Every operation is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+from .dataplane import DataPlane, ListenerInfo, NamespaceInfo
+
+log = logging.getLogger(__name__)
+
+CONFIGFS = Path("/sys/kernel/config")
+# Env override of the kernel port address ("" keeps SPDK's listener address).
+TRADDR_ENV = "CSI_SPDK_NVMET_TRADDR"
+DEFAULT_TRADDR = "127.0.0.1"
+
+PortKey = tuple[str, str, str, str]  # (trtype, adrfam, traddr, trsvcid), kernel spelling
+
+
+class NvmetError(RuntimeError):
+    pass
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        raise NvmetError(f"writing {value!r} to {path}: {e.strerror or e}") from e
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _mkdir(path: Path) -> None:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path)
+
+
+def _rmdir(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)
+
+
+def _symlink(target: Path, link: Path) -> None:
+    try:
+        os.symlink(target, link)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise NvmetError(f"linking {link} -> {target}: {e.strerror or e}") from e
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class NvmetDataPlane(DataPlane):
+    """Mirror the simulator's NVMe-oF state into the kernel nvmet target."""
+
+    def __init__(self, traddr: str | None = None,
+                 root: str | os.PathLike[str] = CONFIGFS / "nvmet",
+                 load_modules: bool = True) -> None:
+        """``traddr``: the kernel port address (what initiators dial). None:
+        $CSI_SPDK_NVMET_TRADDR, default 127.0.0.1; "": SPDK's own listener
+        address."""
+        if traddr is None:
+            traddr = os.environ.get(TRADDR_ENV, DEFAULT_TRADDR)
+        self.traddr = traddr or None
+        self.root = Path(root)
+        self.load_modules = load_modules
+        self.lock = threading.RLock()
+        # nqn -> {"any": bool, "hosts": set[str]}
+        self.subsystems: dict[str, dict] = {}
+        self.hosts_created: set[str] = set()
+        # kernel port key -> port id, and (port key) -> {nqn: number of SPDK listeners}
+        self.ports: dict[PortKey, int] = {}
+        self.port_refs: dict[PortKey, dict[str, int]] = {}
+
+    @classmethod
+    def from_env(cls) -> NvmetDataPlane:
+        """The ``--nvmet`` data plane: kernel ports on $CSI_SPDK_NVMET_TRADDR
+        (default 127.0.0.1; empty = SPDK's listener address)."""
+        return cls(traddr=None)
+
+    # --- paths ---------------------------------------------------------------
+    def _subsys(self, nqn: str) -> Path:
+        return self.root / "subsystems" / nqn
+
+    def _host(self, host_nqn: str) -> Path:
+        return self.root / "hosts" / host_nqn
+
+    def _port(self, port_id: int) -> Path:
+        return self.root / "ports" / str(port_id)
+
+    # --- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        if self.load_modules:
+            for mod in ("nvmet", "nvmet-tcp"):
+                subprocess.run(["modprobe", mod], check=False, capture_output=True)
+        if (not self.root.is_dir() and self.root == CONFIGFS / "nvmet"
+                and not os.path.ismount(CONFIGFS)):
+            subprocess.run(["mount", "-t", "configfs", "none", str(CONFIGFS)],
+                           check=False, capture_output=True)
+        if not self.root.is_dir():
+            raise NvmetError(f"{self.root} does not exist: is the nvmet module loaded "
+                             "and configfs mounted?")
+        log.info("nvmet data plane on %s (kernel ports listen on %s)", self.root,
+                 self.traddr or "SPDK's listener address")
+
+    def stop(self) -> None:
+        with self.lock:
+            for nqn in list(self.subsystems):
+                self.subsystem_deleted(nqn)
+            for key in list(self.ports):
+                self._drop_port(key, force=True)
+            for host in list(self.hosts_created):
+                self._gc_host(host)
+
+    def writes_external_data(self) -> bool:
+        return True
+
+    # --- subsystems ------------------------------------------------------------
+    def subsystem_created(self, nqn: str, serial: str, model: str,
+                          allow_any_host: bool) -> None:
+        with self.lock:
+            path = self._subsys(nqn)
+            _mkdir(path)
+            self.subsystems.setdefault(nqn, {"any": False, "hosts": set()})
+            if serial:
+                with contextlib.suppress(NvmetError):  # fixed once a controller exists
+                    _write(path / "attr_serial", serial)
+            if model and (path / "attr_model").exists():
+                try:
+                    _write(path / "attr_model", model)
+                except NvmetError as e:
+                    log.warning("nvmet: cannot set model of %s: %s", nqn, e)
+            self.allow_any_host_changed(nqn, allow_any_host)
+
+    def subsystem_deleted(self, nqn: str) -> None:
+        with self.lock:
+            path = self._subsys(nqn)
+            state = self.subsystems.pop(nqn, {"any": False, "hosts": set()})
+            for key, refs in list(self.port_refs.items()):
+                if refs.pop(nqn, None) is not None:
+                    _unlink(self._port(self.ports[key]) / "subsystems" / nqn)
+                    self._gc_port(key)
+            if path.is_dir():
+                for link in (path / "allowed_hosts").iterdir():
+                    _unlink(link)
+                for ns in (path / "namespaces").iterdir():
+                    self._remove_ns_dir(ns)
+                _rmdir(path)
+            for host in state["hosts"]:
+                self._gc_host(host)
+
+    def allow_any_host_changed(self, nqn: str, allow_any_host: bool) -> None:
+        # The kernel refuses allow_any_host=1 while allowed_hosts has entries
+        # and refuses new entries while it is 1: keep the list in memory and
+        # only materialise it while allow_any_host is off.
+        with self.lock:
+            state = self.subsystems.setdefault(nqn, {"any": False, "hosts": set()})
+            path = self._subsys(nqn)
+            if allow_any_host:
+                for host in state["hosts"]:
+                    _unlink(path / "allowed_hosts" / host)
+                _write(path / "attr_allow_any_host", "1")
+            else:
+                _write(path / "attr_allow_any_host", "0")
+                for host in state["hosts"]:
+                    self._link_host(nqn, host)
+            state["any"] = allow_any_host
+
+    # --- namespaces ----------------------------------------------------------------
+    def namespace_added(self, ns: NamespaceInfo) -> None:
+        if not ns.path:
+            log.warning("nvmet: namespace %d of %s (bdev %s) has no backing file; "
+                        "it is not reachable over the kernel target", ns.nsid, ns.nqn,
+                        ns.bdev_name)
+            return
+        with self.lock:
+            path = self._subsys(ns.nqn) / "namespaces" / str(ns.nsid)
+            _mkdir(path)
+            if _read(path / "enable") == "1":
+                return  # idempotent repeat
+            _write(path / "device_path", ns.path)
+            _write(path / "device_uuid", ns.uuid)
+            if ns.nguid:
+                _write(path / "device_nguid", ns.nguid)
+            if (path / "buffered_io").exists():
+                _write(path / "buffered_io", "1")
+            if ns.read_only:
+                log.warning("nvmet: namespace %d of %s is read-only in SPDK; the kernel "
+                            "target (6.1) cannot enforce that", ns.nsid, ns.nqn)
+            _write(path / "enable", "1")
+
+    def namespace_removed(self, nqn: str, nsid: int) -> None:
+        with self.lock:
+            self._remove_ns_dir(self._subsys(nqn) / "namespaces" / str(nsid))
+
+    def namespace_resized(self, ns: NamespaceInfo) -> None:
+        with self.lock:
+            attr = self._subsys(ns.nqn) / "namespaces" / str(ns.nsid) / "revalidate_size"
+            if attr.exists():
+                _write(attr, "1")
+
+    @staticmethod
+    def _remove_ns_dir(path: Path) -> None:
+        if not path.is_dir():
+            return
+        if _read(path / "enable") == "1":
+            _write(path / "enable", "0")
+        _rmdir(path)
+
+    # --- hosts -------------------------------------------------------------------------
+    def host_added(self, nqn: str, host_nqn: str) -> None:
+        with self.lock:
+            state = self.subsystems.setdefault(nqn, {"any": False, "hosts": set()})
+            state["hosts"].add(host_nqn)
+            if not state["any"]:
+                self._link_host(nqn, host_nqn)
+
+    def host_removed(self, nqn: str, host_nqn: str) -> None:
+        with self.lock:
+            state = self.subsystems.get(nqn)
+            if state:
+                state["hosts"].discard(host_nqn)
+            _unlink(self._subsys(nqn) / "allowed_hosts" / host_nqn)
+            self._gc_host(host_nqn)
+
+    def _link_host(self, nqn: str, host_nqn: str) -> None:
+        host = self._host(host_nqn)
+        if not host.is_dir():
+            _mkdir(host)
+            self.hosts_created.add(host_nqn)
+        _symlink(host, self._subsys(nqn) / "allowed_hosts" / host_nqn)
+
+    def _gc_host(self, host_nqn: str) -> None:
+        """Remove hosts/<nqn> we created once no subsystem allows it."""
+        if host_nqn not in self.hosts_created:
+            return
+        if any(host_nqn in s["hosts"] and not s["any"] for s in self.subsystems.values()):
+            return
+        try:
+            _rmdir(self._host(host_nqn))
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            log.warning("nvmet: host %s still referenced", host_nqn)
+            return
+        self.hosts_created.discard(host_nqn)
+
+    # --- listeners --------------------------------------------------------------------
+    def _key(self, listener: ListenerInfo) -> PortKey:
+        traddr = self.traddr or listener.traddr
+        adrfam = "ipv6" if ":" in traddr else "ipv4"
+        return (listener.trtype.lower(), adrfam, traddr, str(listener.trsvcid))
+
+    def listener_added(self, listener: ListenerInfo) -> None:
+        with self.lock:
+            key = self._key(listener)
+            port_id = self._ensure_port(key)
+            refs = self.port_refs.setdefault(key, {})
+            refs[listener.nqn] = refs.get(listener.nqn, 0) + 1
+            port_dir = self._port(port_id)
+            _symlink(self._subsys(listener.nqn), port_dir / "subsystems" / listener.nqn)
+
+    def listener_removed(self, listener: ListenerInfo) -> None:
+        with self.lock:
+            key = self._key(listener)
+            refs = self.port_refs.get(key)
+            if not refs or listener.nqn not in refs:
+                return
+            refs[listener.nqn] -= 1
+            if refs[listener.nqn] <= 0:
+                del refs[listener.nqn]
+                _unlink(self._port(self.ports[key]) / "subsystems" / listener.nqn)
+            self._gc_port(key)
+
+    def _ensure_port(self, key: PortKey) -> int:
+        if key in self.ports and self._port(self.ports[key]).is_dir():
+            return self.ports[key]
+        ports_dir = self.root / "ports"
+        used = {int(p.name) for p in ports_dir.iterdir() if p.name.isdigit()}
+        # Reuse a port someone (e.g. an earlier run) left with the same address.
+        for pid in sorted(used):
+            p = self._port(pid)
+            if (_read(p / "addr_trtype"), _read(p / "addr_adrfam"), _read(p / "addr_traddr"),
+                    _read(p / "addr_trsvcid")) == key:
+                self.ports[key] = pid
+                return pid
+        pid = next(i for i in range(1, 65535) if i not in used)
+        path = self._port(pid)
+        _mkdir(path)
+        trtype, adrfam, traddr, trsvcid = key
+        try:
+            _write(path / "addr_trtype", trtype)
+            _write(path / "addr_adrfam", adrfam)
+            _write(path / "addr_traddr", traddr)
+            _write(path / "addr_trsvcid", trsvcid)
+        except NvmetError:
+            _rmdir(path)
+            raise
+        self.ports[key] = pid
+        return pid
+
+    def _gc_port(self, key: PortKey) -> None:
+        if not self.port_refs.get(key):
+            self._drop_port(key)
+
+    def _drop_port(self, key: PortKey, force: bool = False) -> None:
+        pid = self.ports.get(key)
+        if pid is None:
+            return
+        path = self._port(pid)
+        if force and path.is_dir():
+            for link in (path / "subsystems").iterdir():
+                _unlink(link)
+        if path.is_dir() and any((path / "subsystems").iterdir()):
+            return  # someone else's subsystem is linked too
+        _rmdir(path)
+        self.ports.pop(key, None)
+        self.port_refs.pop(key, None)
+
+
+def make_dataplane() -> NvmetDataPlane:
+    """Factory for ``csi-spdk sim --nvmet``."""
+    return NvmetDataPlane.from_env()
