@@ -65,7 +65,8 @@ def node_server(args: argparse.Namespace) -> GrpcServer:
         topology_segments=segments(args.node_id, ssds, extra),
         connect_timeout=args.connect_timeout,
     )
-    identity = IdentityServicer(args.driver_name, node=node)
+    # controller=True: plugin capabilities are driver-wide (see identity.py)
+    identity = IdentityServicer(args.driver_name, controller=True, node=node)
     return GrpcServer(args.endpoint, [
         lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
         lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
@@ -143,6 +144,8 @@ def run_dev(args: argparse.Namespace) -> int:
                 "lvstores": lvstores,
                 "node": args.node_id,
             }],
+            # dev knows its only node, so publishing elsewhere is NOT_FOUND
+            "nodes": [args.node_id],
         }
         config_path = work / "controller.json"
         config_path.write_text(json.dumps(config, indent=2))
@@ -178,10 +181,11 @@ def _dev_banner(sock_dir: Path, rpc: str, lvstores: list[str], simulated: bool) 
         + ("" if nvme_tcp else "  (this host has no NVMe/TCP: staging will fail)"),
         f"  SPDK RPC:   {rpc} ({'simulator' if simulated else 'spdk_tgt'}), "
         f"lvstores {', '.join(lvstores)}",
-        "try:",
-        f"  csi-sanity --csi.endpoint unix://{sock_dir}/node.sock "
-        f"--csi.controllerendpoint unix://{sock_dir}/controller.sock "
-        "--ginkgo.skip 'Node Service'",
+        "try (staging specs need a kernel with nvme-tcp):",
+        f"  csi-sanity --csi.endpoint=unix://{sock_dir}/node.sock "
+        f"--csi.controllerendpoint=unix://{sock_dir}/controller.sock "
+        "--csi.testvolumesize=67108864 --csi.mountdir=/tmp/csi-sanity-mnt "
+        "--csi.stagingdir=/tmp/csi-sanity-stage",
     ])
 
 

@@ -159,6 +159,5 @@ VC_THIN = "thinProvision"
 # --- topology ------------------------------------------------------------------------
 TOPOLOGY_DOMAIN = "topology.csi-spdk.io"
 TOPOLOGY_NODE_KEY = f"{TOPOLOGY_DOMAIN}/node"      # value: CSI node id
-TOPOLOGY_TARGET_KEY = f"{TOPOLOGY_DOMAIN}/target"  # value: SPDK target name
 # Node SSD classes: "<TOPOLOGY_SSD_PREFIX><vendor>-<model class>" = "true".
 TOPOLOGY_SSD_PREFIX = "ssd.csi-spdk.io/"

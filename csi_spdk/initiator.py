@@ -31,13 +31,14 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import contract
-from .errors import Internal, InvalidArgument, Unavailable
+from .errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
 
 log = logging.getLogger("csi_spdk.initiator")
 
@@ -277,6 +278,7 @@ class NvmeTcpInitiator:
             raise InvalidArgument(f"transport {trtype!r} is not supported (only tcp)")
         nqn, ns_uuid = pc[contract.PC_NQN], pc[contract.PC_NS_UUID]
         made = False
+        self._require_fabrics()
         if not self._connected_to(nqn, pc[contract.PC_TRADDR], pc[contract.PC_TRSVCID]):
             res = self._run(self.connect_command(pc))
             out = (res.stderr + res.stdout).strip()
@@ -297,6 +299,24 @@ class NvmeTcpInitiator:
             raise Unavailable(f"namespace {ns_uuid} of {nqn} did not appear as a block "
                               f"device within {timeout:.0f}s")
         return device
+
+    def _require_fabrics(self) -> None:
+        """Fail clearly (not as a retryable fault) on a kernel without NVMe/TCP.
+
+        ``nvme connect`` needs /dev/nvme-fabrics, which appears once the
+        nvme-tcp module is loaded; try loading it once, as nvme-cli would.
+        """
+        fabrics = os.path.join(self.dev_root, "nvme-fabrics")
+        if os.path.exists(fabrics):
+            return
+        if shutil.which("modprobe"):
+            subprocess.run(["modprobe", "nvme-tcp"], capture_output=True, check=False,
+                           timeout=30)
+        if not os.path.exists(fabrics):
+            raise FailedPrecondition(
+                f"this node cannot connect NVMe/TCP volumes: {fabrics} is missing and "
+                "'modprobe nvme-tcp' did not load the kernel's NVMe/TCP initiator; "
+                "install and load the nvme-tcp kernel module")
 
     def disconnect(self, nqn: str) -> None:
         """Disconnect every controller of subsystem ``nqn`` (only that one).

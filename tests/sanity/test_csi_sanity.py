@@ -2,8 +2,9 @@
 
 This runs the README's embedded default exactly as a newcomer would (the
 simulator, an lvstore, controller and node plugin), so the command itself is
-under test. On the host there is no NVMe/TCP, so the Node Service specs run
-in the QEMU guest instead (tests/e2e); here every other spec must pass.
+under test. The host kernel has no NVMe/TCP, so the five Node Service specs that
+stage a volume (``HOST_SKIP``) run in the QEMU guest instead (tests/e2e);
+every other spec, node argument checks included, must pass here.
 With CSI_SPDK_TEST_RPC set, `dev --spdk-rpc` uses that real spdk_tgt.
 """
 
@@ -22,7 +23,13 @@ import pytest
 
 pytestmark = pytest.mark.sanity
 ROOT = Path(__file__).resolve().parents[2]
-HOST_SKIP = "Node Service"
+HOST_SKIP = "|".join([
+    "Node Service should work",
+    "Node Service should be idempotent",
+    "NodeUnpublishVolume should remove target path",
+    "volume does not exist on the specified path",
+    "node-expand is called after node-publish",
+])
 
 
 def _csi_sanity() -> str:
@@ -113,4 +120,4 @@ def test_csi_sanity_controller(dev, tmp_path: Path) -> None:
     print(f"csi-sanity: {passed} passed, {failed} failed, {skipped} skipped")
     assert failed == 0, "\n".join(failures) + "\n--- driver log tail:\n" + \
         dev_log.read_text()[-3000:]
-    assert passed >= 50, f"only {passed} csi-sanity specs ran"
+    assert passed >= 70, f"only {passed} csi-sanity specs ran"

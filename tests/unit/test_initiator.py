@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import fakesys  # noqa: E402
 
 from csi_spdk import contract  # noqa: E402
-from csi_spdk.errors import InvalidArgument, Unavailable  # noqa: E402
+from csi_spdk.errors import FailedPrecondition, InvalidArgument, Unavailable  # noqa: E402
 from csi_spdk.initiator import NvmeTcpInitiator  # noqa: E402
 
 NS1 = "5b0c7b0e-3c1e-4e7a-9c55-0a8f3c4b7d21"
@@ -29,6 +29,7 @@ def env(tmp_path, monkeypatch):
     sysfs, dev, bindir = tmp_path / "sys", tmp_path / "dev", tmp_path / "bin"
     sysfs.mkdir()
     dev.mkdir()
+    (dev / "nvme-fabrics").touch()  # the nvme-tcp module is "loaded"
     fakesys.install_fake_nvme(str(bindir))
     log = tmp_path / "nvme.log"
     monkeypatch.setenv("FAKE_NVME_LOG", str(log))
@@ -198,3 +199,11 @@ def test_udev_monitor_path(env, monkeypatch):
     monkeypatch.setattr(NvmeTcpInitiator, "_monitor", staticmethod(lambda: FakeMonitor()))
     assert ini.find_device(NQN1, NS1, timeout=5) == os.path.join(dev, "nvme0n1")
     assert len(polls) == 2 and polls[-1] == "stopped"
+
+
+def test_kernel_without_nvme_tcp_is_failed_precondition(env, monkeypatch):
+    ini, _sysfs, dev, log = env
+    os.unlink(os.path.join(dev, "nvme-fabrics"))
+    monkeypatch.setenv("PATH", os.path.dirname(log))  # no modprobe, no nvme
+    with pytest.raises(FailedPrecondition, match="nvme-tcp"):
+        ini.connect(pc())

@@ -1,0 +1,184 @@
+"""The controller's view of one SPDK target: lvol lookups, capacity, reclaim.
+
+Split out of ``controller.py`` so the volume and snapshot halves of the
+Controller service share one model of SPDK state. Nothing here is cached
+except the per-lvstore "provisioned bytes" sum used for thin overcommit
+(recomputed from one ``bdev_get_bdevs`` at most every ``PROVISIONED_TTL``
+seconds and adjusted in between by the driver's own creates/deletes), so the
+cost of a CreateVolume does not grow with the number of volumes.
+
+Concurrency: safe to share between threads; callers hold the per-volume locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import contract, metrics
+from .config import TargetConfig
+from .nvmf import NvmfExporter
+from .placement import Pool
+from .spdk.api import SpdkApi
+from .spdk.errors import SpdkNotFound, SpdkNotPermitted
+
+PROVISIONED_TTL = 30.0
+
+
+@dataclass
+class Lvol:
+    """An lvol as SPDK reports it in bdev_get_bdevs."""
+
+    uuid: str
+    name: str
+    lvstore: str
+    lvs_uuid: str
+    size: int
+    thin: bool
+    snapshot: bool
+    clone: bool
+    base_snapshot: str | None = None
+    clones: list[str] = field(default_factory=list)
+
+    @property
+    def alias(self) -> str:
+        return f"{self.lvstore}/{self.name}"
+
+    @classmethod
+    def from_bdev(cls, bdev: dict | None) -> Lvol | None:
+        if not bdev:
+            return None
+        lv = (bdev.get("driver_specific") or {}).get("lvol")
+        aliases = bdev.get("aliases") or []
+        if lv is None or not aliases or "/" not in aliases[0]:
+            return None
+        lvs, _, name = aliases[0].partition("/")
+        return cls(uuid=bdev.get("uuid") or bdev["name"], name=name, lvstore=lvs,
+                   lvs_uuid=lv.get("lvol_store_uuid", ""),
+                   size=int(bdev.get("num_blocks", 0)) * int(bdev.get("block_size", 0)),
+                   thin=bool(lv.get("thin_provision")), snapshot=bool(lv.get("snapshot")),
+                   clone=bool(lv.get("clone")), base_snapshot=lv.get("base_snapshot"),
+                   clones=list(lv.get("clones") or []))
+
+
+class Target:
+    """One configured SPDK target with its API client and NVMe/TCP exporter."""
+
+    def __init__(self, cfg: TargetConfig, api: SpdkApi) -> None:
+        self.cfg = cfg
+        self.api = api
+        self.exporter = NvmfExporter(api, cfg)
+        self._prov: dict[str, tuple[float, int]] = {}
+        self._prov_lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    # --- lookups -------------------------------------------------------------
+    def lvstores(self) -> list[dict]:
+        """The lvstores this driver may use (configured ones, else all); one RPC.
+
+        Also refreshes the lvstore capacity gauges.
+        """
+        found = self.api.lvstores()
+        if self.cfg.lvstores:
+            found = [s for s in found if s["name"] in self.cfg.lvstores]
+        for s in found:
+            self.observe(s)
+        return found
+
+    def lvol(self, ref: str) -> Lvol | None:
+        """An lvol by uuid or ``lvs/name``; None when missing or not an lvol."""
+        return Lvol.from_bdev(self.api.bdev_get(ref))
+
+    def lvol_by_name(self, lvstore: str, name: str) -> Lvol | None:
+        return self.lvol(f"{lvstore}/{name}")
+
+    def lvols_with_bdevs(self) -> list[Lvol]:
+        """Every lvol of the driver's lvstores (a scan: ListVolumes/ListSnapshots)."""
+        allowed = set(self.cfg.lvstores)
+        out = []
+        for bdev in self.api.bdevs():
+            lv = Lvol.from_bdev(bdev)
+            if lv is not None and (not allowed or lv.lvstore in allowed):
+                out.append(lv)
+        return out
+
+    # --- capacity ------------------------------------------------------------
+    @staticmethod
+    def pool_bytes(lvs: dict) -> tuple[int, int, int]:
+        cluster = int(lvs["cluster_size"])
+        return cluster, int(lvs["total_data_clusters"]) * cluster, \
+            int(lvs["free_clusters"]) * cluster
+
+    def observe(self, lvs: dict) -> None:
+        _, total, free = self.pool_bytes(lvs)
+        metrics.LVSTORE_TOTAL.labels(self.name, lvs["name"]).set(total)
+        metrics.LVSTORE_FREE.labels(self.name, lvs["name"]).set(free)
+
+    def provisioned(self, lvs: dict) -> int:
+        """Sum of the sizes of the non-snapshot lvols of an lvstore (cached)."""
+        name = lvs["name"]
+        now = time.monotonic()
+        with self._prov_lock:
+            hit = self._prov.get(name)
+            if hit and now - hit[0] < PROVISIONED_TTL:
+                return hit[1]
+        total = sum(lv.size for lv in (Lvol.from_bdev(b) for b in self.api.bdevs())
+                    if lv is not None and lv.lvs_uuid == lvs["uuid"] and not lv.snapshot)
+        with self._prov_lock:
+            self._prov[name] = (now, total)
+        metrics.LVSTORE_PROVISIONED.labels(self.name, name).set(total)
+        return total
+
+    def adjust_provisioned(self, lvstore: str, delta: int) -> None:
+        with self._prov_lock:
+            hit = self._prov.get(lvstore)
+            if hit:
+                self._prov[lvstore] = (hit[0], max(0, hit[1] + delta))
+                metrics.LVSTORE_PROVISIONED.labels(self.name, lvstore).set(hit[1] + delta)
+
+    def pool(self, lvs: dict, with_provisioned: bool) -> Pool:
+        cluster, total, free = self.pool_bytes(lvs)
+        return Pool(self.cfg, lvs["name"], cluster, total, free,
+                    self.provisioned(lvs) if with_provisioned else 0)
+
+    # --- reclaim -------------------------------------------------------------
+    def reclaim(self, lvstore: str, parent: str | None) -> None:
+        """Delete driver-internal snapshots (clone sources ``csic-`` and
+        user-deleted ``csid-``) up the chain from ``parent`` once they have at
+        most one clone left (SPDK merges a one-clone snapshot into its clone,
+        so the data stays). Best effort: a failure leaves them for next time."""
+        while parent and parent.startswith((contract.CLONE_SOURCE_PREFIX,
+                                            contract.HIDDEN_SNAPSHOT_PREFIX)):
+            snap = self.lvol_by_name(lvstore, parent)
+            if snap is None or not snap.snapshot or len(snap.clones) > 1:
+                return
+            try:
+                self.api.lvol_delete(snap.uuid)
+            except SpdkNotFound:
+                pass
+            except SpdkNotPermitted:
+                return
+            parent = snap.base_snapshot
+
+    def sweep(self) -> None:
+        """Reclaim orphaned internal snapshots anywhere on the target (one scan).
+
+        Catches what a crash between deleting a clone and reclaiming its parent
+        left behind, and clone sources of abandoned CreateVolume retries."""
+        for lv in self.lvols_with_bdevs():
+            if lv.snapshot and len(lv.clones) <= 1 and lv.name.startswith(
+                    (contract.CLONE_SOURCE_PREFIX, contract.HIDDEN_SNAPSHOT_PREFIX)):
+                self.reclaim(lv.lvstore, lv.name)
+
+    def delete_lvol(self, lv: Lvol) -> None:
+        """Delete an lvol (missing is success) and reclaim its hidden parents."""
+        with contextlib.suppress(SpdkNotFound):
+            self.api.lvol_delete(lv.uuid)
+        if not lv.snapshot:
+            self.adjust_provisioned(lv.lvstore, -lv.size)
+        self.reclaim(lv.lvstore, lv.base_snapshot)

@@ -1,0 +1,221 @@
+"""The controller's config file: load and validate (format in docs/DESIGN.md).
+
+``load(path)`` reads YAML or JSON (JSON is YAML) and returns an immutable
+``Config``; every problem is reported at start-up as a ``ConfigError`` naming
+the file, the offending key and what would be accepted, so a bad ConfigMap
+fails the controller pod loudly instead of failing CreateVolume later.
+
+Optional keys beyond DESIGN.md: ``defaultVolumeSize`` (bytes, used when a
+CreateVolume has no required_bytes; default 1 GiB).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import contract
+from .spdk.api import SpdkApi
+from .spdk.client import DEFAULT_TIMEOUT, SpdkClient, parse_address
+
+GiB = 1024 ** 3
+DEFAULT_VOLUME_SIZE = 1 * GiB
+DEFAULT_OVERCOMMIT = 1.0
+DEFAULT_PORT = 4420
+
+
+class ConfigError(ValueError):
+    """The config file is unusable; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """One SPDK target: where to reach its RPC and where nodes dial NVMe/TCP."""
+
+    name: str
+    rpc: str
+    listen_address: str
+    port: int = DEFAULT_PORT
+    dial_address: str = ""
+    rpc_timeout: float = DEFAULT_TIMEOUT
+    lvstores: tuple[str, ...] = ()   # empty: every lvstore of the target
+    node: str = ""
+    topology: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def dial(self) -> str:
+        return self.dial_address or self.listen_address
+
+    @property
+    def adrfam(self) -> str:
+        return "ipv6" if ":" in self.dial else "ipv4"
+
+    def segment(self) -> dict[str, str]:
+        """The topology constraint of volumes on this target: its configured
+        labels only. NVMe/TCP reaches a target from any node, so neither the
+        target's name nor the node hosting it restricts where a volume can be
+        used (the hosting node only ranks placement, see placement.py); an
+        empty segment means "accessible from every node"."""
+        return dict(self.topology)
+
+    def make_api(self) -> SpdkApi:
+        return SpdkApi(SpdkClient(self.rpc, timeout=self.rpc_timeout))
+
+
+@dataclass(frozen=True)
+class Config:
+    targets: tuple[TargetConfig, ...]
+    thin_overcommit_ratio: float = DEFAULT_OVERCOMMIT
+    default_volume_size: int = DEFAULT_VOLUME_SIZE
+    # Node ids ControllerPublishVolume accepts; None = any. Kubernetes only
+    # publishes to nodes it knows, so the chart leaves it unset; `dev` sets it
+    # so that publishing to a node that does not exist is NOT_FOUND.
+    nodes: frozenset[str] | None = None
+
+    def target(self, name: str) -> TargetConfig | None:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        return None
+
+    @property
+    def target_names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+
+_TOP_KEYS = {"targets", "thinOvercommitRatio", "defaultVolumeSize", "nodes"}
+_TARGET_KEYS = {"name", "rpc", "rpcTimeout", "nvmf", "lvstores", "node", "topology"}
+_NVMF_KEYS = {"listenAddress", "port", "dialAddress"}
+
+
+def _unknown(where: str, got: dict, allowed: set[str]) -> None:
+    extra = sorted(set(got) - allowed)
+    if extra:
+        raise ConfigError(f"{where}: unknown key {extra[0]!r} (accepted: "
+                          f"{', '.join(sorted(allowed))})")
+
+
+def _address(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: must be a non-empty IP address or host name")
+    host = value.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not all(part and len(part) < 64 for part in host.split(".")) or " " in host:
+            raise ConfigError(f"{where}: {value!r} is not an IP address or host name") from None
+    return host
+
+
+def _number(where: str, value: Any, lo: float, integer: bool = False) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            (integer and not isinstance(value, int)):
+        raise ConfigError(f"{where}: must be a{'n integer' if integer else ' number'}, "
+                          f"got {value!r}")
+    if value < lo:
+        raise ConfigError(f"{where}: must be >= {lo}, got {value!r}")
+    return value
+
+
+def _target(where: str, raw: Any) -> TargetConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping")
+    _unknown(where, raw, _TARGET_KEYS)
+    name = raw.get("name")
+    if not isinstance(name, str) or not contract.valid_target_name(name):
+        raise ConfigError(f"{where}.name: {name!r} must be a DNS label (lower-case letters, "
+                          "digits and '-', at most 63 characters)")
+    where = f"targets[{name}]"
+    rpc = raw.get("rpc")
+    if not isinstance(rpc, str) or not rpc:
+        raise ConfigError(f"{where}.rpc: required (unix:///path or host:port)")
+    try:
+        parse_address(rpc)
+    except ValueError as err:
+        raise ConfigError(f"{where}.rpc: {err}") from None
+    timeout = float(_number(f"{where}.rpcTimeout", raw.get("rpcTimeout", DEFAULT_TIMEOUT), 0.1))
+    nvmf = raw.get("nvmf")
+    if not isinstance(nvmf, dict):
+        raise ConfigError(f"{where}.nvmf: required mapping with listenAddress and port")
+    _unknown(f"{where}.nvmf", nvmf, _NVMF_KEYS)
+    listen = _address(f"{where}.nvmf.listenAddress", nvmf.get("listenAddress"))
+    port = _number(f"{where}.nvmf.port", nvmf.get("port", DEFAULT_PORT), 1, integer=True)
+    if port > 65535:
+        raise ConfigError(f"{where}.nvmf.port: must be <= 65535, got {port}")
+    dial = nvmf.get("dialAddress")
+    dial = _address(f"{where}.nvmf.dialAddress", dial) if dial is not None else ""
+    lvstores = raw.get("lvstores", [])
+    if lvstores is None:
+        lvstores = []
+    if not isinstance(lvstores, list) or not all(isinstance(x, str) and x for x in lvstores):
+        raise ConfigError(f"{where}.lvstores: must be a list of lvstore names")
+    if len(set(lvstores)) != len(lvstores):
+        raise ConfigError(f"{where}.lvstores: duplicate lvstore name")
+    node = raw.get("node", "") or ""
+    if not isinstance(node, str):
+        raise ConfigError(f"{where}.node: must be a Kubernetes node name")
+    topology = raw.get("topology", {}) or {}
+    if not isinstance(topology, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str | int | bool)
+            for k, v in topology.items()):
+        raise ConfigError(f"{where}.topology: must map label keys to string values")
+    topology = {k: str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in topology.items()}
+    if contract.TOPOLOGY_NODE_KEY in topology:
+        raise ConfigError(f"{where}.topology: {contract.TOPOLOGY_NODE_KEY!r} is set by the "
+                          "driver (use 'node' to name the node hosting the target)")
+    return TargetConfig(name=name, rpc=rpc, listen_address=listen, port=int(port),
+                        dial_address=dial, rpc_timeout=timeout, lvstores=tuple(lvstores),
+                        node=node, topology=topology)
+
+
+def parse(data: Any, source: str = "config") -> Config:
+    """Validate an already-decoded config document."""
+    try:
+        return _parse(data)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _parse(data: Any) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError("top level must be a mapping with a 'targets' list")
+    _unknown("top level", data, _TOP_KEYS)
+    raw_targets = data.get("targets")
+    if not isinstance(raw_targets, list) or not raw_targets:
+        raise ConfigError("'targets' must be a non-empty list of SPDK targets")
+    targets = tuple(_target(f"targets[{i}]", t) for i, t in enumerate(raw_targets))
+    names = [t.name for t in targets]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"target name {dup[0]!r} is used twice; names must be unique")
+    ratio = float(_number("thinOvercommitRatio",
+                          data.get("thinOvercommitRatio", DEFAULT_OVERCOMMIT), 0))
+    if ratio <= 0:
+        raise ConfigError("thinOvercommitRatio: must be > 0 (1.0 = no overcommit)")
+    default_size = _number("defaultVolumeSize", data.get("defaultVolumeSize",
+                                                         DEFAULT_VOLUME_SIZE), 1, integer=True)
+    nodes = data.get("nodes")
+    if nodes is not None and (not isinstance(nodes, list)
+                              or not all(isinstance(n, str) and n for n in nodes)):
+        raise ConfigError("nodes: must be a list of node ids (or absent to accept any)")
+    return Config(targets=targets, thin_overcommit_ratio=ratio,
+                  default_volume_size=int(default_size),
+                  nodes=frozenset(nodes) if nodes is not None else None)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate the config file; raise ConfigError with a clear reason."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {err}") from None
+    return parse(data, str(path))

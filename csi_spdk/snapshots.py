@@ -1,0 +1,231 @@
+"""Snapshot half of the Controller service (mixed into ``ControllerServicer``).
+
+A CSI snapshot is an SPDK lvol snapshot named ``contract.snapshot_lvol_name``
+in its source volume's lvstore; its id is ``<target>:<snapshot uuid>``.
+
+creation_time: SPDK keeps no timestamp for lvols. The controller reports the
+time it created the snapshot, or, for snapshots it did not create in this
+process (e.g. after a restart), the time it first saw them; that is an upper
+bound of the real creation time and stays stable for the process' lifetime.
+The same in-memory record remembers the source volume; without it the source
+is derived from SPDK's clone relations (the volume below the snapshot through
+its chain of snapshot children; when more than one volume qualifies, e.g. a
+clone made from the snapshot, the answer is ambiguous and the first by id is
+reported).
+
+DeleteSnapshot of a snapshot with two or more clones (SPDK refuses) renames
+it to ``contract.hidden_snapshot_lvol_name``: it disappears from CSI and is
+reclaimed once at most one clone is left (see ``Target.reclaim``).
+
+Concurrency: CreateSnapshot holds the name and the source volume id;
+DeleteSnapshot the snapshot id. Idempotent as the CSI spec requires.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from google.protobuf import timestamp_pb2
+
+from . import contract
+from .backend import Lvol, Target
+from .errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .proto import csi_pb2
+from .rpc import rpc
+from .spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
+
+
+def paginate(entries: list, starting_token: str, max_entries: int) -> tuple[list, str]:
+    """Page ``entries`` (sorted by their first element, an object id).
+
+    The token is the last id of the previous page; anything else is ABORTED
+    (CSI: the token is not valid)."""
+    if max_entries < 0:
+        raise InvalidArgument("max_entries must not be negative")
+    if starting_token:
+        try:
+            contract.parse_id(starting_token)
+        except (NotFound, InvalidArgument):
+            raise Aborted(f"starting_token {starting_token!r} is not valid; "
+                          "restart the listing") from None
+        entries = [e for e in entries if e[0] > starting_token]
+    if max_entries and len(entries) > max_entries:
+        entries = entries[:max_entries]
+        return entries, entries[-1][0]
+    return entries, ""
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class SnapshotsMixin:
+    """CreateSnapshot, DeleteSnapshot, ListSnapshots. Needs ``self.targets``,
+    ``self.locks`` and ``self._volume`` from ControllerServicer."""
+
+    targets: dict[str, Target]
+
+    def __init__(self) -> None:
+        self._snap_mutex = threading.Lock()
+        # snapshot uuid -> (source volume id or "", creation/first-seen time)
+        self._snap_meta: dict[str, tuple[str, timestamp_pb2.Timestamp]] = {}
+
+    # --- helpers -----------------------------------------------------------------
+    def _meta(self, uuid: str, source: str = "") -> tuple[str, timestamp_pb2.Timestamp]:
+        with self._snap_mutex:
+            hit = self._snap_meta.get(uuid)
+            if hit is None or (source and not hit[0]):
+                hit = (source, hit[1] if hit else _now())
+                self._snap_meta[uuid] = hit
+            return hit
+
+    def _snapshot_msg(self, target: Target, snap: Lvol, source: str) -> csi_pb2.Snapshot:
+        src, created = self._meta(snap.uuid, source)
+        return csi_pb2.Snapshot(size_bytes=snap.size,
+                                snapshot_id=str(contract.ObjectId(target.name, snap.uuid)),
+                                source_volume_id=src or source, creation_time=created,
+                                ready_to_use=True)
+
+    @staticmethod
+    def _descends_from(target: Target, lv: Lvol, snap_name: str) -> bool:
+        """Is ``snap_name`` on the base-snapshot chain of ``lv``?"""
+        parent, seen = lv.base_snapshot, 0
+        while parent and seen < 64:
+            if parent == snap_name:
+                return True
+            nxt = target.lvol_by_name(lv.lvstore, parent)
+            parent, seen = (nxt.base_snapshot if nxt else None), seen + 1
+        return False
+
+    @staticmethod
+    def _sources(target: Target, snap: Lvol, by_name: dict[str, Lvol]) -> list[str]:
+        """Volume ids below ``snap`` through its chain of snapshot children."""
+        out, todo, seen = [], list(snap.clones), set()
+        while todo:
+            child = by_name.get(todo.pop())
+            if child is None or child.uuid in seen:
+                continue
+            seen.add(child.uuid)
+            if child.snapshot:
+                todo.extend(child.clones)
+            elif contract.is_volume_lvol(child.name):
+                out.append(str(contract.ObjectId(target.name, child.uuid)))
+        return sorted(out)
+
+    # --- RPCs --------------------------------------------------------------------
+    @rpc(lock=("name", "source_volume_id"))
+    def CreateSnapshot(self, request, context):
+        if not request.name:
+            raise InvalidArgument("name is required")
+        if not request.source_volume_id:
+            raise InvalidArgument("source_volume_id is required")
+        snap_name = contract.snapshot_lvol_name(request.name)
+        for target in self.targets.values():
+            for lvs in target.lvstores():
+                snap = target.lvol_by_name(lvs["name"], snap_name)
+                if snap is None:
+                    continue
+                try:
+                    src_target, src = self._volume(request.source_volume_id)
+                except NotFound:
+                    src_target = src = None
+                known = self._snap_meta.get(snap.uuid, ("",))[0]
+                same = src is not None and src_target is target and (
+                    known == request.source_volume_id if known
+                    else self._descends_from(target, src, snap_name))
+                if not same:
+                    raise AlreadyExists(f"snapshot {request.name!r} already exists with a "
+                                        "different source volume")
+                return csi_pb2.CreateSnapshotResponse(
+                    snapshot=self._snapshot_msg(target, snap, request.source_volume_id))
+        target, src = self._volume(request.source_volume_id)
+        try:
+            uuid = target.api.snapshot(src.uuid, snap_name)
+        except SpdkExists:
+            uuid = None
+        except SpdkNotFound as err:
+            raise NotFound(f"volume {request.source_volume_id} does not exist") from err
+        snap = target.lvol(uuid) if uuid else target.lvol_by_name(src.lvstore, snap_name)
+        if snap is None:
+            raise NotFound(f"snapshot {snap_name} vanished after creation; retry")
+        self._meta(snap.uuid, request.source_volume_id)
+        return csi_pb2.CreateSnapshotResponse(
+            snapshot=self._snapshot_msg(target, snap, request.source_volume_id))
+
+    @rpc(lock=("snapshot_id",))
+    def DeleteSnapshot(self, request, context):
+        """Missing is success. Never surfaces SPDK's refusal to delete a snapshot
+        with clones: such a snapshot is hidden and reclaimed later."""
+        if not request.snapshot_id:
+            raise InvalidArgument("snapshot_id is required")
+        try:
+            oid = contract.parse_id(request.snapshot_id, "snapshot")
+        except NotFound:
+            return csi_pb2.DeleteSnapshotResponse()
+        target = self.targets.get(oid.target)
+        snap = target.lvol(oid.lvol_uuid) if target else None
+        if snap is None or snap.name.startswith(contract.HIDDEN_SNAPSHOT_PREFIX):
+            self._forget(oid.lvol_uuid)
+            return csi_pb2.DeleteSnapshotResponse()
+        if not contract.is_driver_lvol(snap.name):
+            raise FailedPrecondition(f"lvol {snap.alias} was not created by csi-spdk; "
+                                     "refusing to delete it")
+        if not contract.is_snapshot_lvol(snap.name) or not snap.snapshot:
+            raise FailedPrecondition(f"{request.snapshot_id} is not a snapshot")
+        try:
+            target.api.lvol_delete(snap.uuid)
+        except SpdkNotFound:
+            pass
+        except SpdkNotPermitted:
+            target.api.lvol_rename(snap.uuid, contract.hidden_snapshot_lvol_name(snap.uuid))
+            self._forget(snap.uuid)
+            return csi_pb2.DeleteSnapshotResponse()
+        self._forget(snap.uuid)
+        target.reclaim(snap.lvstore, snap.base_snapshot)
+        return csi_pb2.DeleteSnapshotResponse()
+
+    def _forget(self, uuid: str) -> None:
+        with self._snap_mutex:
+            self._snap_meta.pop(uuid, None)
+
+    @rpc()
+    def ListSnapshots(self, request, context):
+        if request.max_entries < 0:
+            raise InvalidArgument("max_entries must not be negative")
+        only_target = None
+        if request.snapshot_id or request.source_volume_id:
+            try:
+                oid = contract.parse_id(request.snapshot_id or request.source_volume_id)
+            except NotFound:
+                return csi_pb2.ListSnapshotsResponse()
+            only_target = oid.target
+            if only_target not in self.targets:
+                return csi_pb2.ListSnapshotsResponse()
+        entries = []
+        for target in self.targets.values():
+            if only_target and target.name != only_target:
+                continue
+            lvols = target.lvols_with_bdevs()
+            by_lvs: dict[str, dict[str, Lvol]] = {}
+            for lv in lvols:
+                by_lvs.setdefault(lv.lvstore, {})[lv.name] = lv
+            for snap in lvols:
+                if not snap.snapshot or not contract.is_snapshot_lvol(snap.name):
+                    continue
+                sid = str(contract.ObjectId(target.name, snap.uuid))
+                if request.snapshot_id and sid != request.snapshot_id:
+                    continue
+                known = self._snap_meta.get(snap.uuid, ("",))[0]
+                sources = [known] if known else \
+                    self._sources(target, snap, by_lvs[snap.lvstore])
+                if request.source_volume_id and request.source_volume_id not in sources:
+                    continue
+                source = request.source_volume_id or (sources[0] if sources else "")
+                entries.append((sid, target, snap, source))
+        entries.sort(key=lambda e: e[0])
+        page, token = paginate(entries, request.starting_token, request.max_entries)
+        out = [csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(t, s, src))
+               for _, t, s, src in page]
+        return csi_pb2.ListSnapshotsResponse(entries=out, next_token=token)

@@ -1,0 +1,81 @@
+{{/* Chart name, truncated to a DNS label. */}}
+{{- define "csi-spdk.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Release-scoped base name of every object. */}}
+{{- define "csi-spdk.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "csi-spdk.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "csi-spdk.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: csi-spdk
+{{- end -}}
+
+{{/* Selector labels of one component (controller, node, spdk-tgt). */}}
+{{- define "csi-spdk.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "csi-spdk.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "csi-spdk.image" -}}
+{{- printf "%s:%s" .repository .tag -}}
+{{- end -}}
+
+{{- define "csi-spdk.controllerServiceAccount" -}}
+{{- if .Values.serviceAccount.controller.create -}}
+{{- default (printf "%s-controller" (include "csi-spdk.fullname" .)) .Values.serviceAccount.controller.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.controller.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "csi-spdk.nodeServiceAccount" -}}
+{{- if .Values.serviceAccount.node.create -}}
+{{- default (printf "%s-node" (include "csi-spdk.fullname" .)) .Values.serviceAccount.node.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.node.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Host directory of the node plugin's CSI socket, and the socket itself. */}}
+{{- define "csi-spdk.nodePluginDir" -}}
+{{- printf "%s/plugins/%s" (trimSuffix "/" .Values.kubeletDir) .Values.driverName -}}
+{{- end -}}
+
+{{/* The local spdk_tgt RPC address the node plugin reports SSDs from. */}}
+{{- define "csi-spdk.nodeSpdkRpc" -}}
+{{- if .Values.node.spdkRpc -}}
+{{- .Values.node.spdkRpc -}}
+{{- else if .Values.spdkTgt.enabled -}}
+{{- printf "unix://%s/%s" (trimSuffix "/" .Values.spdkTgt.rpcSocketDir) .Values.spdkTgt.rpcSocketName -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Common leader-election flags of the controller sidecars. */}}
+{{- define "csi-spdk.leaderElectionArgs" -}}
+- --leader-election=true
+- --leader-election-namespace=$(NAMESPACE)
+- --leader-election-lease-duration={{ .Values.controller.leaderElection.leaseDuration }}
+- --leader-election-renew-deadline={{ .Values.controller.leaderElection.renewDeadline }}
+- --leader-election-retry-period={{ .Values.controller.leaderElection.retryPeriod }}
+{{- end -}}
+
+{{/* The controller config document (docs/DESIGN.md), as YAML. */}}
+{{- define "csi-spdk.controllerConfig" -}}
+{{- $cfg := dict "targets" .Values.config.targets "thinOvercommitRatio" .Values.config.thinOvercommitRatio -}}
+{{- if not (kindIs "invalid" .Values.config.defaultVolumeSize) -}}
+{{- $_ := set $cfg "defaultVolumeSize" (int64 .Values.config.defaultVolumeSize) -}}
+{{- end -}}
+{{- toYaml $cfg -}}
+{{- end -}}

@@ -1,0 +1,93 @@
+"""nvmf.NvmfExporter against the simulator: exact SPDK state, crash at each step."""
+
+from __future__ import annotations
+
+import pytest
+from controller_fixtures import Crash, make_env
+
+from csi_spdk import contract
+from csi_spdk.nvmf import NvmfExporter
+
+H1, H2 = contract.host_nqn("node-1"), contract.host_nqn("node-2")
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = make_env(tmp_path)
+    yield e
+    e.close()
+
+
+def lvol(env, name="v"):
+    return env.t0.raw.lvol_create(env.t0.lvs, name, 8 * 1024 * 1024, thin=True)
+
+
+def exporter(env):
+    return NvmfExporter(env.t0.api, env.config.targets[0])
+
+
+def check_exported(env, uuid, hosts):
+    sub = env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid))
+    assert sub is not None
+    assert sub["allow_any_host"] is False
+    assert sorted(h["nqn"] for h in sub["hosts"]) == sorted(hosts)
+    assert sub["serial_number"] == contract.serial_number(uuid)
+    assert sub["model_number"] == contract.MODEL_NUMBER
+    assert sub["max_namespaces"] == 1
+    assert [(n["bdev_name"], n["uuid"]) for n in sub["namespaces"]] == [(uuid, uuid)]
+    assert [(a["traddr"], str(a["trsvcid"])) for a in sub["listen_addresses"]] == \
+        [("127.0.0.1", "4420")]
+    assert any(t["trtype"].upper() == "TCP" for t in env.t0.raw.transports())
+
+
+def test_export_unexport(env):
+    uuid = lvol(env)
+    ex = exporter(env)
+    ctx = ex.export(uuid, H1)
+    assert ctx == {"nqn": contract.subsystem_nqn(uuid), "trtype": "tcp", "traddr": "10.0.2.2",
+                   "trsvcid": "4420", "adrfam": "ipv4", "nsUuid": uuid,
+                   "serial": contract.serial_number(uuid)}
+    check_exported(env, uuid, [H1])
+    assert ex.export(uuid, H1) == ctx          # idempotent
+    ex.export(uuid, H2)
+    check_exported(env, uuid, [H1, H2])
+    assert ex.exported_hosts()[uuid] == ex.hosts(uuid)
+    ex.unexport(uuid, H1)
+    check_exported(env, uuid, [H2])
+    ex.unexport(uuid, H1)                      # idempotent
+    ex.unexport(uuid, H2)
+    assert env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid)) is None
+    ex.unexport(uuid, H2)                      # missing subsystem
+    ex.delete(uuid)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 4, 5])
+def test_export_crash_between_steps_converges(env, step):
+    uuid = lvol(env)
+    ex = exporter(env)
+    env.t0.api.arm(step)
+    with pytest.raises(Crash):
+        ex.export(uuid, H1)
+    env.t0.api.arm(0)
+    ex.export(uuid, H1)
+    check_exported(env, uuid, [H1])
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_unexport_crash_between_steps_converges(env, step):
+    uuid = lvol(env)
+    ex = exporter(env)
+    ex.export(uuid, H1)
+    env.t0.api.arm(step)
+    with pytest.raises(Crash):
+        ex.unexport(uuid, H1)
+    env.t0.api.arm(0)
+    ex.unexport(uuid, H1)
+    assert env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid)) is None
+
+
+def test_ipv6_dial_address(env):
+    from dataclasses import replace
+    t = replace(env.config.targets[0], dial_address="fd00::2")
+    ctx = NvmfExporter(env.t0.api, t).publish_context("00000000-0000-0000-0000-000000000001")
+    assert ctx["adrfam"] == "ipv6" and ctx["traddr"] == "fd00::2"
