@@ -53,7 +53,7 @@ def node_server(args: argparse.Namespace) -> GrpcServer:
     from .topology import inventory, parse_extra, segments
 
     extra = parse_extra(args.topology)
-    ssds = inventory(args.sysfs_root, args.spdk_rpc)
+    ssds = inventory(args.sysfs_root, args.spdk_rpc, strict=False)
     initiator = NvmeTcpInitiator(
         host_nqn=contract.host_nqn(args.node_id), host_id=contract.host_id(args.node_id),
         ctrl_loss_tmo=args.ctrl_loss_tmo, reconnect_delay=args.reconnect_delay,

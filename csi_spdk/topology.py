@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -51,6 +52,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from . import contract
+
+log = logging.getLogger("csi_spdk.topology")
 
 VENDORS = {
     "144d": "samsung", "8086": "intel", "1344": "micron", "15b7": "wdc", "1b96": "wdc",
@@ -223,15 +226,26 @@ def spdk_ssds(api) -> list[Ssd]:
     return found
 
 
-def inventory(sysfs_root: str = "/sys", spdk_rpc: str = "") -> list[Ssd]:
-    """Kernel-owned plus (when ``spdk_rpc`` is set) SPDK-owned local SSDs."""
+def inventory(sysfs_root: str = "/sys", spdk_rpc: str = "",
+              strict: bool = True) -> list[Ssd]:
+    """Kernel-owned plus (when ``spdk_rpc`` is set) SPDK-owned local SSDs.
+
+    ``strict=False`` (the node plugin) reports only the kernel's SSDs when the
+    local spdk_tgt cannot be reached, so a node without one still starts.
+    """
     ssds = sysfs_ssds(sysfs_root)
     if spdk_rpc:
         from .spdk.api import SpdkApi
         from .spdk.client import SpdkClient
+        from .spdk.errors import SpdkTransportError
 
-        with SpdkClient(spdk_rpc, timeout=10.0) as client:
-            ssds += spdk_ssds(SpdkApi(client))
+        try:
+            with SpdkClient(spdk_rpc, timeout=10.0) as client:
+                ssds += spdk_ssds(SpdkApi(client))
+        except SpdkTransportError as err:
+            if strict:
+                raise
+            log.warning("no SPDK-owned SSDs listed", extra={"f": {"error": err.message}})
     return ssds
 
 

@@ -151,3 +151,14 @@ def test_cli_discover(tmp_path, capsys):
     build(str(tmp_path))
     assert cli.main(["discover", "--format", "json", "--sysfs-root", str(tmp_path)]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 5
+
+
+def test_unreachable_spdk_is_tolerated_only_when_not_strict(tmp_path):
+    import pytest
+
+    from csi_spdk.spdk.errors import SpdkTransportError
+
+    missing = str(tmp_path / "no-spdk.sock")
+    assert topology.inventory(str(tmp_path), missing, strict=False) == []
+    with pytest.raises(SpdkTransportError):
+        topology.inventory(str(tmp_path), missing)
