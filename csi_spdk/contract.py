@@ -147,6 +147,7 @@ PC_TRSVCID = "trsvcid"      # port, as a string
 PC_ADRFAM = "adrfam"        # "ipv4" or "ipv6"
 PC_NS_UUID = "nsUuid"       # namespace uuid == lvol uuid
 PC_SERIAL = "serial"        # subsystem serial number
+PC_READONLY = "readonly"    # "true" when published read-only (absent otherwise)
 PUBLISH_CONTEXT_KEYS = (PC_NQN, PC_TRTYPE, PC_TRADDR, PC_TRSVCID, PC_ADRFAM, PC_NS_UUID,
                         PC_SERIAL)
 
@@ -155,6 +156,7 @@ VC_TARGET = "target"
 VC_LVSTORE = "lvstore"
 VC_LVOL_UUID = "lvolUuid"
 VC_THIN = "thinProvision"
+VC_FS_TYPE = "fsType"       # StorageClass fsType; used when the capability names none
 
 # --- topology ------------------------------------------------------------------------
 TOPOLOGY_DOMAIN = "topology.csi-spdk.io"

@@ -52,8 +52,6 @@ FS_TYPES = ("ext4", "xfs")
 CLEAR_METHODS = ("none", "unmap", "write_zeroes")
 PARAM_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType")
 K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
-VC_FS_TYPE = "fsType"
-PC_READONLY = "readonly"
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
 CONTROLLER_CAPABILITIES = (
@@ -192,7 +190,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
         ctx = {contract.VC_TARGET: target.name, contract.VC_LVSTORE: lv.lvstore,
                contract.VC_LVOL_UUID: lv.uuid, contract.VC_THIN: str(lv.thin).lower()}
         if params.fs_type:
-            ctx[VC_FS_TYPE] = params.fs_type
+            ctx[contract.VC_FS_TYPE] = params.fs_type
         vol = csi_pb2.Volume(volume_id=str(contract.ObjectId(target.name, lv.uuid)),
                              capacity_bytes=lv.size, volume_context=ctx,
                              accessible_topology=_topology(target))
@@ -459,7 +457,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
         with self._hints:
             self._publishes[key] = signature
         if request.readonly:
-            ctx[PC_READONLY] = "true"
+            ctx[contract.PC_READONLY] = "true"
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=ctx)
 
     @rpc(lock=("volume_id",))

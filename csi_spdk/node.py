@@ -205,7 +205,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 raise InvalidArgument(f"publish_context has no {key!r}: was the volume "
                                       "published by the csi-spdk controller?")
         staging = request.staging_target_path
-        want_fs = cap.mount.fs_type if kind == "mount" else ""
+        # capability first (Kubernetes' csi.storage.k8s.io/fstype lands there),
+        # then the StorageClass fsType the controller put in volume_context
+        want_fs = (cap.mount.fs_type or request.volume_context.get(contract.VC_FS_TYPE, "")) \
+            if kind == "mount" else ""
         readonly = cap.access_mode.mode in _READ_ONLY_MODES
         rec = self.store.load(request.volume_id)
         if rec is not None and rec.state == "staged":

@@ -244,6 +244,20 @@ def test_xfs_stage_and_expand(env):
     assert env.stats("pod/vol").usage[0].total > before + 250 * MiB
 
 
+def test_storageclass_fstype_from_volume_context(env):
+    if not loopdev.have("mkfs.xfs"):
+        pytest.skip("needs xfsprogs")
+    dev, _ = env.export(size=320 * MiB)
+    env.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+        volume_id=VOL1, publish_context=pc(UUID1), staging_target_path=env.path("staging"),
+        volume_context={contract.VC_FS_TYPE: "xfs"}, volume_capability=mount_cap(fs="")),
+        env.ctx)
+    probe = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", dev],
+                           capture_output=True, text=True, check=False)
+    assert probe.stdout.strip() == "xfs"
+    env.unstage()
+
+
 def test_ext4_expand(env):
     if not loopdev.has_cap(loopdev.CAP_SYS_RESOURCE):
         pytest.skip("online resize2fs needs CAP_SYS_RESOURCE, which this process lacks")
