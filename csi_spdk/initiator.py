@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from . import contract
 from .errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from .sysfs import read_attr as _read
 
 log = logging.getLogger("csi_spdk.initiator")
 
@@ -68,12 +69,6 @@ class Controller:
         return out
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def _norm_id(value: str) -> str:

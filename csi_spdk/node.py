@@ -360,15 +360,19 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             raise FailedPrecondition(f"cannot remove target path {target}: {err}") from err
         return csi_pb2.NodeUnpublishVolumeResponse()
 
-    # --- stats / expand -----------------------------------------------------------------
-    @rpc(lock=("volume_id",))
-    def NodeGetVolumeStats(self, request, context):
+    def _volume_at_path(self, request):
+        """Guard shared by stats and expand: a known volume at an existing path."""
         _require(request.volume_id, "volume_id")
         _require(request.volume_path, "volume_path")
         rec = self._record(request.volume_id)
-        path = request.volume_path
-        if not os.path.exists(path):
-            raise NotFound(f"volume path {path} does not exist")
+        if not os.path.exists(request.volume_path):
+            raise NotFound(f"volume path {request.volume_path} does not exist")
+        return rec, request.volume_path
+
+    # --- stats / expand -----------------------------------------------------------------
+    @rpc(lock=("volume_id",))
+    def NodeGetVolumeStats(self, request, context):
+        rec, path = self._volume_at_path(request)
         problems = []
         if self.mounter.mounted_at(path) is None:
             problems.append(f"{path} is not mounted")
@@ -393,12 +397,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     @rpc(lock=("volume_id",))
     def NodeExpandVolume(self, request, context):
-        _require(request.volume_id, "volume_id")
-        _require(request.volume_path, "volume_path")
-        rec = self._record(request.volume_id)
-        path = request.volume_path
-        if not os.path.exists(path):
-            raise NotFound(f"volume path {path} does not exist")
+        rec, path = self._volume_at_path(request)
         kind = rec.access
         if request.HasField("volume_capability"):
             kind = _access_type(request.volume_capability)

@@ -52,6 +52,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from . import contract
+from .sysfs import read_attr as _read
 
 log = logging.getLogger("csi_spdk.topology")
 
@@ -151,12 +152,6 @@ def parse_extra(items: Iterable[str]) -> dict[str, str]:
 
 
 # --- kernel-owned SSDs (sysfs) --------------------------------------------------------
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def _listdir(path: str) -> list[str]:
