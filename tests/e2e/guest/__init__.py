@@ -1,0 +1,1 @@
+"""QEMU guest harness for the real NVMe/TCP data path (see harness.py)."""

@@ -1,0 +1,153 @@
+# Shell helpers available in every guest as /etc/guest/lib.sh (busybox sh).
+# Usage in a guest script:  . /etc/guest/lib.sh
+
+NVMET=/sys/kernel/config/nvmet
+
+# wait_for SECONDS COMMAND...: retry COMMAND every 0.1 s until it succeeds.
+wait_for() {
+  _t=$1; shift
+  _n=$((_t * 10))
+  while ! "$@" >/dev/null 2>&1; do
+    _n=$((_n - 1))
+    [ "$_n" -gt 0 ] || { echo "wait_for: timed out after ${_t}s: $*" >&2; return 1; }
+    sleep 0.1
+  done
+}
+
+# nvme_ctrl_for_nqn NQN: print the nvme controller (e.g. nvme0) connected to NQN.
+nvme_ctrl_for_nqn() {
+  for c in /sys/class/nvme/nvme*; do
+    [ -e "$c/subsysnqn" ] || continue
+    if [ "$(cat "$c/subsysnqn")" = "$1" ]; then basename "$c"; return 0; fi
+  done
+  return 1
+}
+
+# nvme_dev_for_uuid UUID: print /dev/nvmeXnY whose namespace uuid is UUID.
+# (With native multipath, /sys/block also lists the hidden per-path devices
+# nvmeXcYnZ, which have the same uuid but no /dev node: skip those.)
+nvme_dev_for_uuid() {
+  for b in /sys/block/nvme*; do
+    [ -e "$b/uuid" ] && [ -b "/dev/$(basename "$b")" ] || continue
+    if [ "$(cat "$b/uuid")" = "$1" ]; then echo "/dev/$(basename "$b")"; return 0; fi
+  done
+  return 1
+}
+
+# nvmet_export_file NQN FILE NSUUID HOSTNQN [TRADDR] [TRSVCID]: a file-backed
+# kernel target namespace on a TCP port, only HOSTNQN allowed. Port id 1.
+nvmet_export_file() {
+  _sub=$NVMET/subsystems/$1
+  mkdir "$_sub"
+  echo 0 > "$_sub/attr_allow_any_host"
+  mkdir -p "$NVMET/hosts/$4"
+  ln -s "$NVMET/hosts/$4" "$_sub/allowed_hosts/$4"
+  mkdir "$_sub/namespaces/1"
+  echo "$2" > "$_sub/namespaces/1/device_path"
+  echo "$3" > "$_sub/namespaces/1/device_uuid"
+  echo 1 > "$_sub/namespaces/1/buffered_io"   # tmpfs has no O_DIRECT on 6.1
+  echo 1 > "$_sub/namespaces/1/enable"
+  mkdir -p "$NVMET/ports/1"
+  echo tcp > "$NVMET/ports/1/addr_trtype"
+  echo ipv4 > "$NVMET/ports/1/addr_adrfam"
+  echo "${5:-127.0.0.1}" > "$NVMET/ports/1/addr_traddr"
+  echo "${6:-4420}" > "$NVMET/ports/1/addr_trsvcid"
+  ln -s "$_sub" "$NVMET/ports/1/subsystems/$1"
+}
+
+# nvmet_objects: list what exists in the kernel target (for assertions).
+nvmet_objects() {
+  find "$NVMET/subsystems" "$NVMET/hosts" "$NVMET/ports" -mindepth 1 -maxdepth 1 2>/dev/null
+  find "$NVMET/ports" -path '*/subsystems/*' 2>/dev/null
+}
+
+# data_dir DIR [SIZE]: mount a fresh ext4 (on a loop device over a sparse file
+# in RAM) at DIR for lvol backing files. The guest's root is tmpfs, which on
+# Linux 6.1 lacks O_DIRECT and FALLOC_FL_ZERO_RANGE, so a file-backed nvmet
+# namespace there fails WRITE ZEROES (mkfs and ext4 lazy init issue them).
+data_dir() {
+  mkdir -p "$1" /var/tmp/img
+  _img=/var/tmp/img/$(echo "$1" | tr / _).img
+  truncate -s "${2:-8G}" "$_img"
+  mkfs.ext4 -q -E nodiscard,lazy_itable_init=1 "$_img"
+  mount -o loop "$_img" "$1"
+}
+
+# --- the CSI stack in the guest -------------------------------------------------
+# csi_stack_start [NODE_ID]: SPDK + controller + node plugin, sockets in
+# $CSI_RUN (controller.sock, node.sock). SPDK is `csi-spdk sim --nvmet` in the
+# guest, or, when $GUEST_SPDK_RPC is set (harness GuestOptions.host_rpc), the
+# host's real spdk_tgt: its listener stays on the host's 127.0.0.1
+# ($GUEST_TARGET_LISTEN) and the node dials the host at 10.0.2.2.
+CSI_RUN=/run/csi
+csi_stack_start() {
+  NODE_ID=${1:-guest-node}
+  mkdir -p "$CSI_RUN" /var/lib/csi-spdk
+  if [ -n "$GUEST_SPDK_RPC" ]; then
+    SPDK_RPC=$GUEST_SPDK_RPC; _listen=${GUEST_TARGET_LISTEN:-127.0.0.1}; _dial=10.0.2.2
+  else
+    SPDK_RPC=$CSI_RUN/spdk.sock; _listen=127.0.0.1; _dial=127.0.0.1
+    mountpoint -q /tmp/sim || data_dir /tmp/sim || return 1
+    csi-spdk sim --rpc-socket "$SPDK_RPC" --data-dir /tmp/sim --nvmet \
+      > "$CSI_RUN/sim.log" 2>&1 &
+    echo $! > "$CSI_RUN/sim.pid"
+    wait_for 60 test -S "$SPDK_RPC" || { cat "$CSI_RUN/sim.log"; return 1; }
+  fi
+  _lvs=$(python3 -c 'import json, sys; from csi_spdk.app import ensure_lvstore
+print(json.dumps(ensure_lvstore(sys.argv[1])))' "$SPDK_RPC") || return 1
+  cat > "$CSI_RUN/controller.json" <<JSON
+{"targets": [{"name": "guest", "rpc": "$SPDK_RPC",
+  "nvmf": {"listenAddress": "$_listen", "port": 4420, "dialAddress": "$_dial"},
+  "lvstores": $_lvs, "node": "$NODE_ID"}],
+ "nodes": ["$NODE_ID"]}
+JSON
+  csi-spdk controller --endpoint "unix://$CSI_RUN/controller.sock" \
+    --config "$CSI_RUN/controller.json" ${CSI_LOG_LEVEL:+--log-level $CSI_LOG_LEVEL} \
+    > "$CSI_RUN/controller.log" 2>&1 &
+  echo $! > "$CSI_RUN/controller.pid"
+  csi-spdk node --endpoint "unix://$CSI_RUN/node.sock" --node-id "$NODE_ID" \
+    --state-dir /var/lib/csi-spdk ${CSI_LOG_LEVEL:+--log-level $CSI_LOG_LEVEL} \
+    > "$CSI_RUN/node.log" 2>&1 &
+  echo $! > "$CSI_RUN/node.pid"
+  _n=900   # 90 s: Python under TCG starts slowly
+  until [ -S "$CSI_RUN/controller.sock" ] && [ -S "$CSI_RUN/node.sock" ]; do
+    for _c in sim controller node; do
+      [ -e "$CSI_RUN/$_c.pid" ] || continue
+      if ! _alive "$(cat "$CSI_RUN/$_c.pid")"; then
+        echo "csi_stack_start: $_c exited" >&2; csi_stack_logs; return 1
+      fi
+    done
+    _n=$((_n - 1))
+    [ "$_n" -gt 0 ] || { echo "csi_stack_start: timed out" >&2; csi_stack_logs; return 1; }
+    sleep 0.1
+  done
+}
+
+# _alive PID: running (not gone, not a zombie nobody waited for yet).
+_alive() {
+  _st=$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$_st" ] && [ "$_st" != Z ]
+}
+
+# csi_stack_stop: SIGTERM node, controller, sim (in that order); fails if any
+# of them exits non-zero.
+csi_stack_stop() {
+  _rc=0
+  for _c in node controller sim; do
+    [ -e "$CSI_RUN/$_c.pid" ] || continue
+    _pid=$(cat "$CSI_RUN/$_c.pid")
+    kill -TERM "$_pid" 2>/dev/null
+    wait "$_pid"; _e=$?
+    [ "$_e" = 0 ] || { echo "csi_stack_stop: $_c exited $_e" >&2; _rc=1; }
+    rm -f "$CSI_RUN/$_c.pid"
+  done
+  return $_rc
+}
+
+# csi_stack_logs [LINES]: the tail of every component's log.
+csi_stack_logs() {
+  for _c in sim controller node; do
+    [ -e "$CSI_RUN/$_c.log" ] || continue
+    echo "--- $_c log (last ${1:-60} lines) ---"; tail -n "${1:-60}" "$CSI_RUN/$_c.log"
+  done
+}
