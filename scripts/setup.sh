@@ -18,6 +18,8 @@ for a in "$@"; do
 done
 
 CSI_SANITY_VERSION=v5.4.0
+# Go lives in /usr/local/go on these machines; it may not be on a CI PATH.
+[ -d /usr/local/go/bin ] && export PATH="/usr/local/go/bin:$PATH"
 export PATH="$(go env GOPATH)/bin:$PATH"
 
 need_apt=()
