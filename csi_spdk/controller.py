@@ -36,6 +36,7 @@ from .errors import (
     OutOfRange,
     ResourceExhausted,
     Unimplemented,
+    require,
 )
 from .identity import targets_ready
 from .locks import KeyedLocks
@@ -80,8 +81,7 @@ def capability_problem(cap: csi_pb2.VolumeCapability) -> str | None:
 
 
 def check_capabilities(caps) -> None:
-    if not caps:
-        raise InvalidArgument("volume_capabilities are required")
+    require(caps, "volume_capabilities")
     for cap in caps:
         problem = capability_problem(cap)
         if problem:
@@ -229,8 +229,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
     # --- CreateVolume ----------------------------------------------------------
     @rpc(lock=("name",))
     def CreateVolume(self, request, context):
-        if not request.name:
-            raise InvalidArgument("name is required")
+        require(request.name, "name")
         check_capabilities(request.volume_capabilities)
         params = parse_params(request.parameters, self.config)
         required, limit = capacity_range(request)
@@ -246,8 +245,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
         target, lv, lvstores = self._find(lvol_name)
         if kind == "volume":
             src_id = source.volume.volume_id
-            if not src_id:
-                raise InvalidArgument("volume_content_source.volume.volume_id is required")
+            require(src_id, "volume_content_source.volume.volume_id")
             with self.locks.hold([src_id], what="CreateVolume from this source"):
                 return self._create_clone(request, params, required, limit, requisite,
                                           lvol_name, source, target, lv, lvstores)
@@ -390,8 +388,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
         volume still published to a node (its subsystem allows a host) is
         FAILED_PRECONDITION: unpublish first. lvols without a driver prefix are
         never deleted (FAILED_PRECONDITION)."""
-        if not request.volume_id:
-            raise InvalidArgument("volume_id is required")
+        require(request.volume_id, "volume_id")
         try:
             oid = contract.parse_id(request.volume_id)
             target = self._target(oid)
@@ -423,12 +420,9 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
     # --- publish -----------------------------------------------------------------
     @rpc(lock=("volume_id",))
     def ControllerPublishVolume(self, request, context):
-        if not request.volume_id:
-            raise InvalidArgument("volume_id is required")
-        if not request.node_id:
-            raise InvalidArgument("node_id is required")
-        if not request.HasField("volume_capability"):
-            raise InvalidArgument("volume_capability is required")
+        require(request.volume_id, "volume_id")
+        require(request.node_id, "node_id")
+        require(request.HasField("volume_capability"), "volume_capability")
         check_capabilities([request.volume_capability])
         target, lv = self._volume(request.volume_id)
         if self.config.nodes is not None and request.node_id not in self.config.nodes:
@@ -464,8 +458,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
     def ControllerUnpublishVolume(self, request, context):
         """Idempotent: a missing volume, subsystem or host is success. An empty
         node_id unpublishes from every node."""
-        if not request.volume_id:
-            raise InvalidArgument("volume_id is required")
+        require(request.volume_id, "volume_id")
         try:
             oid = contract.parse_id(request.volume_id)
             target = self._target(oid)
@@ -487,10 +480,8 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
     # --- queries -----------------------------------------------------------------
     @rpc(lock=("volume_id",))
     def ValidateVolumeCapabilities(self, request, context):
-        if not request.volume_id:
-            raise InvalidArgument("volume_id is required")
-        if not request.volume_capabilities:
-            raise InvalidArgument("volume_capabilities are required")
+        require(request.volume_id, "volume_id")
+        require(request.volume_capabilities, "volume_capabilities")
         self._volume(request.volume_id)
         for key in request.parameters:
             if key not in PARAM_KEYS and not key.startswith(K8S_PARAM_PREFIX):
@@ -554,8 +545,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
 
     @rpc(lock=("volume_id",))
     def ControllerGetVolume(self, request, context):
-        if not request.volume_id:
-            raise InvalidArgument("volume_id is required")
+        require(request.volume_id, "volume_id")
         target, lv = self._volume(request.volume_id)
         stores = {s["uuid"] for s in target.api.lvstores()}
         hosts = target.exporter.hosts(lv.uuid)
@@ -607,10 +597,8 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
     def ControllerExpandVolume(self, request, context):
         """Grow the lvol (online: SPDK resizes exported lvols). A smaller or equal
         request is a no-op that reports the current size."""
-        if not request.volume_id:
-            raise InvalidArgument("volume_id is required")
-        if not request.HasField("capacity_range"):
-            raise InvalidArgument("capacity_range is required")
+        require(request.volume_id, "volume_id")
+        require(request.HasField("capacity_range"), "capacity_range")
         required, limit = capacity_range(request)
         if request.HasField("volume_capability"):
             check_capabilities([request.volume_capability])

@@ -65,3 +65,10 @@ class Unimplemented(CsiError):
 
 class Internal(CsiError):
     code = grpc.StatusCode.INTERNAL
+
+
+def require(value: object, field: str) -> None:
+    """The guard every RPC starts with: a required request field is set."""
+    if not value:
+        verb = "are" if field.endswith("s") else "is"
+        raise InvalidArgument(f"{field} {verb} required")

@@ -25,7 +25,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from . import contract
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    require,
+)
 from .locks import KeyedLocks
 from .mount import SUPPORTED_FS, Mounter
 from .proto import csi_pb2, csi_pb2_grpc
@@ -145,11 +152,6 @@ def _check_capability(cap: csi_pb2.VolumeCapability) -> str:
     return kind
 
 
-def _require(value: object, what: str) -> None:
-    if not value:
-        raise InvalidArgument(f"{what} is required")
-
-
 class NodeServicer(csi_pb2_grpc.NodeServicer):
     """The CSI Node service. ``initiator`` is an ``NvmeTcpInitiator`` (or a fake
     with the same methods), ``mounter`` a ``mount.Mounter``."""
@@ -192,10 +194,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     # --- stage / unstage ------------------------------------------------------------
     @rpc(lock=("volume_id",))
     def NodeStageVolume(self, request, context):
-        _require(request.volume_id, "volume_id")
-        _require(request.staging_target_path, "staging_target_path")
-        if not request.HasField("volume_capability"):
-            raise InvalidArgument("volume_capability is required")
+        require(request.volume_id, "volume_id")
+        require(request.staging_target_path, "staging_target_path")
+        require(request.HasField("volume_capability"), "volume_capability")
         cap = request.volume_capability
         kind = _check_capability(cap)
         pc = dict(request.publish_context)
@@ -261,8 +262,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     @rpc(lock=("volume_id",))
     def NodeUnstageVolume(self, request, context):
-        _require(request.volume_id, "volume_id")
-        _require(request.staging_target_path, "staging_target_path")
+        require(request.volume_id, "volume_id")
+        require(request.staging_target_path, "staging_target_path")
         rec = self.store.load(request.volume_id)
         self.mounter.unmount(request.staging_target_path)
         if rec is not None and rec.staging_path != request.staging_target_path:
@@ -279,11 +280,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     # --- publish / unpublish ----------------------------------------------------------
     @rpc(lock=("volume_id",))
     def NodePublishVolume(self, request, context):
-        _require(request.volume_id, "volume_id")
-        _require(request.staging_target_path, "staging_target_path")
-        _require(request.target_path, "target_path")
-        if not request.HasField("volume_capability"):
-            raise InvalidArgument("volume_capability is required")
+        require(request.volume_id, "volume_id")
+        require(request.staging_target_path, "staging_target_path")
+        require(request.target_path, "target_path")
+        require(request.HasField("volume_capability"), "volume_capability")
         kind = _check_capability(request.volume_capability)
         rec = self.store.load(request.volume_id)
         if rec is None or rec.state != "staged":
@@ -347,8 +347,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     @rpc(lock=("volume_id",))
     def NodeUnpublishVolume(self, request, context):
-        _require(request.volume_id, "volume_id")
-        _require(request.target_path, "target_path")
+        require(request.volume_id, "volume_id")
+        require(request.target_path, "target_path")
         target = request.target_path
         self.mounter.unmount(target)
         try:
@@ -362,8 +362,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     def _volume_at_path(self, request):
         """Guard shared by stats and expand: a known volume at an existing path."""
-        _require(request.volume_id, "volume_id")
-        _require(request.volume_path, "volume_path")
+        require(request.volume_id, "volume_id")
+        require(request.volume_path, "volume_path")
         rec = self._record(request.volume_id)
         if not os.path.exists(request.volume_path):
             raise NotFound(f"volume path {request.volume_path} does not exist")

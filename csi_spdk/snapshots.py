@@ -29,7 +29,7 @@ from google.protobuf import timestamp_pb2
 
 from . import contract
 from .backend import Lvol, Target
-from .errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
 from .proto import csi_pb2
 from .rpc import rpc
 from .spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
@@ -117,10 +117,8 @@ class SnapshotsMixin:
     # --- RPCs --------------------------------------------------------------------
     @rpc(lock=("name", "source_volume_id"))
     def CreateSnapshot(self, request, context):
-        if not request.name:
-            raise InvalidArgument("name is required")
-        if not request.source_volume_id:
-            raise InvalidArgument("source_volume_id is required")
+        require(request.name, "name")
+        require(request.source_volume_id, "source_volume_id")
         snap_name = contract.snapshot_lvol_name(request.name)
         for target in self.targets.values():
             for lvs in target.lvstores():
@@ -158,8 +156,7 @@ class SnapshotsMixin:
     def DeleteSnapshot(self, request, context):
         """Missing is success. Never surfaces SPDK's refusal to delete a snapshot
         with clones: such a snapshot is hidden and reclaimed later."""
-        if not request.snapshot_id:
-            raise InvalidArgument("snapshot_id is required")
+        require(request.snapshot_id, "snapshot_id")
         try:
             oid = contract.parse_id(request.snapshot_id, "snapshot")
         except NotFound:
