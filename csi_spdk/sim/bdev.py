@@ -210,9 +210,7 @@ def set_qos_limit(state: SimState, p: dict[str, Any]) -> bool:
     limits); until something opens a channel every further call fails EAGAIN.
     IOPS are rounded up to a multiple of 1000.
     """
-    bdev = state.find_bdev(p["name"])
-    if bdev is None:
-        raise errno_error(ENODEV)
+    bdev = state.must_bdev(p["name"])
     given = {k: p[k] for k in QOS_KEYS if k in p}
     if not given:
         raise RpcError(-EINVAL, "No rate limits specified")
@@ -230,9 +228,7 @@ def set_qos_limit(state: SimState, p: dict[str, Any]) -> bool:
 def iostat(state: SimState, p: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"tick_rate": TICK_RATE, "ticks": state.ticks()}
     if "name" in p:
-        bdev = state.find_bdev(p["name"])
-        if bdev is None:
-            raise errno_error(ENODEV)
+        bdev = state.must_bdev(p["name"])
         bdevs = [bdev]
     else:
         bdevs = list(reversed(state.bdevs))
@@ -252,9 +248,7 @@ def iostat(state: SimState, p: dict[str, Any]) -> dict[str, Any]:
 
 def reset_iostat(state: SimState, p: dict[str, Any]) -> bool:
     if "name" in p:
-        bdev = state.find_bdev(p["name"])
-        if bdev is None:
-            raise errno_error(ENODEV)
+        bdev = state.must_bdev(p["name"])
         bdevs = [bdev]
     else:
         bdevs = list(state.bdevs)

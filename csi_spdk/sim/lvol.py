@@ -278,9 +278,7 @@ def notify_resized(state: SimState, lv: Lvol) -> None:
 # --- lvstore RPCs ------------------------------------------------------------
 
 def create_lvstore(state: SimState, p: dict[str, Any]) -> str:
-    base = state.find_bdev(p["bdev_name"])
-    if base is None:
-        raise errno_error(ENODEV)
+    base = state.must_bdev(p["bdev_name"])
     cluster_size = p.get("cluster_sz", DEFAULT_CLUSTER) or DEFAULT_CLUSTER
     clear_method = p.get("clear_method", "unmap")
     if clear_method not in CLEAR_METHODS:

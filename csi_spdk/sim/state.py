@@ -89,6 +89,13 @@ class SimState:
                 return bdev
         return None
 
+    def must_bdev(self, name: str) -> Bdev:
+        """``find_bdev`` for handlers: a missing bdev is SPDK's -19 ENODEV."""
+        bdev = self.find_bdev(name)
+        if bdev is None:
+            raise errno_error(ENODEV)
+        return bdev
+
     def name_taken(self, name: str) -> bool:
         return self.find_bdev(name) is not None
 
