@@ -60,14 +60,14 @@ class _Connection:
         self.sock.settimeout(max(0.001, deadline - time.monotonic()))
         self.sock.sendall(payload)
         while True:
-            text = self.buf.lstrip()
-            if text:
+            if self.buf.strip():
                 try:
-                    obj, end = self.decoder.raw_decode(text.decode())
+                    text = self.buf.decode().lstrip()
+                    obj, end = self.decoder.raw_decode(text)
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     pass  # incomplete: read more
                 else:
-                    self.buf = text.decode()[end:].encode()
+                    self.buf = text[end:].encode()
                     return obj
             remaining = deadline - time.monotonic()
             if remaining <= 0:
