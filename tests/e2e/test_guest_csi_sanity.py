@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 from guest.harness import GuestOptions
@@ -41,23 +42,8 @@ exit $rc
 """
 
 
-# Runs in the guest: summarise the junit file (counts + failure messages).
-SUMMARY = r"""
-import sys
-import xml.etree.ElementTree as ET
-
-passed = failed = skipped = 0
-for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
-    bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-    if bad is not None:
-        failed += 1
-        print("SANITY-FAILURE", case.get("name"), "::", (bad.get("message") or "")[:400])
-    elif case.find("skipped") is not None or case.get("status") in ("skipped", "pending"):
-        skipped += 1
-    else:
-        passed += 1
-print(f"SANITY-SUMMARY {passed} {failed} {skipped}")
-"""
+# Runs in the guest: the same junit summariser the host csi-sanity test uses.
+SUMMARY = (Path(__file__).resolve().parents[1] / "sanity" / "junit_summary.py").read_text()
 
 
 def test_guest_csi_sanity_all_specs(guest, host_rpc):

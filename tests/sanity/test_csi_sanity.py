@@ -16,10 +16,10 @@ import signal
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from junit_summary import summarize
 
 pytestmark = pytest.mark.sanity
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +73,7 @@ def dev(tmp_path: Path):
     assert leftovers == [], f"csi-spdk dev left {leftovers} behind"
 
 
-def run_sanity(binary: str, sock_dir: Path, work: Path, skip: str) -> ET.Element:
+def run_sanity(binary: str, sock_dir: Path, work: Path, skip: str) -> str:
     junit = work / "junit.xml"
     (work / "mnt").mkdir()
     (work / "stage").mkdir()
@@ -93,30 +93,14 @@ def run_sanity(binary: str, sock_dir: Path, work: Path, skip: str) -> ET.Element
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
     (work / "sanity.log").write_text(out.stdout + out.stderr)
     assert junit.exists(), out.stdout[-4000:] + out.stderr[-4000:]
-    return ET.parse(junit).getroot()
-
-
-def summarize(root: ET.Element) -> tuple[int, int, int, list[str]]:
-    passed = failed = skipped = 0
-    failures = []
-    for case in root.iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
-            failed += 1
-            node = case.find("failure") if case.find("failure") is not None \
-                else case.find("error")
-            failures.append(f"{case.get('name')}: {(node.get('message') or '')[:300]}")
-        elif case.find("skipped") is not None or case.get("status") == "skipped":
-            skipped += 1
-        else:
-            passed += 1
-    return passed, failed, skipped, failures
+    return str(junit)
 
 
 def test_csi_sanity_controller(dev, tmp_path: Path) -> None:
     binary = _csi_sanity()
     sock_dir, dev_log = dev
-    root = run_sanity(binary, sock_dir, tmp_path, HOST_SKIP)
-    passed, failed, skipped, failures = summarize(root)
+    junit = run_sanity(binary, sock_dir, tmp_path, HOST_SKIP)
+    passed, failed, skipped, failures = summarize(junit)
     print(f"csi-sanity: {passed} passed, {failed} failed, {skipped} skipped")
     assert failed == 0, "\n".join(failures) + "\n--- driver log tail:\n" + \
         dev_log.read_text()[-3000:]
