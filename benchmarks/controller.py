@@ -8,6 +8,11 @@ Uses the simulator (a ``csi-spdk sim`` subprocess) unless CSI_SPDK_TEST_RPC name
 a real spdk_tgt socket (then a uniquely named malloc lvstore is used and removed).
 Reports p50/p99 per operation, volumes/s, driver/bare ratio, CreateVolume latency
 of the first vs last 10% of volumes, and the controller's RSS with N volumes.
+
+The controller runs at its production log level (info, one JSON line per call,
+written to a file). A third figure splits the driver's overhead: the gRPC floor
+is the p50 of a no-op call (Identity.GetPluginInfo) to the same process, so
+driver p50 ~= bare p50 + gRPC floor + the driver's own work.
 """
 
 from __future__ import annotations
@@ -65,87 +70,99 @@ def cap() -> csi_pb2.VolumeCapability:
         access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
 
 
-def run_driver(n: int, endpoint: str, tag: str) -> tuple[dict[str, list[float]], float]:
-    times: dict[str, list[float]] = {op: [] for op in OPS}
+def grpc_floor(endpoint: str, calls: int = 500) -> list[float]:
+    """Latency of a call that does no work, on the same server and channel type."""
     with grpc.insecure_channel(endpoint) as ch:
-        ctl = csi_pb2_grpc.ControllerStub(ch)
-        ids = []
-        start = time.monotonic()
-        for i in range(n):
+        ident = csi_pb2_grpc.IdentityStub(ch)
+        out = []
+        for _ in range(calls):
             t = time.perf_counter()
-            v = ctl.CreateVolume(csi_pb2.CreateVolumeRequest(
-                name=f"bench-{tag}-{i}", volume_capabilities=[cap()],
-                capacity_range=csi_pb2.CapacityRange(required_bytes=MiB))).volume
-            times["CreateVolume"].append(time.perf_counter() - t)
-            ids.append(v.volume_id)
-        for i, vid in enumerate(ids):
-            t = time.perf_counter()
-            ctl.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
-                volume_id=vid, node_id=f"node-{i % 8}", volume_capability=cap()))
-            times["ControllerPublishVolume"].append(time.perf_counter() - t)
-        elapsed = time.monotonic() - start
-        if run_driver.on_full:  # type: ignore[attr-defined]
-            run_driver.on_full()  # type: ignore[attr-defined]
-        start2 = time.monotonic()
-        for i, vid in enumerate(ids):
-            t = time.perf_counter()
-            ctl.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
-                volume_id=vid, node_id=f"node-{i % 8}"))
-            times["ControllerUnpublishVolume"].append(time.perf_counter() - t)
-        for vid in ids:
-            t = time.perf_counter()
-            ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid))
-            times["DeleteVolume"].append(time.perf_counter() - t)
-        elapsed += time.monotonic() - start2
-    return times, elapsed
+            ident.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
+            out.append(time.perf_counter() - t)
+    return out
 
 
-run_driver.on_full = None  # type: ignore[attr-defined]
+class Driver:
+    """One step per operation through the controller's gRPC API."""
+
+    def __init__(self, ctl: csi_pb2_grpc.ControllerStub, tag: str) -> None:
+        self.ctl, self.tag, self.ids = ctl, tag, []
+
+    def create(self, i: int) -> None:
+        self.ids.append(self.ctl.CreateVolume(csi_pb2.CreateVolumeRequest(
+            name=f"bench-{self.tag}-{i}", volume_capabilities=[cap()],
+            capacity_range=csi_pb2.CapacityRange(required_bytes=MiB))).volume.volume_id)
+
+    def publish(self, i: int) -> None:
+        self.ctl.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=self.ids[i], node_id=f"node-{i % 8}", volume_capability=cap()))
+
+    def unpublish(self, i: int) -> None:
+        self.ctl.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
+            volume_id=self.ids[i], node_id=f"node-{i % 8}"))
+
+    def delete(self, i: int) -> None:
+        self.ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=self.ids[i]))
 
 
-def run_bare(n: int, api: SpdkApi, lvs: str, tag: str, listen: dict) -> tuple[dict, float]:
-    """The driver's SPDK call sequence per operation, without gRPC/Python layers."""
-    times: dict[str, list[float]] = {op: [] for op in OPS}
+class Bare:
+    """The same SPDK JSON-RPC calls the driver issues per operation, sent
+    directly with the driver's SPDK client (no gRPC, no CSI logic)."""
 
-    def get_or_none(method, params):
+    def __init__(self, api: SpdkApi, lvs: str, tag: str, listen: dict) -> None:
+        self.api, self.lvs, self.tag, self.listen, self.uuids = api, lvs, tag, listen, []
+
+    def _get_or_none(self, method: str, params: dict) -> dict | None:
         with contextlib.suppress(SpdkNotFound):
-            return api.call(method, params)
+            return self.api.call(method, params)
         return None
 
-    uuids = []
-    start = time.monotonic()
-    for i in range(n):
-        name = contract.volume_lvol_name(f"bare-{tag}-{i}")
-        t = time.perf_counter()
-        api.call("bdev_lvol_get_lvstores")
-        get_or_none("bdev_get_bdevs", {"name": f"{lvs}/{name}"})
-        uuids.append(api.lvol_create(lvs, name, MiB, False))
-        times["CreateVolume"].append(time.perf_counter() - t)
-    for i, u in enumerate(uuids):
+    def create(self, i: int) -> None:
+        name = contract.volume_lvol_name(f"bare-{self.tag}-{i}")
+        self.api.call("bdev_lvol_get_lvstores")
+        self._get_or_none("bdev_get_bdevs", {"name": f"{self.lvs}/{name}"})
+        self.uuids.append(self.api.lvol_create(self.lvs, name, MiB, False))
+
+    def publish(self, i: int) -> None:
+        u = self.uuids[i]
         nqn, host = contract.subsystem_nqn(u), contract.host_nqn(f"node-{i % 8}")
-        t = time.perf_counter()
-        get_or_none("bdev_get_bdevs", {"name": u})
-        get_or_none("nvmf_get_subsystems", {"nqn": nqn})
-        api.subsystem_create(nqn, contract.serial_number(u), contract.MODEL_NUMBER, 1)
-        api.ns_add(nqn, u, uuid=u)
-        api.listener_add(nqn, listen)
-        api.host_add(nqn, host)
-        times["ControllerPublishVolume"].append(time.perf_counter() - t)
-    for i, u in enumerate(uuids):
+        self._get_or_none("bdev_get_bdevs", {"name": u})
+        self._get_or_none("nvmf_get_subsystems", {"nqn": nqn})
+        self.api.subsystem_create(nqn, contract.serial_number(u), contract.MODEL_NUMBER, 1)
+        self.api.ns_add(nqn, u, uuid=u)
+        self.api.listener_add(nqn, self.listen)
+        self.api.host_add(nqn, host)
+
+    def unpublish(self, i: int) -> None:
+        u = self.uuids[i]
         nqn, host = contract.subsystem_nqn(u), contract.host_nqn(f"node-{i % 8}")
-        t = time.perf_counter()
-        get_or_none("nvmf_get_subsystems", {"nqn": nqn})
-        api.host_remove(nqn, host)
-        api.subsystem_delete(nqn)
-        times["ControllerUnpublishVolume"].append(time.perf_counter() - t)
-    for u in uuids:
-        nqn = contract.subsystem_nqn(u)
-        t = time.perf_counter()
-        get_or_none("bdev_get_bdevs", {"name": u})
-        get_or_none("nvmf_get_subsystems", {"nqn": nqn})
-        api.lvol_delete(u)
-        times["DeleteVolume"].append(time.perf_counter() - t)
-    return times, time.monotonic() - start
+        self._get_or_none("nvmf_get_subsystems", {"nqn": nqn})
+        self.api.host_remove(nqn, host)
+        self.api.subsystem_delete(nqn)
+
+    def delete(self, i: int) -> None:
+        u = self.uuids[i]
+        self._get_or_none("bdev_get_bdevs", {"name": u})
+        self._get_or_none("nvmf_get_subsystems", {"nqn": contract.subsystem_nqn(u)})
+        self.api.lvol_delete(u)
+
+
+def run(n: int, driver: Driver, bare: Bare, on_full=lambda: None) -> dict[str, dict]:
+    """Each phase steps through the volumes; volume i's driver step and bare
+    step run back to back, so both see the same machine load (the order
+    alternates so neither always goes first)."""
+    times = {kind: {op: [] for op in OPS} for kind in ("driver", "bare")}
+    phases = zip(OPS, ("create", "publish", "unpublish", "delete"), strict=True)
+    for op, step in phases:
+        for i in range(n):
+            order = (("driver", driver), ("bare", bare))
+            for kind, impl in (order if i % 2 == 0 else order[::-1]):
+                t = time.perf_counter()
+                getattr(impl, step)(i)
+                times[kind][op].append(time.perf_counter() - t)
+        if step == "publish":
+            on_full()
+    return times
 
 
 def bench(n: int, real_rpc: str, tmp: Path) -> None:
@@ -171,24 +188,29 @@ def bench(n: int, real_rpc: str, tmp: Path) -> None:
             "name": "bench", "rpc": rpc if rpc.startswith("unix") else f"unix://{rpc}",
             "nvmf": {"listenAddress": "127.0.0.1", "port": 4420}, "lvstores": [lvs]}]}))
         sock = tmp / f"csi-{n}.sock"
+        ctl_log = open(tmp / "controller.log", "w")  # noqa: SIM115 - closed with the tmp dir
         ctl = subprocess.Popen([sys.executable, "-m", "csi_spdk", "controller", "--endpoint",
-                                f"unix://{sock}", "--config", str(cfg), "--log-level", "warning"],
-                               env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+                                f"unix://{sock}", "--config", str(cfg), "--log-level", "info"],
+                               env=env, cwd=ROOT, stderr=ctl_log)
         procs.append(ctl)
         wait_for(str(sock), ctl, "controller")
         rss: list[float] = []
-        run_driver.on_full = lambda: rss.append(rss_mib(ctl.pid))  # type: ignore[attr-defined]
-        drv, drv_s = run_driver(n, f"unix://{sock}", tag)
-        bare, bare_s = run_bare(n, api, lvs, tag,
-                                SpdkApi.listen_address("127.0.0.1", 4420))
+        floor = pct(grpc_floor(f"unix://{sock}"), .5)
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            times = run(n, Driver(csi_pb2_grpc.ControllerStub(ch), tag),
+                        Bare(api, lvs, tag, SpdkApi.listen_address("127.0.0.1", 4420)),
+                        on_full=lambda: rss.append(rss_mib(ctl.pid)))
+        drv, bare = times["driver"], times["bare"]
+        drv_s, bare_s = (sum(sum(v) for v in t.values()) for t in (drv, bare))
         print(f"\n== N={n} volumes ({'real spdk_tgt' if real_rpc else 'simulator'}) ==")
         print(f"{'operation':<28}{'driver p50':>11}{'p99':>9}{'bare p50':>10}{'p99':>9}"
-              f"{'ratio p50':>11}")
+              f"{'ratio p50':>11}{'own work p50':>14}")
         for op in OPS:
             d50, d99, b50, b99 = (pct(drv[op], .5), pct(drv[op], .99), pct(bare[op], .5),
                                   pct(bare[op], .99))
             print(f"{op:<28}{d50:>9.2f}ms{d99:>7.2f}ms{b50:>8.2f}ms{b99:>7.2f}ms"
-                  f"{d50 / b50 if b50 else 0:>10.2f}x")
+                  f"{d50 / b50 if b50 else 0:>10.2f}x{d50 - b50 - floor:>12.2f}ms")
+        print(f"gRPC floor (no-op GetPluginInfo p50): {floor:.2f} ms per call")
         print(f"{'lifecycle volumes/s':<28}{n / drv_s:>11.1f}{'':>9}{n / bare_s:>10.1f}"
               f"{'':>9}{(n / bare_s) / (n / drv_s):>10.2f}x")
         k = max(1, n // 10)

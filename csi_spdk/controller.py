@@ -50,6 +50,10 @@ _Mode = csi_pb2.VolumeCapability.AccessMode
 SINGLE_NODE_MODES = frozenset({_Mode.SINGLE_NODE_WRITER, _Mode.SINGLE_NODE_READER_ONLY,
                                _Mode.SINGLE_NODE_SINGLE_WRITER, _Mode.SINGLE_NODE_MULTI_WRITER})
 FS_TYPES = ("ext4", "xfs")
+# Smallest device each filesystem's mkfs accepts: xfsprogs >= 5.19 refuses
+# data sections under 300 MiB. A mount volume is rounded up to this so that
+# NodeStageVolume cannot fail on a size the controller chose.
+FS_MIN_BYTES = {"xfs": 300 * 1024 * 1024}
 CLEAR_METHODS = ("none", "unmap", "write_zeroes")
 PARAM_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType")
 K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
@@ -86,6 +90,17 @@ def check_capabilities(caps) -> None:
         problem = capability_problem(cap)
         if problem:
             raise InvalidArgument(problem)
+
+
+def filesystem_floor(caps, params_fs: str) -> tuple[str, int]:
+    """(fs type, smallest size it can be made on) for the mount capabilities
+    of a request; ("", 0) for block-only requests or filesystems without one."""
+    for cap in caps:
+        if cap.WhichOneof("access_type") == "mount":
+            fs = cap.mount.fs_type or params_fs
+            if fs in FS_MIN_BYTES:
+                return fs, FS_MIN_BYTES[fs]
+    return "", 0
 
 
 def is_single_node(cap: csi_pb2.VolumeCapability) -> bool:
@@ -233,6 +248,13 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
         check_capabilities(request.volume_capabilities)
         params = parse_params(request.parameters, self.config)
         required, limit = capacity_range(request)
+        fs, floor = filesystem_floor(request.volume_capabilities, params.fs_type)
+        if floor and limit and limit < floor:
+            raise OutOfRange(f"{fs} needs a volume of at least {floor >> 20} MiB; "
+                             f"limit_bytes is {limit}")
+        if floor and required < floor:
+            # more than asked for is still within the range (the limit is not below it)
+            required = max(floor, required or self.config.default_volume_size)
         requisite = _segments(request.accessibility_requirements.requisite)
         preferred = _segments(request.accessibility_requirements.preferred)
         lvol_name = contract.volume_lvol_name(request.name)

@@ -138,8 +138,40 @@ def test_create_accepts_supported_caps_and_k8s_params(env):
     vol = call(env.servicer, "CreateVolume", create_req(
         "ok", MiB, caps=caps, params={"csi.storage.k8s.io/pvc/name": "x", "fsType": "xfs",
                                       "clearMethod": "none", "lvstore": env.t0.lvs,
-                                      "target": env.t0.name})).volume
+                                      "target": env.t0.name, "thinProvision": "true"})).volume
     assert vol.volume_context["fsType"] == "xfs"
+
+
+@pytest.mark.parametrize("fs_in", ["cap", "param"])
+def test_xfs_volume_rounded_up_to_mkfs_minimum(env, fs_in):
+    """mkfs.xfs refuses devices under 300 MiB: the controller hands out at
+    least that much for an xfs mount volume, so staging cannot fail on size."""
+    cap = mount_cap(fs="xfs" if fs_in == "cap" else "")
+    params = {"thinProvision": "true"}
+    if fs_in == "param":
+        params["fsType"] = "xfs"
+    vol = call(env.servicer, "CreateVolume",
+               create_req("small-xfs", 10 * MiB, caps=[cap], params=params)).volume
+    assert vol.capacity_bytes == 300 * MiB
+    assert bdev(env, uuid_of(vol.volume_id))["num_blocks"] * 4096 == 300 * MiB
+    again = call(env.servicer, "CreateVolume",
+                 create_req("small-xfs", 10 * MiB, caps=[cap], params=params)).volume
+    assert again.volume_id == vol.volume_id
+
+
+def test_xfs_limit_below_minimum_is_out_of_range(env):
+    before = env.t0.raw.lvols()
+    msg = expect_code(C.OUT_OF_RANGE, env.servicer, "CreateVolume",
+                      create_req("tiny-xfs", 10 * MiB, limit=100 * MiB,
+                                 caps=[mount_cap(fs="xfs")]))
+    assert "xfs needs a volume of at least 300 MiB" in msg
+    assert env.t0.raw.lvols() == before
+
+
+def test_ext4_and_block_not_rounded(env):
+    for name, cap in (("e4", mount_cap(fs="ext4")), ("blk", block_cap())):
+        vol = call(env.servicer, "CreateVolume", create_req(name, 2 * MiB, caps=[cap])).volume
+        assert vol.capacity_bytes == 2 * MiB
 
 
 def test_create_full_and_thin_overcommit(env):
