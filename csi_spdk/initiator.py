@@ -99,6 +99,9 @@ class NvmeTcpInitiator:
         self.dev_root = dev_root
         self.use_udev = (os.path.realpath(sysfs_root) == "/sys") if use_udev is None \
             else use_udev
+        if self.use_udev:   # import once at start-up, not inside the first stage
+            with contextlib.suppress(ImportError):
+                import pyudev  # noqa: F401
 
     # --- sysfs views ---------------------------------------------------------
     def _sys(self, *parts: str) -> str:
@@ -108,15 +111,15 @@ class NvmeTcpInitiator:
         """Every NVMe controller (optionally only those of subsystem ``nqn``)."""
         found: dict[str, Controller] = {}
         dirs: list[str] = []
-        base = self._sys("class", "nvme")
-        dirs += [os.path.join(base, n) for n in _listdir(base) if _CTRL_NAME.match(n)]
         # Controllers linked from their subsystem (covers trees without class/nvme).
         sbase = self._sys("class", "nvme-subsystem")
-        for sub in _listdir(sbase):
-            if nqn is not None and _read(os.path.join(sbase, sub, "subsysnqn")) != nqn:
-                continue
-            dirs += [os.path.join(sbase, sub, n) for n in _listdir(os.path.join(sbase, sub))
-                     if _CTRL_NAME.match(n)]
+        for sub in self._subsystem_dirs(nqn):
+            dirs += [os.path.join(sub, n) for n in _listdir(sub) if _CTRL_NAME.match(n)]
+        # Every controller is linked from its subsystem; scanning class/nvme too
+        # is only needed for all controllers or a tree without nvme-subsystem.
+        if nqn is None or not os.path.isdir(sbase):
+            base = self._sys("class", "nvme")
+            dirs += [os.path.join(base, n) for n in _listdir(base) if _CTRL_NAME.match(n)]
         for d in dirs:
             name = os.path.basename(d)
             if name in found:
@@ -131,9 +134,15 @@ class NvmeTcpInitiator:
                                      _read(os.path.join(d, "state")))
         return [found[k] for k in sorted(found, key=_natural)]
 
-    def subsystem_exists(self, nqn: str) -> bool:
+    def _subsystem_dirs(self, nqn: str | None = None) -> list[str]:
+        """``/sys/class/nvme-subsystem/nvme-subsysY`` of subsystem ``nqn`` (every
+        subsystem when None): one attribute read per subsystem."""
         sbase = self._sys("class", "nvme-subsystem")
-        return any(_read(os.path.join(sbase, s, "subsysnqn")) == nqn for s in _listdir(sbase))
+        return [os.path.join(sbase, s) for s in sorted(_listdir(sbase), key=_natural)
+                if nqn is None or _read(os.path.join(sbase, s, "subsysnqn")) == nqn]
+
+    def subsystem_exists(self, nqn: str) -> bool:
+        return bool(self._subsystem_dirs(nqn))
 
     def is_connected(self, nqn: str) -> bool:
         """True when this host has a controller (in any non-dead state) for ``nqn``."""
@@ -164,18 +173,42 @@ class NvmeTcpInitiator:
             d = os.path.dirname(d)
         return _read(os.path.join(block_dir, "device", "subsysnqn"))
 
+    def _matches(self, name: str, want: str) -> bool:
+        """Block device ``name`` carries namespace id ``want`` (uuid, nguid or wwid)."""
+        d = self._sys("block", name)
+        return any(_norm_id(_read(os.path.join(d, f))) == want for f in ("uuid", "nguid", "wwid"))
+
     def lookup(self, nqn: str, ns_uuid: str) -> str | None:
-        """The /dev path of namespace ``ns_uuid`` of subsystem ``nqn``, checked once."""
+        """The /dev path of namespace ``ns_uuid`` of subsystem ``nqn``, checked once.
+
+        Looks only below that subsystem's sysfs directory: its head disks
+        (native multipath) and the disks of its controllers (no multipath), so
+        the cost is one attribute read per connected subsystem, not several per
+        block device. Trees without ``class/nvme-subsystem`` fall back to a
+        scan of ``/sys/block``."""
         want = _norm_id(ns_uuid)
+        if not os.path.isdir(self._sys("class", "nvme-subsystem")):
+            return self._lookup_all(nqn, want)
+        names: list[str] = []
+        for sub in self._subsystem_dirs(nqn):
+            for entry in _listdir(sub):
+                if _BLOCK_NAME.match(entry):
+                    names.append(entry)
+                elif _CTRL_NAME.match(entry):
+                    names += [n for n in _listdir(os.path.join(sub, entry))
+                              if _BLOCK_NAME.match(n)]
+        for name in sorted(set(names), key=_natural):
+            dev = os.path.join(self.dev_root, name)
+            if self._matches(name, want) and os.path.exists(dev):
+                return dev
+        return None
+
+    def _lookup_all(self, nqn: str, want: str) -> str | None:
         base = self._sys("block")
         for name in sorted(_listdir(base), key=_natural):
-            if not _BLOCK_NAME.match(name):
+            if not _BLOCK_NAME.match(name) or not self._matches(name, want):
                 continue
-            d = os.path.join(base, name)
-            ids = {_norm_id(_read(os.path.join(d, f))) for f in ("uuid", "nguid", "wwid")}
-            if want not in ids:
-                continue
-            if self._block_subsysnqn(d) != nqn:
+            if self._block_subsysnqn(os.path.join(base, name)) != nqn:
                 continue
             dev = os.path.join(self.dev_root, name)
             if os.path.exists(dev):

@@ -25,6 +25,7 @@ import stat
 import subprocess
 from dataclasses import dataclass
 
+from . import blkid
 from .errors import FailedPrecondition, Internal, InvalidArgument
 
 log = logging.getLogger("csi_spdk.mount")
@@ -32,6 +33,11 @@ log = logging.getLogger("csi_spdk.mount")
 SUPPORTED_FS = ("ext4", "xfs")
 DEFAULT_FS = "ext4"
 _TIMEOUT = 600.0
+# The smallest device each mkfs formats: xfsprogs >= 5.19 refuses data devices
+# under 300 MiB ("Filesystem must be larger than 300MB."); mke2fs needs 128 KiB.
+MIN_FS_BYTES = {"xfs": 300 << 20, "ext4": 128 << 10}
+# What mkfs prints when the device is too small (for minimums of other versions).
+_TOO_SMALL = ("must be larger than", "too small", "not enough space")
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,16 @@ class Mounter:
 
     # --- probing and formatting ---------------------------------------------
     def probe(self, device: str) -> Probe:
-        """Low-level probe of ``device``; raises if blkid cannot tell."""
+        """Low-level probe of ``device``; raises if blkid cannot tell.
+
+        In process with libblkid (``blkid.probe``, the same calls as
+        ``blkid -p``); the ``blkid`` command when libblkid is not loadable."""
+        try:
+            found = blkid.probe(device)
+        except blkid.ProbeError as err:
+            raise Internal(f"probing {device} failed: {err}") from err
+        if found is not None:
+            return Probe(found.get("TYPE", ""), found.get("USAGE", ""), found.get("PTTYPE", ""))
         res = self.run(["blkid", "-p", "-o", "export", device], f"probing {device}",
                        ok=(0, 2))
         if res.returncode == 2:
@@ -155,7 +170,15 @@ class Mounter:
         found = self.probe(device)
         if found.empty:
             want = fstype or DEFAULT_FS
-            self.mkfs(device, want, options)
+            size = self._size_or_none(device)
+            if size is not None and size < MIN_FS_BYTES.get(want, 0):
+                raise self._too_small(device, want, size)
+            try:
+                self.mkfs(device, want, options)
+            except Internal as err:
+                if any(p in str(err).lower() for p in _TOO_SMALL):
+                    raise self._too_small(device, want, size, str(err)) from err
+                raise
             return want, True
         if found.usage == "filesystem" and found.fstype and not found.pttype:
             if fstype and found.fstype != fstype:
@@ -165,6 +188,27 @@ class Mounter:
             return found.fstype, False
         raise FailedPrecondition(f"{device} is not empty ({found.describe()}); refusing to "
                                  "format it")
+
+    def _size_or_none(self, device: str) -> int | None:
+        try:
+            return self.block_size(device)
+        except OSError:
+            return None     # mkfs reports why it cannot open the device
+
+    @staticmethod
+    def _too_small(device: str, fstype: str, size: int | None, detail: str = ""
+                   ) -> FailedPrecondition:
+        """FAILED_PRECONDITION, not INVALID_ARGUMENT: the request is valid, the
+        volume's current size is not; expanding the volume fixes it."""
+        have = f"{size} bytes ({size / (1 << 20):.1f} MiB)" if size is not None else \
+            "too small"
+        need = MIN_FS_BYTES.get(fstype, 0)
+        need_s = f"at least {need} bytes ({need / (1 << 20):g} MiB)" if need else \
+            "a larger device"
+        msg = (f"cannot create a {fstype} filesystem on {device}: the volume is {have}, "
+               f"{fstype} needs {need_s}; expand the volume or use another fsType "
+               "(nothing was written to the device)")
+        return FailedPrecondition(msg + (f" [{detail}]" if detail else ""))
 
     def mkfs(self, device: str, fstype: str, options: list[str] = ()) -> None:
         # nodiscard: a fresh lvol is already unmapped; discarding it all over

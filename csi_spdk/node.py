@@ -3,7 +3,9 @@
 State: one small JSON record per staged volume in ``<state_dir>/volumes/``
 (written *before* connecting, so an unstage after a crash or restart still
 knows which subsystem to disconnect). Without a record, unstage falls back to
-the NQN derived from the volume id (``contract.subsystem_nqn``).
+the NQN derived from the volume id (``contract.subsystem_nqn``). A read-only
+block publish binds a read-only loop device over the namespace, never the
+namespace itself (``readonly_block.py``; its records are in ``targets/``).
 
 Concurrency/idempotency contract: every volume RPC holds the volume id in
 ``self.locks`` (``@rpc(lock=("volume_id",))``), so a second concurrent call on
@@ -36,6 +38,7 @@ from .errors import (
 from .locks import KeyedLocks
 from .mount import SUPPORTED_FS, Mounter
 from .proto import csi_pb2, csi_pb2_grpc
+from .readonly_block import ReadOnlyLoops
 from .rpc import rpc
 
 log = logging.getLogger("csi_spdk.node")
@@ -171,6 +174,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.connect_timeout = connect_timeout
         self.locks = KeyedLocks()
         self.store = StateStore(state_dir)
+        self.ro_loops = ReadOnlyLoops(state_dir, run=self.mounter.run)
         persist_host_identity(state_dir, node_id)
 
     # --- helpers ------------------------------------------------------------------
@@ -268,6 +272,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.mounter.unmount(request.staging_target_path)
         if rec is not None and rec.staging_path != request.staging_target_path:
             self.mounter.unmount(rec.staging_path)
+        if rec is not None:
+            self.ro_loops.detach_volume(rec.volume_id, rec.device)
         nqn = rec.nqn if rec is not None else ""
         if not nqn:
             with contextlib.suppress(Exception):
@@ -317,8 +323,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                                      "restage the volume")
         existing = self.mounter.mounted_at(target)
         if existing is not None:
+            ro = self.ro_loops.load(target)
+            source = ro["loop"] if ro is not None else device
             try:
-                same = os.stat(target).st_rdev == os.stat(device).st_rdev
+                same = os.stat(target).st_rdev == os.stat(source).st_rdev
             except OSError:
                 same = False
             self._existing_ok(target, same, readonly, existing)
@@ -329,7 +337,16 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             except OSError as err:
                 raise FailedPrecondition(f"block target {target} is a non-empty "
                                          "directory") from err
-        self.mounter.bind_device(device, target, readonly)
+        if not readonly:
+            self.mounter.bind_device(device, target)
+            return
+        # A read-only bind of the device node would not stop writes to it.
+        loop = self.ro_loops.attach(rec.volume_id, target, device)
+        try:
+            self.mounter.bind_device(loop, target, readonly=True)
+        except Exception:
+            self.ro_loops.detach(target)
+            raise
 
     def _publish_mount(self, rec: StageRecord, staging: str, target: str,
                        readonly: bool) -> None:
@@ -358,6 +375,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 os.unlink(target)
         except OSError as err:
             raise FailedPrecondition(f"cannot remove target path {target}: {err}") from err
+        self.ro_loops.detach(target)      # read-only block publish: its loop device
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     def _volume_at_path(self, request):

@@ -207,3 +207,37 @@ def test_kernel_without_nvme_tcp_is_failed_precondition(env, monkeypatch):
     monkeypatch.setenv("PATH", os.path.dirname(log))  # no modprobe, no nvme
     with pytest.raises(FailedPrecondition, match="nvme-tcp"):
         ini.connect(pc())
+
+
+def _no_multipath_disk(sysfs, dev, ctrl, name, ns_uuid):
+    """nvme_core.multipath=N: the namespace disk nvmeXnY sits under its controller."""
+    d = os.path.join(ctrl, name)
+    os.makedirs(d)
+    for attr, value in (("uuid", ns_uuid), ("wwid", f"uuid.{ns_uuid}")):
+        with open(os.path.join(d, attr), "w") as f:
+            f.write(value + "\n")
+    os.makedirs(os.path.join(sysfs, "block"), exist_ok=True)
+    os.symlink(d, os.path.join(sysfs, "block", name))
+    open(os.path.join(dev, name), "w").close()
+
+
+def test_lookup_without_native_multipath(env):
+    ini, sysfs, dev, _log = env
+    _s1, ctrl1 = fakesys.add_fabrics_subsystem(sysfs, dev, NQN1, [])
+    _s2, ctrl2 = fakesys.add_fabrics_subsystem(sysfs, dev, NQN2, [])
+    _no_multipath_disk(sysfs, dev, ctrl1, "nvme0n1", NS1)
+    _no_multipath_disk(sysfs, dev, ctrl2, "nvme1n1", NS2)
+    assert ini.lookup(NQN1, NS1) == os.path.join(dev, "nvme0n1")
+    assert ini.lookup(NQN2, NS2) == os.path.join(dev, "nvme1n1")
+    assert ini.lookup(NQN1, NS2) is None            # right uuid, wrong subsystem
+
+
+def test_lookup_scans_sys_block_without_subsystem_class(env):
+    ini, sysfs, dev, _log = env
+    fakesys.add_fabrics_subsystem(sysfs, dev, NQN1, [NS1])
+    fakesys.add_fabrics_subsystem(sysfs, dev, NQN2, [NS2])
+    import shutil
+    shutil.rmtree(os.path.join(sysfs, "class", "nvme-subsystem"))
+    assert ini.lookup(NQN2, NS2) == os.path.join(dev, "nvme1n1")
+    assert ini.lookup(NQN1, NS2) is None
+    assert [c.name for c in ini.controllers(NQN2)] == ["nvme1"]

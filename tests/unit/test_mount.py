@@ -177,3 +177,94 @@ def test_offline_ext4_resize(loops, m):
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     blocks, bsize = int(fields["Block count"]), int(fields["Block size"])
     assert blocks * bsize == 128 * MiB
+
+
+def test_xfs_on_a_too_small_device_is_failed_precondition(loops, m):
+    if not loopdev.have("mkfs.xfs"):
+        pytest.skip("needs xfsprogs")
+    dev, _ = loops.make(size=64 * MiB)
+    with pytest.raises(FailedPrecondition) as err:
+        m.ensure_filesystem(dev, "xfs")
+    msg = str(err.value)
+    assert "xfs" in msg and "300 MiB" in msg and "64.0 MiB" in msg, msg
+    assert m.probe(dev).empty                     # nothing was written
+    # exactly the minimum is accepted
+    big, _ = loops.make(size=300 * MiB)
+    assert m.ensure_filesystem(big, "xfs") == ("xfs", True)
+
+
+def test_mkfs_too_small_message_is_mapped_too(loops, m, monkeypatch):
+    """Without the size table (another xfsprogs' minimum), mkfs's own refusal
+    still becomes FAILED_PRECONDITION naming the fsType, not INTERNAL."""
+    if not loopdev.have("mkfs.xfs"):
+        pytest.skip("needs xfsprogs")
+    import csi_spdk.mount as mount_mod
+    monkeypatch.setattr(mount_mod, "MIN_FS_BYTES", {})
+    dev, _ = loops.make(size=64 * MiB)
+    with pytest.raises(FailedPrecondition, match=r"cannot create a xfs filesystem.*larger than"):
+        m.ensure_filesystem(dev, "xfs")
+    assert m.probe(dev).empty
+
+
+def test_ext4_minimum(loops, m):
+    dev, _ = loops.make(size=64 << 10)
+    with pytest.raises(FailedPrecondition, match="ext4 needs at least 131072 bytes"):
+        m.ensure_filesystem(dev, "ext4")
+
+
+def _cmd_probe(dev):
+    res = subprocess.run(["blkid", "-p", "-o", "export", dev], capture_output=True,
+                         text=True, check=False)
+    values = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+    return res.returncode, {k: v for k, v in values.items() if k in ("TYPE", "USAGE", "PTTYPE")}
+
+
+def test_in_process_probe_agrees_with_blkid_command(loops, m):
+    """libblkid in process answers exactly what ``blkid -p`` answers."""
+    from csi_spdk import blkid
+    if blkid._load() is None:
+        pytest.skip("libblkid.so.1 not loadable")
+    cases = {"empty": None, "ext4": ["mkfs.ext4", "-q"], "swap": ["mkswap"]}
+    if loopdev.have("mkfs.xfs"):
+        cases["xfs"] = ["mkfs.xfs", "-q"]
+    if loopdev.have("sfdisk"):
+        cases["gpt"] = "gpt"
+    for name, cmd in cases.items():
+        if isinstance(cmd, list) and not loopdev.have(cmd[0]):
+            continue
+        dev, _ = loops.make(size=320 * MiB if name == "xfs" else 16 * MiB, name=name)
+        if cmd == "gpt":
+            subprocess.run(["sfdisk", "-q", dev], input="label: gpt\n,8M\n", text=True,
+                           check=True, capture_output=True)
+        elif cmd:
+            subprocess.run([*cmd, dev], check=True, capture_output=True)
+        rc, want = _cmd_probe(dev)
+        got = blkid.probe(dev)
+        assert got == want, (name, got, want)
+        assert (got == {}) == (rc == 2), (name, rc)
+        assert m.probe(dev).empty == (name == "empty"), name
+    # a partition table plus a filesystem signature elsewhere: refused, as blkid -p does
+    dev, _ = loops.make(size=16 * MiB, name="both")
+    subprocess.run(["mkfs.ext4", "-q", dev], check=True, capture_output=True)
+    with open(dev, "r+b") as f:                  # an MBR boot signature next to ext4
+        f.seek(510)
+        f.write(b"\x55\xaa")
+        f.seek(446)
+        f.write(bytes([0x80, 0, 2, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little")
+                + (4096).to_bytes(4, "little"))
+    rc, want = _cmd_probe(dev)
+    try:
+        got = blkid.probe(dev)
+    except blkid.ProbeError:
+        got = "ambivalent"
+    assert got == (want if rc in (0, 2) else "ambivalent"), (rc, want, got)
+    assert not m.probe(dev).empty if got != "ambivalent" else True
+
+
+def test_probe_falls_back_to_the_blkid_command(loops, m, monkeypatch):
+    from csi_spdk import blkid
+    monkeypatch.setattr(blkid, "_load", lambda: None)
+    dev, _ = loops.make(size=16 * MiB)
+    assert m.probe(dev).empty
+    subprocess.run(["mkfs.ext4", "-q", dev], check=True, capture_output=True)
+    assert m.probe(dev).fstype == "ext4"

@@ -19,6 +19,7 @@ from csi_spdk.errors import Unavailable  # noqa: E402
 from csi_spdk.mount import Mounter  # noqa: E402
 from csi_spdk.node import NodeServicer  # noqa: E402
 from csi_spdk.proto import csi_pb2  # noqa: E402
+from csi_spdk.readonly_block import ReadOnlyLoops  # noqa: E402
 
 MiB = 1 << 20
 Mode = csi_pb2.VolumeCapability.AccessMode
@@ -149,12 +150,20 @@ class Env:
         return self.node.NodeExpandVolume(req, self.ctx)
 
 
-@pytest.fixture
-def env(tmp_path):
+def make_env(tmp_path):
+    """The ``env`` fixture's body (shared with test_node_readonly_block.py)."""
     loopdev.require_loop()
     e = Env(tmp_path)
     yield e
     e.loops.cleanup()
+    for dev in e.loops.devices:     # read-only loops a failed test left behind
+        for loop in ReadOnlyLoops(str(tmp_path / "x")).loops_backed_by(dev):
+            subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+
+
+@pytest.fixture
+def env(tmp_path):
+    yield from make_env(tmp_path)
 
 
 def code_of(fn, *args, **kw):
@@ -256,6 +265,20 @@ def test_storageclass_fstype_from_volume_context(env):
                            capture_output=True, text=True, check=False)
     assert probe.stdout.strip() == "xfs"
     env.unstage()
+
+
+def test_xfs_volume_too_small_is_a_clear_failed_precondition(env):
+    if not loopdev.have("mkfs.xfs"):
+        pytest.skip("needs xfsprogs")
+    dev, _ = env.export(size=64 * MiB)
+    with pytest.raises(RpcError) as err:
+        env.stage(cap=mount_cap("xfs"))
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "xfs needs at least" in err.value.message and "300 MiB" in err.value.message
+    assert mounted(env, "staging") is None
+    assert Mounter().probe(dev).empty                    # the device was not touched
+    env.unstage()                                        # still cleans up (disconnects)
+    assert env.ini.calls[-1] == ("disconnect", contract.subsystem_nqn(UUID1))
 
 
 def test_ext4_expand(env):
