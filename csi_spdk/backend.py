@@ -22,9 +22,10 @@ from .config import TargetConfig
 from .nvmf import NvmfExporter
 from .placement import Pool
 from .spdk.api import SpdkApi
-from .spdk.errors import SpdkNotFound, SpdkNotPermitted
+from .spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
 
 PROVISIONED_TTL = 30.0
+MARK_BYTES = 1024 * 1024  # a deleted-snapshot marker's size (thin: no cluster is used)
 
 
 @dataclass
@@ -146,33 +147,67 @@ class Target:
         return Pool(self.cfg, lvs["name"], cluster, total, free,
                     self.provisioned(lvs) if with_provisioned else 0)
 
-    # --- reclaim -------------------------------------------------------------
+    # --- user-deleted snapshots and reclaim -------------------------------------
+    def deleted_mark(self, snap: Lvol) -> Lvol | None:
+        """The marker that says the user deleted ``snap`` (see contract.py)."""
+        return self.lvol_by_name(snap.lvstore, contract.deleted_mark_lvol_name(snap.uuid))
+
+    def mark_deleted(self, snap: Lvol) -> None:
+        """Mark ``snap`` deleted (idempotent): an empty thin lvol, no clusters."""
+        with contextlib.suppress(SpdkExists):
+            self.api.lvol_create(snap.lvstore, contract.deleted_mark_lvol_name(snap.uuid),
+                                 MARK_BYTES, True)
+
+    def drop_deleted_mark(self, snap: Lvol) -> None:
+        """Delete ``snap``'s marker, if any (by alias: one call)."""
+        with contextlib.suppress(SpdkNotFound):
+            self.api.lvol_delete(f"{snap.lvstore}/{contract.deleted_mark_lvol_name(snap.uuid)}")
+
     def reclaim(self, lvstore: str, parent: str | None) -> None:
         """Delete driver-internal snapshots (clone sources ``csic-`` and
-        user-deleted ``csid-``) up the chain from ``parent`` once they have at
-        most one clone left (SPDK merges a one-clone snapshot into its clone,
-        so the data stays). Best effort: a failure leaves them for next time."""
-        while parent and parent.startswith((contract.CLONE_SOURCE_PREFIX,
-                                            contract.HIDDEN_SNAPSHOT_PREFIX)):
+        user-deleted, marked ones) up the chain from ``parent`` once they have
+        at most one clone left (SPDK merges a one-clone snapshot into its clone,
+        so the data stays). A marker goes after its snapshot, so a crash in
+        between never brings a deleted snapshot back. Best effort: a failure
+        leaves them for the next call or ``sweep``."""
+        while parent:
             snap = self.lvol_by_name(lvstore, parent)
             if snap is None or not snap.snapshot or len(snap.clones) > 1:
                 return
+            mark = None
+            if not parent.startswith(contract.CLONE_SOURCE_PREFIX):
+                mark = self.deleted_mark(snap) if contract.is_snapshot_lvol(parent) else None
+                if mark is None:
+                    return  # a snapshot the user still has
             try:
                 self.api.lvol_delete(snap.uuid)
             except SpdkNotFound:
                 pass
             except SpdkNotPermitted:
                 return
+            if mark is not None:
+                with contextlib.suppress(SpdkNotFound):
+                    self.api.lvol_delete(mark.uuid)
             parent = snap.base_snapshot
 
     def sweep(self) -> None:
-        """Reclaim orphaned internal snapshots anywhere on the target (one scan).
+        """Reclaim orphaned internal objects anywhere on the target (one scan).
 
         Catches what a crash between deleting a clone and reclaiming its parent
-        left behind, and clone sources of abandoned CreateVolume retries."""
-        for lv in self.lvols_with_bdevs():
-            if lv.snapshot and len(lv.clones) <= 1 and lv.name.startswith(
-                    (contract.CLONE_SOURCE_PREFIX, contract.HIDDEN_SNAPSHOT_PREFIX)):
+        left behind, clone sources of abandoned CreateVolume retries, and
+        markers whose snapshot is already gone."""
+        lvols = self.lvols_with_bdevs()
+        by_uuid = {lv.uuid: lv for lv in lvols}
+        for lv in lvols:
+            if lv.name.startswith(contract.DELETED_MARK_PREFIX):
+                snap = by_uuid.get(lv.name[len(contract.DELETED_MARK_PREFIX):])
+                if snap is None:
+                    with contextlib.suppress(SpdkNotFound):
+                        self.api.lvol_delete(lv.uuid)
+                elif len(snap.clones) <= 1:
+                    self.reclaim(snap.lvstore, snap.name)
+            elif lv.snapshot and len(lv.clones) <= 1 and \
+                    lv.name.startswith(contract.CLONE_SOURCE_PREFIX):
                 self.reclaim(lv.lvstore, lv.name)
 
     def delete_lvol(self, lv: Lvol) -> None:

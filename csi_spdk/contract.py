@@ -61,12 +61,14 @@ SNAPSHOT_PREFIX, SNAPSHOT_HASH_PREFIX = "csis-", "csish-"
 # A snapshot the driver takes to clone a volume from a volume source; named
 # after the *new* volume's CSI name so a retried CreateVolume finds it.
 CLONE_SOURCE_PREFIX = "csic-"
-# A user-deleted snapshot that SPDK cannot delete yet (two or more clones):
-# renamed to this prefix + its uuid, hidden from ListSnapshots, and reclaimed
-# when its clones are gone.
-HIDDEN_SNAPSHOT_PREFIX = "csid-"
+# A user-deleted snapshot that SPDK cannot delete yet (two or more clones) is
+# marked by an empty thin lvol named this prefix + the snapshot's uuid: SPDK
+# refuses to rename a snapshot (read-only blob, -32602 "Operation not
+# permitted"), so the mark cannot be on the snapshot itself. A marked snapshot
+# is gone for CSI and is deleted, then its marker, once at most one clone is left.
+DELETED_MARK_PREFIX = "csid-"
 DRIVER_PREFIXES = (VOLUME_PREFIX, VOLUME_HASH_PREFIX, SNAPSHOT_PREFIX, SNAPSHOT_HASH_PREFIX,
-                   CLONE_SOURCE_PREFIX, HIDDEN_SNAPSHOT_PREFIX)
+                   CLONE_SOURCE_PREFIX, DELETED_MARK_PREFIX)
 
 
 def _digest(name: str) -> str:
@@ -91,8 +93,8 @@ def clone_source_lvol_name(new_volume_csi_name: str) -> str:
     return CLONE_SOURCE_PREFIX + _digest(new_volume_csi_name)
 
 
-def hidden_snapshot_lvol_name(snapshot_uuid: str) -> str:
-    return HIDDEN_SNAPSHOT_PREFIX + snapshot_uuid
+def deleted_mark_lvol_name(snapshot_uuid: str) -> str:
+    return DELETED_MARK_PREFIX + snapshot_uuid
 
 
 def is_driver_lvol(lvol_name: str) -> bool:

@@ -344,7 +344,8 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
             snap_id = contract.parse_id(source.snapshot.snapshot_id, "snapshot")
             target = self._target(snap_id, "snapshot")
             snap = target.lvol(snap_id.lvol_uuid)
-            if snap is None or not snap.snapshot or not contract.is_snapshot_lvol(snap.name):
+            if snap is None or not snap.snapshot or not contract.is_snapshot_lvol(snap.name) \
+                    or target.deleted_mark(snap) is not None:
                 snap = None
             if snap is None and found_lv is not None and found_target is target:
                 # The snapshot was deleted after the clone (it merged into it).

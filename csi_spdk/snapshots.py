@@ -13,9 +13,10 @@ its chain of snapshot children; when more than one volume qualifies, e.g. a
 clone made from the snapshot, the answer is ambiguous and the first by id is
 reported).
 
-DeleteSnapshot of a snapshot with two or more clones (SPDK refuses) renames
-it to ``contract.hidden_snapshot_lvol_name``: it disappears from CSI and is
-reclaimed once at most one clone is left (see ``Target.reclaim``).
+DeleteSnapshot of a snapshot with two or more clones (SPDK refuses) marks it
+deleted with an empty lvol named ``contract.deleted_mark_lvol_name`` (SPDK
+cannot rename a snapshot): it disappears from CSI and is reclaimed once at
+most one clone is left (see ``Target.reclaim``).
 
 Concurrency: CreateSnapshot holds the name and the source volume id;
 DeleteSnapshot the snapshot id. Idempotent as the CSI spec requires.
@@ -125,6 +126,10 @@ class SnapshotsMixin:
                 snap = target.lvol_by_name(lvs["name"], snap_name)
                 if snap is None:
                     continue
+                if target.deleted_mark(snap) is not None:
+                    raise FailedPrecondition(
+                        f"snapshot {request.name!r} was deleted, but SPDK keeps its data "
+                        "until the volumes cloned from it are deleted; use another name")
                 try:
                     src_target, src = self._volume(request.source_volume_id)
                 except NotFound:
@@ -163,7 +168,7 @@ class SnapshotsMixin:
             return csi_pb2.DeleteSnapshotResponse()
         target = self.targets.get(oid.target)
         snap = target.lvol(oid.lvol_uuid) if target else None
-        if snap is None or snap.name.startswith(contract.HIDDEN_SNAPSHOT_PREFIX):
+        if snap is None:
             self._forget(oid.lvol_uuid)
             return csi_pb2.DeleteSnapshotResponse()
         if not contract.is_driver_lvol(snap.name):
@@ -176,9 +181,11 @@ class SnapshotsMixin:
         except SpdkNotFound:
             pass
         except SpdkNotPermitted:
-            target.api.lvol_rename(snap.uuid, contract.hidden_snapshot_lvol_name(snap.uuid))
+            target.mark_deleted(snap)   # also the answer to a retry of this call
             self._forget(snap.uuid)
             return csi_pb2.DeleteSnapshotResponse()
+        # deleted: a marker left by an earlier call (2+ clones then) goes too
+        target.drop_deleted_mark(snap)
         self._forget(snap.uuid)
         target.reclaim(snap.lvstore, snap.base_snapshot)
         return csi_pb2.DeleteSnapshotResponse()
@@ -208,8 +215,11 @@ class SnapshotsMixin:
             by_lvs: dict[str, dict[str, Lvol]] = {}
             for lv in lvols:
                 by_lvs.setdefault(lv.lvstore, {})[lv.name] = lv
+            marked = {lv.name[len(contract.DELETED_MARK_PREFIX):] for lv in lvols
+                      if lv.name.startswith(contract.DELETED_MARK_PREFIX)}
             for snap in lvols:
-                if not snap.snapshot or not contract.is_snapshot_lvol(snap.name):
+                if not snap.snapshot or not contract.is_snapshot_lvol(snap.name) \
+                        or snap.uuid in marked:
                     continue
                 sid = str(contract.ObjectId(target.name, snap.uuid))
                 if request.snapshot_id and sid != request.snapshot_id:

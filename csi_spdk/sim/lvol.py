@@ -383,6 +383,11 @@ def rename_lvol(state: SimState, p: dict[str, Any]) -> bool:
         return True
     if lv.lvs.find(new) is not None:
         raise async_error(EEXIST)
+    if lv.read_only:
+        # Seen on spdk_tgt v25.09: the name is an xattr of a read-only blob
+        # (snapshots, bdev_lvol_set_read_only). The real target also leaves
+        # the new alias on the bdev after this failure; not modelled.
+        raise async_error(EPERM)
     lv.name = new
     lv.sync_bdev()
     return True

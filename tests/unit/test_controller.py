@@ -484,15 +484,26 @@ def test_delete_snapshot_with_clones_is_hidden_then_reclaimed(env):
     c1 = create(env, "c1", 8 * MiB, snapshot=snap.snapshot_id)   # snapshot now has 2 clones
     call(s, "DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     uuid = uuid_of(snap.snapshot_id)
-    b = bdev(env, uuid)
-    assert b["aliases"] == [f"{env.t0.lvs}/{contract.hidden_snapshot_lvol_name(uuid)}"]
+    b = bdev(env, uuid)     # SPDK keeps it (2 clones), marked deleted for CSI
+    assert b["aliases"] == [f"{env.t0.lvs}/{contract.snapshot_lvol_name('s')}"]
+    mark = bdev(env, f"{env.t0.lvs}/{contract.deleted_mark_lvol_name(uuid)}")
+    assert mark["driver_specific"]["lvol"]["thin_provision"] is True
+    assert mark["driver_specific"]["lvol"]["num_allocated_clusters"] == 0
     assert call(s, "ListSnapshots", csi_pb2.ListSnapshotsRequest()).entries == []
+    assert call(s, "ListSnapshots", csi_pb2.ListSnapshotsRequest(
+        snapshot_id=snap.snapshot_id)).entries == []
+    assert "csid-" not in str(call(s, "ListVolumes", csi_pb2.ListVolumesRequest()))
+    # the name stays taken in SPDK until the clones go: a clear refusal
+    msg = expect_code(C.FAILED_PRECONDITION, s, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
+        name="s", source_volume_id=vol.volume_id))
+    assert "was deleted" in msg
     call(s, "DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     # a clone from a hidden snapshot is not possible any more
     expect_code(C.NOT_FOUND, s, "CreateVolume", create_req("c2", MiB,
                                                             snapshot=snap.snapshot_id))
     call(s, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=c1.volume_id))
     assert bdev(env, uuid) is None                       # reclaimed (merged into v)
+    assert bdev(env, mark["uuid"]) is None                # and its marker
     assert bdev(env, uuid_of(vol.volume_id)) is not None
     call(s, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
     assert env.t0.raw.lvols(env.t0.lvs) == []

@@ -127,8 +127,9 @@ def test_delete_hidden_snapshot_crash(env, step):
     crash_then_retry(env, step, "DeleteSnapshot",
                      csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     uuid = uuid_of(snap.snapshot_id)
-    assert env.t0.raw.bdev_get(uuid)["aliases"][0].endswith(
-        contract.hidden_snapshot_lvol_name(uuid))
+    assert env.t0.raw.bdev_get(uuid) is not None          # kept for its 2 clones
+    assert env.t0.raw.bdev_get(f"{env.t0.lvs}/{contract.deleted_mark_lvol_name(uuid)}")
+    assert call(env.servicer, "ListSnapshots", csi_pb2.ListSnapshotsRequest()).entries == []
 
 
 # --- concurrency -------------------------------------------------------------------------
@@ -229,3 +230,23 @@ def test_identity_takes_servicers(env):
     assert call(ident, "Probe", csi_pb2.ProbeRequest()).ready.value is True
     caps = call(ident, "GetPluginCapabilities", csi_pb2.GetPluginCapabilitiesRequest())
     assert any(c.service.type == c.service.CONTROLLER_SERVICE for c in caps.capabilities)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])   # delete clone, snapshot, marker
+def test_delete_last_clone_of_deleted_snapshot_crash(env, step):
+    """Deleting the clone that kept a user-deleted snapshot alive reclaims the
+    snapshot and then its marker; a crash at any step converges on retry."""
+    v = call(env.servicer, "CreateVolume", create_req("v", 8 * MiB)).volume
+    snap = call(env.servicer, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
+        name="s", source_volume_id=v.volume_id)).snapshot
+    c = call(env.servicer, "CreateVolume", create_req("c", 8 * MiB,
+                                                      snapshot=snap.snapshot_id)).volume
+    call(env.servicer, "DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(
+        snapshot_id=snap.snapshot_id))
+    assert contract.deleted_mark_lvol_name(uuid_of(snap.snapshot_id)) in lvol_names(env)
+    env.t0.api.arm(step)
+    expect_code(C.INTERNAL, env.servicer, "DeleteVolume",
+                csi_pb2.DeleteVolumeRequest(volume_id=c.volume_id))
+    env.t0.api.arm(0)
+    call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=c.volume_id))
+    assert lvol_names(env) == [contract.volume_lvol_name("v")]

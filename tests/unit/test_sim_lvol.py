@@ -203,3 +203,28 @@ def test_socket_removed_at_stop(short_tmp: Path) -> None:
     server.stop()
     assert not sock.exists()
     assert not data_dir.exists()                     # temp data dir removed too
+
+
+@pytest.mark.real_spdk
+def test_read_only_lvols_cannot_be_renamed(client: SpdkClient) -> None:
+    """Snapshots and read-only lvols keep their names (seen on spdk_tgt v25.09);
+    the driver marks deleted snapshots instead of renaming them."""
+    malloc, lvs = _lvstore(client)
+    try:
+        client.call("bdev_lvol_create", {"lvol_name": "v", "size_in_mib": 4, "lvs_name": lvs})
+        client.call("bdev_lvol_snapshot", {"lvol_name": f"{lvs}/v", "snapshot_name": "s"})
+        client.call("bdev_lvol_create", {"lvol_name": "ro", "size_in_mib": 4, "lvs_name": lvs})
+        client.call("bdev_lvol_set_read_only", {"name": f"{lvs}/ro"})
+        for old in ("s", "ro"):
+            with pytest.raises(SpdkError) as err:
+                client.call("bdev_lvol_rename", {"old_name": f"{lvs}/{old}",
+                                                 "new_name": f"{old}-renamed"})
+            got = (err.value.spdk_code, err.value.spdk_message)
+            assert got == (-32602, "Operation not permitted")
+        assert client.call("bdev_lvol_rename", {"old_name": f"{lvs}/v", "new_name": "v2"})
+        names = sorted(lv["name"] for lv in client.call("bdev_lvol_get_lvols",
+                                                        {"lvs_name": lvs}))
+        assert names == ["ro", "s", "v2"]
+    finally:
+        client.call("bdev_lvol_delete_lvstore", {"lvs_name": lvs})
+        client.call("bdev_malloc_delete", {"name": malloc})
