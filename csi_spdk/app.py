@@ -27,6 +27,7 @@ log = logging.getLogger("csi_spdk.app")
 DEV_LVSTORE = "lvs0"
 DEV_BDEV = "Malloc0"
 DEV_LVSTORE_BYTES = 4 * 1024**3
+DEV_LVSTORE_MIN_BYTES = 512 * 1024**2
 
 
 def controller_server(config_path: str, endpoint: str, driver_name: str) -> GrpcServer:
@@ -101,15 +102,29 @@ def run_node(args: argparse.Namespace) -> int:
 
 
 def ensure_lvstore(rpc: str) -> list[str]:
-    """Use the target's lvstores, or make one on a malloc bdev if it has none."""
+    """Use the target's lvstores, or make one on a malloc bdev if it has none.
+
+    The malloc bdev is 4 GiB, or less when the target has less memory (an
+    spdk_tgt started with ``--no-huge -s 2048`` refuses 4 GiB with ENOMEM)."""
     from .spdk.api import SpdkApi
     from .spdk.client import SpdkClient
+    from .spdk.errors import SpdkNoSpace
 
     api = SpdkApi(SpdkClient(rpc))
     try:
         names = [lvs["name"] for lvs in api.lvstores()]
         if not names:
-            api.malloc_create(DEV_BDEV, DEV_LVSTORE_BYTES)
+            size = DEV_LVSTORE_BYTES
+            while True:
+                try:
+                    api.malloc_create(DEV_BDEV, size)
+                    break
+                except SpdkNoSpace:
+                    if size <= DEV_LVSTORE_MIN_BYTES:
+                        raise
+                    size //= 2
+                    log.warning("target has too little memory for the dev malloc bdev; "
+                                "trying a smaller one", extra={"f": {"bytes": size}})
             api.lvstore_create(DEV_BDEV, DEV_LVSTORE)
             names = [DEV_LVSTORE]
         return names

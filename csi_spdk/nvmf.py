@@ -23,6 +23,7 @@ import threading
 
 from . import contract
 from .config import TargetConfig
+from .errors import ResourceExhausted
 from .spdk.api import SpdkApi
 from .spdk.errors import SpdkError
 
@@ -126,9 +127,18 @@ class NvmfExporter:
             if sub is ...:
                 sub = self.api.subsystem_get(nqn)
             if sub is None:
-                self._step(nqn, lambda s: True, lambda: self.api.subsystem_create(
-                    nqn, contract.serial_number(lvol_uuid), contract.MODEL_NUMBER,
-                    max_namespaces=1))
+                try:
+                    self._step(nqn, lambda s: True, lambda: self.api.subsystem_create(
+                        nqn, contract.serial_number(lvol_uuid), contract.MODEL_NUMBER,
+                        max_namespaces=1))
+                except SpdkError as err:
+                    if "Unable to create subsystem" not in err.spdk_message:
+                        raise
+                    raise ResourceExhausted(
+                        f"target {self.target.name!r} cannot export another volume: SPDK "
+                        "refused a new NVMe-oF subsystem (one per published volume; "
+                        "spdk_tgt allows 1023 unless started with nvmf_set_max_subsystems)"
+                    ) from err
                 sub = {"namespaces": [], "listen_addresses": [], "hosts": []}
             if not self._has_namespace(sub, lvol_uuid):
                 self._step(nqn, lambda s: self._has_namespace(s, lvol_uuid),

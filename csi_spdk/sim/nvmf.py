@@ -149,6 +149,7 @@ class Nvmf:
         self.transports: list[dict[str, Any]] = []
         self.subsystems: list[Subsystem] = [Subsystem(DISCOVERY_NQN, subtype="Discovery",
                                                       allow_any_host=True)]
+        self.max_subsystems = 1024   # spdk_tgt's default (nvmf_set_max_subsystems)
 
     # --- lookups -----------------------------------------------------
     def get(self, nqn: str) -> Subsystem | None:
@@ -197,7 +198,9 @@ class Nvmf:
     # --- subsystems --------------------------------------------------
     def create_subsystem(self, p: dict[str, Any]) -> bool:
         nqn = p["nqn"]
-        if not nqn_is_valid(nqn) or self.get(nqn) is not None:
+        # The discovery subsystem counts: spdk_tgt v25.09 takes 1023 more by default.
+        if not nqn_is_valid(nqn) or self.get(nqn) is not None \
+                or len(self.subsystems) >= self.max_subsystems:
             raise RpcError(-32603, f"Unable to create subsystem {nqn}")
         serial = p.get("serial_number", "00000000000000000000")
         model = p.get("model_number", "SPDK bdev Controller")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+import grpc
+
 from ..errors import Internal, Unavailable
 
 JSONRPC_INVALID_REQUEST = -32600
@@ -53,7 +55,12 @@ class SpdkExists(SpdkError):
 
 
 class SpdkNoSpace(SpdkError):
-    """ENOSPC: not enough free clusters."""
+    """ENOSPC: not enough free clusters (or metadata pages, for a thick lvol).
+    Also ENOMEM: on spdk_tgt v25.09 a thin lvol, snapshot or clone that finds
+    no free metadata page fails with -32602 "Cannot allocate memory" (about
+    one page per cluster by default: num_md_pages_per_cluster_ratio)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class SpdkNotPermitted(SpdkError):
@@ -96,6 +103,7 @@ _BY_ERRNO: dict[int, type[SpdkError]] = {
     _errno.ENOENT: SpdkNotFound,
     _errno.EEXIST: SpdkExists,
     _errno.ENOSPC: SpdkNoSpace,
+    _errno.ENOMEM: SpdkNoSpace,
     _errno.EPERM: SpdkNotPermitted,
     _errno.EAGAIN: SpdkBusy,
     _errno.EBUSY: SpdkBusy,

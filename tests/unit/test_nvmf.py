@@ -6,7 +6,9 @@ import pytest
 from controller_fixtures import Crash, make_env
 
 from csi_spdk import contract
+from csi_spdk.errors import ResourceExhausted
 from csi_spdk.nvmf import NvmfExporter
+from csi_spdk.spdk.errors import SpdkError
 
 H1, H2 = contract.host_nqn("node-1"), contract.host_nqn("node-2")
 
@@ -91,3 +93,32 @@ def test_ipv6_dial_address(env):
     t = replace(env.config.targets[0], dial_address="fd00::2")
     ctx = NvmfExporter(env.t0.api, t).publish_context("00000000-0000-0000-0000-000000000001")
     assert ctx["adrfam"] == "ipv6" and ctx["traddr"] == "fd00::2"
+
+
+def _sim_nvmf(env):
+    if env.t0.server is None:
+        pytest.skip("needs the simulator (a real target's limit is its own)")
+    return env.t0.server.state.nvmf
+
+
+def test_sim_subsystem_limit_is_spdk_default(env):
+    """spdk_tgt v25.09 takes 1023 subsystems besides discovery, then answers
+    -32603 "Unable to create subsystem <nqn>" (measured on a real target)."""
+    nvmf = _sim_nvmf(env)
+    assert nvmf.max_subsystems == 1024
+    for i in range(1023):
+        env.t0.raw.subsystem_create(f"nqn.2024-01.io.test:s{i}", f"SN{i}", "M", 1)
+    with pytest.raises(SpdkError) as err:
+        env.t0.raw.subsystem_create("nqn.2024-01.io.test:one-more", "SNX", "M", 1)
+    assert (err.value.spdk_code, err.value.spdk_message) == \
+        (-32603, "Unable to create subsystem nqn.2024-01.io.test:one-more")
+
+
+def test_export_when_target_is_out_of_subsystems(env):
+    nvmf = _sim_nvmf(env)
+    nvmf.max_subsystems = len(nvmf.subsystems)
+    uuid = lvol(env)
+    with pytest.raises(ResourceExhausted) as err:
+        exporter(env).export(uuid, contract.host_nqn("n1"))
+    assert "cannot export another volume" in err.value.message
+    assert env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid)) is None

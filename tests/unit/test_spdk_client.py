@@ -167,8 +167,18 @@ def test_error_is_raised_typed_and_maps_to_grpc(sock_path: Path) -> None:
     with pytest.raises(se.SpdkNoSpace) as info:
         SpdkClient(str(sock_path)).call("bdev_lvol_create", {"lvol_name": "a"})
     assert info.value.errno == 28
-    assert info.value.code == grpc.StatusCode.INTERNAL  # unless the caller maps it
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED  # unmapped: still right
     assert "bdev_lvol_create" in info.value.message
+
+
+def test_enomem_is_no_space(sock_path: Path) -> None:
+    """spdk_tgt v25.09: a thin lvol that finds no free metadata page."""
+    Peer(sock_path, lambda r: {"jsonrpc": "2.0", "id": r["id"],
+                               "error": {"code": -32602, "message": "Cannot allocate memory"}})
+    with pytest.raises(se.SpdkNoSpace) as info:
+        SpdkClient(str(sock_path)).call("bdev_lvol_create", {"lvol_name": "a"})
+    assert info.value.errno == 12
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_timeout_is_unavailable_and_connection_is_dropped(sock_path: Path) -> None:
