@@ -6,6 +6,10 @@ and the same SPDK JSON-RPC sequence the driver issues, sent bare, in the same ru
 
 Uses the simulator (a ``csi-spdk sim`` subprocess) unless CSI_SPDK_TEST_RPC names
 a real spdk_tgt socket (then a uniquely named malloc lvstore is used and removed).
+A real target needs memory for a (2N + 64) MiB malloc bdev and, because driver
+and bare volumes are published side by side, 2N NVMe-oF subsystems: for
+N = 1000 start it with ``-s 4096 --wait-for-rpc``, then send
+``nvmf_set_max_subsystems 2048`` and ``framework_start_init``.
 Reports p50/p99 per operation, volumes/s, driver/bare ratio, CreateVolume latency
 of the first vs last 10% of volumes, and the controller's RSS with N volumes.
 
@@ -182,7 +186,10 @@ def bench(n: int, real_rpc: str, tmp: Path) -> None:
         api = SpdkApi(SpdkClient(rpc, timeout=60))
         malloc, lvs = f"bench{tag}m", f"bench{tag}l"
         api.malloc_create(malloc, (2 * n + 64) * MiB)
-        api.lvstore_create(malloc, lvs, cluster_sz=MiB)
+        # 2 metadata pages per thick 1-cluster lvol (SPDK's default is 1 page per cluster)
+        api.call("bdev_lvol_create_lvstore", {"bdev_name": malloc, "lvs_name": lvs,
+                                              "cluster_sz": MiB,
+                                              "num_md_pages_per_cluster_ratio": 300})
         cfg = tmp / "controller.json"
         cfg.write_text(json.dumps({"targets": [{
             "name": "bench", "rpc": rpc if rpc.startswith("unix") else f"unix://{rpc}",

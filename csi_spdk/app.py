@@ -101,8 +101,9 @@ def run_node(args: argparse.Namespace) -> int:
     return _serve([node_server(args)], args.metrics_address)
 
 
-def ensure_lvstore(rpc: str) -> list[str]:
-    """Use the target's lvstores, or make one on a malloc bdev if it has none.
+def ensure_lvstore(rpc: str) -> tuple[list[str], bool]:
+    """Use the target's lvstores, or make one on a malloc bdev if it has none
+    (then the second value is True: dev removes it when it stops).
 
     The malloc bdev is 4 GiB, or less when the target has less memory (an
     spdk_tgt started with ``--no-huge -s 2048`` refuses 4 GiB with ENOMEM)."""
@@ -126,8 +127,27 @@ def ensure_lvstore(rpc: str) -> list[str]:
                     log.warning("target has too little memory for the dev malloc bdev; "
                                 "trying a smaller one", extra={"f": {"bytes": size}})
             api.lvstore_create(DEV_BDEV, DEV_LVSTORE)
-            names = [DEV_LVSTORE]
-        return names
+            return [DEV_LVSTORE], True
+        return names, False
+    finally:
+        api.client.close()
+
+
+def drop_dev_lvstore(rpc: str) -> None:
+    """Remove the lvstore and malloc bdev ``ensure_lvstore`` made (best effort)."""
+    from .spdk.api import SpdkApi
+    from .spdk.client import SpdkClient
+    from .spdk.errors import SpdkError
+
+    api = SpdkApi(SpdkClient(rpc))
+    try:
+        for method, params in (("bdev_lvol_delete_lvstore", {"lvs_name": DEV_LVSTORE}),
+                               ("bdev_malloc_delete", {"name": DEV_BDEV})):
+            try:
+                api.call(method, params)
+            except SpdkError as err:
+                log.warning("could not remove what dev made", extra={"f": {
+                    "method": method, "error": err.message}})
     finally:
         api.client.close()
 
@@ -150,7 +170,7 @@ def run_dev(args: argparse.Namespace) -> int:
         sim = SimServer(rpc, str(work / "sim-data"))
         sim.start()
     try:
-        lvstores = ensure_lvstore(rpc)
+        lvstores, made_lvstore = ensure_lvstore(rpc)
         config = {
             "targets": [{
                 "name": "dev",
@@ -182,6 +202,8 @@ def run_dev(args: argparse.Namespace) -> int:
     def cleanup() -> None:
         if sim:
             sim.stop()
+        elif made_lvstore:
+            drop_dev_lvstore(rpc)
         shutil.rmtree(work, ignore_errors=True)
 
     return _serve(servers, args.metrics_address, cleanup)

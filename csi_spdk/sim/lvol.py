@@ -26,6 +26,7 @@ from .state import (
     EEXIST,
     EINVAL,
     ENODEV,
+    ENOMEM,
     ENOSPC,
     EPERM,
     RpcError,
@@ -40,9 +41,12 @@ MAX_NAME = 63
 CLEAR_METHODS = ("none", "unmap", "write_zeroes")
 
 
-def metadata_pages(num_clusters: int) -> int:
+EXTENTS_PER_PAGE = 512   # clusters one extent page maps (SPDK_EXTENTS_PER_EP)
+DEFAULT_MD_RATIO = 100   # num_md_pages_per_cluster_ratio
+
+
+def metadata_pages(num_clusters: int, md_pages: int) -> int:
     """Pages the blobstore reserves at the start of the base bdev."""
-    md_pages = num_clusters                                 # md_pages_per_cluster_ratio 100
     def mask(bits: int) -> int:
         return math.ceil((8 + math.ceil(bits / 8)) / PAGE)
     return 1 + mask(md_pages) + mask(num_clusters) + mask(md_pages) + md_pages
@@ -50,7 +54,7 @@ def metadata_pages(num_clusters: int) -> int:
 
 class Lvstore:
     def __init__(self, state: SimState, name: str, base: Bdev, cluster_size: int,
-                 clear_method: str) -> None:
+                 clear_method: str, md_ratio: int = DEFAULT_MD_RATIO) -> None:
         self.state = state
         self.uuid = str(uuidlib.uuid4())
         self.name = name
@@ -58,9 +62,14 @@ class Lvstore:
         self.cluster_size = cluster_size
         self.block_size = base.block_size
         num_clusters = base.size // cluster_size
-        md_clusters = math.ceil(metadata_pages(num_clusters) * PAGE / cluster_size)
-        self.total_clusters = num_clusters - md_clusters
-        self.md_bytes = metadata_pages(num_clusters) * PAGE
+        # Metadata pages: one per blob plus one extent page per EXTENTS_PER_PAGE
+        # allocated clusters; the lvstore's super blob takes one. On spdk_tgt
+        # v25.09 a 264 MiB lvstore with 1 MiB clusters held 131 thick 1 MiB
+        # lvols (then ENOSPC) or 263 thin ones (then ENOMEM).
+        self.md_pages = num_clusters * md_ratio // 100
+        reserved = metadata_pages(num_clusters, self.md_pages)
+        self.total_clusters = num_clusters - math.ceil(reserved * PAGE / cluster_size)
+        self.md_bytes = reserved * PAGE
         self.clear_method = clear_method
         self.lvols: list[Lvol] = []
         self.dir = state.data_dir / "lvstores" / self.uuid
@@ -69,6 +78,14 @@ class Lvstore:
     @property
     def free_clusters(self) -> int:
         return self.total_clusters - sum(len(lv.clusters) for lv in self.lvols)
+
+    @property
+    def free_md_pages(self) -> int:
+        return self.md_pages - 1 - sum(lv.md_pages for lv in self.lvols)
+
+    def need_md_pages(self, pages: int, err: int) -> None:
+        if pages > self.free_md_pages:
+            raise async_error(err)
 
     def json(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "name": self.name, "base_bdev": self.base_bdev.name,
@@ -158,6 +175,14 @@ class Lvol:
     @property
     def read_only(self) -> bool:
         return self.is_snapshot or self.set_read_only
+
+    @property
+    def md_pages(self) -> int:
+        """Its metadata page and the extent pages of its allocated clusters."""
+        n = len(self.clusters)
+        if n == self.num_clusters:
+            return 1 + math.ceil(n / EXTENTS_PER_PAGE)
+        return 1 + len({c // EXTENTS_PER_PAGE for c in self.clusters})
 
     def json(self) -> dict[str, Any]:
         return {"alias": self.alias, "uuid": self.uuid, "name": self.name,
@@ -293,9 +318,11 @@ def create_lvstore(state: SimState, p: dict[str, Any]) -> str:
     if state.find_lvstore(name=name) is not None:
         raise errno_error(EEXIST)
     num_clusters = base.size // cluster_size
-    if num_clusters == 0 or metadata_pages(num_clusters) * PAGE >= base.size:
+    md_ratio = p.get("num_md_pages_per_cluster_ratio") or DEFAULT_MD_RATIO
+    md_pages = num_clusters * md_ratio // 100
+    if num_clusters == 0 or metadata_pages(num_clusters, md_pages) * PAGE >= base.size:
         raise async_error(EINVAL)
-    lvs = Lvstore(state, name, base, cluster_size, clear_method)
+    lvs = Lvstore(state, name, base, cluster_size, clear_method, md_ratio)
     if lvs.total_clusters <= 0:
         raise async_error(EINVAL)
     base.claim_type = "read_many_write_one"
@@ -360,6 +387,7 @@ def create_lvol(state: SimState, p: dict[str, Any]) -> str:
     lv = Lvol(lvs, name, clusters_for(lvs, size), thin, clear_method)
     if not thin and lv.num_clusters > lvs.free_clusters:
         raise async_error(ENOSPC)
+    lvs.need_md_pages(lv.md_pages, ENOMEM if thin else ENOSPC)
     files.create_sparse(lv.path, lv.size)
     lv.register()
     return lv.uuid
@@ -428,6 +456,7 @@ def snapshot(state: SimState, p: dict[str, Any]) -> str:
         raise async_error(EINVAL)
     if lvs.find(name) is not None:
         raise async_error(EEXIST)
+    lvs.need_md_pages(1, ENOMEM)   # the snapshot's page; the extent pages move to it
     reconcile_all(state)
     snap = Lvol(lvs, name, lv.num_clusters, lv.thin, lv.clear_method)
     snap.is_snapshot = True
@@ -455,6 +484,7 @@ def clone(state: SimState, p: dict[str, Any]) -> str:
         raise async_error(EINVAL)
     if lvs.find(name) is not None:
         raise async_error(EEXIST)
+    lvs.need_md_pages(1, ENOMEM)
     cl = Lvol(lvs, name, snap.num_clusters, True, snap.clear_method)
     files.sparse_copy(snap.path, cl.path)
     cl.parent = snap

@@ -57,6 +57,7 @@ ENOENT = _errno.ENOENT
 EAGAIN = _errno.EAGAIN
 EBUSY = _errno.EBUSY
 ETIMEDOUT = _errno.ETIMEDOUT
+ENOMEM = _errno.ENOMEM
 
 
 class SimState:

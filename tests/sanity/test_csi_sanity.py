@@ -51,8 +51,10 @@ def dev(tmp_path: Path):
     """`csi-spdk dev` in a subprocess; yields its socket dir; checks clean exit."""
     sock_dir = tmp_path / "s"
     cmd = [sys.executable, "-m", "csi_spdk", "dev", "--socket-dir", str(sock_dir)]
-    if os.environ.get("CSI_SPDK_TEST_RPC"):
-        cmd += ["--spdk-rpc", os.environ["CSI_SPDK_TEST_RPC"]]
+    real = os.environ.get("CSI_SPDK_TEST_RPC")
+    if real:
+        cmd += ["--spdk-rpc", real]
+        before = _target_objects(real)
     log = open(tmp_path / "dev.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
@@ -71,6 +73,17 @@ def dev(tmp_path: Path):
     assert rc == 0, (tmp_path / "dev.log").read_text()[-4000:]
     leftovers = sorted(p.name for p in sock_dir.iterdir()) if sock_dir.exists() else []
     assert leftovers == [], f"csi-spdk dev left {leftovers} behind"
+    if real:
+        assert _target_objects(real) == before, "dev left SPDK objects on the target"
+
+
+def _target_objects(rpc: str) -> tuple[list[str], list[str]]:
+    """Bdev names and subsystem NQNs of a real target."""
+    from csi_spdk.spdk.client import SpdkClient
+
+    with SpdkClient(rpc) as c:
+        return (sorted(b["name"] for b in c.call("bdev_get_bdevs")),
+                sorted(s["nqn"] for s in c.call("nvmf_get_subsystems")))
 
 
 def run_sanity(binary: str, sock_dir: Path, work: Path, skip: str) -> str:

@@ -65,8 +65,13 @@ def test_export_unexport(env):
 
 @pytest.mark.parametrize("step", [1, 2, 3, 4, 5])
 def test_export_crash_between_steps_converges(env, step):
+    """Steps: transport (only on a target without one), subsystem, namespace,
+    listener, host."""
     uuid = lvol(env)
     ex = exporter(env)
+    has_tcp = any(t["trtype"].upper() == "TCP" for t in env.t0.raw.transports())
+    if has_tcp and step == 5:
+        pytest.skip("this target already has its TCP transport: export makes 4 changes")
     env.t0.api.arm(step)
     with pytest.raises(Crash):
         ex.export(uuid, H1)

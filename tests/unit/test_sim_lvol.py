@@ -228,3 +228,43 @@ def test_read_only_lvols_cannot_be_renamed(client: SpdkClient) -> None:
     finally:
         client.call("bdev_lvol_delete_lvstore", {"lvs_name": lvs})
         client.call("bdev_malloc_delete", {"name": malloc})
+
+
+@pytest.mark.real_spdk
+@pytest.mark.parametrize("thin", [False, True])
+def test_metadata_pages_limit_lvol_count(client: SpdkClient, thin: bool) -> None:
+    """One metadata page per cluster by default: a thick 1-cluster lvol takes
+    two (blob + extent page), a thin unwritten one takes one. Numbers measured
+    on spdk_tgt v25.09: 131 thick then ENOSPC, 263 thin then ENOMEM."""
+    malloc, lvs = _lvstore(client, cluster_mib=1, size_mib=264)
+    try:
+        assert _free(client, lvs) == 262
+        made = 0
+        with pytest.raises(SpdkError) as err:
+            while made < 400:
+                client.call("bdev_lvol_create", {"lvol_name": f"l{made}", "size_in_mib": 1,
+                                                 "lvs_name": lvs, "thin_provision": thin})
+                made += 1
+        assert made == (263 if thin else 131)
+        want = "Cannot allocate memory" if thin else "No space left on device"
+        assert (err.value.spdk_code, err.value.spdk_message) == (-32602, want)
+        assert _free(client, lvs) == (262 if thin else 131)
+    finally:
+        client.call("bdev_lvol_delete_lvstore", {"lvs_name": lvs})
+        client.call("bdev_malloc_delete", {"name": malloc})
+
+
+@pytest.mark.real_spdk
+def test_md_pages_ratio_shapes_data_clusters(client: SpdkClient) -> None:
+    tag = uuid.uuid4().hex[:8]
+    malloc, lvs = f"M{tag}", f"lvs{tag}"
+    client.call("bdev_malloc_create", {"name": malloc, "num_blocks": 264 * 256,
+                                       "block_size": 4096})
+    try:
+        client.call("bdev_lvol_create_lvstore", {"bdev_name": malloc, "lvs_name": lvs,
+                                                 "cluster_sz": MIB,
+                                                 "num_md_pages_per_cluster_ratio": 200})
+        assert _free(client, lvs) == 261
+        client.call("bdev_lvol_delete_lvstore", {"lvs_name": lvs})
+    finally:
+        client.call("bdev_malloc_delete", {"name": malloc})
