@@ -221,9 +221,10 @@ def bench(n: int, real_rpc: str, tmp: Path) -> None:
         print(f"{'lifecycle volumes/s':<28}{n / drv_s:>11.1f}{'':>9}{n / bare_s:>10.1f}"
               f"{'':>9}{(n / bare_s) / (n / drv_s):>10.2f}x")
         k = max(1, n // 10)
-        first, last = drv["CreateVolume"][:k], drv["CreateVolume"][-k:]
-        print(f"CreateVolume p50 first 10%: {statistics.median(first) * 1000:.2f} ms, "
-              f"last 10%: {statistics.median(last) * 1000:.2f} ms")
+        for kind, t in (("driver", drv), ("bare", bare)):
+            first, last = t["CreateVolume"][:k], t["CreateVolume"][-k:]
+            print(f"CreateVolume p50 ({kind}) first 10%: {statistics.median(first) * 1000:.2f}"
+                  f" ms, last 10%: {statistics.median(last) * 1000:.2f} ms")
         print(f"controller RSS with {n} volumes published: {rss[0]:.1f} MiB")
         with contextlib.suppress(Exception):
             api.call("bdev_lvol_delete_lvstore", {"lvs_name": lvs})
