@@ -30,8 +30,12 @@ for m in $GUEST_MODULES; do
   modprobe "$m" || echo "guest init: modprobe $m failed" >&3
 done
 if [ "$GUEST_NET" = 1 ]; then
-  modprobe virtio_net
-  ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+  # The NIC appears once virtio_pci has probed it: load both, wait for eth0.
+  modprobe virtio_pci; modprobe virtio_net
+  i=0
+  while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
+    || echo "guest init: no network (eth0 missing after $i tries)" >&3
 fi
 
 cd /root
