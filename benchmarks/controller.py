@@ -179,7 +179,8 @@ def bench(n: int, real_rpc: str, tmp: Path) -> None:
         else:
             rpc = str(tmp / "spdk.sock")
             sim = subprocess.Popen([sys.executable, "-m", "csi_spdk", "sim", "--rpc-socket", rpc,
-                                    "--data-dir", str(tmp / "data"), "--log-level", "warning"],
+                                    "--data-dir", str(tmp / "data"), "--log-level", "warning",
+                                    "--max-subsystems", str(2 * n + 1)],
                                    env=env, cwd=ROOT)
             procs.append(sim)
             wait_for(rpc, sim, "simulator")

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nvmet", action="store_true",
                    help="realise exported namespaces through the kernel nvmet target "
                         "(configfs), e.g. inside the test guest")
+    p.add_argument("--max-subsystems", type=int, default=1024,
+                   help="NVMe-oF subsystems the target takes, discovery included (spdk_tgt's "
+                        "nvmf_set_max_subsystems before init; default 1024 as in SPDK)")
     _common(p)
     p.set_defaults(impl="csi_spdk.sim.server:main")
 

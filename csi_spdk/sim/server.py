@@ -270,6 +270,7 @@ def main(args: argparse.Namespace) -> int:
     dataplane = _make_dataplane(args)
     server = SimServer(args.rpc_socket, args.data_dir or None, tcp=args.tcp or None,
                        dataplane=dataplane)
+    server.state.nvmf.max_subsystems = args.max_subsystems
     done = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
