@@ -49,6 +49,13 @@ def setup(level: str = "info") -> None:
     root.setLevel(level.upper())
 
 
+def _is_repeated(field) -> bool:
+    # FieldDescriptor.label is gone from newer protobuf; is_repeated replaces it.
+    if hasattr(field, "is_repeated"):
+        return bool(field.is_repeated)
+    return field.label == field.LABEL_REPEATED
+
+
 def _is_secret_field(field) -> bool:
     opts = field.GetOptions()
     return opts.HasExtension(csi_pb2.csi_secret) and opts.Extensions[csi_pb2.csi_secret]
@@ -70,7 +77,7 @@ def _redact_into(msg: Message, data: dict[str, Any]) -> None:
             data[name] = {k: REDACTED for k in data[name]} if isinstance(data[name], dict) \
                 else REDACTED
         elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
-            if field.label == field.LABEL_REPEATED:
+            if _is_repeated(field):
                 for sub, sub_data in zip(value, data[name], strict=False):
                     _redact_into(sub, sub_data)
             else:

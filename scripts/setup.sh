@@ -4,15 +4,17 @@
 #   - the package itself (editable) with its test extras, into this python3
 #   - csi-sanity (Go module proxy)
 #   - Debian tools the node plugin tests use (mkfs, blkid, losetup)
-#   - the QEMU guest rig and the deploy check tools, via their own scripts
-# Usage: scripts/setup.sh [--no-guest] [--no-deploy]
+#   - the QEMU guest rig, the deploy check tools and the Kubernetes PVC rig
+#     (tests/e2e/k8s: scripts/install-k8s.sh, a long cold build), via their own scripts
+# Usage: scripts/setup.sh [--no-guest] [--no-deploy] [--no-k8s]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-guest=1 deploy=1
+guest=1 deploy=1 k8s=1
 for a in "$@"; do
   case "$a" in
     --no-guest) guest=0 ;;
     --no-deploy) deploy=0 ;;
+    --no-k8s) k8s=0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -47,5 +49,8 @@ if [ "$guest" = 1 ] && [ -x scripts/install-guest-deps.sh ]; then
 fi
 if [ "$deploy" = 1 ] && [ -x scripts/install-deploy-tools.sh ]; then
   scripts/install-deploy-tools.sh
+fi
+if [ "$k8s" = 1 ] && [ -x scripts/install-k8s.sh ]; then
+  scripts/install-k8s.sh
 fi
 echo "setup: done"

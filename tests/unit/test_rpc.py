@@ -117,6 +117,21 @@ def test_secrets_are_redacted_everywhere() -> None:
     assert "s3cret" not in json.dumps(redact(stage))
 
 
+def test_redact_walks_nested_and_repeated_messages() -> None:
+    """Debug logging redacts every request; nested messages must not break it."""
+    cap = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume(fs_type="xfs"))
+    req = csi_pb2.CreateVolumeRequest(
+        name="pvc-2", volume_capabilities=[cap, cap], secrets={"password": "hunter2"},
+        capacity_range=csi_pb2.CapacityRange(required_bytes=5),
+        volume_content_source=csi_pb2.VolumeContentSource(
+            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id="s")))
+    out = redact(req)
+    assert out["volume_capabilities"][1]["mount"]["fs_type"] == "xfs"
+    assert out["capacity_range"]["required_bytes"] == "5"
+    assert out["volume_content_source"]["snapshot"]["snapshot_id"] == "s"
+    assert "hunter2" not in json.dumps(out)
+
+
 def test_debug_log_of_request_has_no_secret(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="csi_spdk.rpc")
     req = csi_pb2.DeleteVolumeRequest(volume_id="v", secrets={"token": "hunter2"})

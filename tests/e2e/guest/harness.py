@@ -434,15 +434,21 @@ class GuestOptions:
     host_rpc: str | None = None
     extra_dists: tuple[str, ...] = ()   # more Python distributions for the guest
     boot_margin: float = 60.0           # host-side timeout = timeout + this
+    # QEMU user-net port forwards (host 127.0.0.1:HOST -> guest :GUEST), e.g.
+    # to reach a gRPC or JSON-RPC server in a background guest (start_guest).
+    # Non-empty turns networking on.
+    hostfwd: tuple[tuple[int, int], ...] = ()
 
 
 GUEST_RPC_ADDR = ("10.0.2.100", 5260)
 
 
 def _qemu_net_args(opts: GuestOptions) -> list[str]:
-    if not opts.network and not opts.host_rpc:
+    if not opts.network and not opts.host_rpc and not opts.hostfwd:
         return ["-nic", "none"]
     nic = "user,model=virtio-net-pci"
+    for host_port, guest_port in opts.hostfwd:
+        nic += f",hostfwd=tcp:127.0.0.1:{int(host_port)}-:{int(guest_port)}"
     if opts.host_rpc:
         addr = opts.host_rpc
         if addr.startswith("unix:"):
@@ -467,6 +473,59 @@ def _repo_layer(c: Cpio) -> None:
     c.file(str(REPO / "pyproject.toml"), REPO / "pyproject.toml")
 
 
+def _write_initrd(work: Path, base: Path, script: str, timeout: int,
+                  env: Mapping[str, str] | None,
+                  files: Mapping[str, bytes | str | Path] | None,
+                  opts: GuestOptions) -> Path:
+    """base layer + run layer (init, lib.sh, csi_spdk, env, script, files)."""
+    initrd = work / "initrd.cpio"
+    with open(initrd, "wb") as f:
+        with open(base, "rb") as b:
+            shutil.copyfileobj(b, f, 1 << 20)
+        c = Cpio(f)
+        c.file("init", HERE / "init.sh", 0o755)
+        c.file("etc/guest/lib.sh", HERE / "lib.sh", 0o644)
+        _repo_layer(c)
+        genv = {
+            "GUEST_TIMEOUT": str(int(timeout)),
+            "GUEST_MODULES": " ".join(opts.preload_modules),
+            "GUEST_NET": "1" if (opts.network or opts.host_rpc or opts.hostfwd) else "0",
+            "PYTHONPATH": str(REPO),
+            "CSI_SPDK_REPO": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+        }
+        if opts.host_rpc:
+            genv["GUEST_SPDK_RPC"] = "{}:{}".format(*GUEST_RPC_ADDR)
+        genv.update(env or {})
+        c.data("etc/guest/env", "".join(f"export {k}={shlex.quote(v)}\n"
+                                        for k, v in genv.items()).encode())
+        c.data("etc/guest/test.sh", script.encode(), 0o755)
+        for path, content in (files or {}).items():
+            if isinstance(content, Path):
+                c.file(path, content)
+            else:
+                c.data(path, content.encode() if isinstance(content, str) else content,
+                       0o755 if str(path).endswith(".sh") else 0o644)
+        c.close()
+    return initrd
+
+
+def _qemu_cmd(kernel: Kernel, initrd: Path, out_log: Path, con_log: Path,
+              host_timeout: float, opts: GuestOptions) -> list[str]:
+    cmd = [
+        "timeout", "-k", "5", str(int(host_timeout)),
+        QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(opts.cpus),
+        "-m", str(opts.memory_mib), "-nodefaults", "-no-reboot", "-display", "none",
+        "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
+        "-append", "console=ttyS0 loglevel=4 panic=-1 rdinit=/init",
+        "-serial", f"file:{con_log}",
+        "-chardev", f"file,id=results,path={out_log}",
+        "-device", "isa-serial,chardev=results",
+        *_qemu_net_args(opts),
+    ]
+    return cmd
+
+
 def run_in_guest(script: str, timeout: int = 120, *, env: Mapping[str, str] | None = None,
                  files: Mapping[str, bytes | str | Path] | None = None,
                  options: GuestOptions | None = None, cache: Path = CACHE,
@@ -489,49 +548,12 @@ def run_in_guest(script: str, timeout: int = 120, *, env: Mapping[str, str] | No
     work = Path(tempfile.mkdtemp(prefix="guest-", dir=keep_dir))
     try:
         t1 = time.monotonic()
-        initrd = work / "initrd.cpio"
-        with open(initrd, "wb") as f:
-            with open(base, "rb") as b:
-                shutil.copyfileobj(b, f, 1 << 20)
-            c = Cpio(f)
-            c.file("init", HERE / "init.sh", 0o755)
-            c.file("etc/guest/lib.sh", HERE / "lib.sh", 0o644)
-            _repo_layer(c)
-            genv = {
-                "GUEST_TIMEOUT": str(int(timeout)),
-                "GUEST_MODULES": " ".join(opts.preload_modules),
-                "GUEST_NET": "1" if (opts.network or opts.host_rpc) else "0",
-                "PYTHONPATH": str(REPO),
-                "CSI_SPDK_REPO": str(REPO),
-                "PYTHONUNBUFFERED": "1",
-            }
-            if opts.host_rpc:
-                genv["GUEST_SPDK_RPC"] = "{}:{}".format(*GUEST_RPC_ADDR)
-            genv.update(env or {})
-            c.data("etc/guest/env", "".join(f"export {k}={shlex.quote(v)}\n"
-                                            for k, v in genv.items()).encode())
-            c.data("etc/guest/test.sh", script.encode(), 0o755)
-            for path, content in (files or {}).items():
-                if isinstance(content, Path):
-                    c.file(path, content)
-                else:
-                    c.data(path, content.encode() if isinstance(content, str) else content,
-                           0o755 if str(path).endswith(".sh") else 0o644)
-            c.close()
+        initrd = _write_initrd(work, base, script, timeout, env, files, opts)
         timings["initrd"] = round(time.monotonic() - t1, 2)
 
         out_log, con_log = work / "ttyS1.log", work / "console.log"
-        cmd = [
-            "timeout", "-k", "5", str(int(timeout + opts.boot_margin)),
-            QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(opts.cpus),
-            "-m", str(opts.memory_mib), "-nodefaults", "-no-reboot", "-display", "none",
-            "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
-            "-append", "console=ttyS0 loglevel=4 panic=-1 rdinit=/init",
-            "-serial", f"file:{con_log}",
-            "-chardev", f"file,id=results,path={out_log}",
-            "-device", "isa-serial,chardev=results",
-            *_qemu_net_args(opts),
-        ]
+        cmd = _qemu_cmd(kernel, initrd, out_log, con_log,
+                        timeout + opts.boot_margin, opts)
         t2 = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         timings["qemu"] = round(time.monotonic() - t2, 2)
@@ -558,6 +580,91 @@ def run_in_guest(script: str, timeout: int = 120, *, env: Mapping[str, str] | No
     finally:
         if keep_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+class GuestHandle:
+    """A guest running in the background (``start_guest``): its script's output
+    so far, whether it is still running, and ``stop()`` (kills QEMU, removes
+    the work directory). Usable as a context manager."""
+
+    def __init__(self, proc: subprocess.Popen, work: Path, out_log: Path, con_log: Path,
+                 keep: bool) -> None:
+        self.proc, self.work, self.out_log, self.con_log = proc, work, out_log, con_log
+        self._keep = keep
+
+    def output(self) -> str:
+        raw = self.out_log.read_bytes().decode(errors="replace") if self.out_log.exists() else ""
+        return raw.replace("\r\n", "\n")
+
+    def console(self) -> str:
+        return self.con_log.read_bytes().decode(errors="replace") if self.con_log.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_for_output(self, marker: str, timeout: float) -> bool:
+        """Wait until ``marker`` appears in the output; False on timeout or exit."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker in self.output():
+                return True
+            if not self.alive():
+                return marker in self.output()
+            time.sleep(0.2)
+        return False
+
+    def describe(self, console_lines: int = 40) -> str:
+        tail = "\n".join(self.console().splitlines()[-console_lines:])
+        return (f"guest running: {self.alive()} (qemu exit {self.proc.poll()})\n"
+                f"--- guest output ---\n{self.output()}\n"
+                f"--- console (last {console_lines} lines) ---\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if not self._keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def __enter__(self) -> GuestHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_guest(script: str, timeout: int = 600, *, env: Mapping[str, str] | None = None,
+                files: Mapping[str, bytes | str | Path] | None = None,
+                options: GuestOptions | None = None, cache: Path = CACHE,
+                keep_dir: Path | None = None) -> GuestHandle:
+    """Like ``run_in_guest`` but returns at once with a ``GuestHandle``; the
+    guest runs ``script`` until it ends, ``timeout`` passes or ``stop()``.
+    Reach servers in it through ``options.hostfwd``."""
+    opts = options or GuestOptions()
+    missing = missing_prerequisites(cache)
+    if missing:
+        raise GuestUnavailable("missing: " + ", ".join(missing)
+                               + " (run scripts/install-guest-deps.sh)")
+    kernel = find_kernel(cache)
+    assert kernel is not None
+    base = build_base(kernel, cache, opts.extra_dists)
+    work = Path(tempfile.mkdtemp(prefix="guest-bg-", dir=keep_dir))
+    try:
+        initrd = _write_initrd(work, base, script, timeout, env, files, opts)
+        out_log, con_log = work / "ttyS1.log", work / "console.log"
+        cmd = _qemu_cmd(kernel, initrd, out_log, con_log, timeout + opts.boot_margin, opts)
+        with open(work / "qemu.stderr", "wb") as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err)
+    except BaseException:
+        if keep_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    return GuestHandle(proc, work, out_log, con_log, keep=keep_dir is not None)
 
 
 def main(argv: list[str]) -> int:

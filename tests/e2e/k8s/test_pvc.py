@@ -1,0 +1,74 @@
+"""PersistentVolumeClaims end to end on a real control plane (issue #5):
+kube-apiserver + kube-controller-manager + snapshot-controller + the chart's
+sidecars with the chart's RBAC, the driver's controller and SPDK simulators;
+the test plays kubelet (Node/CSINode registration, NodeStage/Publish/Expand
+in the QEMU guest).
+
+Attach/detach: the VolumeAttachments are created by kube-controller-manager's
+attach/detach controller for a Pod whose spec.nodeName names a Node with the
+controller-managed-attach-detach annotation (no scheduler or kubelet is
+needed for that); the test never creates a VolumeAttachment itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from . import scenarios
+from .cluster import Kubectl
+from .rig import GUEST_TARGET, SC_GUEST, SC_WFFC
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_sidecars_use_the_charts_service_account(rig):
+    """The sidecars authenticate as the chart's ServiceAccount (so a rule
+    missing from the chart's RBAC fails the tests) and it is not an admin."""
+    k = Kubectl(rig.kubectl.binary, rig.sa_kubeconfig)
+    who = k.json("auth", "whoami")
+    assert who["status"]["userInfo"]["username"] == \
+        "system:serviceaccount:csi-spdk:csi-spdk-controller", who
+    assert k.run("auth", "can-i", "create", "persistentvolumes").stdout.strip() == "yes"
+    assert k.run("auth", "can-i", "delete", "nodes", check=False).stdout.strip() == "no"
+    assert k.run("auth", "can-i", "create", "csistoragecapacities", "-n", "csi-spdk"
+                 ).stdout.strip() == "yes"
+
+
+@pytest.mark.parametrize("block", [False, True], ids=["filesystem", "block"])
+def test_immediate_pvc_bound_and_deleted(env, block):
+    scenarios.provision_immediate(env, block)
+
+
+def test_wffc_selected_node_and_capacity(env):
+    params = env.kubectl.get("storageclass", SC_WFFC).get("parameters", {})
+    scenarios.wffc_selected_node(env, "k8s-node-b", "k8s-node-a", params)
+
+
+def test_attach_detach_controller(env):
+    scenarios.attach_detach(env)
+
+
+@pytest.mark.parametrize("order", [("snap", "src", "restore", "clone"),
+                                   ("src", "clone", "restore", "snap")],
+                         ids=["snapshot-first", "source-first"])
+def test_snapshot_restore_clone(env, order):
+    scenarios.snapshot_restore_clone(env, order)
+
+
+def test_expand_with_node_expansion_in_guest(env, rig):
+    if rig.guest is None:
+        pytest.skip("no QEMU guest (scripts/install-guest-deps.sh, or CSI_SPDK_K8S_GUEST=0)")
+    scenarios.expand(env, SC_GUEST, GUEST_TARGET[4],
+                     scenarios.FakeKubelet(rig.node_stub()))
+
+
+def test_bad_storageclass_parameter(env):
+    scenarios.bad_parameter(env, "csi-spdk-bad-param", env.sc_immediate)
+
+
+def test_size_larger_than_any_pool(env):
+    scenarios.too_large(env)
+
+
+def test_snapshot_of_missing_volume(env):
+    scenarios.snapshot_of_missing_volume(env, "target-a")
