@@ -526,6 +526,17 @@ def _qemu_cmd(kernel: Kernel, initrd: Path, out_log: Path, con_log: Path,
     return cmd
 
 
+def _ready_kernel(cache: Path) -> Kernel:
+    """The guest kernel, or GuestUnavailable naming what is missing."""
+    missing = missing_prerequisites(cache)
+    if missing:
+        raise GuestUnavailable("missing: " + ", ".join(missing)
+                               + " (run scripts/install-guest-deps.sh)")
+    kernel = find_kernel(cache)
+    assert kernel is not None
+    return kernel
+
+
 def run_in_guest(script: str, timeout: int = 120, *, env: Mapping[str, str] | None = None,
                  files: Mapping[str, bytes | str | Path] | None = None,
                  options: GuestOptions | None = None, cache: Path = CACHE,
@@ -534,12 +545,7 @@ def run_in_guest(script: str, timeout: int = 120, *, env: Mapping[str, str] | No
     its exit code and output. ``files``: guest path -> bytes/str content, or a
     host Path to copy. ``timeout`` bounds the script; the guest powers off after it."""
     opts = options or GuestOptions()
-    missing = missing_prerequisites(cache)
-    if missing:
-        raise GuestUnavailable("missing: " + ", ".join(missing)
-                               + " (run scripts/install-guest-deps.sh)")
-    kernel = find_kernel(cache)
-    assert kernel is not None
+    kernel = _ready_kernel(cache)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     base = build_base(kernel, cache, opts.extra_dists)
@@ -645,12 +651,7 @@ def start_guest(script: str, timeout: int = 600, *, env: Mapping[str, str] | Non
     guest runs ``script`` until it ends, ``timeout`` passes or ``stop()``.
     Reach servers in it through ``options.hostfwd``."""
     opts = options or GuestOptions()
-    missing = missing_prerequisites(cache)
-    if missing:
-        raise GuestUnavailable("missing: " + ", ".join(missing)
-                               + " (run scripts/install-guest-deps.sh)")
-    kernel = find_kernel(cache)
-    assert kernel is not None
+    kernel = _ready_kernel(cache)
     base = build_base(kernel, cache, opts.extra_dists)
     work = Path(tempfile.mkdtemp(prefix="guest-bg-", dir=keep_dir))
     try:
