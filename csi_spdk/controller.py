@@ -199,16 +199,21 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
             raise NotFound(f"volume {volume_id} does not exist")
         return target, lv
 
+    @staticmethod
+    def _volume_msg(target: Target, lv: Lvol, fs_type: str = "") -> csi_pb2.Volume:
+        """The CSI Volume of an lvol; its volume_context is the node's contract."""
+        ctx = {contract.VC_TARGET: target.name, contract.VC_LVSTORE: lv.lvstore,
+               contract.VC_LVOL_UUID: lv.uuid, contract.VC_THIN: str(lv.thin).lower()}
+        if fs_type:
+            ctx[contract.VC_FS_TYPE] = fs_type
+        return csi_pb2.Volume(volume_id=str(contract.ObjectId(target.name, lv.uuid)),
+                              capacity_bytes=lv.size, volume_context=ctx,
+                              accessible_topology=_topology(target))
+
     def _volume_response(self, target: Target, lv: Lvol, params: VolumeParams,
                          source: csi_pb2.VolumeContentSource | None
                          ) -> csi_pb2.CreateVolumeResponse:
-        ctx = {contract.VC_TARGET: target.name, contract.VC_LVSTORE: lv.lvstore,
-               contract.VC_LVOL_UUID: lv.uuid, contract.VC_THIN: str(lv.thin).lower()}
-        if params.fs_type:
-            ctx[contract.VC_FS_TYPE] = params.fs_type
-        vol = csi_pb2.Volume(volume_id=str(contract.ObjectId(target.name, lv.uuid)),
-                             capacity_bytes=lv.size, volume_context=ctx,
-                             accessible_topology=_topology(target))
+        vol = self._volume_msg(target, lv, params.fs_type)
         if source is not None:
             vol.content_source.CopyFrom(source)
         return csi_pb2.CreateVolumeResponse(volume=vol)
@@ -553,13 +558,8 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
         entries.sort(key=lambda e: e[0])
         page, token = paginate(entries, request.starting_token, request.max_entries)
         out = []
-        for vid, target, lv, hosts, condition in page:
-            vol = csi_pb2.Volume(volume_id=vid, capacity_bytes=lv.size,
-                                 volume_context={contract.VC_TARGET: target.name,
-                                                 contract.VC_LVSTORE: lv.lvstore,
-                                                 contract.VC_LVOL_UUID: lv.uuid,
-                                                 contract.VC_THIN: str(lv.thin).lower()},
-                                 accessible_topology=_topology(target))
+        for _, target, lv, hosts, condition in page:
+            vol = self._volume_msg(target, lv)
             status = csi_pb2.ListVolumesResponse.VolumeStatus(
                 published_node_ids=self._node_list(hosts),
                 volume_condition=condition)
@@ -572,12 +572,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
         target, lv = self._volume(request.volume_id)
         stores = {s["uuid"] for s in target.api.lvstores()}
         hosts = target.exporter.hosts(lv.uuid)
-        vol = csi_pb2.Volume(volume_id=request.volume_id, capacity_bytes=lv.size,
-                             volume_context={contract.VC_TARGET: target.name,
-                                             contract.VC_LVSTORE: lv.lvstore,
-                                             contract.VC_LVOL_UUID: lv.uuid,
-                                             contract.VC_THIN: str(lv.thin).lower()},
-                             accessible_topology=_topology(target))
+        vol = self._volume_msg(target, lv)
         status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
             published_node_ids=self._node_list(hosts),
             volume_condition=self._condition(target, lv, stores))
