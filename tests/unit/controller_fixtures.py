@@ -257,3 +257,8 @@ def expect_code(code, servicer, method: str, request) -> str:
         assert err.code == code, f"{method}: expected {code.name}, got {err}"
         return err.message
     raise AssertionError(f"{method}: expected {code.name}, got success")
+
+
+def uuid_of(volume_id: str) -> str:
+    """The lvol uuid in a volume or snapshot id (``<target>:<uuid>``)."""
+    return volume_id.split(":", 1)[1]

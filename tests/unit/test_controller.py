@@ -15,6 +15,7 @@ from controller_fixtures import (
     make_env,
     mount_cap,
     publish_req,
+    uuid_of,
 )
 
 from csi_spdk import contract, metrics
@@ -24,19 +25,9 @@ from csi_spdk.proto import csi_pb2
 C = grpc.StatusCode
 
 
-@pytest.fixture
-def env(tmp_path):
-    e = make_env(tmp_path)
-    yield e
-    e.close()
-
-
 def bdev(env, ref):
     return env.t0.raw.bdev_get(ref)
 
-
-def uuid_of(volume_id):
-    return volume_id.split(":", 1)[1]
 
 
 def create(env, name="pvc-1", size=10 * MiB, **kw):

@@ -12,9 +12,9 @@ from controller_fixtures import (
     call,
     create_req,
     expect_code,
-    make_env,
     mount_cap,
     publish_req,
+    uuid_of,
 )
 
 from csi_spdk import config as cfgmod
@@ -26,16 +26,6 @@ from csi_spdk.server import GrpcServer
 
 C = grpc.StatusCode
 
-
-@pytest.fixture
-def env(tmp_path):
-    e = make_env(tmp_path)
-    yield e
-    e.close()
-
-
-def uuid_of(vid):
-    return vid.split(":", 1)[1]
 
 
 def crash_then_retry(env, step, method, request):

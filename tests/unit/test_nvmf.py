@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from controller_fixtures import Crash, make_env
+from controller_fixtures import Crash
 
 from csi_spdk import contract
 from csi_spdk.errors import ResourceExhausted
@@ -11,13 +11,6 @@ from csi_spdk.nvmf import NvmfExporter
 from csi_spdk.spdk.errors import SpdkError
 
 H1, H2 = contract.host_nqn("node-1"), contract.host_nqn("node-2")
-
-
-@pytest.fixture
-def env(tmp_path):
-    e = make_env(tmp_path)
-    yield e
-    e.close()
 
 
 def lvol(env, name="v"):
