@@ -79,7 +79,7 @@ def guest_main(args: argparse.Namespace) -> int:
     import grpc
 
     from csi_spdk import contract
-    from csi_spdk.initiator import NvmeTcpInitiator
+    from csi_spdk.node.initiator import NvmeTcpInitiator
     from csi_spdk.proto import csi_pb2 as csi
     from csi_spdk.proto import csi_pb2_grpc as csi_grpc
 

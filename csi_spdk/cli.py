@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("controller", help="serve the CSI Identity and Controller services")
     _csi(p)
     p.add_argument("--config", required=True, help="controller config file (YAML or JSON)")
-    p.set_defaults(impl="csi_spdk.app:run_controller")
+    p.set_defaults(impl="csi_spdk.controller.main:run")
 
     p = sub.add_parser("node", help="serve the CSI Identity and Node services")
     _csi(p)
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
     p.add_argument("--topology", action="append", default=[], metavar="KEY=VALUE",
                    help="extra topology segment label (repeatable)")
-    p.set_defaults(impl="csi_spdk.app:run_node")
+    p.set_defaults(impl="csi_spdk.node.main:run")
 
     p = sub.add_parser("sim", help="run the SPDK JSON-RPC simulator")
     p.add_argument("--rpc-socket", required=True, help="Unix socket to serve JSON-RPC on")
@@ -82,14 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", default="dev-node", help="node id of the node plugin")
     p.add_argument("--metrics-address", default="", help="controller metrics HOST:PORT")
     _common(p)
-    p.set_defaults(impl="csi_spdk.app:run_dev")
+    p.set_defaults(impl="csi_spdk.dev:run_dev")
 
     p = sub.add_parser("discover", help="print this node's NVMe SSD inventory")
     p.add_argument("--format", choices=["json", "table"], default="table")
     p.add_argument("--spdk-rpc", default="", help="also list SSDs owned by this spdk_tgt")
     p.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
     _common(p)
-    p.set_defaults(impl="csi_spdk.topology:discover_main")
+    p.set_defaults(impl="csi_spdk.node.topology:discover_main")
     return parser
 
 

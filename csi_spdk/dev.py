@@ -1,104 +1,81 @@
-"""Process wiring: build servicers, serve them, stop cleanly on SIGTERM.
+"""``csi-spdk dev``: the embedded default for a newcomer.
 
-``run_controller`` and ``run_node`` are what the containers run;
-``run_dev`` is the embedded default for a newcomer: simulator (or a given
-spdk_tgt), an lvstore, a controller and a node plugin in one process, with
-fixed socket names under ``--socket-dir`` that tests and docs rely on.
+The simulator (as a child process, or a given spdk_tgt), an lvstore, a
+controller and a node plugin, with fixed socket names under ``--socket-dir``
+that tests and docs rely on. This is the one module that composes both wings;
+it starts the simulator as a process (``csi-spdk sim``) so that nothing but
+the simulator's own files imports ``sim/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from . import contract
 from . import log as logsetup
-from .proto import csi_pb2_grpc
-from .server import GrpcServer, start_metrics, wait_for_signal
+from .server import serve
+from .spdk.api import SpdkApi
+from .spdk.client import SpdkClient
+from .spdk.errors import SpdkError, SpdkNoSpace
 
-log = logging.getLogger("csi_spdk.app")
+log = logging.getLogger("csi_spdk.dev")
 
 DEV_LVSTORE = "lvs0"
 DEV_BDEV = "Malloc0"
 DEV_LVSTORE_BYTES = 4 * 1024**3
 DEV_LVSTORE_MIN_BYTES = 512 * 1024**2
+SIM_START_TIMEOUT = 20.0
 
 
-def controller_server(config_path: str, endpoint: str, driver_name: str) -> GrpcServer:
-    """A ready-to-start gRPC server with Identity + Controller."""
-    from .config import load
-    from .controller import ControllerServicer
-    from .identity import IdentityServicer
-
-    config = load(config_path)
-    controller = ControllerServicer(config, driver_name=driver_name)
-    identity = IdentityServicer(driver_name, controller=controller)
-    return GrpcServer(endpoint, [
-        lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
-        lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s),
-    ], service_names=["csi.v1.Identity", "csi.v1.Controller"])
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when dev dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def node_server(args: argparse.Namespace) -> GrpcServer:
-    """A ready-to-start gRPC server with Identity + Node."""
-    from .identity import IdentityServicer
-    from .initiator import NvmeTcpInitiator
-    from .mount import Mounter
-    from .node import NodeServicer
-    from .topology import inventory, parse_extra, segments
-
-    extra = parse_extra(args.topology)
-    ssds = inventory(args.sysfs_root, args.spdk_rpc, strict=False)
-    initiator = NvmeTcpInitiator(
-        host_nqn=contract.host_nqn(args.node_id), host_id=contract.host_id(args.node_id),
-        ctrl_loss_tmo=args.ctrl_loss_tmo, reconnect_delay=args.reconnect_delay,
-        sysfs_root=args.sysfs_root,
-    )
-    node = NodeServicer(
-        node_id=args.node_id, state_dir=args.state_dir, initiator=initiator,
-        mounter=Mounter(), max_volumes=args.max_volumes,
-        topology_segments=segments(args.node_id, ssds, extra),
-        connect_timeout=args.connect_timeout,
-    )
-    # controller=True: plugin capabilities are driver-wide (see identity.py)
-    identity = IdentityServicer(args.driver_name, controller=True, node=node)
-    return GrpcServer(args.endpoint, [
-        lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),
-        lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s),
-    ], service_names=["csi.v1.Identity", "csi.v1.Node"])
-
-
-def _serve(servers: list[GrpcServer], metrics_address: str,
-           cleanup: Callable[[], None] = lambda: None) -> int:
+def start_simulator(rpc: str, data_dir: Path, log_level: str) -> subprocess.Popen:
+    """Run ``csi-spdk sim`` on ``rpc`` and wait until it answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "csi_spdk", "sim", "--rpc-socket", rpc,
+         "--data-dir", str(data_dir), "--log-level", log_level],
+        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    deadline = time.monotonic() + SIM_START_TIMEOUT
+    client = SpdkClient(rpc, timeout=2.0)
     try:
-        start_metrics(metrics_address)
-        for server in servers:
-            server.start()
-        signum = wait_for_signal()
-        log.info("shutting down", extra={"f": {"signal": signum}})
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the SPDK simulator exited with {proc.returncode}")
+            try:
+                client.call("spdk_get_version")
+                return proc
+            except SpdkError:
+                if time.monotonic() > deadline:
+                    stop_simulator(proc)
+                    raise RuntimeError(f"the SPDK simulator did not answer on {rpc} within "
+                                       f"{SIM_START_TIMEOUT:.0f}s") from None
+                time.sleep(0.05)
     finally:
-        for server in servers:
-            with contextlib.suppress(Exception):
-                server.stop()
-        cleanup()
-    return 0
+        client.close()
 
 
-def run_controller(args: argparse.Namespace) -> int:
-    logsetup.setup(args.log_level)
-    return _serve([controller_server(args.config, args.endpoint, args.driver_name)],
-                  args.metrics_address)
-
-
-def run_node(args: argparse.Namespace) -> int:
-    logsetup.setup(args.log_level)
-    return _serve([node_server(args)], args.metrics_address)
+def stop_simulator(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def ensure_lvstore(rpc: str) -> tuple[list[str], bool]:
@@ -107,10 +84,6 @@ def ensure_lvstore(rpc: str) -> tuple[list[str], bool]:
 
     The malloc bdev is 4 GiB, or less when the target has less memory (an
     spdk_tgt started with ``--no-huge -s 2048`` refuses 4 GiB with ENOMEM)."""
-    from .spdk.api import SpdkApi
-    from .spdk.client import SpdkClient
-    from .spdk.errors import SpdkNoSpace
-
     api = SpdkApi(SpdkClient(rpc))
     try:
         names = [lvs["name"] for lvs in api.lvstores()]
@@ -135,10 +108,6 @@ def ensure_lvstore(rpc: str) -> tuple[list[str], bool]:
 
 def drop_dev_lvstore(rpc: str) -> None:
     """Remove the lvstore and malloc bdev ``ensure_lvstore`` made (best effort)."""
-    from .spdk.api import SpdkApi
-    from .spdk.client import SpdkClient
-    from .spdk.errors import SpdkError
-
     api = SpdkApi(SpdkClient(rpc))
     try:
         for method, params in (("bdev_lvol_delete_lvstore", {"lvs_name": DEV_LVSTORE}),
@@ -154,6 +123,9 @@ def drop_dev_lvstore(rpc: str) -> None:
 
 def run_dev(args: argparse.Namespace) -> int:
     """Simulator (or --spdk-rpc) + controller + node, until Ctrl-C/SIGTERM."""
+    from .controller.main import controller_server
+    from .node.main import node_server
+
     logsetup.setup(args.log_level)
     sock_dir = Path(args.socket_dir).resolve()
     sock_dir.mkdir(parents=True, exist_ok=True)
@@ -164,11 +136,8 @@ def run_dev(args: argparse.Namespace) -> int:
     sim = None
     rpc = args.spdk_rpc
     if not rpc:
-        from .sim.server import SimServer
-
         rpc = str(sock_dir / "spdk.sock")
-        sim = SimServer(rpc, str(work / "sim-data"))
-        sim.start()
+        sim = start_simulator(rpc, work / "sim-data", args.log_level)
     try:
         lvstores, made_lvstore = ensure_lvstore(rpc)
         config = {
@@ -195,18 +164,18 @@ def run_dev(args: argparse.Namespace) -> int:
         servers.append(node_server(node_args))
     except BaseException:
         if sim:
-            sim.stop()
+            stop_simulator(sim)
         raise
     print(_dev_banner(sock_dir, rpc, lvstores, sim is not None), flush=True)
 
     def cleanup() -> None:
         if sim:
-            sim.stop()
+            stop_simulator(sim)
         elif made_lvstore:
             drop_dev_lvstore(rpc)
         shutil.rmtree(work, ignore_errors=True)
 
-    return _serve(servers, args.metrics_address, cleanup)
+    return serve(servers, args.metrics_address, cleanup)
 
 
 def _dev_banner(sock_dir: Path, rpc: str, lvstores: list[str], simulated: bool) -> str:
@@ -226,4 +195,4 @@ def _dev_banner(sock_dir: Path, rpc: str, lvstores: list[str], simulated: bool) 
     ])
 
 
-__all__ = ["run_controller", "run_node", "run_dev"]
+__all__ = ["run_dev"]

@@ -7,8 +7,8 @@ plugin has one (csi-sanity and other COs read them from the node endpoint).
 expansion is advertised everywhere (the controller grows the lvol while it is published,
 the node grows the file system while it is mounted).
 
-Probe is ready only when ``ready()`` says so (for the controller: every SPDK
-target answers ``spdk_get_version``); not being ready is ``ready=false``,
+Probe is ready only when ``ready()`` says so (for the controller:
+``ControllerServicer.ready``); not being ready is ``ready=false``,
 never an error. Concurrency: stateless apart from ``ready``; every RPC is
 idempotent.
 """
@@ -16,37 +16,18 @@ idempotent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from google.protobuf import wrappers_pb2
 
 from . import __version__
-from .errors import CsiError
 from .locks import KeyedLocks
 from .proto import csi_pb2, csi_pb2_grpc
 from .rpc import rpc
-from .spdk.api import SpdkApi
 
 log = logging.getLogger("csi_spdk.identity")
 
 _PluginCap = csi_pb2.PluginCapability
-
-
-def targets_ready(apis: Iterable[SpdkApi]) -> Callable[[], bool]:
-    """A ``ready`` check: every target answers spdk_get_version."""
-    apis = list(apis)
-
-    def ready() -> bool:
-        for api in apis:
-            try:
-                api.version()
-            except CsiError as err:
-                log.warning("SPDK target not ready", extra={"f": {
-                    "rpc": getattr(api.client, "address", "?"), "error": err.message}})
-                return False
-        return True
-
-    return ready
 
 
 class IdentityServicer(csi_pb2_grpc.IdentityServicer):

@@ -3,6 +3,7 @@ health checking, Prometheus endpoint, graceful shutdown on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -111,3 +112,20 @@ def wait_for_signal() -> int:
     while not got.wait(0.5):
         pass
     return received[0]
+
+
+def serve(servers: list[GrpcServer], metrics_address: str,
+          cleanup: Callable[[], None] = lambda: None) -> int:
+    """Start ``servers`` (and metrics), block until SIGTERM/SIGINT, stop them."""
+    try:
+        start_metrics(metrics_address)
+        for server in servers:
+            server.start()
+        signum = wait_for_signal()
+        log.info("shutting down", extra={"f": {"signal": signum}})
+    finally:
+        for server in servers:
+            with contextlib.suppress(Exception):
+                server.stop()
+        cleanup()
+    return 0

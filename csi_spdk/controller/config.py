@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from . import contract
-from .spdk.api import SpdkApi
-from .spdk.client import DEFAULT_TIMEOUT, SpdkClient, parse_address
+from .. import contract
+from ..spdk.api import SpdkApi
+from ..spdk.client import DEFAULT_TIMEOUT, SpdkClient, parse_address
 
 GiB = 1024 ** 3
 DEFAULT_VOLUME_SIZE = 1 * GiB

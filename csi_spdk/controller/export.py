@@ -21,11 +21,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from . import contract
+from .. import contract
+from ..errors import ResourceExhausted
+from ..spdk.api import SpdkApi
+from ..spdk.errors import SpdkError
 from .config import TargetConfig
-from .errors import ResourceExhausted
-from .spdk.api import SpdkApi
-from .spdk.errors import SpdkError
 
 log = logging.getLogger("csi_spdk.nvmf")
 

@@ -21,7 +21,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from . import contract
+from .. import contract
 from .config import TargetConfig
 
 MiB = 1024 * 1024

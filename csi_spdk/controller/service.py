@@ -19,17 +19,17 @@ are rebuilt as calls arrive.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from google.protobuf import wrappers_pb2
 
-from . import contract, placement
-from .backend import Lvol, Target
-from .config import Config
-from .errors import (
+from .. import contract
+from ..errors import (
     AlreadyExists,
+    CsiError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -38,13 +38,15 @@ from .errors import (
     Unimplemented,
     require,
 )
-from .identity import targets_ready
-from .locks import KeyedLocks
-from .proto import csi_pb2, csi_pb2_grpc
-from .rpc import rpc
+from ..locks import KeyedLocks
+from ..proto import csi_pb2, csi_pb2_grpc
+from ..rpc import rpc
+from ..spdk.api import SpdkApi
+from ..spdk.errors import SpdkExists, SpdkNoSpace, SpdkNotFound
+from . import placement
+from .config import Config
 from .snapshots import SnapshotsMixin, paginate
-from .spdk.api import SpdkApi
-from .spdk.errors import SpdkExists, SpdkNoSpace, SpdkNotFound
+from .target import Lvol, Target
 
 _Mode = csi_pb2.VolumeCapability.AccessMode
 SINGLE_NODE_MODES = frozenset({_Mode.SINGLE_NODE_WRITER, _Mode.SINGLE_NODE_READER_ONLY,
@@ -65,6 +67,26 @@ CONTROLLER_CAPABILITIES = (
     _RPC.EXPAND_VOLUME, _RPC.LIST_VOLUMES_PUBLISHED_NODES, _RPC.GET_VOLUME,
     _RPC.VOLUME_CONDITION, _RPC.PUBLISH_READONLY, _RPC.SINGLE_NODE_MULTI_WRITER,
 )
+
+
+log = logging.getLogger("csi_spdk.controller")
+
+
+def targets_ready(apis: Iterable[SpdkApi]) -> Callable[[], bool]:
+    """A ``ready`` check: every target answers spdk_get_version."""
+    apis = list(apis)
+
+    def ready() -> bool:
+        for api in apis:
+            try:
+                api.version()
+            except CsiError as err:
+                log.warning("SPDK target not ready", extra={"f": {
+                    "rpc": getattr(api.client, "address", "?"), "error": err.message}})
+                return False
+        return True
+
+    return ready
 
 
 # --- request validation ------------------------------------------------------------

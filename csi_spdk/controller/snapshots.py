@@ -28,12 +28,12 @@ import threading
 
 from google.protobuf import timestamp_pb2
 
-from . import contract
-from .backend import Lvol, Target
-from .errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
-from .proto import csi_pb2
-from .rpc import rpc
-from .spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
+from .. import contract
+from ..errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
+from ..proto import csi_pb2
+from ..rpc import rpc
+from ..spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
+from .target import Lvol, Target
 
 
 def paginate(entries: list, starting_token: str, max_entries: int) -> tuple[list, str]:

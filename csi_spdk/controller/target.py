@@ -17,12 +17,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import contract, metrics
+from .. import contract, metrics
+from ..spdk.api import SpdkApi
+from ..spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
 from .config import TargetConfig
-from .nvmf import NvmfExporter
+from .export import NvmfExporter
 from .placement import Pool
-from .spdk.api import SpdkApi
-from .spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
 
 PROVISIONED_TTL = 30.0
 MARK_BYTES = 1024 * 1024  # a deleted-snapshot marker's size (thin: no cluster is used)

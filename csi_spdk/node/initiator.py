@@ -37,8 +37,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from . import contract
-from .errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from .. import contract
+from ..errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
 from .sysfs import read_attr as _read
 
 log = logging.getLogger("csi_spdk.initiator")

@@ -26,8 +26,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from . import contract
-from .errors import (
+from .. import contract
+from ..errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -35,11 +35,11 @@ from .errors import (
     Unavailable,
     require,
 )
-from .locks import KeyedLocks
+from ..locks import KeyedLocks
+from ..proto import csi_pb2, csi_pb2_grpc
+from ..rpc import rpc
 from .mount import SUPPORTED_FS, Mounter
-from .proto import csi_pb2, csi_pb2_grpc
 from .readonly_block import ReadOnlyLoops
-from .rpc import rpc
 
 log = logging.getLogger("csi_spdk.node")
 

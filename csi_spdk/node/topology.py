@@ -51,7 +51,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
-from . import contract
+from .. import contract
 from .sysfs import read_attr as _read
 
 log = logging.getLogger("csi_spdk.topology")
@@ -230,9 +230,9 @@ def inventory(sysfs_root: str = "/sys", spdk_rpc: str = "",
     """
     ssds = sysfs_ssds(sysfs_root)
     if spdk_rpc:
-        from .spdk.api import SpdkApi
-        from .spdk.client import SpdkClient
-        from .spdk.errors import SpdkTransportError
+        from ..spdk.api import SpdkApi
+        from ..spdk.client import SpdkClient
+        from ..spdk.errors import SpdkTransportError
 
         try:
             with SpdkClient(spdk_rpc, timeout=10.0) as client:

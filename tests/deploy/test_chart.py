@@ -169,7 +169,7 @@ def test_node_id_comes_from_spec_node_name():
 def _accepted_parameters() -> tuple[set[str], str, dict[str, set[str]]]:
     """(keys, prefix of ignored keys, allowed values) as the driver defines them."""
     try:
-        from csi_spdk import controller
+        from csi_spdk.controller import service as controller
         keys = set(controller.PARAM_KEYS)
         prefix = controller.K8S_PARAM_PREFIX
         allowed = {"clearMethod": set(controller.CLEAR_METHODS),
@@ -223,7 +223,7 @@ def test_storageclass_parameters_are_accepted(value_set):
 
 @pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
 def test_configmap_loads_with_the_driver(value_set):
-    from csi_spdk import config
+    from csi_spdk.controller import config
 
     objs = render_docs(value_set)
     cms = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-config")]

@@ -18,9 +18,9 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from csi_spdk import config as cfgmod
 from csi_spdk import contract
-from csi_spdk.controller import ControllerServicer
+from csi_spdk.controller import config as cfgmod
+from csi_spdk.controller.service import ControllerServicer
 from csi_spdk.proto import csi_pb2
 from csi_spdk.spdk.api import SpdkApi
 from csi_spdk.spdk.client import SpdkClient

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from csi_spdk import config
+from csi_spdk.controller import config
 
 GOOD = """
 targets:

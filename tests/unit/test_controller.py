@@ -19,7 +19,7 @@ from controller_fixtures import (
 )
 
 from csi_spdk import contract, metrics
-from csi_spdk.controller import CONTROLLER_CAPABILITIES
+from csi_spdk.controller.service import CONTROLLER_CAPABILITIES
 from csi_spdk.proto import csi_pb2
 
 C = grpc.StatusCode
@@ -572,7 +572,7 @@ def test_get_volume_and_validate(env):
 
 
 def test_volume_condition_abnormal_when_lvstore_missing(env):
-    from csi_spdk.backend import Lvol
+    from csi_spdk.controller.target import Lvol
     cond = env.servicer._condition(env.servicer.targets[env.t0.name],
                                    Lvol("u", "csi-x", "lvs", "gone", 1, False, False, False),
                                    {"other"})

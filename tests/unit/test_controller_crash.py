@@ -17,9 +17,9 @@ from controller_fixtures import (
     uuid_of,
 )
 
-from csi_spdk import config as cfgmod
 from csi_spdk import contract
-from csi_spdk.controller import ControllerServicer
+from csi_spdk.controller import config as cfgmod
+from csi_spdk.controller.service import ControllerServicer
 from csi_spdk.identity import IdentityServicer
 from csi_spdk.proto import csi_pb2, csi_pb2_grpc
 from csi_spdk.server import GrpcServer

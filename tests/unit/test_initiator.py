@@ -14,7 +14,7 @@ import fakesys  # noqa: E402
 
 from csi_spdk import contract  # noqa: E402
 from csi_spdk.errors import FailedPrecondition, InvalidArgument, Unavailable  # noqa: E402
-from csi_spdk.initiator import NvmeTcpInitiator  # noqa: E402
+from csi_spdk.node.initiator import NvmeTcpInitiator  # noqa: E402
 
 NS1 = "5b0c7b0e-3c1e-4e7a-9c55-0a8f3c4b7d21"
 NS2 = "0d6f1f4a-8a57-4e0a-b1c2-7e7a5d3a9b10"

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import loopdev  # noqa: E402
 
 from csi_spdk.errors import FailedPrecondition, InvalidArgument  # noqa: E402
-from csi_spdk.mount import Mounter, parse_mountinfo  # noqa: E402
+from csi_spdk.node.mount import Mounter, parse_mountinfo  # noqa: E402
 
 MiB = 1 << 20
 
@@ -198,7 +198,7 @@ def test_mkfs_too_small_message_is_mapped_too(loops, m, monkeypatch):
     still becomes FAILED_PRECONDITION naming the fsType, not INTERNAL."""
     if not loopdev.have("mkfs.xfs"):
         pytest.skip("needs xfsprogs")
-    import csi_spdk.mount as mount_mod
+    import csi_spdk.node.mount as mount_mod
     monkeypatch.setattr(mount_mod, "MIN_FS_BYTES", {})
     dev, _ = loops.make(size=64 * MiB)
     with pytest.raises(FailedPrecondition, match=r"cannot create a xfs filesystem.*larger than"):
@@ -221,7 +221,7 @@ def _cmd_probe(dev):
 
 def test_in_process_probe_agrees_with_blkid_command(loops, m):
     """libblkid in process answers exactly what ``blkid -p`` answers."""
-    from csi_spdk import blkid
+    from csi_spdk.node import blkid
     if blkid._load() is None:
         pytest.skip("libblkid.so.1 not loadable")
     cases = {"empty": None, "ext4": ["mkfs.ext4", "-q"], "swap": ["mkswap"]}
@@ -262,7 +262,7 @@ def test_in_process_probe_agrees_with_blkid_command(loops, m):
 
 
 def test_probe_falls_back_to_the_blkid_command(loops, m, monkeypatch):
-    from csi_spdk import blkid
+    from csi_spdk.node import blkid
     monkeypatch.setattr(blkid, "_load", lambda: None)
     dev, _ = loops.make(size=16 * MiB)
     assert m.probe(dev).empty

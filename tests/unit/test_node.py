@@ -16,10 +16,10 @@ import loopdev  # noqa: E402
 
 from csi_spdk import contract  # noqa: E402
 from csi_spdk.errors import Unavailable  # noqa: E402
-from csi_spdk.mount import Mounter  # noqa: E402
-from csi_spdk.node import NodeServicer  # noqa: E402
+from csi_spdk.node.mount import Mounter  # noqa: E402
+from csi_spdk.node.readonly_block import ReadOnlyLoops  # noqa: E402
+from csi_spdk.node.service import NodeServicer  # noqa: E402
 from csi_spdk.proto import csi_pb2  # noqa: E402
-from csi_spdk.readonly_block import ReadOnlyLoops  # noqa: E402
 
 MiB = 1 << 20
 Mode = csi_pb2.VolumeCapability.AccessMode
@@ -291,7 +291,7 @@ def test_ext4_expand(env):
 
 
 def test_expand_waits_then_gives_up_when_device_did_not_grow(env, monkeypatch):
-    import csi_spdk.node as node_mod
+    import csi_spdk.node.service as node_mod
     monkeypatch.setattr(node_mod, "_EXPAND_WAIT", 0.2)
     env.export()
     env.stage()

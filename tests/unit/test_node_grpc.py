@@ -14,7 +14,7 @@ import loopdev  # noqa: E402
 from test_node import UUID1, VOL1, Env, block_cap, mount_cap, pc  # noqa: E402
 
 from csi_spdk import contract  # noqa: E402
-from csi_spdk.mount import Mounter  # noqa: E402
+from csi_spdk.node.mount import Mounter  # noqa: E402
 from csi_spdk.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
 from csi_spdk.server import GrpcServer  # noqa: E402
 

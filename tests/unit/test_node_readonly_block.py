@@ -13,9 +13,9 @@ import pytest
 from test_node import UUID1, VOL1, Env, block_cap, code_of, make_env, mounted
 
 from csi_spdk import contract
-from csi_spdk.mount import Mounter
+from csi_spdk.node.mount import Mounter
+from csi_spdk.node.readonly_block import ReadOnlyLoops
 from csi_spdk.proto import csi_pb2
-from csi_spdk.readonly_block import ReadOnlyLoops
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 MiB = 1 << 20

@@ -6,8 +6,8 @@ import pytest
 from controller_fixtures import Crash
 
 from csi_spdk import contract
+from csi_spdk.controller.export import NvmfExporter
 from csi_spdk.errors import ResourceExhausted
-from csi_spdk.nvmf import NvmfExporter
 from csi_spdk.spdk.errors import SpdkError
 
 H1, H2 = contract.host_nqn("node-1"), contract.host_nqn("node-2")

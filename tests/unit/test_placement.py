@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from csi_spdk import contract, placement
-from csi_spdk.config import TargetConfig
+from csi_spdk import contract
+from csi_spdk.controller import placement
+from csi_spdk.controller.config import TargetConfig
 
 MiB = placement.MiB
 N = contract.TOPOLOGY_NODE_KEY

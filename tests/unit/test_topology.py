@@ -11,7 +11,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import fakesys  # noqa: E402
 
-from csi_spdk import contract, topology  # noqa: E402
+from csi_spdk import contract
+from csi_spdk.node import topology  # noqa: E402
 
 LABEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
 

@@ -93,7 +93,7 @@ csi_stack_start() {
     echo $! > "$CSI_RUN/sim.pid"
     wait_for 60 test -S "$SPDK_RPC" || { cat "$CSI_RUN/sim.log"; return 1; }
   fi
-  _lvs=$(python3 -c 'import json, sys; from csi_spdk.app import ensure_lvstore
+  _lvs=$(python3 -c 'import json, sys; from csi_spdk.dev import ensure_lvstore
 print(json.dumps(ensure_lvstore(sys.argv[1])[0]))' "$SPDK_RPC") || return 1
   cat > "$CSI_RUN/controller.json" <<JSON
 {"targets": [{"name": "guest", "rpc": "$SPDK_RPC",

@@ -1,0 +1,8 @@
+"""The controller wing: CSI Identity + Controller over SPDK targets.
+
+``service.py`` (volumes, publish, capacity) and ``snapshots.py`` are the CSI
+Controller service; ``target.py`` is the controller's model of one SPDK target,
+``export.py`` its NVMe/TCP export strategy, ``placement.py`` the placement
+policy, ``config.py`` the config file, ``main.py`` the process wiring.
+Imports the package root and ``spdk/``; never ``node/``, ``agent/`` or ``sim/``.
+"""
