@@ -2,8 +2,9 @@
 
 ``ControllerServicer(config, driver_name, apis=None)``; ``apis`` maps target
 names to ``SpdkApi`` objects (tests inject wrapped ones), by default each
-target gets ``SpdkApi(SpdkClient(rpc, rpcTimeout))``. Snapshot RPCs live in
-``snapshots.py``, the SPDK model in ``backend.py``.
+target gets ``SpdkApi(SpdkClient(rpc, rpcTimeout))``. The create paths live
+in ``create.py``, request validation in ``requests.py``, the snapshot RPCs in
+``snapshots.py``, the model of one SPDK target in ``target.py``.
 
 Concurrency: every RPC holds a try-lock on its volume id or name (``@rpc``), a
 second call on the same key is ABORTED, different volumes run in parallel. A
@@ -22,7 +23,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 from google.protobuf import wrappers_pb2
 
@@ -42,23 +42,24 @@ from ..locks import KeyedLocks
 from ..proto import csi_pb2, csi_pb2_grpc
 from ..rpc import rpc
 from ..spdk.api import SpdkApi
-from ..spdk.errors import SpdkExists, SpdkNoSpace, SpdkNotFound
+from ..spdk.errors import SpdkNoSpace, SpdkNotFound
 from . import placement
 from .config import Config
-from .snapshots import SnapshotsMixin, paginate
-from .target import Lvol, Target
-
-_Mode = csi_pb2.VolumeCapability.AccessMode
-SINGLE_NODE_MODES = frozenset({_Mode.SINGLE_NODE_WRITER, _Mode.SINGLE_NODE_READER_ONLY,
-                               _Mode.SINGLE_NODE_SINGLE_WRITER, _Mode.SINGLE_NODE_MULTI_WRITER})
-FS_TYPES = ("ext4", "xfs")
-# Smallest device each filesystem's mkfs accepts: xfsprogs >= 5.19 refuses
-# data sections under 300 MiB. A mount volume is rounded up to this so that
-# NodeStageVolume cannot fail on a size the controller chose.
-FS_MIN_BYTES = {"xfs": 300 * 1024 * 1024}
-CLEAR_METHODS = ("none", "unmap", "write_zeroes")
-PARAM_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType")
-K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
+from .create import CreateRequest, create_empty, create_from_snapshot, create_from_volume
+from .requests import (
+    K8S_PARAM_PREFIX,
+    PARAM_KEYS,
+    VolumeParams,
+    capability_problem,
+    capacity_range,
+    check_capabilities,
+    filesystem_floor,
+    is_single_node,
+    parse_params,
+    segments_of,
+)
+from .snapshots import SnapshotService, paginate
+from .target import Lvol, Target, Targets
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
 CONTROLLER_CAPABILITIES = (
@@ -89,99 +90,13 @@ def targets_ready(apis: Iterable[SpdkApi]) -> Callable[[], bool]:
     return ready
 
 
-# --- request validation ------------------------------------------------------------
-def capability_problem(cap: csi_pb2.VolumeCapability) -> str | None:
-    """Why a capability is unsupported, or None when it is supported."""
-    kind = cap.WhichOneof("access_type")
-    if kind is None:
-        return "volume capability needs an access type (block or mount)"
-    mode = cap.access_mode.mode
-    if mode == _Mode.MULTI_NODE_MULTI_WRITER and kind != "block":
-        return "MULTI_NODE_MULTI_WRITER is supported for block volumes only"
-    if mode not in SINGLE_NODE_MODES | {_Mode.MULTI_NODE_READER_ONLY,
-                                        _Mode.MULTI_NODE_MULTI_WRITER}:
-        return f"access mode {_Mode.Mode.Name(mode)} is not supported"
-    if kind == "mount" and cap.mount.fs_type and cap.mount.fs_type not in FS_TYPES:
-        return f"fs_type {cap.mount.fs_type!r} is not supported (use {' or '.join(FS_TYPES)})"
-    return None
-
-
-def check_capabilities(caps) -> None:
-    require(caps, "volume_capabilities")
-    for cap in caps:
-        problem = capability_problem(cap)
-        if problem:
-            raise InvalidArgument(problem)
-
-
-def filesystem_floor(caps, params_fs: str) -> tuple[str, int]:
-    """(fs type, smallest size it can be made on) for the mount capabilities
-    of a request; ("", 0) for block-only requests or filesystems without one."""
-    for cap in caps:
-        if cap.WhichOneof("access_type") == "mount":
-            fs = cap.mount.fs_type or params_fs
-            if fs in FS_MIN_BYTES:
-                return fs, FS_MIN_BYTES[fs]
-    return "", 0
-
-
-def is_single_node(cap: csi_pb2.VolumeCapability) -> bool:
-    return cap.access_mode.mode in SINGLE_NODE_MODES
-
-
-@dataclass(frozen=True)
-class VolumeParams:
-    target: str = ""
-    lvstore: str = ""
-    thin: bool = False
-    clear_method: str = ""
-    fs_type: str = ""
-
-
-def parse_params(params: Mapping[str, str], config: Config) -> VolumeParams:
-    """StorageClass parameters (docs/DESIGN.md); unknown keys are INVALID_ARGUMENT."""
-    for key in params:
-        if key not in PARAM_KEYS and not key.startswith(K8S_PARAM_PREFIX):
-            raise InvalidArgument(f"unknown parameter {key!r}; accepted: "
-                                  f"{', '.join(PARAM_KEYS)} and {K8S_PARAM_PREFIX}*")
-    target = params.get("target", "")
-    if target and config.target(target) is None:
-        raise InvalidArgument(f"parameter target={target!r} is not a configured target "
-                              f"({', '.join(config.target_names)})")
-    thin = params.get("thinProvision", "false").lower()
-    if thin not in ("true", "false"):
-        raise InvalidArgument(f"parameter thinProvision={params['thinProvision']!r} "
-                              "must be true or false")
-    clear = params.get("clearMethod", "")
-    if clear and clear not in CLEAR_METHODS:
-        raise InvalidArgument(f"parameter clearMethod={clear!r} must be one of "
-                              f"{', '.join(CLEAR_METHODS)}")
-    fs = params.get("fsType", "")
-    if fs and fs not in FS_TYPES:
-        raise InvalidArgument(f"parameter fsType={fs!r} must be one of {', '.join(FS_TYPES)}")
-    return VolumeParams(target, params.get("lvstore", ""), thin == "true", clear, fs)
-
-
-def capacity_range(req) -> tuple[int, int]:
-    required, limit = req.capacity_range.required_bytes, req.capacity_range.limit_bytes
-    if required < 0 or limit < 0:
-        raise OutOfRange("capacity_range bytes must not be negative")
-    if limit and required > limit:
-        raise OutOfRange(f"required_bytes {required} exceeds limit_bytes {limit}")
-    return required, limit
-
-
 def _topology(target: Target) -> list[csi_pb2.Topology]:
     """No constraint unless the target has labels (then nodes must carry them)."""
     segment = target.cfg.segment()
     return [csi_pb2.Topology(segments=segment)] if segment else []
 
 
-def _segments(topologies) -> list[dict[str, str]]:
-    return [dict(t.segments) for t in topologies]
-
-
-class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
+class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
     """The CSI Controller service over the configured SPDK targets."""
 
     def __init__(self, config: Config, driver_name: str,
@@ -190,12 +105,12 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
         self.config = config
         self.driver_name = driver_name
         apis = apis or {}
-        self.targets: dict[str, Target] = {
-            t.name: Target(t, apis.get(t.name) or t.make_api()) for t in config.targets}
+        self.targets = Targets(
+            (t.name, Target(t, apis.get(t.name) or t.make_api())) for t in config.targets)
         self._hints = threading.Lock()
         self._node_ids: dict[str, str] = {}                  # host NQN -> CSI node id
         self._publishes: dict[tuple[str, str], tuple] = {}   # (uuid, host) -> (cap, ro)
-        SnapshotsMixin.__init__(self)
+        SnapshotService.__init__(self, self.targets, self.locks)
 
     def ready(self) -> bool:
         """For Identity.Probe: every target answers spdk_get_version."""
@@ -207,20 +122,6 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
                 t.api.client.close()
 
     # --- helpers -----------------------------------------------------------------
-    def _target(self, oid: contract.ObjectId, kind: str = "volume") -> Target:
-        target = self.targets.get(oid.target)
-        if target is None:
-            raise NotFound(f"{kind} {oid} does not exist (no configured target {oid.target!r})")
-        return target
-
-    def _volume(self, volume_id: str) -> tuple[Target, Lvol]:
-        oid = contract.parse_id(volume_id)
-        target = self._target(oid)
-        lv = target.lvol(oid.lvol_uuid)
-        if lv is None or not contract.is_volume_lvol(lv.name) or lv.snapshot:
-            raise NotFound(f"volume {volume_id} does not exist")
-        return target, lv
-
     @staticmethod
     def _volume_msg(target: Target, lv: Lvol, fs_type: str = "") -> csi_pb2.Volume:
         """The CSI Volume of an lvol; its volume_context is the node's contract."""
@@ -240,34 +141,6 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
             vol.content_source.CopyFrom(source)
         return csi_pb2.CreateVolumeResponse(volume=vol)
 
-    def _find(self, lvol_name: str) -> tuple[Target, Lvol | None, dict[str, list[dict]]]:
-        """Look the lvol name up in every target/lvstore (one bdev_get each).
-
-        Returns the hit (or None) and each target's lvstores for placement. An
-        unreachable target is an error: the name might exist there.
-        """
-        lvstores: dict[str, list[dict]] = {}
-        for target in self.targets.values():
-            lvstores[target.name] = target.lvstores()
-            for lvs in lvstores[target.name]:
-                lv = target.lvol_by_name(lvs["name"], lvol_name)
-                if lv is not None:
-                    return target, lv, lvstores
-        return None, None, lvstores  # type: ignore[return-value]
-
-    def _size_in(self, required: int, limit: int, cluster: int) -> int | None:
-        """The volume size in an lvstore with this cluster size, or None if
-        no whole number of clusters fits the range."""
-        if required:
-            size = placement.align(required, cluster)
-        else:
-            size = placement.align(self.config.default_volume_size, cluster)
-            if limit and size > limit:
-                size = placement.align_down(limit, cluster)
-        if size <= 0 or (limit and size > limit):
-            return None
-        return size
-
     # --- CreateVolume ----------------------------------------------------------
     @rpc(lock=("name",))
     def CreateVolume(self, request, context):
@@ -282,153 +155,29 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
         if floor and required < floor:
             # more than asked for is still within the range (the limit is not below it)
             required = max(floor, required or self.config.default_volume_size)
-        requisite = _segments(request.accessibility_requirements.requisite)
-        preferred = _segments(request.accessibility_requirements.preferred)
-        lvol_name = contract.volume_lvol_name(request.name)
         source = request.volume_content_source \
             if request.HasField("volume_content_source") else None
         kind = source.WhichOneof("type") if source is not None else None
         if source is not None and kind is None:
             raise InvalidArgument("volume_content_source needs a snapshot or a volume")
-
-        target, lv, lvstores = self._find(lvol_name)
         if kind == "volume":
-            src_id = source.volume.volume_id
-            require(src_id, "volume_content_source.volume.volume_id")
-            with self.locks.hold([src_id], what="CreateVolume from this source"):
-                return self._create_clone(request, params, required, limit, requisite,
-                                          lvol_name, source, target, lv, lvstores)
-        if kind == "snapshot":
-            return self._create_clone(request, params, required, limit, requisite,
-                                      lvol_name, source, target, lv, lvstores)
-        if lv is not None:
-            self._check_size(request.name, lv, required, limit)
-            return self._volume_response(target, lv, params, None)
-        return self._create_empty(request.name, params, required, limit, requisite, preferred,
-                                  lvol_name, lvstores)
+            require(source.volume.volume_id, "volume_content_source.volume.volume_id")
 
-    @staticmethod
-    def _check_size(name: str, lv: Lvol, required: int, limit: int) -> None:
-        if lv.size < required or (limit and lv.size > limit):
-            raise AlreadyExists(f"volume {name!r} already exists with {lv.size} bytes, "
-                                f"which is outside the requested range [{required}, "
-                                f"{limit or 'unlimited'}]")
-
-    def _create_empty(self, name, params, required, limit, requisite, preferred,
-                      lvol_name, lvstores):
-        pools = []
-        for tname, stores in lvstores.items():
-            if params.target and tname != params.target:
-                continue
-            target = self.targets[tname]
-            for lvs in stores:
-                if params.lvstore and lvs["name"] != params.lvstore:
-                    continue
-                pools.append(target.pool(lvs, with_provisioned=params.thin))
-        if not pools:
-            where = f"target {params.target!r}" if params.target else "any configured target"
-            what = f"lvstore {params.lvstore!r}" if params.lvstore else "an lvstore"
-            raise InvalidArgument(f"{where} has no {what}")
-        sizes = {(p.target.name, p.lvstore): self._size_in(required, limit, p.cluster_size)
-                 for p in pools}
-        pools = [p for p in pools if sizes[(p.target.name, p.lvstore)] is not None]
-        if not pools:
-            raise OutOfRange(f"no lvstore can hold a volume in [{required}, {limit}] bytes "
-                             "(sizes are whole clusters)")
-        ratio = self.config.thin_overcommit_ratio
-        ranked = placement.rank(pools, lambda p: sizes[(p.target.name, p.lvstore)],
-                                params.thin, ratio, requisite, preferred)
-        if not ranked:
-            raise ResourceExhausted(
-                f"no lvstore {'accessible from the requested topology ' if requisite else ''}"
-                f"has room for a {'thin' if params.thin else 'thick'} volume of "
-                f"{min(sizes.values())} bytes")
-        for pool in ranked:
-            target = self.targets[pool.target.name]
-            size = sizes[(pool.target.name, pool.lvstore)]
-            try:
-                uuid = target.api.lvol_create(pool.lvstore, lvol_name, size, params.thin,
-                                              params.clear_method or None)
-            except SpdkNoSpace:
-                continue  # raced for the space: try the next pool
-            except SpdkExists:
-                lv = target.lvol_by_name(pool.lvstore, lvol_name)
-                if lv is None:
-                    raise
-                self._check_size(name, lv, required, limit)
-                return self._volume_response(target, lv, params, None)
-            target.adjust_provisioned(pool.lvstore, size)
-            lv = Lvol(uuid=uuid, name=lvol_name, lvstore=pool.lvstore, lvs_uuid="",
-                      size=size, thin=params.thin, snapshot=False, clone=False)
-            return self._volume_response(target, lv, params, None)
-        raise ResourceExhausted("every suitable lvstore ran out of space; retry later")
-
-    def _create_clone(self, request, params, required, limit, requisite, lvol_name, source,
-                      found_target, found_lv, lvstores):
-        """Create (or finish creating) a clone of a snapshot or of a volume."""
-        name = request.name
-        if source.WhichOneof("type") == "snapshot":
-            snap_id = contract.parse_id(source.snapshot.snapshot_id, "snapshot")
-            target = self._target(snap_id, "snapshot")
-            snap = target.lvol(snap_id.lvol_uuid)
-            if snap is None or not snap.snapshot or not contract.is_snapshot_lvol(snap.name) \
-                    or target.deleted_mark(snap) is not None:
-                snap = None
-            if snap is None and found_lv is not None and found_target is target:
-                # The snapshot was deleted after the clone (it merged into it).
-                self._check_size(name, found_lv, required, limit)
-                return self._volume_response(target, found_lv, params, source)
-            if snap is None:
-                raise NotFound(f"snapshot {source.snapshot.snapshot_id} does not exist")
+        req = CreateRequest(
+            name=request.name, lvol_name=contract.volume_lvol_name(request.name),
+            params=params, required=required, limit=limit,
+            requisite=segments_of(request.accessibility_requirements.requisite),
+            preferred=segments_of(request.accessibility_requirements.preferred),
+            source=source)
+        req.found_target, req.found, req.lvstores = self.targets.find(req.lvol_name)
+        if kind == "volume":
+            with self.locks.hold([source.volume.volume_id],
+                                 what="CreateVolume from this source"):
+                target, lv = create_from_volume(self.targets, req)
+        elif kind == "snapshot":
+            target, lv = create_from_snapshot(self.targets, req)
         else:
-            target, src = self._volume(source.volume.volume_id)
-            csic = contract.clone_source_lvol_name(name)
-            snap = target.lvol_by_name(src.lvstore, csic)
-            if snap is None and found_lv is None:
-                with contextlib.suppress(SpdkExists):
-                    target.api.snapshot(src.uuid, csic)
-                snap = target.lvol_by_name(src.lvstore, csic)
-                if snap is None:
-                    raise NotFound(f"clone source snapshot {csic} vanished; retry")
-        if found_lv is not None:
-            compatible = found_target is target and snap is not None and \
-                found_lv.lvstore == snap.lvstore and found_lv.base_snapshot == snap.name
-            if not compatible:
-                raise AlreadyExists(f"volume {name!r} already exists with a different "
-                                    "content source")
-        if params.target and params.target != target.name or \
-                params.lvstore and params.lvstore != snap.lvstore:
-            raise InvalidArgument(f"the content source lives on {target.name}/{snap.lvstore}, "
-                                  "which contradicts the target/lvstore parameters")
-        if not placement.accessible(target.cfg, requisite):
-            raise ResourceExhausted(f"the content source lives on target {target.name}, "
-                                    "which is not accessible from the requested topology")
-        if limit and snap.size > limit:
-            raise OutOfRange(f"the content source has {snap.size} bytes, more than "
-                             f"limit_bytes {limit}")
-        cluster = next((int(s["cluster_size"]) for s in lvstores.get(target.name, [])
-                        if s["name"] == snap.lvstore), 0)
-        size = max(snap.size, placement.align(required, cluster) if required else 0)
-        if limit and size > limit:
-            size = snap.size
-        lv = found_lv
-        if lv is None:
-            try:
-                uuid = target.api.clone(snap.alias, lvol_name)
-            except SpdkExists:
-                uuid = None
-            lv = target.lvol(uuid) if uuid else target.lvol_by_name(snap.lvstore, lvol_name)
-            if lv is None:
-                raise NotFound(f"clone {lvol_name} vanished after creation; retry")
-        if lv.size < size and lv.size == snap.size:
-            # New clone, or a retry after a crash between clone and resize.
-            try:
-                target.api.lvol_resize(lv.uuid, size)
-            except SpdkNoSpace as err:
-                raise ResourceExhausted(f"no space to grow the clone to {size} bytes") from err
-            lv.size = size
-            target.adjust_provisioned(lv.lvstore, size)
-        self._check_size(name, lv, required, limit)
+            target, lv = create_empty(self.targets, self.config, req)
         return self._volume_response(target, lv, params, source)
 
     # --- DeleteVolume ----------------------------------------------------------
@@ -441,7 +190,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
         require(request.volume_id, "volume_id")
         try:
             oid = contract.parse_id(request.volume_id)
-            target = self._target(oid)
+            target = self.targets.of(oid)
         except NotFound:
             return csi_pb2.DeleteVolumeResponse()
         lv = target.lvol(oid.lvol_uuid)
@@ -474,7 +223,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
         require(request.node_id, "node_id")
         require(request.HasField("volume_capability"), "volume_capability")
         check_capabilities([request.volume_capability])
-        target, lv = self._volume(request.volume_id)
+        target, lv = self.targets.volume(request.volume_id)
         if self.config.nodes is not None and request.node_id not in self.config.nodes:
             raise NotFound(f"node {request.node_id!r} does not exist (known nodes: "
                            f"{', '.join(sorted(self.config.nodes)) or 'none'})")
@@ -511,7 +260,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
         require(request.volume_id, "volume_id")
         try:
             oid = contract.parse_id(request.volume_id)
-            target = self._target(oid)
+            target = self.targets.of(oid)
         except NotFound:
             return csi_pb2.ControllerUnpublishVolumeResponse()
         exporter = target.exporter
@@ -532,7 +281,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
     def ValidateVolumeCapabilities(self, request, context):
         require(request.volume_id, "volume_id")
         require(request.volume_capabilities, "volume_capabilities")
-        self._volume(request.volume_id)
+        self.targets.volume(request.volume_id)
         for key in request.parameters:
             if key not in PARAM_KEYS and not key.startswith(K8S_PARAM_PREFIX):
                 return csi_pb2.ValidateVolumeCapabilitiesResponse(
@@ -591,7 +340,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
     @rpc(lock=("volume_id",))
     def ControllerGetVolume(self, request, context):
         require(request.volume_id, "volume_id")
-        target, lv = self._volume(request.volume_id)
+        target, lv = self.targets.volume(request.volume_id)
         stores = {s["uuid"] for s in target.api.lvstores()}
         hosts = target.exporter.hosts(lv.uuid)
         vol = self._volume_msg(target, lv)
@@ -645,7 +394,7 @@ class ControllerServicer(SnapshotsMixin, csi_pb2_grpc.ControllerServicer):
             node_expansion = request.volume_capability.WhichOneof("access_type") != "block"
         else:
             node_expansion = True
-        target, lv = self._volume(request.volume_id)
+        target, lv = self.targets.volume(request.volume_id)
         if required <= lv.size:
             return csi_pb2.ControllerExpandVolumeResponse(
                 capacity_bytes=lv.size, node_expansion_required=node_expansion)

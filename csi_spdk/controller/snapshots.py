@@ -1,4 +1,4 @@
-"""Snapshot half of the Controller service (mixed into ``ControllerServicer``).
+"""The snapshot RPCs of the Controller service (``SnapshotService``).
 
 A CSI snapshot is an SPDK lvol snapshot named ``contract.snapshot_lvol_name``
 in its source volume's lvstore; its id is ``<target>:<snapshot uuid>``.
@@ -30,10 +30,11 @@ from google.protobuf import timestamp_pb2
 
 from .. import contract
 from ..errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
+from ..locks import KeyedLocks
 from ..proto import csi_pb2
 from ..rpc import rpc
 from ..spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
-from .target import Lvol, Target
+from .target import Lvol, Target, Targets
 
 
 def paginate(entries: list, starting_token: str, max_entries: int) -> tuple[list, str]:
@@ -62,13 +63,17 @@ def _now() -> timestamp_pb2.Timestamp:
     return ts
 
 
-class SnapshotsMixin:
-    """CreateSnapshot, DeleteSnapshot, ListSnapshots. Needs ``self.targets``,
-    ``self.locks`` and ``self._volume`` from ControllerServicer."""
+class SnapshotService:
+    """CreateSnapshot, DeleteSnapshot, ListSnapshots over the given ``Targets``.
 
-    targets: dict[str, Target]
+    ``ControllerServicer`` inherits these RPCs (gRPC looks them up on one
+    servicer object); everything they use is what ``__init__`` is given:
+    the targets with their look-ups, and ``locks`` for the ``@rpc`` stack.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, targets: Targets, locks: KeyedLocks) -> None:
+        self.targets = targets
+        self.locks = locks
         self._snap_mutex = threading.Lock()
         # snapshot uuid -> (source volume id or "", creation/first-seen time)
         self._snap_meta: dict[str, tuple[str, timestamp_pb2.Timestamp]] = {}
@@ -131,7 +136,7 @@ class SnapshotsMixin:
                         f"snapshot {request.name!r} was deleted, but SPDK keeps its data "
                         "until the volumes cloned from it are deleted; use another name")
                 try:
-                    src_target, src = self._volume(request.source_volume_id)
+                    src_target, src = self.targets.volume(request.source_volume_id)
                 except NotFound:
                     src_target = src = None
                 known = self._snap_meta.get(snap.uuid, ("",))[0]
@@ -143,7 +148,7 @@ class SnapshotsMixin:
                                         "different source volume")
                 return csi_pb2.CreateSnapshotResponse(
                     snapshot=self._snapshot_msg(target, snap, request.source_volume_id))
-        target, src = self._volume(request.source_volume_id)
+        target, src = self.targets.volume(request.source_volume_id)
         try:
             uuid = target.api.snapshot(src.uuid, snap_name)
         except SpdkExists:

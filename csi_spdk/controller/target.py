@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import contract, metrics
+from ..errors import NotFound
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
 from .config import TargetConfig
@@ -217,3 +218,42 @@ class Target:
         if not lv.snapshot:
             self.adjust_provisioned(lv.lvstore, -lv.size)
         self.reclaim(lv.lvstore, lv.base_snapshot)
+
+
+class Targets(dict[str, Target]):
+    """The configured targets by name, and the look-ups every RPC starts with.
+
+    Shared by the volume, snapshot and create paths so none of them reaches
+    into another's helpers. Concurrency: read-only after construction.
+    """
+
+    def of(self, oid: contract.ObjectId, kind: str = "volume") -> Target:
+        """The target an id names; NOT_FOUND when it is not configured."""
+        target = self.get(oid.target)
+        if target is None:
+            raise NotFound(f"{kind} {oid} does not exist (no configured target {oid.target!r})")
+        return target
+
+    def volume(self, volume_id: str) -> tuple[Target, Lvol]:
+        """The target and lvol of a CSI volume id; NOT_FOUND unless it is a volume."""
+        oid = contract.parse_id(volume_id)
+        target = self.of(oid)
+        lv = target.lvol(oid.lvol_uuid)
+        if lv is None or not contract.is_volume_lvol(lv.name) or lv.snapshot:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return target, lv
+
+    def find(self, lvol_name: str) -> tuple[Target | None, Lvol | None, dict[str, list[dict]]]:
+        """Look the lvol name up in every target/lvstore (one bdev_get each).
+
+        Returns the hit (or None) and each target's lvstores for placement. An
+        unreachable target is an error: the name might exist there.
+        """
+        lvstores: dict[str, list[dict]] = {}
+        for target in self.values():
+            lvstores[target.name] = target.lvstores()
+            for lvs in lvstores[target.name]:
+                lv = target.lvol_by_name(lvs["name"], lvol_name)
+                if lv is not None:
+                    return target, lv, lvstores
+        return None, None, lvstores

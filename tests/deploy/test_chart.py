@@ -169,7 +169,7 @@ def test_node_id_comes_from_spec_node_name():
 def _accepted_parameters() -> tuple[set[str], str, dict[str, set[str]]]:
     """(keys, prefix of ignored keys, allowed values) as the driver defines them."""
     try:
-        from csi_spdk.controller import service as controller
+        from csi_spdk.controller import requests as controller
         keys = set(controller.PARAM_KEYS)
         prefix = controller.K8S_PARAM_PREFIX
         allowed = {"clearMethod": set(controller.CLEAR_METHODS),

@@ -1,0 +1,109 @@
+"""Request validation shared by the Controller RPCs: capabilities, StorageClass
+parameters, capacity ranges. Pure functions; every problem is a CsiError with
+the gRPC code the CSI spec asks for and a message naming the offending field."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..errors import InvalidArgument, OutOfRange, require
+from ..proto import csi_pb2
+from .config import Config
+
+_Mode = csi_pb2.VolumeCapability.AccessMode
+SINGLE_NODE_MODES = frozenset({_Mode.SINGLE_NODE_WRITER, _Mode.SINGLE_NODE_READER_ONLY,
+                               _Mode.SINGLE_NODE_SINGLE_WRITER, _Mode.SINGLE_NODE_MULTI_WRITER})
+FS_TYPES = ("ext4", "xfs")
+# Smallest device each filesystem's mkfs accepts: xfsprogs >= 5.19 refuses
+# data sections under 300 MiB. A mount volume is rounded up to this so that
+# NodeStageVolume cannot fail on a size the controller chose.
+FS_MIN_BYTES = {"xfs": 300 * 1024 * 1024}
+CLEAR_METHODS = ("none", "unmap", "write_zeroes")
+PARAM_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType")
+K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
+
+
+def capability_problem(cap: csi_pb2.VolumeCapability) -> str | None:
+    """Why a capability is unsupported, or None when it is supported."""
+    kind = cap.WhichOneof("access_type")
+    if kind is None:
+        return "volume capability needs an access type (block or mount)"
+    mode = cap.access_mode.mode
+    if mode == _Mode.MULTI_NODE_MULTI_WRITER and kind != "block":
+        return "MULTI_NODE_MULTI_WRITER is supported for block volumes only"
+    if mode not in SINGLE_NODE_MODES | {_Mode.MULTI_NODE_READER_ONLY,
+                                        _Mode.MULTI_NODE_MULTI_WRITER}:
+        return f"access mode {_Mode.Mode.Name(mode)} is not supported"
+    if kind == "mount" and cap.mount.fs_type and cap.mount.fs_type not in FS_TYPES:
+        return f"fs_type {cap.mount.fs_type!r} is not supported (use {' or '.join(FS_TYPES)})"
+    return None
+
+
+def check_capabilities(caps) -> None:
+    require(caps, "volume_capabilities")
+    for cap in caps:
+        problem = capability_problem(cap)
+        if problem:
+            raise InvalidArgument(problem)
+
+
+def filesystem_floor(caps, params_fs: str) -> tuple[str, int]:
+    """(fs type, smallest size it can be made on) for the mount capabilities
+    of a request; ("", 0) for block-only requests or filesystems without one."""
+    for cap in caps:
+        if cap.WhichOneof("access_type") == "mount":
+            fs = cap.mount.fs_type or params_fs
+            if fs in FS_MIN_BYTES:
+                return fs, FS_MIN_BYTES[fs]
+    return "", 0
+
+
+def is_single_node(cap: csi_pb2.VolumeCapability) -> bool:
+    return cap.access_mode.mode in SINGLE_NODE_MODES
+
+
+@dataclass(frozen=True)
+class VolumeParams:
+    target: str = ""
+    lvstore: str = ""
+    thin: bool = False
+    clear_method: str = ""
+    fs_type: str = ""
+
+
+def parse_params(params: Mapping[str, str], config: Config) -> VolumeParams:
+    """StorageClass parameters (docs/DESIGN.md); unknown keys are INVALID_ARGUMENT."""
+    for key in params:
+        if key not in PARAM_KEYS and not key.startswith(K8S_PARAM_PREFIX):
+            raise InvalidArgument(f"unknown parameter {key!r}; accepted: "
+                                  f"{', '.join(PARAM_KEYS)} and {K8S_PARAM_PREFIX}*")
+    target = params.get("target", "")
+    if target and config.target(target) is None:
+        raise InvalidArgument(f"parameter target={target!r} is not a configured target "
+                              f"({', '.join(config.target_names)})")
+    thin = params.get("thinProvision", "false").lower()
+    if thin not in ("true", "false"):
+        raise InvalidArgument(f"parameter thinProvision={params['thinProvision']!r} "
+                              "must be true or false")
+    clear = params.get("clearMethod", "")
+    if clear and clear not in CLEAR_METHODS:
+        raise InvalidArgument(f"parameter clearMethod={clear!r} must be one of "
+                              f"{', '.join(CLEAR_METHODS)}")
+    fs = params.get("fsType", "")
+    if fs and fs not in FS_TYPES:
+        raise InvalidArgument(f"parameter fsType={fs!r} must be one of {', '.join(FS_TYPES)}")
+    return VolumeParams(target, params.get("lvstore", ""), thin == "true", clear, fs)
+
+
+def capacity_range(req) -> tuple[int, int]:
+    required, limit = req.capacity_range.required_bytes, req.capacity_range.limit_bytes
+    if required < 0 or limit < 0:
+        raise OutOfRange("capacity_range bytes must not be negative")
+    if limit and required > limit:
+        raise OutOfRange(f"required_bytes {required} exceeds limit_bytes {limit}")
+    return required, limit
+
+
+def segments_of(topologies) -> list[dict[str, str]]:
+    return [dict(t.segments) for t in topologies]
