@@ -25,8 +25,8 @@ import stat
 import subprocess
 from dataclasses import dataclass
 
+from .. import blkid
 from ..errors import FailedPrecondition, Internal, InvalidArgument
-from . import blkid
 
 log = logging.getLogger("csi_spdk.mount")
 

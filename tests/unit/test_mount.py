@@ -221,7 +221,7 @@ def _cmd_probe(dev):
 
 def test_in_process_probe_agrees_with_blkid_command(loops, m):
     """libblkid in process answers exactly what ``blkid -p`` answers."""
-    from csi_spdk.node import blkid
+    from csi_spdk import blkid
     if blkid._load() is None:
         pytest.skip("libblkid.so.1 not loadable")
     cases = {"empty": None, "ext4": ["mkfs.ext4", "-q"], "swap": ["mkswap"]}
@@ -262,7 +262,7 @@ def test_in_process_probe_agrees_with_blkid_command(loops, m):
 
 
 def test_probe_falls_back_to_the_blkid_command(loops, m, monkeypatch):
-    from csi_spdk.node import blkid
+    from csi_spdk import blkid
     monkeypatch.setattr(blkid, "_load", lambda: None)
     dev, _ = loops.make(size=16 * MiB)
     assert m.probe(dev).empty
