@@ -191,6 +191,7 @@ def aio_create(state: SimState, p: dict[str, Any]) -> str:
                    readonly=bool(p.get("readonly", False)),
                    fallocate=bool(p.get("fallocate", False)), uuid=p.get("uuid"))
     state.register_bdev(bdev)
+    state.persist.examine(bdev)          # an lvstore on the file loads, as in SPDK
     return name
 
 

@@ -54,9 +54,11 @@ def metadata_pages(num_clusters: int, md_pages: int) -> int:
 
 class Lvstore:
     def __init__(self, state: SimState, name: str, base: Bdev, cluster_size: int,
-                 clear_method: str, md_ratio: int = DEFAULT_MD_RATIO) -> None:
+                 clear_method: str, md_ratio: int = DEFAULT_MD_RATIO,
+                 lvs_uuid: str | None = None) -> None:
         self.state = state
-        self.uuid = str(uuidlib.uuid4())
+        self.uuid = lvs_uuid or str(uuidlib.uuid4())
+        self.on_disk = False        # metadata persisted (aio base): see persist.py
         self.name = name
         self.base_bdev = base
         self.cluster_size = cluster_size
@@ -96,12 +98,16 @@ class Lvstore:
         return next((lv for lv in self.lvols if lv.name == name), None)
 
     def hot_remove(self) -> None:
-        """The base bdev went away: the lvstore and all its lvols vanish."""
+        """The base bdev went away: the lvstore and all its lvols vanish (an
+        lvstore on disk stays there, unloaded, for the next examine)."""
         for lv in list(reversed(self.lvols)):
-            lv.destroy()
+            lv.destroy(keep_file=self.on_disk)
         self.state.lvstores.remove(self)
         self.base_bdev.claim_type = None
-        _rmdir(self.dir)
+        if self.on_disk:
+            self.state.persist.detached(self)
+        else:
+            _rmdir(self.dir)
 
 
 def _rmdir(path: Path) -> None:
@@ -200,7 +206,7 @@ class Lvol:
         self.bdev.num_blocks = self.size // self.lvs.block_size
         self.bdev.aliases = [self.alias]
 
-    def destroy(self) -> None:
+    def destroy(self, keep_file: bool = False) -> None:
         """Drop the lvol, its bdev (and namespace) and its file. No checks."""
         state = self.lvs.state
         state.unregister_bdev(self.bdev)
@@ -208,7 +214,8 @@ class Lvol:
             self.parent.children.remove(self)
         if self in self.lvs.lvols:
             self.lvs.lvols.remove(self)
-        files.remove(self.path)
+        if not keep_file:
+            files.remove(self.path)
 
     def allocate(self, wanted: set[int]) -> None:
         """Give this lvol the clusters in ``wanted`` it does not own yet (ENOSPC)."""
@@ -331,6 +338,7 @@ def create_lvstore(state: SimState, p: dict[str, Any]) -> str:
     base.iostat.add("write", 5 * PAGE, 5)
     base.iostat.add("unmap", base.size - lvs.md_bytes, 1)
     state.lvstores.append(lvs)
+    state.persist.created(lvs)
     return lvs.uuid
 
 
@@ -358,6 +366,7 @@ def rename_lvstore(state: SimState, p: dict[str, Any]) -> bool:
 
 def delete_lvstore(state: SimState, p: dict[str, Any]) -> bool:
     lvs = lvstore_from(state, p)
+    state.persist.destroyed(lvs)
     lvs.hot_remove()
     return True
 

@@ -91,7 +91,10 @@ def call(state: SimState, name: str, params: Any) -> Any:
         raise RpcError(-32601, "Method not found")
     decoded = decode(name, m, params)
     with state.lock:
-        return m.handler(state, decoded)
+        try:
+            return m.handler(state, decoded)
+        finally:
+            state.after_call(name)
 
 
 def _b(tag: str) -> tuple[str, bool]:

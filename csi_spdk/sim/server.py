@@ -199,6 +199,7 @@ class SimServer:
         """Write ``data`` into lvol ``bdev`` (uuid or lvs/lvol) like a host would."""
         with self.state.lock:
             lvolmod.find_lvol(self.state, bdev).write(offset, data, io_size)
+            self.state.persist.sync()
 
     def read(self, bdev: str, offset: int, length: int, io_size: int = 0) -> bytes:
         with self.state.lock:

@@ -60,6 +60,10 @@ ETIMEDOUT = _errno.ETIMEDOUT
 ENOMEM = _errno.ENOMEM
 
 
+# Methods that never change lvstore metadata (exports, keys, framework queries).
+_RUNTIME_ONLY = ("nvmf_", "keyring_", "spdk_get_", "rpc_", "framework_")
+
+
 class SimState:
     """Everything the simulated target knows. Guard all access with ``lock``."""
 
@@ -67,6 +71,7 @@ class SimState:
                  dataplane: DataPlane | None = None) -> None:
         from .keyring import Keyring
         from .nvmf import Nvmf
+        from .persist import Persister
 
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
@@ -78,6 +83,13 @@ class SimState:
         self.nvmf: Nvmf = Nvmf(self)
         self.keyring: Keyring = Keyring(self)
         self.malloc_counter = 0
+        self.persist = Persister(self)      # lvstores on aio bdevs survive a restart
+        self.persist.start()
+
+    def after_call(self, method: str) -> None:
+        """After every RPC: write lvstore metadata that changed (not for exports)."""
+        if not method.startswith(_RUNTIME_ONLY):
+            self.persist.sync()
 
     # --- bdev registry -------------------------------------------------
     def find_bdev(self, name: str) -> Bdev | None:
