@@ -1,0 +1,308 @@
+"""The agent's record of the exports spdk_tgt should have, and their replay.
+
+spdk_tgt keeps NVMe-oF transports, subsystems, namespaces, listeners, hosts,
+keyring entries and QoS limits in memory only: after it restarts they are gone
+while the lvols (on disk) come back. The agent therefore records every
+successful mutating call it forwarded and, after a restart, replays the
+record onto the fresh target, so connected hosts reconnect within their
+controller-loss timeout.
+
+The record is one JSON file replaced atomically (write-temp, fsync, rename)
+on every change, mode 0600 in a 0700 directory: a SIGKILL at any moment
+leaves the previous or the new record, never a torn one. It holds key *names*
+and key file *paths* only, never key material.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from .. import atomicfile
+from ..spdk.api import SpdkApi
+from ..spdk.errors import SpdkError, SpdkExists
+
+log = logging.getLogger("csi_spdk.agent.state")
+
+FORMAT = 1
+QOS_KEYS = ("rw_ios_per_sec", "rw_mbytes_per_sec", "r_mbytes_per_sec", "w_mbytes_per_sec")
+RECORDED = frozenset({
+    "nvmf_create_transport", "nvmf_create_subsystem", "nvmf_delete_subsystem",
+    "nvmf_subsystem_add_ns", "nvmf_subsystem_remove_ns",
+    "nvmf_subsystem_add_listener", "nvmf_subsystem_remove_listener",
+    "nvmf_subsystem_add_host", "nvmf_subsystem_remove_host",
+    "nvmf_subsystem_allow_any_host",
+    "keyring_file_add_key", "keyring_file_remove_key",
+    "bdev_set_qos_limit", "bdev_lvol_delete",
+})
+
+
+class StateError(Exception):
+    """The state file exists but cannot be used (never silently dropped)."""
+
+
+def _empty() -> dict[str, Any]:
+    return {"format": FORMAT, "transports": {}, "keys": {}, "subsystems": {}, "qos": {}}
+
+
+def _listener_key(addr: dict[str, Any]) -> tuple[str, str, str]:
+    return (str(addr.get("trtype", "")).upper(), str(addr.get("traddr", "")),
+            str(addr.get("trsvcid", "")))
+
+
+def _as_applied(key: str, value: int) -> int:
+    """SPDK rounds an IOPS limit up to a multiple of 1000 (``bdev_set_qos_limit``)."""
+    return -(-value // 1000) * 1000 if key == "rw_ios_per_sec" else value
+
+
+def _without(params: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in keys}
+
+
+class DesiredState:
+    """The desired exports, persisted at ``path``.
+
+    Concurrency: ``record``, ``snapshot`` and ``replay`` may be called from any
+    thread; one lock orders the changes and the file writes, so the file
+    always reflects a prefix of the recorded calls. ``replay`` holds the lock
+    while it runs: calls recorded meanwhile wait and are not lost.
+    Idempotency: recording the same call twice gives the same state;
+    ``replay`` creates only what is missing, so a second run changes nothing.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        atomicfile.remove_stale_temps(self.path.parent)
+        self._lock = threading.RLock()
+        try:
+            data = atomicfile.read_json(self.path)
+        except (ValueError, OSError) as err:
+            raise StateError(f"desired state {self.path} is unreadable ({err}); move it "
+                             "away to start empty, every export it held will then be "
+                             "lost on the next spdk_tgt restart") from err
+        if data is None:
+            data = _empty()
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise StateError(f"desired state {self.path} has an unknown format")
+        self._data: dict[str, Any] = data
+
+    # --- recording ---------------------------------------------------------------
+    def record(self, method: str, params: dict[str, Any] | None,
+               result: Any = None) -> bool:
+        """Note a forwarded call that succeeded; True when the record changed.
+
+        ``result`` is the call's reply: for ``nvmf_subsystem_add_ns`` without an
+        explicit nsid it is the nsid SPDK chose, recorded so replay gives the
+        namespace the same nsid. Methods that change no export are ignored.
+        """
+        if method not in RECORDED:
+            return False
+        p = dict(params or {})
+        with self._lock:
+            before = copy.deepcopy(self._data)
+            getattr(self, "_on_" + method)(p, result)
+            if self._data == before:
+                return False
+            atomicfile.write_json(self.path, self._data, 0o600)
+            return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """A deep copy of the record (for reports and tests)."""
+        with self._lock:
+            return copy.deepcopy(self._data)
+
+    def _sub(self, nqn: str) -> dict[str, Any] | None:
+        return self._data["subsystems"].get(nqn)
+
+    def _on_nvmf_create_transport(self, p: dict[str, Any], _r: Any) -> None:
+        self._data["transports"][str(p.get("trtype", "TCP")).upper()] = p
+
+    def _on_nvmf_create_subsystem(self, p: dict[str, Any], _r: Any) -> None:
+        nqn = p["nqn"]
+        self._data["subsystems"][nqn] = {
+            "params": p, "allow_any_host": bool(p.get("allow_any_host", False)),
+            "namespaces": {}, "listeners": [], "hosts": {}}
+
+    def _on_nvmf_delete_subsystem(self, p: dict[str, Any], _r: Any) -> None:
+        self._data["subsystems"].pop(p["nqn"], None)
+
+    def _on_nvmf_subsystem_allow_any_host(self, p: dict[str, Any], _r: Any) -> None:
+        sub = self._sub(p["nqn"])
+        if sub is not None:
+            sub["allow_any_host"] = bool(p.get("allow_any_host"))
+
+    def _on_nvmf_subsystem_add_ns(self, p: dict[str, Any], result: Any) -> None:
+        sub = self._sub(p["nqn"])
+        if sub is None:
+            return
+        ns = dict(p["namespace"])
+        if not ns.get("nsid") and isinstance(result, int) and not isinstance(result, bool):
+            ns["nsid"] = result
+        extra = _without(p, "nqn", "namespace")
+        sub["namespaces"][str(ns.get("nsid", 0))] = {"namespace": ns, **extra}
+
+    def _on_nvmf_subsystem_remove_ns(self, p: dict[str, Any], _r: Any) -> None:
+        sub = self._sub(p["nqn"])
+        if sub is not None:
+            sub["namespaces"].pop(str(p["nsid"]), None)
+
+    def _on_nvmf_subsystem_add_listener(self, p: dict[str, Any], _r: Any) -> None:
+        sub = self._sub(p["nqn"])
+        if sub is None:
+            return
+        key = _listener_key(p["listen_address"])
+        sub["listeners"] = [x for x in sub["listeners"]
+                            if _listener_key(x["listen_address"]) != key]
+        sub["listeners"].append(_without(p, "nqn"))
+
+    def _on_nvmf_subsystem_remove_listener(self, p: dict[str, Any], _r: Any) -> None:
+        sub = self._sub(p["nqn"])
+        if sub is not None:
+            key = _listener_key(p["listen_address"])
+            sub["listeners"] = [x for x in sub["listeners"]
+                                if _listener_key(x["listen_address"]) != key]
+
+    def _on_nvmf_subsystem_add_host(self, p: dict[str, Any], _r: Any) -> None:
+        sub = self._sub(p["nqn"])
+        if sub is not None:
+            sub["hosts"][p["host"]] = _without(p, "nqn")
+
+    def _on_nvmf_subsystem_remove_host(self, p: dict[str, Any], _r: Any) -> None:
+        sub = self._sub(p["nqn"])
+        if sub is not None:
+            sub["hosts"].pop(p["host"], None)
+
+    def _on_keyring_file_add_key(self, p: dict[str, Any], _r: Any) -> None:
+        # name and path only: the key material stays in its 0600 file
+        self._data["keys"][p["name"]] = {"name": p["name"], "path": p["path"]}
+
+    def _on_keyring_file_remove_key(self, p: dict[str, Any], _r: Any) -> None:
+        self._data["keys"].pop(p["name"], None)
+
+    def _on_bdev_set_qos_limit(self, p: dict[str, Any], _r: Any) -> None:
+        limits = self._data["qos"].setdefault(p["name"], {})
+        limits.update({k: p[k] for k in QOS_KEYS if k in p})
+        if not any(limits.values()):
+            self._data["qos"].pop(p["name"], None)
+
+    def _on_bdev_lvol_delete(self, p: dict[str, Any], _r: Any) -> None:
+        self._data["qos"].pop(p["name"], None)
+
+    # --- replay ------------------------------------------------------------------
+    def replay(self, api: SpdkApi) -> dict[str, Any]:
+        """Make the target hold every recorded export; report what was fixed.
+
+        Returns ``{"created": {kind: [ids]}, "removed": {kind: [ids]},
+        "failed": [{"object", "error"}], "fixed": n}``. Objects already present
+        are left alone; hosts a recorded subsystem allows but the record does
+        not are removed (the record says exactly who may connect). A failure
+        of one object (say, an lvol not loaded yet) does not stop the rest.
+        """
+        with self._lock:
+            return _Replay(api, self.snapshot()).run()
+
+
+class _Replay:
+    def __init__(self, api: SpdkApi, data: dict[str, Any]) -> None:
+        self.api, self.data = api, data
+        self.created: dict[str, list[str]] = {k: [] for k in (
+            "keys", "transports", "subsystems", "namespaces", "listeners", "hosts", "qos")}
+        self.removed: dict[str, list[str]] = {"hosts": []}
+        self.failed: list[dict[str, str]] = []
+
+    def _do(self, kind: str, ident: str, method: str, params: dict[str, Any]) -> None:
+        try:
+            self.api.call(method, params)
+        except SpdkExists:
+            return                                    # raced with someone: present
+        except SpdkError as err:
+            self.failed.append({"object": f"{kind} {ident}", "error": str(err)})
+            log.warning("replay: %s %s failed: %s", kind, ident, err)
+            return
+        self.created[kind].append(ident)
+
+    def run(self) -> dict[str, Any]:
+        self._keys()
+        self._transports()
+        existing = {s["nqn"]: s for s in self.api.subsystems()}
+        for nqn, sub in self.data["subsystems"].items():
+            self._subsystem(nqn, sub, existing.get(nqn))
+        self._qos()
+        fixed = sum(map(len, self.created.values())) + sum(map(len, self.removed.values()))
+        return {"created": self.created, "removed": self.removed, "failed": self.failed,
+                "fixed": fixed}
+
+    def _keys(self) -> None:
+        if not self.data["keys"]:
+            return
+        present = {k["name"] for k in self.api.call("keyring_get_keys")}
+        for name, key in self.data["keys"].items():
+            if name in present:
+                continue
+            if not os.path.exists(key["path"]):
+                self.failed.append({"object": f"key {name}",
+                                    "error": f"key file {key['path']} is missing"})
+                continue
+            self._do("keys", name, "keyring_file_add_key", key)
+
+    def _transports(self) -> None:
+        if not self.data["transports"]:
+            return
+        present = {str(t.get("trtype", "")).upper() for t in self.api.transports()}
+        for trtype, params in self.data["transports"].items():
+            if trtype not in present:
+                self._do("transports", trtype, "nvmf_create_transport", params)
+
+    def _subsystem(self, nqn: str, sub: dict[str, Any], have: dict[str, Any] | None) -> None:
+        if have is None:
+            before = len(self.failed)
+            self._do("subsystems", nqn, "nvmf_create_subsystem", sub["params"])
+            if len(self.failed) > before:
+                return
+            have = self.api.subsystem_get(nqn) or {}
+        nsids = {str(ns["nsid"]) for ns in have.get("namespaces", [])}
+        for nsid, ns in sub["namespaces"].items():
+            if nsid not in nsids:
+                self._do("namespaces", f"{nqn} nsid {nsid}", "nvmf_subsystem_add_ns",
+                         {"nqn": nqn, **ns})
+        listening = {_listener_key(a) for a in have.get("listen_addresses", [])}
+        for lst in sub["listeners"]:
+            key = _listener_key(lst["listen_address"])
+            if key not in listening:
+                self._do("listeners", f"{nqn} {key[0]} {key[1]}:{key[2]}",
+                         "nvmf_subsystem_add_listener", {"nqn": nqn, **lst})
+        self._hosts(nqn, sub, have)
+
+    def _hosts(self, nqn: str, sub: dict[str, Any], have: dict[str, Any]) -> None:
+        allowed = {h["nqn"] for h in have.get("hosts", [])}
+        for host in sorted(allowed - set(sub["hosts"])):
+            try:
+                self.api.host_remove(nqn, host)
+                self.removed["hosts"].append(f"{nqn} {host}")
+            except SpdkError as err:
+                self.failed.append({"object": f"host {nqn} {host}", "error": str(err)})
+        for host, params in sub["hosts"].items():
+            if host not in allowed:
+                self._do("hosts", f"{nqn} {host}", "nvmf_subsystem_add_host",
+                         {"nqn": nqn, **params})
+        if bool(have.get("allow_any_host", False)) != sub["allow_any_host"]:
+            self._do("subsystems", f"{nqn} allow_any_host={sub['allow_any_host']}",
+                     "nvmf_subsystem_allow_any_host",
+                     {"nqn": nqn, "allow_any_host": sub["allow_any_host"]})
+
+    def _qos(self) -> None:
+        for name, limits in self.data["qos"].items():
+            bdev = self.api.bdev_get(name)
+            if bdev is None:
+                self.failed.append({"object": f"qos {name}", "error": "bdev not found"})
+                continue
+            current = bdev.get("assigned_rate_limits", {})
+            if all(current.get(k, 0) == _as_applied(k, v) for k, v in limits.items()):
+                continue
+            self._do("qos", name, "bdev_set_qos_limit", {"name": name, **limits})
