@@ -1,4 +1,4 @@
-"""Prometheus metrics shared by the controller and the node plugin.
+"""Prometheus metrics shared by the controller, the node plugin and the agent.
 
 One module owns every metric so names stay consistent and a newcomer finds
 them in one place. Served over HTTP by ``server.start_metrics``.
@@ -44,3 +44,92 @@ LVSTORE_PROVISIONED = Gauge(
     "Sum of the sizes of the driver's lvols in an lvstore (can exceed total when thin).",
     ["target", "lvstore"],
 )
+
+# --- agent (csi_spdk/agent/): the storage host's spdk_tgt and its pools -------------
+SPDK_TGT_UP = Gauge(
+    "csi_spdk_agent_spdk_tgt_up",
+    "1 while the agent's spdk_tgt answers spdk_get_version, else 0.",
+)
+SPDK_TGT_RESTARTS = Counter(
+    "csi_spdk_agent_spdk_tgt_restarts_total",
+    "spdk_tgt (re)starts the agent recovered from (a new process or a target answering "
+    "again after failing).",
+)
+REPLAY_DURATION = Histogram(
+    "csi_spdk_agent_recovery_duration_seconds",
+    "Time from a detected spdk_tgt start to pools attached and exports replayed.",
+    buckets=_LATENCY_BUCKETS,
+)
+REPLAYED_OBJECTS = Counter(
+    "csi_spdk_agent_replayed_objects_total",
+    "Objects the agent re-created (or removed) on spdk_tgt while replaying the desired "
+    "state, by kind (transports, subsystems, namespaces, listeners, hosts, keys, qos).",
+    ["kind"],
+)
+REPLAY_FAILURES = Counter(
+    "csi_spdk_agent_replay_failures_total",
+    "Objects the agent could not re-create while replaying the desired state.",
+)
+POOL_CAPACITY = Gauge(
+    "csi_spdk_agent_pool_capacity_bytes",
+    "Data capacity of a pool's lvstore (total_data_clusters x cluster_size).",
+    ["pool"],
+)
+POOL_ALLOCATED = Gauge(
+    "csi_spdk_agent_pool_allocated_bytes",
+    "Allocated capacity of a pool's lvstore ((total - free clusters) x cluster_size).",
+    ["pool"],
+)
+POOL_READY = Gauge(
+    "csi_spdk_agent_pool_ready",
+    "1 when the pool's device is attached and its lvstore loaded or created, else 0.",
+    ["pool"],
+)
+
+
+class VolumeIoCollector:
+    """Per-volume I/O counters from ``bdev_get_iostat``, read at scrape time.
+
+    ``source()`` returns ``(lvol_bdevs, iostat)``: the lvol bdevs (uuid ->
+    lvol name) and SPDK's iostat reply. Counters are SPDK's own (they reset when
+    spdk_tgt restarts, which Prometheus' rate() handles as a counter reset).
+    Latency is SPDK's cumulative latency ticks over its tick rate, in seconds.
+    """
+
+    OPS = (("read", "read"), ("write", "written"), ("unmap", "unmapped"))
+
+    def __init__(self, source) -> None:  # source: Callable[[], tuple[dict, dict]]
+        self.source = source
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        labels = ["volume", "lvol", "op"]
+        nbytes = CounterMetricFamily("csi_spdk_volume_io_bytes",
+                                     "Bytes transferred per volume (lvol uuid), by op.",
+                                     labels=labels)
+        ops = CounterMetricFamily("csi_spdk_volume_io_ops",
+                                  "I/O operations per volume (lvol uuid), by op.", labels=labels)
+        lat = CounterMetricFamily("csi_spdk_volume_io_latency_seconds",
+                                  "Cumulative I/O latency per volume (lvol uuid), by op.",
+                                  labels=labels)
+        try:
+            lvols, stat = self.source()
+        except Exception:  # an unreachable target: no samples, never a failed scrape
+            lvols, stat = {}, {}
+        rate = stat.get("tick_rate") or 1
+        for b in stat.get("bdevs", []):
+            name = lvols.get(b.get("name"))
+            if name is None:
+                continue
+            for op, key in self.OPS:
+                lv = [b["name"], name, op]
+                nbytes.add_metric(lv, b.get(f"bytes_{key}", 0))
+                ops.add_metric(lv, b.get(f"num_{op}_ops", 0))
+                lat.add_metric(lv, b.get(f"{op}_latency_ticks", 0) / rate)
+        yield nbytes
+        yield ops
+        yield lat
