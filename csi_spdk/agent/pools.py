@@ -397,6 +397,14 @@ class Pools:
         return out
 
 
+def volume_io_source(api: SpdkApi):
+    """For ``metrics.VolumeIoCollector``: the lvols (uuid -> name) and SPDK's iostat."""
+    def source() -> tuple[dict[str, str], dict[str, Any]]:
+        lvols = {lv["uuid"]: lv["name"] for lv in api.lvols()}
+        return lvols, api.iostat()
+    return source
+
+
 def _block_identity(path: str) -> dict[str, str]:
     """Model, serial and PCI address of a block device from sysfs; {} for a file."""
     try:

@@ -208,3 +208,42 @@ def test_pool_file_yaml(short_tmp: Path) -> None:
     f.write_text("pools: [")
     with pytest.raises(PoolConfigError, match="not YAML"):
         load_spec(f)
+
+
+def test_per_volume_io_metrics_come_from_bdev_get_iostat(sim: SimProcess,
+                                                         short_tmp: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from csi_spdk.agent.pools import volume_io_source
+    from csi_spdk.metrics import VolumeIoCollector
+
+    dev = _file(short_tmp / "pool.img")
+    with sim.client() as c:
+        api = SpdkApi(c)
+        Pools(_spec("pool0", dev), api).attach()
+        vol = api.lvol_create("pool0", "csi-io", 8 * MiB, thin=True)
+        c.call("bdev_reset_iostat", {"name": vol})
+        c.call("sim_bdev_write", {"name": vol, "offset": 0, "length": 65536, "pattern": 1,
+                                  "io_size": 4096})
+        c.call("sim_bdev_read", {"name": vol, "offset": 0, "length": 8192})
+        reg = CollectorRegistry()
+        reg.register(VolumeIoCollector(volume_io_source(api)))
+        labels = {"volume": vol, "lvol": "csi-io"}
+        assert reg.get_sample_value("csi_spdk_volume_io_bytes_total",
+                                    {**labels, "op": "write"}) == 65536
+        assert reg.get_sample_value("csi_spdk_volume_io_ops_total",
+                                    {**labels, "op": "write"}) == 16
+        assert reg.get_sample_value("csi_spdk_volume_io_bytes_total",
+                                    {**labels, "op": "read"}) == 8192
+        tick_rate = api.iostat(vol)["tick_rate"]
+        ticks = api.iostat(vol)["bdevs"][0]["write_latency_ticks"]
+        assert reg.get_sample_value("csi_spdk_volume_io_latency_seconds_total",
+                                    {**labels, "op": "write"}) == ticks / tick_rate
+        # the base bdev is not a volume
+        assert reg.get_sample_value("csi_spdk_volume_io_bytes_total",
+                                    {"volume": "pool0-dev", "lvol": "pool0-dev",
+                                     "op": "read"}) is None
+    sim.kill9()
+    # an unreachable target gives an empty scrape, not a failed one
+    assert reg.get_sample_value("csi_spdk_volume_io_bytes_total",
+                                {**labels, "op": "write"}) is None
