@@ -33,7 +33,7 @@ from typing import Any
 
 from .. import metrics
 from ..spdk.api import SpdkApi
-from ..spdk.client import SpdkClient
+from ..spdk.client import SpdkClient, parse_address
 from ..spdk.errors import SpdkError, SpdkTransportError
 from .pools import Pools
 from .state import DesiredState
@@ -113,16 +113,20 @@ def _mem_available_mib(meminfo: str) -> int | None:
     return None
 
 
-def peer_pid(sock_path: str) -> int | None:
-    """The pid of the process serving a Unix socket (``SO_PEERCRED``)."""
+def peer_pid(address: str) -> int | None:
+    """The pid of the process serving a Unix socket (``SO_PEERCRED``); None for
+    TCP or when nobody answers."""
     try:
+        family, sockaddr = parse_address(address)
+        if family != socket.AF_UNIX:
+            return None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(1.0)
-            s.connect(sock_path)
+            s.connect(sockaddr)
             creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                  struct.calcsize("3i"))
             return struct.unpack("3i", creds)[0]
-    except OSError:
+    except (OSError, ValueError):
         return None
 
 

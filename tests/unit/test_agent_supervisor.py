@@ -260,3 +260,41 @@ def test_wait_ready_helper_times_out(short_tmp: Path) -> None:
     with pytest.raises(TimeoutError):
         wait_ready(short_tmp / "nothing.sock", timeout=0.3)
     assert sys.executable
+
+
+def test_storage_side_from_agent_flags(short_tmp: Path) -> None:
+    """The wiring ``csi-spdk agent`` uses: its flags, then start/record/report/stop."""
+    import argparse
+    import shlex
+
+    from csi_spdk.agent import storage
+
+    pool = short_tmp / "pool.img"
+    with open(pool, "wb") as f:
+        f.truncate(64 * MiB)
+    (short_tmp / "pools.yaml").write_text(
+        f"pools:\n  - name: pool0\n    devices:\n      - path: {pool}\n")
+    sock = str(short_tmp / "spdk.sock")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spdk-rpc", default="unix:///var/tmp/spdk.sock")   # the server's
+    parser.add_argument("--state-dir", default="/nonexistent")
+    storage.add_arguments(parser)
+    args = parser.parse_args([
+        "--spdk-rpc", f"unix://{sock}", "--state-dir", str(short_tmp / "st"),
+        "--pools", str(short_tmp / "pools.yaml"), "--spdk-poll-interval", "0.1",
+        "--no-hugepage-check",
+        "--spdk-tgt-cmd", shlex.join(sim_command(sock, str(short_tmp / "data")))])
+    side = storage.StorageSide.from_args(args).start()
+    try:
+        assert side.wait_ready(60)
+        [rep] = side.pools.report()
+        assert rep["name"] == "pool0" and rep["state"] == "created"
+        with SpdkClient(sock) as c:
+            params = {"nqn": "nqn.2016-06.io.spdk:wired", "allow_any_host": False}
+            c.call("nvmf_create_subsystem", params)
+            side.record("nvmf_create_subsystem", params)
+        assert list(side.state.snapshot()["subsystems"]) == ["nqn.2016-06.io.spdk:wired"]
+        assert (short_tmp / "st" / "desired.json").exists()
+        assert side.supervisor.status()["managed"] is True
+    finally:
+        side.stop()

@@ -1,0 +1,92 @@
+"""The agent's storage side in one object: pools, desired state, supervisor.
+
+``csi-spdk agent`` wires it with two calls::
+
+    storage.add_arguments(parser)            # --pools, --spdk-tgt-cmd, --state-dir, ...
+    side = storage.StorageSide.from_args(args).start()
+    ...
+    side.record(method, params, result)      # after each successful forwarded call
+    side.pools.report()                      # pools and SSDs, for the API
+    side.stop()
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import REGISTRY
+
+from .. import metrics
+from ..spdk.api import SpdkApi
+from ..spdk.client import SpdkClient
+from .pools import Pools, volume_io_source
+from .state import DesiredState
+from .supervisor import Supervisor, SupervisorConfig
+
+log = logging.getLogger("csi_spdk.agent.storage")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The storage side's flags of ``csi-spdk agent`` (``--state-dir`` and
+    ``--spdk-rpc`` are shared with the server's and added only when missing)."""
+    g = p.add_argument_group("storage (pools, spdk_tgt supervision, export recovery)")
+    have = set(p._option_string_actions)
+    if "--spdk-rpc" not in have:
+        g.add_argument("--spdk-rpc", default="unix:///var/tmp/spdk.sock",
+                       help="spdk_tgt's local JSON-RPC socket")
+    if "--state-dir" not in have:
+        g.add_argument("--state-dir", default="/var/lib/csi-spdk-agent",
+                       help="0700 directory for the agent's state (desired.json)")
+    g.add_argument("--pools", default="",
+                   help="pool file (YAML): devices to attach and lvstores to load or create")
+    g.add_argument("--spdk-tgt-cmd", default="",
+                   help="start and supervise spdk_tgt with this command line; empty: attach "
+                        "to one something else runs on --spdk-rpc")
+    g.add_argument("--spdk-tgt-log", default="", help="file for spdk_tgt's output")
+    g.add_argument("--spdk-poll-interval", type=float, default=0.5,
+                   help="seconds between spdk_get_version health checks")
+    g.add_argument("--no-hugepage-check", action="store_true",
+                   help="start spdk_tgt without checking huge pages first")
+
+
+@dataclass
+class StorageSide:
+    """Concurrency: ``record`` and ``pools.report`` are thread-safe; the
+    supervisor recovers on its own thread. Idempotency: see the parts."""
+
+    pools: Pools | None
+    state: DesiredState
+    supervisor: Supervisor
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, rpc_socket: str | None = None) -> StorageSide:
+        rpc = rpc_socket or args.spdk_rpc
+        state_dir = Path(args.state_dir)
+        state = DesiredState(state_dir / "desired.json")
+        api = SpdkApi(SpdkClient(rpc, timeout=60))
+        pools = Pools(args.pools, api) if args.pools else None
+        cmd = SupervisorConfig.parse_command(args.spdk_tgt_cmd) if args.spdk_tgt_cmd else None
+        cfg = SupervisorConfig(rpc, command=cmd, poll_interval=args.spdk_poll_interval,
+                               check_memory=not args.no_hugepage_check,
+                               log_file=args.spdk_tgt_log or None)
+        REGISTRY.register(metrics.VolumeIoCollector(volume_io_source(api)))
+        return cls(pools, state, Supervisor(cfg, pools, state))
+
+    def start(self) -> StorageSide:
+        self.supervisor.start()
+        return self
+
+    def stop(self) -> None:
+        self.supervisor.stop()
+
+    def record(self, method: str, params: dict[str, Any] | None, result: Any = None) -> None:
+        self.state.record(method, params, result)
+
+    def wait_ready(self, timeout: float = 120.0) -> bool:
+        """True once spdk_tgt answered and the first recovery ran."""
+        return bool(self.supervisor.wait_recoveries(1, timeout))
+
