@@ -41,6 +41,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+from . import nvmet_leftovers
 from .dataplane import DataPlane, ListenerInfo, NamespaceInfo
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ class NvmetDataPlane(DataPlane):
         # kernel port key -> port id, and (port key) -> {nqn: number of SPDK listeners}
         self.ports: dict[PortKey, int] = {}
         self.port_refs: dict[PortKey, dict[str, int]] = {}
+        self.owned_file = nvmet_leftovers.owned_file_for(self.root)
+        self._owned_saved: tuple | None = None
 
     @classmethod
     def from_env(cls) -> NvmetDataPlane:
@@ -148,6 +151,15 @@ class NvmetDataPlane(DataPlane):
                              "and configfs mounted?")
         log.info("nvmet data plane on %s (kernel ports listen on %s)", self.root,
                  self.traddr or "SPDK's listener address")
+        nvmet_leftovers.clear(self.root, self.owned_file)
+
+    def _save_owned(self) -> None:
+        """Record the configfs objects this process owns (see nvmet_leftovers)."""
+        now = (tuple(sorted(self.subsystems)), tuple(sorted(self.hosts_created)),
+               tuple(sorted(self.ports.values())))
+        if now != self._owned_saved:
+            nvmet_leftovers.save(self.owned_file, *map(list, now))
+            self._owned_saved = now
 
     def stop(self) -> None:
         with self.lock:
@@ -157,6 +169,8 @@ class NvmetDataPlane(DataPlane):
                 self._drop_port(key, force=True)
             for host in list(self.hosts_created):
                 self._gc_host(host)
+            with contextlib.suppress(FileNotFoundError):
+                self.owned_file.unlink()
 
     def writes_external_data(self) -> bool:
         return True
@@ -166,8 +180,9 @@ class NvmetDataPlane(DataPlane):
                           allow_any_host: bool) -> None:
         with self.lock:
             path = self._subsys(nqn)
-            _mkdir(path)
             self.subsystems.setdefault(nqn, {"any": False, "hosts": set()})
+            self._save_owned()            # recorded before it exists: never leaked
+            _mkdir(path)
             if serial:
                 with contextlib.suppress(NvmetError):  # fixed once a controller exists
                     _write(path / "attr_serial", serial)
@@ -194,6 +209,7 @@ class NvmetDataPlane(DataPlane):
                 _rmdir(path)
             for host in state["hosts"]:
                 self._gc_host(host)
+            self._save_owned()
 
     def allow_any_host_changed(self, nqn: str, allow_any_host: bool) -> None:
         # The kernel refuses allow_any_host=1 while allowed_hosts has entries
@@ -260,6 +276,7 @@ class NvmetDataPlane(DataPlane):
             state["hosts"].add(host_nqn)
             if not state["any"]:
                 self._link_host(nqn, host_nqn)
+            self._save_owned()
 
     def host_removed(self, nqn: str, host_nqn: str) -> None:
         with self.lock:
@@ -268,6 +285,7 @@ class NvmetDataPlane(DataPlane):
                 state["hosts"].discard(host_nqn)
             _unlink(self._subsys(nqn) / "allowed_hosts" / host_nqn)
             self._gc_host(host_nqn)
+            self._save_owned()
 
     def _link_host(self, nqn: str, host_nqn: str) -> None:
         host = self._host(host_nqn)
@@ -305,6 +323,7 @@ class NvmetDataPlane(DataPlane):
             refs[listener.nqn] = refs.get(listener.nqn, 0) + 1
             port_dir = self._port(port_id)
             _symlink(self._subsys(listener.nqn), port_dir / "subsystems" / listener.nqn)
+            self._save_owned()
 
     def listener_removed(self, listener: ListenerInfo) -> None:
         with self.lock:
@@ -317,6 +336,7 @@ class NvmetDataPlane(DataPlane):
                 del refs[listener.nqn]
                 _unlink(self._port(self.ports[key]) / "subsystems" / listener.nqn)
             self._gc_port(key)
+            self._save_owned()
 
     def _ensure_port(self, key: PortKey) -> int:
         if key in self.ports and self._port(self.ports[key]).is_dir():
