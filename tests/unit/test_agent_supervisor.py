@@ -298,3 +298,28 @@ def test_storage_side_from_agent_flags(short_tmp: Path) -> None:
         assert side.supervisor.status()["managed"] is True
     finally:
         side.stop()
+
+
+def test_a_hung_managed_target_is_killed_and_restarted(short_tmp: Path) -> None:
+    """spdk_tgt alive but silent (SIGSTOP): after hang_timeout it is killed and
+    started again, and the recorded export comes back."""
+    sock = str(short_tmp / "spdk.sock")
+    state = DesiredState(short_tmp / "state" / "desired.json")
+    state.record("nvmf_create_subsystem", {"nqn": "nqn.2016-06.io.spdk:hung",
+                                           "allow_any_host": False})
+    cfg = SupervisorConfig(sock, command=sim_command(sock, str(short_tmp / "data")),
+                           poll_interval=0.1, probe_timeout=0.5, hang_timeout=2.0,
+                           check_memory=False)
+    sup = Supervisor(cfg, None, state).start()
+    try:
+        assert len(sup.wait_recoveries(1, 60)) == 1
+        hung = sup.pid
+        os.kill(hung, signal.SIGSTOP)
+        recs = sup.wait_recoveries(2, 60)
+        assert len(recs) == 2, "the hung target was not replaced"
+        assert recs[1].reason == "restarted after it exited (-9)"
+        assert sup.pid != hung
+        with SpdkClient(sock) as c:
+            assert SpdkApi(c).subsystem_get("nqn.2016-06.io.spdk:hung") is not None
+    finally:
+        sup.stop()
