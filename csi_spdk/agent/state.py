@@ -145,12 +145,24 @@ class DesiredState:
         if not ns.get("nsid") and isinstance(result, int) and not isinstance(result, bool):
             ns["nsid"] = result
         extra = _without(p, "nqn", "namespace")
-        sub["namespaces"][str(ns.get("nsid", 0))] = {"namespace": ns, **extra}
+        # Without the reply the nsid SPDK chose is unknown: keyed by bdev, replayed
+        # without an nsid (SPDK picks the lowest free one again).
+        key = str(ns["nsid"]) if ns.get("nsid") else f"auto:{ns.get('bdev_name', '')}"
+        sub["namespaces"][key] = {"namespace": ns, **extra}
 
     def _on_nvmf_subsystem_remove_ns(self, p: dict[str, Any], _r: Any) -> None:
         sub = self._sub(p["nqn"])
-        if sub is not None:
-            sub["namespaces"].pop(str(p["nsid"]), None)
+        if sub is None:
+            return
+        if sub["namespaces"].pop(str(p["nsid"]), None) is not None:
+            return
+        auto = [k for k in sub["namespaces"] if k.startswith("auto:")]
+        if len(auto) == 1:
+            del sub["namespaces"][auto[0]]
+        elif auto:
+            log.warning("desired state: cannot tell which of %d namespaces of %s without a "
+                        "recorded nsid is nsid %s; keeping them (pass the add_ns reply to "
+                        "record())", len(auto), p["nqn"], p["nsid"])
 
     def _on_nvmf_subsystem_add_listener(self, p: dict[str, Any], _r: Any) -> None:
         sub = self._sub(p["nqn"])
@@ -267,10 +279,13 @@ class _Replay:
                 return
             have = self.api.subsystem_get(nqn) or {}
         nsids = {str(ns["nsid"]) for ns in have.get("namespaces", [])}
-        for nsid, ns in sub["namespaces"].items():
-            if nsid not in nsids:
-                self._do("namespaces", f"{nqn} nsid {nsid}", "nvmf_subsystem_add_ns",
-                         {"nqn": nqn, **ns})
+        bdevs = {ns.get("bdev_name") for ns in have.get("namespaces", [])}
+        for key, ns in sub["namespaces"].items():
+            bdev = ns["namespace"].get("bdev_name")
+            if key in nsids or (key.startswith("auto:") and bdev in bdevs):
+                continue
+            self._do("namespaces", f"{nqn} {'nsid ' + key if key[0].isdigit() else key}",
+                     "nvmf_subsystem_add_ns", {"nqn": nqn, **ns})
         listening = {_listener_key(a) for a in have.get("listen_addresses", [])}
         for lst in sub["listeners"]:
             key = _listener_key(lst["listen_address"])

@@ -213,3 +213,39 @@ def test_sigkill_during_record_leaves_the_old_or_the_new_state(short_tmp: Path) 
         assert hosts == [f"nqn.x:h{i:06d}" for i in range(len(hosts))]
         assert not [p for p in path.parent.iterdir() if p.name != path.name], \
             "stale temp files are cleaned when the state is opened"
+
+
+def test_namespaces_recorded_without_the_reply(spdk_rpc: str, short_tmp: Path) -> None:
+    """A caller that does not pass add_ns's reply: the namespace is keyed by its
+    bdev, its removal still matches it, and replay re-adds exactly the live one."""
+    from csi_spdk.spdk.client import SpdkClient
+
+    path = short_tmp / "st" / "d.json"
+    state = DesiredState(path)
+    with SpdkClient(spdk_rpc) as c:
+        api = SpdkApi(c)
+        api.malloc_create("nsa", 8 * MiB)
+        api.malloc_create("nsb", 8 * MiB)
+        for nqn in (NQN1, NQN2):
+            params = {"nqn": nqn, "allow_any_host": False, "max_namespaces": 1}
+            api.call("nvmf_create_subsystem", params)
+            state.record("nvmf_create_subsystem", params)
+        for nqn, bdev in ((NQN1, "nsa"), (NQN2, "nsb")):
+            params = {"nqn": nqn, "namespace": {"bdev_name": bdev}}
+            api.call("nvmf_subsystem_add_ns", params)
+            state.record("nvmf_subsystem_add_ns", params)          # no result
+        api.ns_remove(NQN2, 1)
+        state.record("nvmf_subsystem_remove_ns", {"nqn": NQN2, "nsid": 1})
+        rec = DesiredState(path).snapshot()["subsystems"]
+        assert list(rec[NQN1]["namespaces"]) == ["auto:nsa"]
+        assert rec[NQN2]["namespaces"] == {}
+        for nqn in (NQN1, NQN2):
+            api.subsystem_delete(nqn)
+        report = state.replay(api)
+        assert report["created"]["namespaces"] == [f"{NQN1} auto:nsa"]
+        assert [(n["nsid"], n["bdev_name"]) for n in api.subsystem_get(NQN1)["namespaces"]] \
+            == [(1, "nsa")]
+        assert api.subsystem_get(NQN2)["namespaces"] == []
+        assert state.replay(api)["fixed"] == 0
+        for nqn in (NQN1, NQN2):
+            api.subsystem_delete(nqn)
