@@ -35,6 +35,7 @@ import os
 import re
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,13 @@ class Pools:
         self.api = api
         self._lock = threading.Lock()
         self.status: dict[str, PoolStatus] = {s.name: PoolStatus(s) for s in self.specs}
+        self._lvs_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
+        self._cache_lock = threading.Lock()
+        for spec in self.specs:      # read at scrape time (at most once a second)
+            metrics.POOL_CAPACITY.labels(spec.name).set_function(
+                lambda n=spec.name: self._capacity(n)[0])
+            metrics.POOL_ALLOCATED.labels(spec.name).set_function(
+                lambda n=spec.name: self._capacity(n)[1])
 
     # --- attach ---------------------------------------------------------------
     def attach(self) -> list[PoolStatus]:
@@ -330,8 +338,6 @@ class Pools:
 
     def wait_lvstores(self, timeout: float = 30.0) -> bool:
         """True once every ready pool's lvstore is visible (after a restart)."""
-        import time
-
         deadline = time.monotonic() + timeout
         while True:
             names = {lvs["name"] for lvs in self.api.lvstores()}
@@ -342,23 +348,35 @@ class Pools:
             time.sleep(0.1)
 
     # --- report ----------------------------------------------------------------
-    def _update_capacity(self) -> None:
-        by_name = {lvs["name"]: lvs for lvs in self.api.lvstores()}
-        for spec in self.specs:
-            lvs = by_name.get(spec.name)
-            if lvs is None:
-                continue
-            cs = lvs["cluster_size"]
-            metrics.POOL_CAPACITY.labels(spec.name).set(lvs["total_data_clusters"] * cs)
-            metrics.POOL_ALLOCATED.labels(spec.name).set(
+    def _lvstores(self, max_age: float = 1.0) -> dict[str, dict[str, Any]]:
+        """lvstores by name, cached ``max_age`` seconds; the last known on errors."""
+        with self._cache_lock:
+            at, cached = self._lvs_cache
+            if time.monotonic() - at < max_age:
+                return cached
+            try:
+                cached = {lvs["name"]: lvs for lvs in self.api.lvstores()}
+            except SpdkError:
+                return cached
+            self._lvs_cache = (time.monotonic(), cached)
+            return cached
+
+    def _capacity(self, name: str) -> tuple[int, int]:
+        lvs = self._lvstores().get(name)
+        if lvs is None:
+            return 0, 0
+        cs = lvs["cluster_size"]
+        return (lvs["total_data_clusters"] * cs,
                 (lvs["total_data_clusters"] - lvs["free_clusters"]) * cs)
+
+    def _update_capacity(self) -> None:
+        self._lvstores(max_age=0)
 
     def report(self) -> list[dict[str, Any]]:
         """Every pool with its state, capacity and the device behind it (model,
         serial, PCI address, capacity, health where the device is NVMe)."""
         with self._lock:
-            self._update_capacity()
-            by_name = {lvs["name"]: lvs for lvs in self.api.lvstores()}
+            by_name = self._lvstores(max_age=0)
             out = []
             for spec in self.specs:
                 st = self.status[spec.name]
