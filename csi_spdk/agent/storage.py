@@ -1,13 +1,18 @@
 """The agent's storage side in one object: pools, desired state, supervisor.
 
-``csi-spdk agent`` wires it with two calls::
+``csi-spdk agent`` wires it in ``agent/main.py``::
 
-    storage.add_arguments(parser)            # --pools, --spdk-tgt-cmd, --state-dir, ...
     side = storage.StorageSide.from_args(args).start()
     ...
     side.record(method, params, result)      # after each successful forwarded call
     side.pools.report()                      # pools and SSDs, for the API
     side.stop()
+
+Its flags (``--pools``, ``--spdk-tgt-cmd``, ``--spdk-tgt-log``,
+``--spdk-poll-interval``, ``--no-hugepage-check``, plus the server's
+``--spdk-rpc`` and ``--state-dir``) are declared in ``cli.py`` (the root may
+not import a wing); ``add_arguments`` declares the same set for a parser built
+elsewhere (tests), and ``from_args`` takes the defaults for any that is missing.
 """
 
 from __future__ import annotations
@@ -64,15 +69,20 @@ class StorageSide:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, rpc_socket: str | None = None) -> StorageSide:
-        rpc = rpc_socket or args.spdk_rpc
-        state_dir = Path(args.state_dir)
-        state = DesiredState(state_dir / "desired.json")
+        def arg(name: str, default: Any) -> Any:
+            value = getattr(args, name, None)
+            return default if value in (None, "") else value
+
+        rpc = rpc_socket or arg("spdk_rpc", "unix:///var/tmp/spdk.sock")
+        state = DesiredState(Path(arg("state_dir", "/var/lib/csi-spdk-agent")) / "desired.json")
         api = SpdkApi(SpdkClient(rpc, timeout=60))
-        pools = Pools(args.pools, api) if args.pools else None
-        cmd = SupervisorConfig.parse_command(args.spdk_tgt_cmd) if args.spdk_tgt_cmd else None
-        cfg = SupervisorConfig(rpc, command=cmd, poll_interval=args.spdk_poll_interval,
-                               check_memory=not args.no_hugepage_check,
-                               log_file=args.spdk_tgt_log or None)
+        pools = Pools(arg("pools", ""), api) if arg("pools", "") else None
+        cmd_line = arg("spdk_tgt_cmd", "")
+        cfg = SupervisorConfig(rpc, command=SupervisorConfig.parse_command(cmd_line)
+                               if cmd_line else None,
+                               poll_interval=float(arg("spdk_poll_interval", 0.5)),
+                               check_memory=not arg("no_hugepage_check", False),
+                               log_file=arg("spdk_tgt_log", None))
         REGISTRY.register(metrics.VolumeIoCollector(volume_io_source(api)))
         return cls(pools, state, Supervisor(cfg, pools, state))
 
