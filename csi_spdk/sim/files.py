@@ -14,12 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CHUNK = 1 << 20
+# Backing files stop here: ext4 caps a file at 16 TiB and thin lvols may be
+# exabytes. The first 1 TiB of a larger lvol is backed; I/O beyond it fails.
+MAX_BACKING = 1 << 40
 
 
 def create_sparse(path: Path, size: int) -> None:
     """Create (or truncate) ``path`` as an all-hole file of ``size`` bytes."""
     with open(path, "wb") as f:
-        f.truncate(size)
+        f.truncate(min(size, MAX_BACKING))
 
 
 def remove(path: Path) -> None:
@@ -104,7 +107,21 @@ def sparse_copy(src: Path, dst: Path) -> None:
 
 
 def resize(path: Path, size: int) -> None:
-    os.truncate(path, size)
+    os.truncate(path, min(size, MAX_BACKING))
+
+
+def data_clusters(path: Path, cluster_size: int, num_clusters: int) -> Iterator[int]:
+    """Indexes of the clusters of ``path`` that hold data (bounded by its extents)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        last = -1
+        for start, end in list(data_extents(fd)):
+            for idx in range(max(start // cluster_size, last + 1),
+                             min((end - 1) // cluster_size + 1, num_clusters)):
+                last = idx
+                yield idx
+    finally:
+        os.close(fd)
 
 
 def write(path: Path, offset: int, data: bytes) -> None:

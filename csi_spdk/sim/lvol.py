@@ -43,6 +43,27 @@ CLEAR_METHODS = ("none", "unmap", "write_zeroes")
 
 EXTENTS_PER_PAGE = 512   # clusters one extent page maps (SPDK_EXTENTS_PER_EP)
 DEFAULT_MD_RATIO = 100   # num_md_pages_per_cluster_ratio
+U64 = (1 << 64) - 1
+# The blobstore keeps 8 bytes per cluster of a blob in memory (realloc'd, then
+# memset) even when thin: a cluster array larger than this is ENOMEM. A real
+# target's limit is its host's memory; the sizes that reach it (u64
+# wrap-arounds, exabyte lvols) are orders of magnitude beyond either.
+MAX_CLUSTER_ARRAY = 1 << 36
+
+
+def wrapped_clusters(size_in_mib: int, cluster_size: int) -> int:
+    """Clusters SPDK computes for ``size_in_mib``, with its u64 arithmetic.
+
+    ``size_in_mib * 1024 * 1024`` and ``spdk_divide_round_up`` both wrap
+    modulo 2^64: 2^44 MiB is 0 bytes, and 2^64 - 1 MiB with 4 MiB clusters
+    rounds up past 2^64 to 0 clusters.
+    """
+    size = (size_in_mib << 20) & U64
+    return ((size + cluster_size - 1) & U64) // cluster_size
+
+
+def extent_pages(num_clusters: int) -> int:
+    return -(-num_clusters // EXTENTS_PER_PAGE)
 
 
 def metadata_pages(num_clusters: int, md_pages: int) -> int:
@@ -161,7 +182,8 @@ class Lvol:
         self.num_clusters = num_clusters
         self.thin = thin
         self.clear_method = clear_method
-        self.clusters: set[int] = set() if thin else set(range(num_clusters))
+        self.clusters: set[int] = set()    # callers allocate after their checks
+        self.bdev_alias = f"{lvs.name}/{name}"
         self.parent: Lvol | None = None
         self.children: list[Lvol] = []
         self.is_snapshot = False
@@ -187,7 +209,7 @@ class Lvol:
         """Its metadata page and the extent pages of its allocated clusters."""
         n = len(self.clusters)
         if n == self.num_clusters:
-            return 1 + math.ceil(n / EXTENTS_PER_PAGE)
+            return 1 + extent_pages(n)
         return 1 + len({c // EXTENTS_PER_PAGE for c in self.clusters})
 
     def json(self) -> dict[str, Any]:
@@ -202,9 +224,11 @@ class Lvol:
         self.lvs.lvols.append(self)
         self.lvs.state.register_bdev(self.bdev)
 
-    def sync_bdev(self) -> None:
+    def sync_bdev(self, alias: bool = False) -> None:
+        """Refresh the bdev's size (and, after an lvstore rename, its alias)."""
         self.bdev.num_blocks = self.size // self.lvs.block_size
-        self.bdev.aliases = [self.alias]
+        if alias:
+            self.bdev.aliases = [self.alias]
 
     def destroy(self, keep_file: bool = False) -> None:
         """Drop the lvol, its bdev (and namespace) and its file. No checks."""
@@ -223,6 +247,13 @@ class Lvol:
         if len(new) > self.lvs.free_clusters:
             raise async_error(ENOSPC)
         self.clusters |= new
+
+    def allocate_all(self, num_clusters: int) -> None:
+        """Own clusters [0, num_clusters): the free-space check comes before any set."""
+        owned = sum(1 for c in self.clusters if c < num_clusters)
+        if num_clusters - owned > self.lvs.free_clusters:
+            raise async_error(ENOSPC)
+        self.clusters |= set(range(num_clusters))
 
     # --- I/O (simulator only) ------------------------------------------
     def write(self, offset: int, data: bytes, io_size: int = 0) -> None:
@@ -260,7 +291,7 @@ class Lvol:
         """
         changed = False
         cs = self.lvs.cluster_size
-        for idx in range(self.num_clusters):
+        for idx in files.data_clusters(self.path, cs, self.num_clusters):
             if idx in self.clusters or self.lvs.free_clusters == 0:
                 continue
             start, end = idx * cs, (idx + 1) * cs
@@ -279,10 +310,6 @@ class Lvol:
 def check_name(name: str) -> None:
     if not name or len(name) > MAX_NAME:
         raise errno_error(EINVAL)
-
-
-def clusters_for(lvs: Lvstore, size: int) -> int:
-    return math.ceil(size / lvs.cluster_size)
 
 
 def find_lvol(state: SimState, name: str) -> Lvol:
@@ -312,7 +339,7 @@ def notify_resized(state: SimState, lv: Lvol) -> None:
 def create_lvstore(state: SimState, p: dict[str, Any]) -> str:
     base = state.must_bdev(p["bdev_name"])
     cluster_size = p.get("cluster_sz", DEFAULT_CLUSTER) or DEFAULT_CLUSTER
-    clear_method = p.get("clear_method", "unmap")
+    clear_method = p.get("clear_method", "unmap").lower()
     if clear_method not in CLEAR_METHODS:
         raise RpcError(-EINVAL, "Invalid clear_method parameter")
     name = p["lvs_name"]
@@ -360,7 +387,7 @@ def rename_lvstore(state: SimState, p: dict[str, Any]) -> bool:
         raise async_error(EEXIST)
     lvs.name = new
     for lv in lvs.lvols:
-        lv.sync_bdev()
+        lv.sync_bdev(alias=True)
     return True
 
 
@@ -382,21 +409,36 @@ def reconcile_all(state: SimState) -> None:
                 lv.reconcile()
 
 
+def check_cluster_array(num_clusters: int) -> None:
+    if num_clusters * 8 > MAX_CLUSTER_ARRAY:
+        raise async_error(ENOMEM)
+
+
 def create_lvol(state: SimState, p: dict[str, Any]) -> str:
+    # SPDK's order: lvstore, clear_method, name (sync -errno), then the blob (async).
     lvs = lvstore_from(state, p)
+    clear_method = p.get("clear_method", "default").lower()
+    if clear_method not in (*CLEAR_METHODS, "default") or "clear_method" in p and \
+            clear_method == "default":
+        raise RpcError(-EINVAL, "Invalid clean_method option")
     name = p["lvol_name"]
     check_name(name)
-    clear_method = p.get("clear_method", "default")
-    if clear_method not in (*CLEAR_METHODS, "default"):
-        raise RpcError(-EINVAL, "Invalid clean_method option")
     if lvs.find(name) is not None:
         raise errno_error(EEXIST)
-    size = p["size_in_mib"] << 20
     thin = bool(p.get("thin_provision", False))
-    lv = Lvol(lvs, name, clusters_for(lvs, size), thin, clear_method)
-    if not thin and lv.num_clusters > lvs.free_clusters:
-        raise async_error(ENOSPC)
-    lvs.need_md_pages(lv.md_pages, ENOMEM if thin else ENOSPC)
+    num_clusters = wrapped_clusters(p["size_in_mib"], lvs.cluster_size)
+    if thin:
+        check_cluster_array(num_clusters)
+        lvs.need_md_pages(1, ENOMEM)
+    else:
+        if num_clusters > lvs.free_clusters:
+            raise async_error(ENOSPC)
+        lvs.need_md_pages(1 + extent_pages(num_clusters), ENOSPC)
+    lv = Lvol(lvs, name, num_clusters, thin, clear_method)
+    if not thin:
+        lv.clusters = set(range(num_clusters))
+    if state.name_taken(lv.bdev_alias):
+        raise async_error(EEXIST)      # spdk_bdev_register: the alias is another bdev's
     files.create_sparse(lv.path, lv.size)
     lv.register()
     return lv.uuid
@@ -412,21 +454,29 @@ def get_lvols(state: SimState, p: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def rename_lvol(state: SimState, p: dict[str, Any]) -> bool:
+    """SPDK's order, quirks included (vbdev_lvol_rename, spdk_lvol_rename).
+
+    The bdev alias moves to ``lvs/new`` first (EEXIST if any bdev has that
+    name or alias, the lvol's own included, so renaming to the current name
+    fails), and stays moved when the blob rename then fails (EPERM on a
+    read-only blob) or is a no-op. The lvol name is copied into a 64-byte
+    buffer: a 64-character name is cut to 63, the alias keeps all 64.
+    """
     lv = find_lvol(state, p["old_name"])
     new = p["new_name"]
-    if not new or len(new) > MAX_NAME:
+    if len(lv.bdev.aliases) != 1:
         raise async_error(EINVAL)
-    if new == lv.name:
+    alias = f"{lv.lvs.name}/{new}"
+    if state.name_taken(alias):
+        raise async_error(EEXIST)
+    lv.bdev.aliases = [alias]
+    if lv.name == new[:MAX_NAME + 1]:
         return True
     if lv.lvs.find(new) is not None:
         raise async_error(EEXIST)
     if lv.read_only:
-        # Seen on spdk_tgt v25.09: the name is an xattr of a read-only blob
-        # (snapshots, bdev_lvol_set_read_only). The real target also leaves
-        # the new alias on the bdev after this failure; not modelled.
-        raise async_error(EPERM)
-    lv.name = new
-    lv.sync_bdev()
+        raise async_error(EPERM)    # the name is an xattr of a read-only blob
+    lv.name = new[:MAX_NAME]
     return True
 
 
@@ -434,10 +484,19 @@ def resize_lvol(state: SimState, p: dict[str, Any]) -> bool:
     lv = find_lvol(state, p["name"])
     if lv.read_only:
         raise async_error(EPERM)
-    new_clusters = clusters_for(lv.lvs, p["size_in_mib"] << 20)
+    new_clusters = wrapped_clusters(p["size_in_mib"], lv.lvs.cluster_size)
+    if new_clusters == lv.num_clusters:
+        return True
     old_size = lv.size
-    if new_clusters > lv.num_clusters and not lv.thin:
-        lv.allocate(set(range(new_clusters)))
+    if new_clusters > lv.num_clusters:
+        if not lv.thin:
+            if new_clusters - lv.num_clusters > lv.lvs.free_clusters:
+                raise async_error(ENOSPC)
+            if extent_pages(new_clusters) > extent_pages(lv.num_clusters):
+                lv.lvs.need_md_pages(1, ENOSPC)
+        check_cluster_array(new_clusters)
+        if not lv.thin:
+            lv.allocate_all(new_clusters)
     lv.clusters = {c for c in lv.clusters if c < new_clusters}
     lv.num_clusters = new_clusters
     files.resize(lv.path, lv.size)
@@ -520,19 +579,19 @@ def delete_lvol(state: SimState, p: dict[str, Any]) -> bool:
 
 
 def inflate(state: SimState, p: dict[str, Any], allocate_all: bool) -> bool:
+    # No read-only check: the blobstore lifts md_ro for the duration.
     lv = find_lvol(state, p["name"])
-    if lv.read_only:
-        raise async_error(EPERM)
     parent = lv.parent
+    if not allocate_all and parent is None:
+        raise async_error(EINVAL)
+    if not lv.thin:
+        return True
     if allocate_all:
-        if parent is None and not lv.thin:
-            return True
-        lv.allocate(set(range(lv.num_clusters)))
+        lv.allocate_all(lv.num_clusters)
         lv.thin = False
         new_parent = None
     else:
-        if parent is None:
-            raise async_error(EINVAL)
+        assert parent is not None
         lv.allocate({c for c in parent.clusters if c < lv.num_clusters})
         new_parent = parent.parent
     if parent is not None:

@@ -152,6 +152,10 @@ class Nvmf:
         self.max_subsystems = 1024   # spdk_tgt's default (nvmf_set_max_subsystems)
 
     # --- lookups -----------------------------------------------------
+    def by_nqn(self) -> list[Subsystem]:
+        """SPDK keeps subsystems in a tree ordered by NQN (strncmp), not by age."""
+        return sorted(self.subsystems, key=lambda s: s.nqn.encode())
+
     def get(self, nqn: str) -> Subsystem | None:
         return next((s for s in self.subsystems if s.nqn == nqn), None)
 
@@ -238,7 +242,7 @@ class Nvmf:
             if sub is None:
                 raise errno_error(ENODEV)
             return [sub.json()]
-        return [s.json() for s in self.subsystems]
+        return [s.json() for s in self.by_nqn()]
 
     def allow_any_host(self, p: dict[str, Any]) -> bool:
         sub = self.must(p["nqn"])
@@ -422,7 +426,7 @@ class Nvmf:
             {"method": "nvmf_set_crdt", "params": {"crdt1": 0, "crdt2": 0, "crdt3": 0}},
         ]
         out += [{"method": "nvmf_create_transport", "params": dict(t)} for t in self.transports]
-        for sub in self.subsystems:
+        for sub in self.by_nqn():
             if sub.subtype != "NVMe":
                 continue
             out.append({"method": "nvmf_create_subsystem", "params": {

@@ -3,7 +3,8 @@
 Normalisation is deliberately narrow (the rest must match exactly):
 - UUIDs (dashed, or as 32-hex nguids) are paired recording->replay as a
   bijection on first sight; a later mismatch in either direction fails;
-- ``ticks`` and ``*_latency_ticks`` values only need to be integers;
+- ``ticks``, ``tick_rate`` and ``*_latency_ticks`` values only need to be integers
+  (the tick rate is the recording machine's TSC frequency);
 - recorded paths ``/var/tmp/spdk-golden/...`` are mapped to the test's files.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 RECORDED_ROOT = "/var/tmp/spdk-golden"
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                      r"[0-9a-fA-F]{12}|(?<![0-9A-Fa-f])[0-9A-F]{32}(?![0-9A-Fa-f])")
-TICK_KEYS = re.compile(r"^(ticks|.*latency_ticks)$")
+TICK_KEYS = re.compile(r"^(ticks|tick_rate|.*latency_ticks)$")
 
 
 def _canon(u: str) -> str:
@@ -58,13 +59,14 @@ class UuidMap:
         return UUID_RE.sub(sub, text)
 
 
-def map_paths(value: Any, root: str) -> Any:
+def map_paths(value: Any, root: str, recorded: str = RECORDED_ROOT) -> Any:
+    """Every string with the ``recorded`` directory rewritten to ``root``."""
     if isinstance(value, str):
-        return value.replace(RECORDED_ROOT, root)
+        return value.replace(recorded, root)
     if isinstance(value, list):
-        return [map_paths(v, root) for v in value]
+        return [map_paths(v, root, recorded) for v in value]
     if isinstance(value, dict):
-        return {k: map_paths(v, root) for k, v in value.items()}
+        return {k: map_paths(v, root, recorded) for k, v in value.items()}
     return value
 
 
