@@ -51,11 +51,12 @@ class Generator:
         self.next_id = 1
         self.lvs_uuids: list[str] = []
         self.lvol_uuids: list[str] = []
+        self.known: list[str] = []           # aliases of lvols created lately
         self.table: list[tuple[int, Callable[[], tuple[str, dict[str, Any] | None]]]] = [
-            (3, self.malloc_create), (1, self.malloc_delete), (2, self.aio_create),
+            (5, self.malloc_create), (1, self.malloc_delete), (3, self.aio_create),
             (1, self.aio_delete), (3, self.get_bdevs), (2, self.iostat), (2, self.qos),
-            (4, self.create_lvstore), (2, self.get_lvstores), (1, self.delete_lvstore),
-            (1, self.rename_lvstore), (10, self.create_lvol), (3, self.get_lvols),
+            (7, self.create_lvstore), (2, self.get_lvstores), (1, self.delete_lvstore),
+            (1, self.rename_lvstore), (14, self.create_lvol), (3, self.get_lvols),
             (4, self.resize), (2, self.set_read_only), (5, self.snapshot), (4, self.clone),
             (3, self.inflate), (3, self.decouple), (3, self.rename), (5, self.delete_lvol),
             (2, self.create_transport), (1, self.get_transports), (4, self.create_subsystem),
@@ -79,16 +80,25 @@ class Generator:
         return req
 
     def observe(self, request: dict[str, Any], reply: Any) -> None:
-        """Remember UUIDs the target handed out (lvstores and lvols)."""
+        """Remember what the target handed out: lvstore/lvol UUIDs, lvol aliases."""
         if not isinstance(reply, dict) or not isinstance(reply.get("result"), str):
             return
-        value = reply["result"]
-        if not UUID_RE.match(value):
+        value, method, params = reply["result"], request["method"], request.get("params")
+        if not UUID_RE.match(value) or not isinstance(params, dict):
             return
-        if request["method"] == "bdev_lvol_create_lvstore":
+        if method == "bdev_lvol_create_lvstore":
             self.lvs_uuids = (self.lvs_uuids + [value])[-4:]
-        elif request["method"].startswith("bdev_lvol_"):
-            self.lvol_uuids = (self.lvol_uuids + [value])[-6:]
+            return
+        self.lvol_uuids = (self.lvol_uuids + [value])[-6:]
+        lvs = params.get("lvs_name")
+        if method != "bdev_lvol_create":
+            source = str(params.get("lvol_name") or params.get("snapshot_name") or "")
+            lvs = source.partition("/")[0] if "/" in source else None
+        name = params.get("lvol_name") if method == "bdev_lvol_create" else \
+            params.get("snapshot_name") if method == "bdev_lvol_snapshot" else \
+            params.get("clone_name")
+        if isinstance(lvs, str) and isinstance(name, str):
+            self.known = (self.known + [f"{lvs}/{name}"])[-8:]
 
     def mutate(self, params: dict[str, Any]) -> dict[str, Any]:
         out = dict(params)
@@ -113,13 +123,16 @@ class Generator:
 
     def lvol_ref(self) -> str:
         r = self.rng.random()
-        if r < 0.15 and self.lvol_uuids:
+        if r < 0.12 and self.lvol_uuids:
             return self.pick(self.lvol_uuids)
+        if r > 0.5 and self.known:
+            return self.pick(self.known)
         if r < 0.2:
             return self.pick(LVOL_NAMES[:6])            # a bare name: not a lookup key
         if r < 0.23:
             return self.pick(BASES)
-        return f"{self.pick(LVS_NAMES[:2])}/{self.pick(LVOL_NAMES[:6])}"
+        lvs = "lvs0" if self.maybe(0.7) else "lvs1"
+        return f"{lvs}/{self.pick(LVOL_NAMES[:6])}"
 
     def bdev_ref(self) -> str:
         return self.pick(BASES) if self.maybe(0.4) else self.lvol_ref()
@@ -134,7 +147,7 @@ class Generator:
             return {name_key: self.pick(LVS_NAMES[:2]), uuid_key: self.pick(self.lvs_uuids)}
         if r < 0.28:
             return {uuid_key: "00000000-0000-0000-0000-000000000000"}
-        return {name_key: self.pick(LVS_NAMES[:2]) if self.maybe(0.95)
+        return {name_key: ("lvs0" if self.maybe(0.7) else "lvs1") if self.maybe(0.95)
                 else self.pick(LVS_NAMES)}
 
     def size(self) -> Any:
@@ -145,11 +158,11 @@ class Generator:
 
     # --- bdev ---------------------------------------------------------------
     def malloc_create(self) -> tuple[str, dict[str, Any]]:
-        block = self.pick((512, 4096, 4096, 1000, 520))
-        size = self.pick((8, 32, 64, 128)) * MIB
+        block = self.pick((512, 4096, 4096, 512, 512, 4096, 1000, 520))
+        size = self.pick((8, 64, 128, 128)) * MIB
         p: dict[str, Any] = {"num_blocks": 0 if self.maybe(0.03) else size // block,
                              "block_size": block}
-        if self.maybe(0.85):
+        if self.maybe(0.9):
             p["name"] = self.pick(BASES[:2])
         if self.maybe(0.15):
             p["uuid"] = self.pick(FIXED_UUIDS + ("not-a-uuid",))
@@ -197,10 +210,10 @@ class Generator:
     # --- lvol ---------------------------------------------------------------
     def create_lvstore(self) -> tuple[str, dict[str, Any]]:
         p: dict[str, Any] = {"bdev_name": self.pick(BASES + ("nope",)),
-                             "lvs_name": self.pick(LVS_NAMES[:2]) if self.maybe(0.9)
-                             else self.pick(LVS_NAMES)}
+                             "lvs_name": ("lvs0" if self.maybe(0.6) else "lvs1")
+                             if self.maybe(0.9) else self.pick(LVS_NAMES)}
         if self.maybe(0.5):
-            p["cluster_sz"] = self.pick((MIB, MIB, 4 * MIB, 2 * MIB, 12288, 0, 1 << 40))
+            p["cluster_sz"] = self.pick((MIB, MIB, MIB, 4 * MIB, 2 * MIB, 12288, 0, 1 << 40))
         if self.maybe(0.2):
             p["clear_method"] = self.pick(("none", "unmap", "write_zeroes", "bogus"))
         return "bdev_lvol_create_lvstore", p
