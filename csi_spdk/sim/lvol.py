@@ -312,6 +312,14 @@ def check_name(name: str) -> None:
         raise errno_error(EINVAL)
 
 
+def verify_new_name(lvs: Lvstore, name: str) -> None:
+    """``lvs_verify_lvol_name`` reported through a callback (snapshot, clone)."""
+    if not name or len(name) > MAX_NAME:
+        raise async_error(EINVAL)
+    if lvs.find(name) is not None:
+        raise async_error(EEXIST)
+
+
 def find_lvol(state: SimState, name: str) -> Lvol:
     bdev = state.find_bdev(name)
     if not isinstance(bdev, LvolBdev):
@@ -518,12 +526,10 @@ def set_read_only(state: SimState, p: dict[str, Any]) -> bool:
 def snapshot(state: SimState, p: dict[str, Any]) -> str:
     lv = find_lvol(state, p["lvol_name"])
     name = p["snapshot_name"]
-    check_name(name)
     lvs = lv.lvs
+    verify_new_name(lvs, name)
     if lv.read_only:
         raise async_error(EINVAL)
-    if lvs.find(name) is not None:
-        raise async_error(EEXIST)
     lvs.need_md_pages(1, ENOMEM)   # the snapshot's page; the extent pages move to it
     reconcile_all(state)
     snap = Lvol(lvs, name, lv.num_clusters, lv.thin, lv.clear_method)
@@ -546,12 +552,10 @@ def snapshot(state: SimState, p: dict[str, Any]) -> str:
 def clone(state: SimState, p: dict[str, Any]) -> str:
     snap = find_lvol(state, p["snapshot_name"])
     name = p["clone_name"]
-    check_name(name)
     lvs = snap.lvs
+    verify_new_name(lvs, name)
     if not snap.read_only:
         raise async_error(EINVAL)
-    if lvs.find(name) is not None:
-        raise async_error(EEXIST)
     lvs.need_md_pages(1, ENOMEM)
     cl = Lvol(lvs, name, snap.num_clusters, True, snap.clear_method)
     files.sparse_copy(snap.path, cl.path)
