@@ -9,6 +9,7 @@ parameterless methods -32602 "<method> method requires no parameters".
 from __future__ import annotations
 
 import base64
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from .state import EINVAL, ENODEV, ETIMEDOUT, RpcError, SimState, errno_error
 
 BDEV, NVMF, NONE = "bdev", "nvmf", "none"
 
-# type tags: str, u64 (non-negative int), i64, bool, obj, arr, any
+# type tags: str, u64/u32/u16 (non-negative, in range), i64/i32, bool, obj, arr,
+# uuid (a string ``spdk_json_decode_uuid`` accepts: the dashed 36-char form), any
 Spec = dict[str, tuple[str, bool]]
 Handler = Callable[[SimState, dict[str, Any]], Any]
 
@@ -45,13 +47,22 @@ def method(rpc_name: str, family: str = BDEV, /,
     return deco
 
 
+_INT_RANGES = {"u64": (0, 1 << 64), "u32": (0, 1 << 32), "u16": (0, 1 << 16),
+               "i64": (-(1 << 63), 1 << 63), "i32": (-(1 << 31), 1 << 31)}
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                   r"[0-9a-fA-F]{12}$")
+
+
 def _type_ok(tag: str, value: Any) -> bool:
     if tag == "str":
         return isinstance(value, str)
-    if tag in ("u64", "i64"):
+    if tag == "uuid":
+        return isinstance(value, str) and bool(_UUID.match(value))
+    if tag in _INT_RANGES:
         if isinstance(value, bool) or not isinstance(value, int):
             return False
-        return value >= 0 if tag == "u64" else True
+        low, high = _INT_RANGES[tag]
+        return low <= value < high
     if tag == "bool":
         return isinstance(value, bool)
     if tag == "obj":
@@ -152,10 +163,10 @@ def _get_config(state: SimState, p: dict[str, Any]) -> Any:
 
 # --- bdev --------------------------------------------------------------------
 
-@method("bdev_malloc_create", name=_b("str"), num_blocks=_r("u64"), block_size=_r("u64"),
-        uuid=_b("str"), optimal_io_boundary=_b("u64"), md_size=_b("u64"),
-        md_interleave=_b("bool"), dif_type=_b("u64"), dif_is_head_of_md=_b("bool"),
-        physical_block_size=_b("u64"), numa_id=_b("i64"))
+@method("bdev_malloc_create", name=_b("str"), num_blocks=_r("u64"), block_size=_r("u32"),
+        uuid=_b("uuid"), optimal_io_boundary=_b("u32"), md_size=_b("u32"),
+        md_interleave=_b("bool"), dif_type=_b("i32"), dif_is_head_of_md=_b("bool"),
+        dif_pi_format=_b("u32"), physical_block_size=_b("u32"), numa_id=_b("i32"))
 def _malloc_create(state: SimState, p: dict[str, Any]) -> Any:
     return bdevmod.malloc_create(state, p)
 
@@ -165,7 +176,7 @@ def _malloc_delete(state: SimState, p: dict[str, Any]) -> Any:
     return bdevmod.delete_typed(state, p["name"], bdevmod.MallocBdev)
 
 
-@method("bdev_aio_create", name=_r("str"), filename=_r("str"), block_size=_b("u64"),
+@method("bdev_aio_create", name=_r("str"), filename=_r("str"), block_size=_b("u32"),
         readonly=_b("bool"), fallocate=_b("bool"), uuid=_b("str"))
 def _aio_create(state: SimState, p: dict[str, Any]) -> Any:
     return bdevmod.aio_create(state, p)
@@ -227,8 +238,8 @@ def _nvme_ctrlrs(state: SimState, p: dict[str, Any]) -> Any:
 # --- lvol --------------------------------------------------------------------
 
 @method("bdev_lvol_create_lvstore", bdev_name=_r("str"), lvs_name=_r("str"),
-        cluster_sz=_b("u64"), clear_method=_b("str"), num_md_pages_per_cluster_ratio=_b("u64"),
-        md_page_size=_b("u64"))
+        cluster_sz=_b("u32"), clear_method=_b("str"), num_md_pages_per_cluster_ratio=_b("u32"),
+        md_page_size=_b("u32"))
 def _create_lvs(state: SimState, p: dict[str, Any]) -> Any:
     return lvolmod.create_lvstore(state, p)
 

@@ -8,12 +8,12 @@ from .methods import BDEV, NVMF, _b, _r, method
 from .state import SimState
 
 
-@method("nvmf_create_transport", NVMF, trtype=_r("str"), max_queue_depth=_b("u64"),
-        max_io_qpairs_per_ctrlr=_b("u64"), in_capsule_data_size=_b("u64"),
-        max_io_size=_b("u64"), io_unit_size=_b("u64"), max_aq_depth=_b("u64"),
-        num_shared_buffers=_b("u64"), buf_cache_size=_b("u64"), dif_insert_or_strip=_b("bool"),
-        zcopy=_b("bool"), c2h_success=_b("bool"), sock_priority=_b("u64"),
-        abort_timeout_sec=_b("u64"), ack_timeout=_b("u64"), data_wr_pool_size=_b("u64"),
+@method("nvmf_create_transport", NVMF, trtype=_r("str"), max_queue_depth=_b("u16"),
+        max_io_qpairs_per_ctrlr=_b("u16"), in_capsule_data_size=_b("u32"),
+        max_io_size=_b("u32"), io_unit_size=_b("u32"), max_aq_depth=_b("u32"),
+        num_shared_buffers=_b("u32"), buf_cache_size=_b("u32"), dif_insert_or_strip=_b("bool"),
+        zcopy=_b("bool"), c2h_success=_b("bool"), sock_priority=_b("u32"),
+        abort_timeout_sec=_b("u32"), ack_timeout=_b("u32"), data_wr_pool_size=_b("u32"),
         tgt_name=_b("str"))
 def _create_transport(state: SimState, p: dict[str, Any]) -> Any:
     return state.nvmf.create_transport(p)
@@ -25,8 +25,8 @@ def _get_transports(state: SimState, p: dict[str, Any]) -> Any:
 
 
 @method("nvmf_create_subsystem", NVMF, nqn=_r("str"), serial_number=_b("str"),
-        model_number=_b("str"), allow_any_host=_b("bool"), max_namespaces=_b("u64"),
-        min_cntlid=_b("u64"), max_cntlid=_b("u64"), ana_reporting=_b("bool"),
+        model_number=_b("str"), allow_any_host=_b("bool"), max_namespaces=_b("u32"),
+        min_cntlid=_b("u16"), max_cntlid=_b("u16"), ana_reporting=_b("bool"),
         tgt_name=_b("str"), max_discard_size_kib=_b("u64"),
         max_write_zeroes_size_kib=_b("u64"), passthrough=_b("bool"))
 def _create_subsystem(state: SimState, p: dict[str, Any]) -> Any:
@@ -55,14 +55,14 @@ def _add_ns(state: SimState, p: dict[str, Any]) -> Any:
     return state.nvmf.add_ns(p)
 
 
-@method("nvmf_subsystem_remove_ns", NVMF, nqn=_r("str"), nsid=_r("u64"), tgt_name=_b("str"))
+@method("nvmf_subsystem_remove_ns", NVMF, nqn=_r("str"), nsid=_r("u32"), tgt_name=_b("str"))
 def _remove_ns(state: SimState, p: dict[str, Any]) -> Any:
     return state.nvmf.remove_ns(p)
 
 
 _LISTENER = {"nqn": _r("str"), "listen_address": _r("obj"), "tgt_name": _b("str"),
              "secure_channel": _b("bool"), "sock_impl": _b("str"), "ana_state": _b("str"),
-             "anagrpid": _b("u64")}
+             "anagrpid": _b("u32")}
 
 
 @method("nvmf_subsystem_add_listener", NVMF, **_LISTENER)
