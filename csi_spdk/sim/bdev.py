@@ -6,13 +6,14 @@ Result shapes (key order included) follow what SPDK v25.09 returns for
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .state import EAGAIN, EEXIST, EINVAL, ENODEV, ENOENT, RpcError, SimState, errno_error
+from .state import EAGAIN, EEXIST, EINVAL, ENODEV, RpcError, SimState, errno_error
 
 TICK_RATE = 2596100000
 MEMORY_DOMAINS = [{"dma_device_id": "system", "dma_device_type": 1},
@@ -169,23 +170,53 @@ def malloc_create(state: SimState, p: dict[str, Any]) -> str:
     return name
 
 
+def _logical_block_size(path: str) -> int:
+    """BLKSSZGET of a block device; 0 for a regular file (``spdk_fd_get_blocklen``)."""
+    import fcntl
+    import struct
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        return struct.unpack("I", fcntl.ioctl(fd, 0x1268, b"\0" * 4))[0]
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
 def aio_create(state: SimState, p: dict[str, Any]) -> str:
+    """``create_aio_bdev``'s order: open, block size, size, then the name (register).
+
+    A regular file has no detectable block size, so ``block_size`` is required
+    for one (EINVAL without it).
+    """
     name = p["name"]
     filename = p["filename"]
-    if state.name_taken(name):
-        raise errno_error(EEXIST)
+    if p.get("fallocate"):
+        raise errno_error(errno.ENOTSUP)
+    flags = os.O_RDONLY if p.get("readonly") else os.O_RDWR
     try:
+        os.close(os.open(filename, flags))
         st = os.stat(filename)
-    except FileNotFoundError:
-        raise errno_error(ENOENT) from None
     except OSError as err:
         raise errno_error(err.errno or EINVAL) from None
-    block_size = p.get("block_size") or 512
-    if block_size % 512:
+    detected = _logical_block_size(filename)
+    block_size = p.get("block_size") or 0
+    if block_size == 0:
+        if detected == 0:
+            raise errno_error(EINVAL)
+        block_size = detected
+    elif block_size < detected:
+        raise errno_error(EINVAL)
+    if block_size < 512 or block_size & (block_size - 1):
         raise errno_error(EINVAL)
     size = st.st_size
-    if size < block_size:
+    if size % block_size:
         raise errno_error(EINVAL)
+    if state.name_taken(name) or (p.get("uuid") and state.name_taken(p["uuid"])):
+        raise errno_error(EEXIST)
     bdev = AioBdev(state, name, block_size, size // block_size, filename,
                    block_size_override=bool(p.get("block_size")),
                    readonly=bool(p.get("readonly", False)),
@@ -226,13 +257,25 @@ def set_qos_limit(state: SimState, p: dict[str, Any]) -> bool:
     return True
 
 
+def completion_order(bdevs: list[Bdev]) -> list[Bdev]:
+    """The order ``bdev_get_iostat`` (all) answers in: its per-bdev stats finish
+    asynchronously (one message hop per thread holding an I/O channel), so
+    bdevs without a channel come first, then the ones an nvmf poll group has
+    open, then lvstore base bdevs (blobstore channels); registration order
+    within each group, as recorded on spdk_tgt v25.09 with one reactor.
+    """
+    def rank(bdev: Bdev) -> int:
+        return {None: 0, "exclusive_write": 1}.get(bdev.claim_type, 2)
+    return sorted(bdevs, key=rank)
+
+
 def iostat(state: SimState, p: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"tick_rate": TICK_RATE, "ticks": state.ticks()}
     if "name" in p:
         bdev = state.must_bdev(p["name"])
         bdevs = [bdev]
     else:
-        bdevs = list(reversed(state.bdevs))
+        bdevs = completion_order(state.bdevs)
     if p.get("per_channel"):
         if len(bdevs) != 1:
             raise errno_error(EINVAL)

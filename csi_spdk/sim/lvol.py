@@ -15,6 +15,7 @@ three masks, one metadata page per cluster).
 
 from __future__ import annotations
 
+import errno as errno_mod
 import math
 import uuid as uuidlib
 from pathlib import Path
@@ -29,6 +30,7 @@ from .state import (
     ENOMEM,
     ENOSPC,
     EPERM,
+    NoParams,
     RpcError,
     SimState,
     async_error,
@@ -81,6 +83,7 @@ class Lvstore:
         self.uuid = lvs_uuid or str(uuidlib.uuid4())
         self.on_disk = False        # metadata persisted (aio base): see persist.py
         self.name = name
+        self.new_name = ""      # SPDK's lvs->new_name: empty until a rename
         self.base_bdev = base
         self.cluster_size = cluster_size
         self.block_size = base.block_size
@@ -145,6 +148,11 @@ class LvolBdev(Bdev):
 
     product_name = "Logical Volume"
 
+    @property
+    def has_memory_domains(self) -> bool:  # type: ignore[override]
+        """The blobstore passes its base bdev's memory domains through."""
+        return self.lvol.lvs.base_bdev.has_memory_domains
+
     def __init__(self, lvol: Lvol) -> None:
         super().__init__(lvol.lvs.state, lvol.uuid, lvol.lvs.block_size,
                          lvol.size // lvol.lvs.block_size, lvol.uuid)
@@ -164,10 +172,10 @@ class LvolBdev(Bdev):
                                "base_bdev": lv.lvs.base_bdev.name,
                                "thin_provision": lv.thin,
                                "num_allocated_clusters": len(lv.clusters),
-                               "snapshot": lv.is_snapshot, "clone": lv.parent is not None}
+                               "snapshot": lv.has_clones, "clone": lv.parent is not None}
         if lv.parent is not None:
             out["base_snapshot"] = lv.parent.name
-        if lv.is_snapshot:
+        if lv.has_clones:
             out["clones"] = [c.name for c in lv.children]
         out["esnap_clone"] = False
         return {"lvol": out}
@@ -201,6 +209,15 @@ class Lvol:
         return self.num_clusters * self.lvs.cluster_size
 
     @property
+    def has_clones(self) -> bool:
+        """What SPDK reports as ``is_snapshot``: a blob with a clone list entry.
+
+        A snapshot whose clones are all gone is reported as not a snapshot
+        (it stays read-only); a read-only lvol that got a clone is one.
+        """
+        return bool(self.children)
+
+    @property
     def read_only(self) -> bool:
         return self.is_snapshot or self.set_read_only
 
@@ -214,7 +231,7 @@ class Lvol:
 
     def json(self) -> dict[str, Any]:
         return {"alias": self.alias, "uuid": self.uuid, "name": self.name,
-                "is_thin_provisioned": self.thin, "is_snapshot": self.is_snapshot,
+                "is_thin_provisioned": self.thin, "is_snapshot": self.has_clones,
                 "is_clone": self.parent is not None, "is_esnap_clone": False,
                 "is_degraded": False, "num_allocated_clusters": len(self.clusters),
                 "lvs": {"name": self.lvs.name, "uuid": self.lvs.uuid}}
@@ -345,7 +362,9 @@ def notify_resized(state: SimState, lv: Lvol) -> None:
 # --- lvstore RPCs ------------------------------------------------------------
 
 def create_lvstore(state: SimState, p: dict[str, Any]) -> str:
-    base = state.must_bdev(p["bdev_name"])
+    # SPDK's order: clear_method (RPC), name (vbdev), opening the base bdev,
+    # cluster size vs the bdev's block size and the name in use (lvs_init),
+    # then the blobstore's own checks, reported through the callback.
     cluster_size = p.get("cluster_sz", DEFAULT_CLUSTER) or DEFAULT_CLUSTER
     clear_method = p.get("clear_method", "unmap").lower()
     if clear_method not in CLEAR_METHODS:
@@ -353,12 +372,15 @@ def create_lvstore(state: SimState, p: dict[str, Any]) -> str:
     name = p["lvs_name"]
     if not name or len(name) > MAX_NAME:
         raise errno_error(EINVAL)
-    if cluster_size % PAGE or cluster_size < PAGE:
-        raise errno_error(EINVAL)
+    base = state.must_bdev(p["bdev_name"])
     if base.claim_type is not None:
         raise errno_error(EPERM)
+    if cluster_size < base.block_size or cluster_size % base.block_size:
+        raise errno_error(EINVAL)
     if state.find_lvstore(name=name) is not None:
         raise errno_error(EEXIST)
+    if cluster_size % PAGE:
+        raise async_error(EINVAL)
     num_clusters = base.size // cluster_size
     md_ratio = p.get("num_md_pages_per_cluster_ratio") or DEFAULT_MD_RATIO
     md_pages = num_clusters * md_ratio // 100
@@ -378,24 +400,35 @@ def create_lvstore(state: SimState, p: dict[str, Any]) -> str:
 
 
 def get_lvstores(state: SimState, p: dict[str, Any]) -> list[dict[str, Any]]:
-    if "lvs_name" in p or "uuid" in p:
+    if not isinstance(p, NoParams):      # {} is neither name nor uuid: EINVAL
         return [lvstore_from(state, p).json()]
     reconcile_all(state)
     return [lvs.json() for lvs in state.lvstores]
 
 
 def rename_lvstore(state: SimState, p: dict[str, Any]) -> bool:
-    lvs = state.find_lvstore(name=p["old_name"])
+    """``spdk_lvs_rename``: no length check, the name is cut to 63 characters.
+
+    Each lvol's bdev alias then moves to ``new/<lvol name>``; where that alias
+    is taken (or the bdev has more than one), SPDK ignores the failure and
+    the old alias stays.
+    """
+    old = p["old_name"]
+    lvs = state.find_lvstore(name=old)
     if lvs is None:
-        raise errno_error(ENODEV)
+        raise RpcError(-errno_mod.ENOENT, f"Lvol store {old} not found")
     new = p["new_name"]
-    if not new or len(new) > MAX_NAME:
-        raise async_error(EINVAL)
-    if new != lvs.name and state.find_lvstore(name=new) is not None:
+    if lvs.name == new[:MAX_NAME + 1]:
+        return True
+    # Every lvstore's name and new_name count, its own new_name included: a
+    # store never renamed has new_name "", so renaming to "" is EEXIST.
+    if any(new[:MAX_NAME + 1] in (o.name, o.new_name) for o in state.lvstores):
         raise async_error(EEXIST)
-    lvs.name = new
+    lvs.name = lvs.new_name = new[:MAX_NAME]
     for lv in lvs.lvols:
-        lv.sync_bdev(alias=True)
+        alias = lv.alias
+        if len(lv.bdev.aliases) == 1 and not state.name_taken(alias):
+            lv.bdev.aliases = [alias]
     return True
 
 
@@ -453,7 +486,7 @@ def create_lvol(state: SimState, p: dict[str, Any]) -> str:
 
 
 def get_lvols(state: SimState, p: dict[str, Any]) -> list[dict[str, Any]]:
-    if "lvs_name" in p or "lvs_uuid" in p:
+    if not isinstance(p, NoParams):
         lvstores = [lvstore_from(state, p, "lvs_name", "lvs_uuid")]
     else:
         lvstores = list(state.lvstores)
@@ -551,7 +584,7 @@ def snapshot(state: SimState, p: dict[str, Any]) -> str:
 
 def clone(state: SimState, p: dict[str, Any]) -> str:
     snap = find_lvol(state, p["snapshot_name"])
-    name = p["clone_name"]
+    name = p.get("clone_name", "")       # optional in SPDK's decoder: NULL is EINVAL
     lvs = snap.lvs
     verify_new_name(lvs, name)
     if not snap.read_only:

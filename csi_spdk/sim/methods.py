@@ -18,7 +18,7 @@ from typing import Any
 from . import bdev as bdevmod
 from . import lvol as lvolmod
 from .method_names import ALIASES, ALL_METHODS, STARTUP_ONLY
-from .state import EINVAL, ENODEV, ETIMEDOUT, RpcError, SimState, errno_error
+from .state import EINVAL, ENODEV, ETIMEDOUT, NoParams, RpcError, SimState, errno_error
 
 BDEV, NVMF, NONE = "bdev", "nvmf", "none"
 
@@ -83,7 +83,7 @@ def decode(name: str, m: Method, params: Any) -> dict[str, Any]:
     if params is None:
         if any(req for _, req in m.spec.values()):
             raise fail
-        return {}
+        return NoParams()
     if not isinstance(params, dict):
         raise fail
     for key, value in params.items():
@@ -290,7 +290,7 @@ def _snapshot(state: SimState, p: dict[str, Any]) -> Any:
     return lvolmod.snapshot(state, p)
 
 
-@method("bdev_lvol_clone", snapshot_name=_r("str"), clone_name=_r("str"))
+@method("bdev_lvol_clone", snapshot_name=_r("str"), clone_name=_b("str"))
 def _clone(state: SimState, p: dict[str, Any]) -> Any:
     return lvolmod.clone(state, p)
 

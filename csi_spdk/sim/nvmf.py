@@ -183,7 +183,7 @@ class Nvmf:
         if trtype != "TCP":
             raise RpcError(-32602, f"Invalid transport type '{p['trtype']}'")
         if any(t["trtype"] == trtype for t in self.transports):
-            raise RpcError(-32603, f"Transport type '{trtype}' already exists")
+            raise RpcError(-32603, f"Transport type '{p['trtype']}' already exists")
         opts = {"trtype": trtype}
         for key, default in TCP_DEFAULTS.items():
             opts[key] = p.get(key, default)
@@ -274,7 +274,7 @@ class Nvmf:
                 ns_uuid = str(uuidlib.UUID(ns_p["uuid"]))
             except (ValueError, TypeError, AttributeError):
                 raise invalid_params() from None
-        nguid = ns_uuid.replace("-", "").upper()
+        nguid = bdev.uuid.replace("-", "").upper()    # from the bdev, even with a uuid
         if "nguid" in ns_p:
             raw = str(ns_p["nguid"]).replace("-", "")
             if len(raw) != 32 or not all(c in "0123456789abcdefABCDEF" for c in raw):
@@ -359,12 +359,12 @@ class Nvmf:
         keyring = self.state.keyring
         dh = dhc = psk = None
         if "dhchap_key" in p:
-            dh = keyring.get(p["dhchap_key"])
-            if dh is None or not dh.secret().startswith("DHHC-1:"):
+            dh = keyring.get(p["dhchap_key"])       # the format is checked at connect
+            if dh is None:
                 raise invalid_params()
         if "dhchap_ctrlr_key" in p:
             dhc = keyring.get(p["dhchap_ctrlr_key"])
-            if dhc is None or not dhc.secret().startswith("DHHC-1:"):
+            if dhc is None:
                 raise invalid_params()
             if dh is None:
                 raise internal_error()
@@ -375,11 +375,17 @@ class Nvmf:
         return dh, dhc, psk
 
     def add_host(self, p: dict[str, Any]) -> bool:
+        """SPDK's order: subsystem and keyring look-ups (-32602), then the host
+        NQN, a duplicate, a ctrlr key without a host key and the psk (-32603)."""
         sub = self.must(p["nqn"])
-        dh, dhc, psk = self._keys(p)
+        keyring = self.state.keyring
+        for name in ("dhchap_key", "dhchap_ctrlr_key"):
+            if name in p and keyring.get(p[name]) is None:
+                raise invalid_params()
         host_nqn = p["host"]
         if not nqn_is_valid(host_nqn) or any(h.nqn == host_nqn for h in sub.hosts):
             raise internal_error()
+        dh, dhc, psk = self._keys(p)
         keyring = self.state.keyring
         host = Host(host_nqn, *(keyring.acquire(k.name) if k else None for k in (dh, dhc, psk)))
         sub.hosts.insert(0, host)

@@ -33,6 +33,10 @@ class RpcError(Exception):
         self.message = message
 
 
+class NoParams(dict):  # type: ignore[type-arg]
+    """The decoded params of a request that had none (SPDK tells it from ``{}``)."""
+
+
 def strerror(err: int) -> str:
     """The glibc text SPDK puts in error messages (``spdk_strerror``)."""
     return os.strerror(err)

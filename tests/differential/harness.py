@@ -71,7 +71,11 @@ def record(sock: str, root: str, seed: int, steps: int) -> list[dict[str, Any]]:
     try:
         for _ in range(steps):
             request = gen.next()
-            reply = to_recorded(call(conn, to_host(request, root)), root)
+            try:
+                reply = to_recorded(call(conn, to_host(request, root)), root)
+            except (TimeoutError, ConnectionError) as err:
+                raise RuntimeError(f"seed {seed} step {len(entries)}: no reply to "
+                                   f"{json.dumps(request)} ({err})") from err
             gen.observe(request, reply)
             entries.append({"request": request, "response": reply})
     finally:

@@ -45,7 +45,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def run(tmp_path: Path, calls: list[tuple[str, dict]], cluster: int = 4 << 20) -> list[dict]:
+def run(tmp_path: Path, calls: list[tuple[str, dict | None]], cluster: int = 4 << 20) -> list[dict]:
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "data"), str(cluster)],
                           input=json.dumps(calls), capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
@@ -53,12 +53,12 @@ def run(tmp_path: Path, calls: list[tuple[str, dict]], cluster: int = 4 << 20) -
     return json.loads(proc.stdout)
 
 
-def create(name: str, mib: int, thin: bool) -> tuple[str, dict]:
+def create(name: str, mib: int, thin: bool) -> tuple[str, dict | None]:
     return ("bdev_lvol_create", {"lvs_name": "lvs0", "lvol_name": name, "size_in_mib": mib,
                                  "thin_provision": thin})
 
 
-def blocks(name: str) -> tuple[str, dict]:
+def blocks(name: str) -> tuple[str, dict | None]:
     return ("bdev_get_bdevs", {"name": f"lvs0/{name}"})
 
 
@@ -66,7 +66,7 @@ def test_thick_huge_sizes_are_enospc(tmp_path: Path) -> None:
     # 2^63 - 1 MiB is 2^64 - 1 MiB bytes after the wrap; with 4 MiB clusters the
     # round-up wraps too, to 0 clusters: SPDK creates an empty thick lvol.
     got = run(tmp_path, [create("a", PIB_MIB, False), create("c", 1 << 40, False),
-                         ("bdev_lvol_get_lvstores", {}), create("b", (1 << 63) - 1, False),
+                         ("bdev_lvol_get_lvstores", None), create("b", (1 << 63) - 1, False),
                          blocks("b")])
     assert got[:2] == [{"error": ENOSPC}] * 2
     lvs = got[2]["result"][0]
@@ -91,7 +91,7 @@ def test_thin_cluster_array_too_big_is_enomem(tmp_path: Path) -> None:
     # 1 MiB clusters: 2^64 - 1 MiB rounds to 2^44 - 1 clusters, an array of
     # 128 TiB that no host can allocate.
     got = run(tmp_path, [create("w", U64_MAX, True), create("x", (1 << 63) - 1, True),
-                         ("bdev_lvol_get_lvols", {})], cluster=1 << 20)
+                         ("bdev_lvol_get_lvols", None)], cluster=1 << 20)
     assert got[:2] == [{"error": ENOMEM}] * 2
     assert got[2] == {"result": []}
 
