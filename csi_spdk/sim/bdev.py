@@ -152,12 +152,12 @@ VALID_BLOCK_SIZES = (512, 520, 528, 4096, 4160, 4224)
 def malloc_create(state: SimState, p: dict[str, Any]) -> str:
     block_size = p["block_size"]
     num_blocks = p["num_blocks"]
-    name = p.get("name")
-    if not name:
-        name = f"Malloc{state.malloc_counter}"
-        state.malloc_counter += 1
     if block_size not in VALID_BLOCK_SIZES or block_size % 512 or num_blocks == 0:
         raise errno_error(EINVAL)
+    name = p.get("name")
+    if not name:    # the counter moves only once the options passed validation
+        name = f"Malloc{state.malloc_counter}"
+        state.malloc_counter += 1
     uuid = p.get("uuid")
     if uuid is not None:
         try:

@@ -175,7 +175,7 @@ class LvolBdev(Bdev):
                                "snapshot": lv.has_clones, "clone": lv.parent is not None}
         if lv.parent is not None:
             out["base_snapshot"] = lv.parent.name
-        if lv.has_clones:
+        if lv.has_clones and lv.children:     # SPDK omits an empty list
             out["clones"] = [c.name for c in lv.children]
         out["esnap_clone"] = False
         return {"lvol": out}
@@ -195,6 +195,7 @@ class Lvol:
         self.parent: Lvol | None = None
         self.children: list[Lvol] = []
         self.is_snapshot = False
+        self.clone_entry = False
         self.set_read_only = False
         self.path = lvs.dir / f"{self.uuid}.img"
         self.bdev = LvolBdev(self)
@@ -210,12 +211,18 @@ class Lvol:
 
     @property
     def has_clones(self) -> bool:
-        """What SPDK reports as ``is_snapshot``: a blob with a clone list entry.
+        """What SPDK reports as ``is_snapshot``: the blob has a snapshot-list entry.
 
-        A snapshot whose clones are all gone is reported as not a snapshot
-        (it stays read-only); a read-only lvol that got a clone is one.
+        The entry appears with the first clone and only goes with the blob, so
+        a snapshot whose clones were all deleted or inflated still reports
+        ``is_snapshot`` (and ``clones: []``); a read-only lvol that got a
+        clone reports it too.
         """
-        return bool(self.children)
+        return self.clone_entry or bool(self.children)
+
+    def adopt(self, child: Lvol) -> None:
+        self.children.append(child)
+        self.clone_entry = True
 
     @property
     def read_only(self) -> bool:
@@ -468,13 +475,16 @@ def create_lvol(state: SimState, p: dict[str, Any]) -> str:
         raise errno_error(EEXIST)
     thin = bool(p.get("thin_provision", False))
     num_clusters = wrapped_clusters(p["size_in_mib"], lvs.cluster_size)
+    # bs_create_blob claims the blob's metadata page first (ENOMEM), then
+    # blob_resize checks clusters and that one more page is free for extents.
+    lvs.need_md_pages(1, ENOMEM)
     if thin:
         check_cluster_array(num_clusters)
-        lvs.need_md_pages(1, ENOMEM)
     else:
         if num_clusters > lvs.free_clusters:
             raise async_error(ENOSPC)
-        lvs.need_md_pages(1 + extent_pages(num_clusters), ENOSPC)
+        if num_clusters:
+            lvs.need_md_pages(2, ENOSPC)
     lv = Lvol(lvs, name, num_clusters, thin, clear_method)
     if not thin:
         lv.clusters = set(range(num_clusters))
@@ -572,12 +582,12 @@ def snapshot(state: SimState, p: dict[str, Any]) -> str:
     old_parent = lv.parent
     if old_parent is not None:
         old_parent.children.remove(lv)
-        old_parent.children.append(snap)
+        old_parent.adopt(snap)
     snap.parent = old_parent
     lv.parent = snap
     lv.clusters = set()
     lv.thin = True
-    snap.children.append(lv)
+    snap.adopt(lv)
     snap.register()
     return snap.uuid
 
@@ -593,7 +603,7 @@ def clone(state: SimState, p: dict[str, Any]) -> str:
     cl = Lvol(lvs, name, snap.num_clusters, True, snap.clear_method)
     files.sparse_copy(snap.path, cl.path)
     cl.parent = snap
-    snap.children.append(cl)
+    snap.adopt(cl)
     cl.register()
     return cl.uuid
 
@@ -610,7 +620,7 @@ def delete_lvol(state: SimState, p: dict[str, Any]) -> bool:
         lv.children = []
         child.parent = lv.parent
         if lv.parent is not None:
-            lv.parent.children.append(child)
+            lv.parent.adopt(child)
     lv.destroy()
     return True
 
@@ -635,5 +645,5 @@ def inflate(state: SimState, p: dict[str, Any], allocate_all: bool) -> bool:
         parent.children.remove(lv)
     lv.parent = new_parent
     if new_parent is not None:
-        new_parent.children.append(lv)
+        new_parent.adopt(lv)
     return True

@@ -20,7 +20,10 @@ from . import lvol as lvolmod
 from .method_names import ALIASES, ALL_METHODS, STARTUP_ONLY
 from .state import EINVAL, ENODEV, ETIMEDOUT, NoParams, RpcError, SimState, errno_error
 
-BDEV, NVMF, NONE = "bdev", "nvmf", "none"
+BDEV, NVMF, KEYRING, NONE = "bdev", "nvmf", "keyring", "none"
+# Handlers that decode with spdk_json_decode_object_relaxed: unknown keys are ignored.
+RELAXED = {"nvmf_subsystem_add_listener", "nvmf_subsystem_add_ns", "nvmf_subsystem_add_host",
+           "nvmf_create_transport", "keyring_file_add_key"}
 
 # type tags: str, u64/u32/u16 (non-negative, in range), i64/i32, bool, obj, arr,
 # uuid (a string ``spdk_json_decode_uuid`` accepts: the dashed 36-char form), any
@@ -78,8 +81,9 @@ def decode(name: str, m: Method, params: Any) -> dict[str, Any]:
         if params is not None:
             raise RpcError(-32602, f"{name} method requires no parameters")
         return {}
-    fail = (RpcError(-32602, "Invalid parameters") if m.family == NVMF
-            else RpcError(-32603, "spdk_json_decode_object failed"))
+    fail = {NVMF: RpcError(-32602, "Invalid parameters"),
+            KEYRING: RpcError(-32602, "Invalid argument")}.get(
+        m.family, RpcError(-32603, "spdk_json_decode_object failed"))
     if params is None:
         if any(req for _, req in m.spec.values()):
             raise fail
@@ -87,12 +91,14 @@ def decode(name: str, m: Method, params: Any) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise fail
     for key, value in params.items():
+        if key not in m.spec and name in RELAXED:
+            continue
         if key not in m.spec or not _type_ok(m.spec[key][0], value):
             raise fail
     for key, (_, required) in m.spec.items():
         if required and key not in params:
             raise fail
-    return dict(params)
+    return {k: v for k, v in params.items() if k in m.spec}
 
 
 def call(state: SimState, name: str, params: Any) -> Any:
@@ -200,7 +206,7 @@ def _get_bdevs(state: SimState, p: dict[str, Any]) -> Any:
             lvolmod.reconcile_all(state)
             return [bdev.json()]
         remaining = deadline - time.monotonic()
-        if "timeout" not in p:
+        if not p.get("timeout"):        # absent or 0: no waiting
             raise errno_error(ENODEV)
         if remaining <= 0:
             raise errno_error(ETIMEDOUT)

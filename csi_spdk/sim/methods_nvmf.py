@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .methods import BDEV, NVMF, _b, _r, method
+from .methods import KEYRING, NVMF, _b, _r, method
 from .state import SimState
 
 
@@ -112,12 +112,12 @@ def _set_keys(state: SimState, p: dict[str, Any]) -> Any:
     return state.nvmf.set_keys(p)
 
 
-@method("keyring_file_add_key", BDEV, name=_r("str"), path=_r("str"))
+@method("keyring_file_add_key", KEYRING, name=_r("str"), path=_r("str"))
 def _add_key(state: SimState, p: dict[str, Any]) -> Any:
     return state.keyring.add_file_key(p["name"], p["path"])
 
 
-@method("keyring_file_remove_key", BDEV, name=_r("str"))
+@method("keyring_file_remove_key", KEYRING, name=_r("str"))
 def _remove_key(state: SimState, p: dict[str, Any]) -> Any:
     return state.keyring.remove_file_key(p["name"])
 

@@ -332,6 +332,9 @@ class Nvmf:
     def add_listener(self, p: dict[str, Any]) -> bool:
         sub = self.must(p["nqn"])
         lst = self._listener(p)
+        if lst.secure_channel and sub.allow_any_host:
+            raise RpcError(-32603, "Cannot establish secure channel, when 'allow_any_host' "
+                                   "is set")
         if not any(t["trtype"] == lst.trtype for t in self.transports):
             raise invalid_params()
         if any(x.same(lst) for x in sub.listeners):

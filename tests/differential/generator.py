@@ -34,9 +34,10 @@ KEY_FILES = ("psk0", "dh0", "dhc0", "loose", "missing")
 PORTS = ("54420", "54421", "0", "abc")
 FIXED_UUIDS = ("6f1c1b1e-0c5a-4b53-9d44-2f3f8c7e1a01", "6f1c1b1e-0c5a-4b53-9d44-2f3f8c7e1a02")
 # size_in_mib values: small, cluster-rounding, bigger than any test lvstore,
-# moderate thin sizes (1 and 16 TiB), and u64 wrap-arounds: 2^44 MiB * 1 MiB
+# moderate thin sizes (1 and 4 TiB: SPDK memsets 8 bytes per cluster of a thin
+# blob, so these stay at most 32 MiB on the recording target), and u64 wrap-arounds: 2^44 MiB * 1 MiB
 # wraps to 0, 2^44+1 to 1 MiB, 2^63-1 and 2^64-1 to 2^64 - 1 MiB.
-SIZES_MIB = (0, 1, 4, 5, 8, 16, 33, 100, 300, 5000, 1 << 20, 1 << 24,
+SIZES_MIB = (0, 1, 4, 5, 8, 16, 33, 100, 300, 5000, 1 << 20, 1 << 22,
              1 << 44, (1 << 44) + 1, (1 << 63) - 1, U64_MAX)
 BAD_SIZES = (-1, 1 << 64, 1.5, "8")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -211,7 +212,11 @@ class Generator:
                              "lvs_name": ("lvs0" if self.maybe(0.6) else "lvs1")
                              if self.maybe(0.9) else self.pick(LVS_NAMES)}
         if self.maybe(0.5):
-            p["cluster_sz"] = self.pick((MIB, MIB, MIB, 4 * MIB, 2 * MIB, 12288, 0, 1 << 40))
+            # 3 MiB: a multiple of 4 KiB that is not a power of two; 2 KiB: not a
+            # multiple of the 4 KiB page; 2^40: not a u32. Nothing below 1 MiB
+            # (a thin terabyte lvol would cost the real target gigabytes).
+            p["cluster_sz"] = self.pick((MIB, MIB, MIB, 4 * MIB, 2 * MIB, 3 * MIB, 2048, 0,
+                                         1 << 40))
         if self.maybe(0.2):
             p["clear_method"] = self.pick(("none", "unmap", "write_zeroes", "bogus"))
         return "bdev_lvol_create_lvstore", p
