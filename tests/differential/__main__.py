@@ -26,10 +26,18 @@ def _seeds(text: str) -> list[int]:
 
 def _record(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
+    kept = 0
     for seed in _seeds(args.seeds):
+        if kept >= args.keep:
+            break
         start = time.monotonic()
-        with harness.spdk_tgt(args.spdk_tgt) as (sock, root):
-            entries = harness.record(sock, root, seed, args.steps)
+        try:
+            with harness.spdk_tgt(args.spdk_tgt) as (sock, root):
+                entries = harness.record(sock, root, seed, args.steps)
+        except RuntimeError as err:     # the real target crashed or hung: say so, skip
+            print(f"seed {seed}: SKIPPED, {err}", flush=True)
+            continue
+        kept += 1
         harness.save(args.out / f"seed-{seed:03d}.json", seed, args.steps, "spdk_tgt v25.09",
                      entries)
         errors = sum(1 for e in entries if "error" in e["response"])
@@ -71,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--spdk-tgt", required=True)
     rec.add_argument("--seeds", default="1-10")
     rec.add_argument("--steps", type=int, default=600)
+    rec.add_argument("--keep", type=int, default=10, help="stop after this many recordings")
     rec.add_argument("--out", type=Path, default=harness.RECORDINGS)
     rep = sub.add_parser("replay", help="replay recordings against the simulator")
     rep.add_argument("--dir", type=Path, default=harness.RECORDINGS)

@@ -183,7 +183,7 @@ def spdk_tgt(binary: str, log_path: Path | None = None) -> Iterator[tuple[str, s
     with open(log_path or tmp / "spdk_tgt.log", "wb") as log:
         proc = subprocess.Popen([binary, "--no-huge", "-s", "2048", "-u", "-m", "0x1",
                                  "--disable-cpumask-locks", "-r", sock],
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp)  # cores stay in tmp
         try:
             wait_for_socket(sock, proc)
             yield sock, str(root)
