@@ -150,7 +150,7 @@ def test_deleted_lvstore_does_not_come_back(sim: SimProcess, short_tmp: Path) ->
         f.truncate(64 * MiB)
     sim.start()
     with sim.client() as c:
-        c.call("bdev_aio_create", {"name": "aio0", "filename": str(pool)})
+        c.call("bdev_aio_create", {"name": "aio0", "filename": str(pool), "block_size": 512})
         c.call("bdev_lvol_create_lvstore", {"bdev_name": "aio0", "lvs_name": "pool"})
         c.call("bdev_lvol_create", {"lvs_name": "pool", "lvol_name": "v", "size_in_mib": 4})
         assert pool.read_bytes()[:8] == b"SPDKBLOB"
@@ -159,7 +159,7 @@ def test_deleted_lvstore_does_not_come_back(sim: SimProcess, short_tmp: Path) ->
     sim.kill9()
     sim.start()
     with sim.client() as c:
-        c.call("bdev_aio_create", {"name": "aio0", "filename": str(pool)})
+        c.call("bdev_aio_create", {"name": "aio0", "filename": str(pool), "block_size": 512})
         assert c.call("bdev_lvol_get_lvstores") == []
         assert c.call("bdev_get_bdevs", {"name": "aio0"})[0]["claimed"] is False
 
@@ -172,14 +172,14 @@ def test_aio_delete_unloads_and_recreate_loads_in_one_process(sim: SimProcess,
         f.truncate(64 * MiB)
     sim.start()
     with sim.client() as c:
-        c.call("bdev_aio_create", {"name": "aio0", "filename": str(pool)})
+        c.call("bdev_aio_create", {"name": "aio0", "filename": str(pool), "block_size": 512})
         c.call("bdev_lvol_create_lvstore", {"bdev_name": "aio0", "lvs_name": "pool"})
         v = c.call("bdev_lvol_create", {"lvs_name": "pool", "lvol_name": "v",
                                         "size_in_mib": 4})
         _write(c, v, 0, b"kept")
         c.call("bdev_aio_delete", {"name": "aio0"})
         assert c.call("bdev_lvol_get_lvols") == []
-        c.call("bdev_aio_create", {"name": "aio0", "filename": str(pool)})
+        c.call("bdev_aio_create", {"name": "aio0", "filename": str(pool), "block_size": 512})
         assert [lv["uuid"] for lv in c.call("bdev_lvol_get_lvols")] == [v]
         assert _read(c, v, 0, 4) == b"kept"
 
@@ -194,7 +194,7 @@ def test_sigkill_during_lvol_churn_leaves_a_loadable_state(sim: SimProcess,
         f.truncate(256 * MiB)
     sim.start()
     with sim.client() as c:
-        c.call("bdev_aio_create", {"name": "aio0", "filename": str(pool)})
+        c.call("bdev_aio_create", {"name": "aio0", "filename": str(pool), "block_size": 512})
         c.call("bdev_lvol_create_lvstore", {"bdev_name": "aio0", "lvs_name": "pool",
                                             "cluster_sz": MiB})
     acked: list[str] = []
@@ -225,7 +225,7 @@ def test_sigkill_during_lvol_churn_leaves_a_loadable_state(sim: SimProcess,
     assert len(acked) > 5, "the churn did not get going"
     sim.start()
     with sim.client() as c:
-        c.call("bdev_aio_create", {"name": "aio0", "filename": str(pool)})
+        c.call("bdev_aio_create", {"name": "aio0", "filename": str(pool), "block_size": 512})
         names = {lv["name"] for lv in c.call("bdev_lvol_get_lvols")}
         expected = set(acked) - set(deleted)
         last = int(acked[-1][1:])
