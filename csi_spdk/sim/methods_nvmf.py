@@ -92,7 +92,7 @@ def _get_qpairs(state: SimState, p: dict[str, Any]) -> Any:
     return []
 
 
-_HOST = {"nqn": _r("str"), "host": _r("str"), "tgt_name": _b("str"), "psk": _b("str"),
+_HOST = {"nqn": _r("str"), "host": _r("str"), "tgt_name": _b("str"), "psk": _b("any"),
          "dhchap_key": _b("str"), "dhchap_ctrlr_key": _b("str")}
 
 

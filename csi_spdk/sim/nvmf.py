@@ -372,6 +372,8 @@ class Nvmf:
             if dh is None:
                 raise internal_error()
         if "psk" in p:
+            if not isinstance(p["psk"], str):      # decoded by the transport: -32603
+                raise internal_error()
             psk = keyring.get(p["psk"])
             if psk is None or not psk.secret().startswith("NVMeTLSkey-1:"):
                 raise internal_error()
