@@ -1,7 +1,7 @@
 """Record, replay or live-compare generated JSON-RPC sequences (see README.md).
 
     python3 -m tests.differential record --spdk-tgt /work/spdk-bin/spdk_tgt \\
-        --seeds 1-10 --steps 600          # re-record tests/differential/recordings/
+        --seeds 2-11 --steps 600          # re-record tests/differential/recordings/
     python3 -m tests.differential replay  # every recording against a fresh simulator
     python3 -m tests.differential live --spdk-tgt ... --seed 42 --steps 2000
 """
