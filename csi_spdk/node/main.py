@@ -12,13 +12,13 @@ from ..server import GrpcServer, serve
 from .initiator import NvmeTcpInitiator
 from .mount import Mounter
 from .service import NodeServicer
-from .topology import inventory, parse_extra, segments
+from .topology import NodeTopology, parse_extra
 
 
 def node_server(args: argparse.Namespace) -> GrpcServer:
     """A ready-to-start gRPC server with Identity + Node."""
-    extra = parse_extra(args.topology)
-    ssds = inventory(args.sysfs_root, args.spdk_rpc, strict=False)
+    topology = NodeTopology(args.node_id, args.sysfs_root, args.spdk_rpc,
+                            parse_extra(args.topology))
     initiator = NvmeTcpInitiator(
         host_nqn=contract.host_nqn(args.node_id), host_id=contract.host_id(args.node_id),
         ctrl_loss_tmo=args.ctrl_loss_tmo, reconnect_delay=args.reconnect_delay,
@@ -27,7 +27,7 @@ def node_server(args: argparse.Namespace) -> GrpcServer:
     node = NodeServicer(
         node_id=args.node_id, state_dir=args.state_dir, initiator=initiator,
         mounter=Mounter(), max_volumes=args.max_volumes,
-        topology_segments=segments(args.node_id, ssds, extra),
+        topology=topology.segments,
         connect_timeout=args.connect_timeout,
     )
     # controller=True: plugin capabilities are driver-wide (see identity.py)

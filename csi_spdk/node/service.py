@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 from .. import contract
@@ -157,11 +157,14 @@ def _check_capability(cap: csi_pb2.VolumeCapability) -> str:
 
 class NodeServicer(csi_pb2_grpc.NodeServicer):
     """The CSI Node service. ``initiator`` is an ``NvmeTcpInitiator`` (or a fake
-    with the same methods), ``mounter`` a ``mount.Mounter``."""
+    with the same methods), ``mounter`` a ``mount.Mounter``. ``topology``, when
+    given, is called by every NodeGetInfo (``topology.NodeTopology.segments``:
+    the SSDs present now); else the fixed ``topology_segments`` are reported."""
 
     def __init__(self, node_id: str, state_dir: str, initiator, mounter: Mounter | None = None,
                  max_volumes: int = 0, topology_segments: Mapping[str, str] | None = None,
-                 connect_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 30.0,
+                 topology: Callable[[], Mapping[str, str]] | None = None) -> None:
         if not node_id:
             raise InvalidArgument("node id is required")
         self.node_id = node_id
@@ -171,6 +174,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.max_volumes = max_volumes
         self.topology_segments = dict(topology_segments or
                                       {contract.TOPOLOGY_NODE_KEY: node_id})
+        self.topology = topology
         self.connect_timeout = connect_timeout
         self.locks = KeyedLocks()
         self.store = StateStore(state_dir)
@@ -459,6 +463,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     @rpc()
     def NodeGetInfo(self, request, context):
+        segments = self.topology() if self.topology is not None else self.topology_segments
         return csi_pb2.NodeGetInfoResponse(
             node_id=self.node_id, max_volumes_per_node=self.max_volumes,
-            accessible_topology=csi_pb2.Topology(segments=self.topology_segments))
+            accessible_topology=csi_pb2.Topology(segments=segments))

@@ -8,8 +8,11 @@ Inventory sources:
   ``device`` link target; vendor/device id from that PCI device; model,
   serial and firmware_rev from the controller; capacity = the sum of
   ``size`` x 512 over the controller's namespaces (``nvmeXnY``, or the hidden
-  per-path ``nvmeXcYnZ`` under native multipath). An SSD without a namespace
-  is listed with capacity 0.
+  per-path ``nvmeXcYnZ`` under native multipath, listed by its head disk's
+  name ``nvmeXnZ``, the one in /dev). An SSD without a namespace is listed
+  with capacity 0. A controller on its way out (``state`` deleting or dead,
+  e.g. during a PCIe hot-unplug) or gone while it was being read is left
+  out, so a removed SSD never leaves a half-read entry or a bogus label.
 * SPDK-owned SSDs (unbound from the kernel, driven by a local ``spdk_tgt``),
   from ``bdev_nvme_get_controllers`` (PCIe transport ids only) plus
   ``bdev_get_bdevs`` for model/serial/vendor and sizes.
@@ -68,7 +71,17 @@ VENDORS = {
 _NAME_MAX = 63
 _CAPACITY_TOKEN = re.compile(r"^\d+(\.\d+)?(gb|tb|g|t)$")
 _CTRL = re.compile(r"^nvme\d+$")
-_NS = re.compile(r"^nvme\d+(c\d+)?n\d+$")
+_NS = re.compile(r"^nvme(\d+)(c\d+)?n(\d+)$")
+_GOING = ("deleting", "dead")     # also "deleting (no IO)"
+
+
+@dataclass
+class Namespace:
+    """One namespace of a local SSD: the block device (kernel) or bdev (SPDK)."""
+
+    name: str
+    nsid: int
+    size_bytes: int
 
 
 @dataclass
@@ -85,7 +98,7 @@ class Ssd:
     serial: str
     firmware: str
     capacity_bytes: int
-    namespaces: list[str] = field(default_factory=list)
+    namespaces: list[Namespace] = field(default_factory=list)
 
     @property
     def ssd_class(self) -> str:
@@ -162,30 +175,52 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
+def _namespaces(ctrl: str) -> list[Namespace]:
+    out = []
+    for entry in _listdir(ctrl):
+        m = _NS.match(entry)
+        if not m:
+            continue
+        sectors = _read(os.path.join(ctrl, entry, "size"))
+        nsid = _read(os.path.join(ctrl, entry, "nsid"))
+        out.append(Namespace(f"nvme{m.group(1)}n{m.group(3)}",
+                             int(nsid) if nsid.isdigit() else int(m.group(3)),
+                             int(sectors) * 512 if sectors.isdigit() else 0))
+    return out
+
+
+def _kernel_ssd(name: str, ctrl: str) -> Ssd | None:
+    """The SSD behind ``/sys/class/nvme/<name>``, None when it is not a local
+    PCIe controller or is going away."""
+    if _read(os.path.join(ctrl, "transport")).lower() != "pcie":
+        return None
+    if _read(os.path.join(ctrl, "state")).lower().startswith(_GOING):
+        return None
+    pci = os.path.join(ctrl, "device")
+    pci_address = os.path.basename(os.path.realpath(pci)) if os.path.exists(pci) else ""
+    vendor_id = _hex(_read(os.path.join(pci, "vendor")))
+    namespaces = _namespaces(ctrl)
+    ssd = Ssd("kernel", name, pci_address, vendor_id, _hex(_read(os.path.join(pci, "device"))),
+              vendor_slug(vendor_id), _read(os.path.join(ctrl, "model")),
+              _read(os.path.join(ctrl, "serial")), _read(os.path.join(ctrl, "firmware_rev")),
+              sum(n.size_bytes for n in namespaces), namespaces)
+    # Unplugged while we read (attributes of a removed device read as ""):
+    # drop it rather than report a half-read SSD under a bogus class.
+    if not os.path.exists(os.path.join(ctrl, "transport")) or not vendor_id:
+        return None
+    return ssd
+
+
 def sysfs_ssds(sysfs_root: str = "/sys") -> list[Ssd]:
-    """Local PCIe NVMe controllers the kernel drives."""
+    """Local PCIe NVMe controllers the kernel drives (a few small sysfs reads
+    per controller: cheap enough for every NodeGetInfo)."""
     base = os.path.join(sysfs_root, "class", "nvme")
     found = []
     for name in _listdir(base):
-        if not _CTRL.match(name):
-            continue
-        ctrl = os.path.join(base, name)
-        if _read(os.path.join(ctrl, "transport")).lower() != "pcie":
-            continue
-        pci = os.path.join(ctrl, "device")
-        pci_address = os.path.basename(os.path.realpath(pci)) if os.path.exists(pci) else ""
-        vendor_id = _hex(_read(os.path.join(pci, "vendor")))
-        namespaces, capacity = [], 0
-        for ns in _listdir(ctrl):
-            if _NS.match(ns):
-                sectors = _read(os.path.join(ctrl, ns, "size"))
-                namespaces.append(ns)
-                capacity += int(sectors) * 512 if sectors.isdigit() else 0
-        found.append(Ssd("kernel", name, pci_address, vendor_id,
-                         _hex(_read(os.path.join(pci, "device"))), vendor_slug(vendor_id),
-                         _read(os.path.join(ctrl, "model")),
-                         _read(os.path.join(ctrl, "serial")),
-                         _read(os.path.join(ctrl, "firmware_rev")), capacity, namespaces))
+        if _CTRL.match(name):
+            ssd = _kernel_ssd(name, os.path.join(base, name))
+            if ssd is not None:
+                found.append(ssd)
     return found
 
 
@@ -210,8 +245,10 @@ def spdk_ssds(api) -> list[Ssd]:
                 if addr != traddr:
                     continue
                 info = nvme.get("ctrlr_data") or info
-                namespaces.append(bdev.get("name", ""))
-                capacity += int(bdev.get("num_blocks", 0)) * int(bdev.get("block_size", 0))
+                size = int(bdev.get("num_blocks", 0)) * int(bdev.get("block_size", 0))
+                nsid = int((nvme.get("ns_data") or {}).get("id", 0) or 0)
+                namespaces.append(Namespace(bdev.get("name", ""), nsid, size))
+                capacity += size
                 break
         vendor_id = _hex(str(info.get("vendor_id", "")))
         found.append(Ssd("spdk", name, traddr, vendor_id, "", vendor_slug(vendor_id),
@@ -221,27 +258,72 @@ def spdk_ssds(api) -> list[Ssd]:
     return found
 
 
+def _spdk_inventory(spdk_rpc: str, timeout: float) -> list[Ssd]:
+    from ..spdk.api import SpdkApi
+    from ..spdk.client import SpdkClient
+
+    with SpdkClient(spdk_rpc, timeout=timeout) as client:
+        return spdk_ssds(SpdkApi(client))
+
+
 def inventory(sysfs_root: str = "/sys", spdk_rpc: str = "",
               strict: bool = True) -> list[Ssd]:
     """Kernel-owned plus (when ``spdk_rpc`` is set) SPDK-owned local SSDs.
 
-    ``strict=False`` (the node plugin) reports only the kernel's SSDs when the
-    local spdk_tgt cannot be reached, so a node without one still starts.
+    ``strict=False`` reports only the kernel's SSDs when the local spdk_tgt
+    cannot be reached.
     """
+    from ..spdk.errors import SpdkTransportError
+
     ssds = sysfs_ssds(sysfs_root)
     if spdk_rpc:
-        from ..spdk.api import SpdkApi
-        from ..spdk.client import SpdkClient
-        from ..spdk.errors import SpdkTransportError
-
         try:
-            with SpdkClient(spdk_rpc, timeout=10.0) as client:
-                ssds += spdk_ssds(SpdkApi(client))
+            ssds += _spdk_inventory(spdk_rpc, 10.0)
         except SpdkTransportError as err:
             if strict:
                 raise
             log.warning("no SPDK-owned SSDs listed", extra={"f": {"error": err.message}})
     return ssds
+
+
+class NodeTopology:
+    """The node plugin's topology segments, read afresh on every call
+    (NodeGetInfo), so an SSD added or hot-removed while the plugin runs is
+    reported, or no longer reported, by the next call.
+
+    Cost: the sysfs scan is a few small reads per controller; with
+    ``spdk_rpc``, two JSON-RPC calls to the local spdk_tgt. When that target
+    cannot be reached the SSDs it owned at the last successful call are kept
+    (a restarting spdk_tgt must not flap the node's labels); a node that
+    never reached it reports its kernel SSDs only, so it still starts.
+    """
+
+    def __init__(self, node_id: str, sysfs_root: str = "/sys", spdk_rpc: str = "",
+                 extra: Mapping[str, str] | None = None, spdk_timeout: float = 5.0) -> None:
+        self.node_id = node_id
+        self.sysfs_root = sysfs_root
+        self.spdk_rpc = spdk_rpc
+        self.extra = dict(extra or {})
+        self.spdk_timeout = spdk_timeout
+        self._spdk_last: list[Ssd] = []
+
+    def inventory(self) -> list[Ssd]:
+        from ..spdk.errors import SpdkTransportError
+
+        ssds = sysfs_ssds(self.sysfs_root)
+        if self.spdk_rpc:
+            try:
+                self._spdk_last = _spdk_inventory(self.spdk_rpc, self.spdk_timeout)
+            except SpdkTransportError as err:
+                log.warning("local spdk_tgt unreachable: keeping the SSDs it owned at the "
+                            "last successful look", extra={"f": {
+                                "error": err.message,
+                                "kept": [s.pci_address for s in self._spdk_last]}})
+            ssds = ssds + self._spdk_last
+        return ssds
+
+    def segments(self) -> dict[str, str]:
+        return segments(self.node_id, self.inventory(), self.extra)
 
 
 def discover_main(args) -> int:
@@ -251,9 +333,12 @@ def discover_main(args) -> int:
         json.dump([{**asdict(s), "class": s.ssd_class} for s in ssds], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    header = ("OWNER", "NAME", "PCI", "VENDOR", "MODEL", "SERIAL", "FW", "CAPACITY", "CLASS")
-    rows = [header] + [(s.owner, s.name, s.pci_address, s.vendor, s.model, s.serial,
-                        s.firmware, _human(s.capacity_bytes), s.ssd_class) for s in ssds]
+    header = ("OWNER", "NAME", "PCI", "IDS", "VENDOR", "MODEL", "SERIAL", "FW", "CAPACITY",
+              "NAMESPACES", "CLASS")
+    rows = [header] + [(s.owner, s.name, s.pci_address, f"{s.vendor_id}:{s.device_id or '-'}",
+                        s.vendor, s.model, s.serial, s.firmware, _human(s.capacity_bytes),
+                        ",".join(n.name for n in s.namespaces) or "-", s.ssd_class)
+                       for s in ssds]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

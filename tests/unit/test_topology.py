@@ -48,7 +48,10 @@ def test_sysfs_inventory(tmp_path):
     assert samsung.model == "Samsung SSD 980 PRO 1TB" and samsung.serial == "S5GXNF0R123456"
     assert samsung.firmware == "5B2QGXA7"
     assert samsung.capacity_bytes == 1953525168 * 512
-    assert intel.capacity_bytes == (7814037168 + 2048) * 512 and len(intel.namespaces) == 2
+    assert intel.capacity_bytes == (7814037168 + 2048) * 512
+    # the hidden per-path disks nvmeXcYnZ are listed by their head's name
+    assert intel.namespaces == [topology.Namespace("nvme2n1", 1, 7814037168 * 512),
+                                topology.Namespace("nvme2n2", 2, 2048 * 512)]
     assert qemu.capacity_bytes == 0 and qemu.namespaces == []
     assert mystery.vendor == "abcd"
     assert all(s.owner == "kernel" for s in ssds)
@@ -105,6 +108,7 @@ class FakeApi:
                  "driver_specific": {"nvme": [{"pci_address": "0000:81:00.0",
                                                "trid": {"trtype": "PCIe",
                                                         "traddr": "0000:81:00.0"},
+                                               "ns_data": {"id": 1},
                                                "ctrlr_data": {
                                                    "vendor_id": "0x1e0f",
                                                    "model_number": "KIOXIA KCM61VUL3T20",
@@ -124,7 +128,8 @@ def test_spdk_inventory():
     assert (k.vendor, k.model, k.serial, k.firmware, k.capacity_bytes) == (
         "kioxia", "KIOXIA KCM61VUL3T20", "X1", "0105", 512000)
     assert ssds[0].ssd_class == "kioxia-kcm61vul3t20"
-    assert ssds[1].capacity_bytes == 0
+    assert ssds[0].namespaces == [topology.Namespace("Nvme0n1", 1, 512000)]
+    assert ssds[1].capacity_bytes == 0 and ssds[1].namespaces == []
 
 
 def test_parse_extra():
@@ -138,10 +143,19 @@ def test_discover_main_json_and_table(tmp_path, capsys):
     assert topology.discover_main(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data) == 5 and data[0]["class"] == "samsung-ssd-980-pro"
+    assert data[2]["namespaces"] == [{"name": "nvme2n1", "nsid": 1, "size_bytes": 7814037168 * 512},
+                                     {"name": "nvme2n2", "nsid": 2, "size_bytes": 2048 * 512}]
+    assert (data[2]["vendor_id"], data[2]["device_id"]) == ("8086", "0a54")
     args.format = "table"
     topology.discover_main(args)
-    out = capsys.readouterr().out
-    assert "0000:04:00.0" in out and "CLASS" in out and "nvme-ctrl" in out
+    lines = capsys.readouterr().out.splitlines()
+    assert re.split(r"\s{2,}", lines[0]) == ["OWNER", "NAME", "PCI", "IDS", "VENDOR", "MODEL",
+                                             "SERIAL", "FW", "CAPACITY", "NAMESPACES", "CLASS"]
+    rows = [re.split(r"\s{2,}", line) for line in lines[1:]]
+    assert rows[2] == ["kernel", "nvme2", "0000:03:00.0", "8086:0a54", "intel",
+                       "INTEL SSDPE2KX040T8", "PHLJ000000004P0DGN", "VDV10131", "3.6TiB",
+                       "nvme2n1,nvme2n2", "intel-ssdpe2kx040t8"]
+    assert rows[3][9:] == ["-", "qemu-nvme-ctrl"]       # no namespace
     args.sysfs_root = str(tmp_path / "empty")
     topology.discover_main(args)
     assert "no local NVMe SSDs" in capsys.readouterr().out
@@ -163,3 +177,106 @@ def test_unreachable_spdk_is_tolerated_only_when_not_strict(tmp_path):
     assert topology.inventory(str(tmp_path), missing, strict=False) == []
     with pytest.raises(SpdkTransportError):
         topology.inventory(str(tmp_path), missing)
+
+
+def test_single_controller_layout_and_nsid(tmp_path):
+    """QEMU's -device nvme (no multipath head): nvmeXnY right under the controller."""
+    fakesys.add_pcie_ssd(str(tmp_path), "0000:00:10.0", "0x1b36", "0x0010", "QEMU NVMe Ctrl",
+                         "CSIA0001", "7.2.22", namespaces=[32768, 16384], multipath=False)
+    (ssd,) = topology.sysfs_ssds(str(tmp_path))
+    assert ssd.namespaces == [topology.Namespace("nvme0n1", 1, 16 << 20),
+                              topology.Namespace("nvme0n2", 2, 8 << 20)]
+    assert ssd.capacity_bytes == 24 << 20 and ssd.firmware == "7.2.22"
+
+
+def test_controller_going_away_is_not_listed(tmp_path):
+    root = str(tmp_path)
+    build(root)
+    ctrl = os.path.join(root, "class", "nvme", "nvme3")
+    with open(os.path.join(ctrl, "state"), "w") as f:
+        f.write("deleting (no IO)\n")
+    assert "0000:04:00.0" not in [s.pci_address for s in topology.sysfs_ssds(root)]
+
+
+def test_controller_unplugged_while_read(tmp_path, monkeypatch):
+    """The device vanishes between the transport read and the rest: no
+    half-read entry (empty vendor/model) and so no bogus class label."""
+    root = str(tmp_path)
+    build(root)
+    ctrl = os.path.realpath(os.path.join(root, "class", "nvme", "nvme1"))
+    real_read = topology._read
+
+    def racing_read(path):
+        value = real_read(path)
+        if path == os.path.join(root, "class", "nvme", "nvme1", "state") and \
+                os.path.exists(ctrl):
+            fakesys.remove_pcie_ssd(root, ctrl)
+        return value
+    monkeypatch.setattr(topology, "_read", racing_read)
+    ssds = topology.sysfs_ssds(root)
+    assert [s.serial for s in ssds] == ["S5GXNF0R123456", "PHLJ000000004P0DGN", "deadbeef", "M1"]
+    seg = topology.segments("n", ssds)
+    assert not [k for k in seg if "unknown" in k], seg
+
+
+def test_node_topology_follows_hot_removal(tmp_path):
+    root = str(tmp_path)
+    intel = fakesys.add_pcie_ssd(root, "0000:00:12.0", "0x8086", "0x5845", "QEMU NVMe Ctrl",
+                                 "CSIC0003", namespaces=[32768], multipath=False)
+    fakesys.add_pcie_ssd(root, "0000:00:10.0", "0x1b36", "0x0010", "QEMU NVMe Ctrl",
+                         "CSIA0001", namespaces=[32768], multipath=False)
+    b = fakesys.add_pcie_ssd(root, "0000:00:11.0", "0x1b36", "0x0010", "QEMU NVMe Ctrl",
+                             "CSIB0002", namespaces=[65536], multipath=False)
+    nt = topology.NodeTopology("n1", root, extra={"topology.kubernetes.io/zone": "z"})
+    p = contract.TOPOLOGY_SSD_PREFIX
+    assert nt.segments() == {contract.TOPOLOGY_NODE_KEY: "n1", "topology.kubernetes.io/zone": "z",
+                             p + "qemu-nvme-ctrl": "true", p + "intel-qemu-nvme-ctrl": "true"}
+    fakesys.remove_pcie_ssd(root, intel)
+    assert nt.segments() == {contract.TOPOLOGY_NODE_KEY: "n1", "topology.kubernetes.io/zone": "z",
+                             p + "qemu-nvme-ctrl": "true"}
+    fakesys.remove_pcie_ssd(root, b)          # one of the class is left: the label stays
+    assert p + "qemu-nvme-ctrl" in nt.segments()
+    assert [s.serial for s in nt.inventory()] == ["CSIA0001"]
+
+
+def test_node_topology_keeps_spdk_ssds_across_an_unreachable_target(tmp_path, monkeypatch):
+    from csi_spdk.spdk.errors import SpdkTransportError
+
+    owned = topology.spdk_ssds(FakeApi())
+    answers = [owned, SpdkTransportError("/x.sock", "bdev_nvme_get_controllers", "refused")]
+
+    def fake(rpc, timeout):
+        got = answers.pop(0)
+        if isinstance(got, Exception):
+            raise got
+        return got
+    monkeypatch.setattr(topology, "_spdk_inventory", fake)
+    nt = topology.NodeTopology("n1", str(tmp_path), spdk_rpc="/x.sock")
+    key = contract.TOPOLOGY_SSD_PREFIX + "kioxia-kcm61vul3t20"
+    assert nt.segments()[key] == "true"
+    assert nt.segments()[key] == "true"       # unreachable now: last known SSDs kept
+    monkeypatch.undo()                        # a real client on a socket nobody serves
+    never = topology.NodeTopology("n2", str(tmp_path), spdk_rpc=str(tmp_path / "none.sock"),
+                                  spdk_timeout=0.5)
+    assert never.segments() == {contract.TOPOLOGY_NODE_KEY: "n2"}
+
+
+def test_node_get_info_reads_topology_per_call(tmp_path):
+    from csi_spdk.node.service import NodeServicer
+    from csi_spdk.proto import csi_pb2
+
+    root = str(tmp_path / "sys")
+    ctrl = fakesys.add_pcie_ssd(root, "0000:00:12.0", "0x8086", "0x5845", "QEMU NVMe Ctrl",
+                                "CSIC0003", namespaces=[32768], multipath=False)
+    nt = topology.NodeTopology("worker-1", root)
+
+    class Init:                  # NodeGetInfo never touches the initiator
+        pass
+    node = NodeServicer("worker-1", str(tmp_path / "state"), Init(), topology=nt.segments)
+    key = contract.TOPOLOGY_SSD_PREFIX + "intel-qemu-nvme-ctrl"
+    info = node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), None)
+    assert dict(info.accessible_topology.segments) == {contract.TOPOLOGY_NODE_KEY: "worker-1",
+                                                       key: "true"}
+    fakesys.remove_pcie_ssd(root, ctrl)
+    info = node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), None)
+    assert dict(info.accessible_topology.segments) == {contract.TOPOLOGY_NODE_KEY: "worker-1"}

@@ -117,8 +117,12 @@ def _unlink(path: str) -> None:
 
 
 def add_pcie_ssd(root: str, pci: str, vendor: str, device: str, model: str, serial: str,
-                 firmware: str = "1.0", namespaces=(), ctrl: int | None = None) -> str:
-    """A local PCIe NVMe SSD (``namespaces``: sizes in 512-byte sectors)."""
+                 firmware: str = "1.0", namespaces=(), ctrl: int | None = None,
+                 multipath: bool = True) -> str:
+    """A local PCIe NVMe SSD (``namespaces``: sizes in 512-byte sectors).
+    ``multipath=False``: the namespace disks ``nvmeXnY`` sit directly under
+    the controller, as for a single-controller SSD (QEMU's ``-device nvme``
+    in the e2e guest shows this layout)."""
     c = _free(root, "nvme", "nvme") if ctrl is None else ctrl
     pci_dir = os.path.join(root, "devices/pci0000:00", pci)
     _write(os.path.join(pci_dir, "vendor"), vendor)
@@ -131,9 +135,19 @@ def add_pcie_ssd(root: str, pci: str, vendor: str, device: str, model: str, seri
     _link(pci_dir, os.path.join(ctrl_dir, "device"))
     _link(ctrl_dir, os.path.join(root, "class/nvme", f"nvme{c}"))
     for i, sectors in enumerate(namespaces, start=1):
-        ns = os.path.join(ctrl_dir, f"nvme{c}c{c}n{i}")
+        ns = os.path.join(ctrl_dir, f"nvme{c}c{c}n{i}" if multipath else f"nvme{c}n{i}")
         _write(os.path.join(ns, "size"), str(sectors))
+        _write(os.path.join(ns, "nsid"), str(i))
+        _link(ns, os.path.join(root, "block", os.path.basename(ns)))
     return ctrl_dir
+
+
+def remove_pcie_ssd(root: str, ctrl_dir: str) -> None:
+    """What a PCIe hot-unplug leaves: the controller, its disks and links gone."""
+    for ns in os.listdir(ctrl_dir):
+        _unlink(os.path.join(root, "block", ns))
+    _unlink(os.path.join(root, "class/nvme", os.path.basename(ctrl_dir)))
+    shutil.rmtree(os.path.dirname(os.path.dirname(ctrl_dir)))   # the PCI function
 
 
 FAKE_NVME = """#!{python}
