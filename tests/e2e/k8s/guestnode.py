@@ -5,8 +5,10 @@ plugin, both reachable from the host through QEMU port forwards:
   host 127.0.0.1:<rpc_port>  -> guest sim JSON-RPC (--tcp 0.0.0.0:5260)
   host 127.0.0.1:<node_port> -> guest `csi-spdk node --endpoint 0.0.0.0:5270`
 
-The host-side controller uses the guest's simulator as one more SPDK target
-("guest"), and the test calls the guest's node plugin over gRPC the way
+The guest also has emulated PCIe NVMe SSDs (``SSDS``, QEMU ``-device nvme``
+bound by the guest kernel's driver), so the node plugin's NodeGetInfo reports
+a real SSD class label. The host-side controller uses the guest's simulator
+as one more SPDK target ("guest"), and the test calls the guest's node plugin over gRPC the way
 kubelet would (NodeStage/NodePublish/NodeExpand). Volumes on that target are
 exported by the guest kernel's nvmet and connected by the guest kernel's
 NVMe/TCP initiator, inside the same guest (dial 127.0.0.1).
@@ -24,6 +26,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from guest import harness  # noqa: E402
 
+# Two SSDs of one class: the node reports one ssd.csi-spdk.io/qemu-nvme-ctrl label.
+SSDS = (harness.NvmeController("ssd0", "K8SSSD0001", (16 << 20,), slot=0x10),
+        harness.NvmeController("ssd1", "K8SSSD0002", (16 << 20,), slot=0x11))
 GUEST_RPC_PORT = 5260
 GUEST_NODE_PORT = 5270
 READY = "K8S-GUEST-READY"
@@ -70,7 +75,7 @@ class GuestNode:
                                topology=topology, ready=READY)
         opts = harness.GuestOptions(hostfwd=((self.rpc_port, GUEST_RPC_PORT),
                                              (self.node_port, GUEST_NODE_PORT)),
-                                    memory_mib=3072)
+                                    memory_mib=3072, nvme=SSDS)
         self.started = time.monotonic()
         self.handle = harness.start_guest(script, timeout, options=opts)
 

@@ -9,7 +9,10 @@ what the controller reads):
   target-a  host simulator, lvstore lvs-a (8 GiB), zone a, hosted by node k8s-node-a
   target-b  host simulator, lvstore lvs-b (6 GiB), zone b, hosted by node k8s-node-b
   guest     the guest's simulator with kernel nvmet (2 GiB), zone guest, node
-            k8s-guest-node -- only when the QEMU guest is available
+            k8s-guest-node -- only when the QEMU guest is available; its
+            topology also carries the SSD class labels the guest's node plugin
+            reports (its data lives on that node's SSDs), so a StorageClass
+            restricted to such a class prefers it
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ class Rig:
         self.procs: dict[str, Proc] = self.cp.procs
         self.timings = self.cp.timings
         self.nodes: dict[str, dict] = {}     # node name -> {"node_id", "segment"}
+        self.guest_info = None               # the guest node plugin's NodeGetInfo
 
     # -- helpers --------------------------------------------------------------------------
     @property
@@ -175,10 +179,15 @@ class Rig:
                             "lvstores": [lvs], "node": node, "topology": {ZONE_KEY: zone}})
         if self.guest is not None:
             name, lvs, _size, zone, node = GUEST_TARGET
+            self.guest_info = self.node_stub().NodeGetInfo(csi_pb2.NodeGetInfoRequest(),
+                                                           timeout=60)
+            ssd = {k: v for k, v in self.guest_info.accessible_topology.segments.items()
+                   if k.startswith(contract.TOPOLOGY_SSD_PREFIX)}
             # the guest's kernel target listens and is dialled inside the guest
             targets.append({"name": name, "rpc": rpcs[name],
                             "nvmf": {"listenAddress": "127.0.0.1", "port": 4420},
-                            "lvstores": [lvs], "node": node, "topology": {ZONE_KEY: zone}})
+                            "lvstores": [lvs], "node": node,
+                            "topology": {ZONE_KEY: zone, **ssd}})
         self.spdk = Spdk(rpcs)
         self.objects = render_chart(chart_values(targets, self.guest is not None), self.dir)
         self._apply_chart()
@@ -283,7 +292,7 @@ class Rig:
             self.register_node(node, node, {contract.TOPOLOGY_NODE_KEY: node, ZONE_KEY: zone})
         if self.guest is not None:
             # the real node plugin's NodeGetInfo, as the registrar would read it
-            info = self.node_stub().NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=60)
+            info = self.guest_info
             self.register_node(GUEST_TARGET[4], info.node_id,
                                dict(info.accessible_topology.segments), info.max_volumes_per_node)
 

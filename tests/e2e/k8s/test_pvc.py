@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-from . import scenarios
+from csi_spdk import contract
+
+from . import scenarios, scheduling
 from .cluster import Kubectl
 from .rig import GUEST_TARGET, SC_GUEST, SC_WFFC
 
@@ -72,3 +74,25 @@ def test_size_larger_than_any_pool(env):
 
 def test_snapshot_of_missing_volume(env):
     scenarios.snapshot_of_missing_volume(env, "target-a")
+
+
+QEMU_SSD = contract.TOPOLOGY_SSD_PREFIX + "qemu-nvme-ctrl"
+
+
+def test_ssd_class_allowed_topologies_wffc(env, rig):
+    """The guest node's emulated NVMe SSDs (two, one class) give it one SSD
+    class label; a WaitForFirstConsumer class restricted to it is scheduled
+    (by the test, as kube-scheduler's VolumeBinding would) to that node, and
+    the volume lands on the guest's target."""
+    if rig.guest is None:
+        pytest.skip("no QEMU guest (scripts/install-guest-deps.sh, or CSI_SPDK_K8S_GUEST=0)")
+    seg = env.nodes[GUEST_TARGET[4]]["segment"]
+    assert [k for k in seg if k.startswith(contract.TOPOLOGY_SSD_PREFIX)] == [QEMU_SSD], seg
+    csinode = rig.kubectl.get("csinode", GUEST_TARGET[4])
+    assert QEMU_SSD in csinode["spec"]["drivers"][0]["topologyKeys"], csinode
+    scheduling.ssd_class(env, QEMU_SSD, GUEST_TARGET[4])
+
+
+def test_ssd_class_no_node_has_stays_pending(env):
+    scheduling.ssd_class_nobody_has(
+        env, contract.TOPOLOGY_SSD_PREFIX + "samsung-mzql21t9hcjr-00a07")
