@@ -269,9 +269,10 @@ def test_guest_nvme_discovery_and_hot_unplug(guest_ready, request):
             output = handle.output()
         finally:
             timings["total"] = round(time.monotonic() - t0, 2)
-            request.node.add_report_section("call", "guest output", handle.describe(60))
+            described = handle.describe(60)
+            request.node.add_report_section("call", "guest output", described)
             request.node.add_report_section("call", "guest timings", json.dumps(timings))
-    assert rc == 0, handle.describe()
+    assert rc == 0, described
     volume = _marker(output, "VOLUME")
     all3, without_c, without_bc = (_marker(output, t) for t in ("all", "without-c",
                                                                 "without-bc"))

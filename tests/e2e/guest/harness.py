@@ -715,11 +715,11 @@ class GuestHandle:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.stop()
+            self._kill()          # the work dir (and so the output) stays until stop()
         m = ([None] + list(re.finditer(r"\n@@GUEST-EXIT (\d+) ", self.output())))[-1]
         return int(m.group(1)) if m else None
 
-    def stop(self) -> None:
+    def _kill(self) -> None:
         if self._qmp is not None:
             with contextlib.suppress(Exception):
                 self._qmp.close()
@@ -731,6 +731,9 @@ class GuestHandle:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+    def stop(self) -> None:
+        self._kill()
         if not self._keep:
             shutil.rmtree(self.work, ignore_errors=True)
 
