@@ -6,13 +6,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "e2e"))
-from guest import harness  # noqa: E402
+from guest import devices, harness  # noqa: E402
 
 
 def test_nvme_controllers_namespaces_and_backing_files(tmp_path):
     ctrls = (harness.NvmeController("ssda", "SA1", (16 << 20, 8 << 20), slot=0x10),
              harness.NvmeController("ssdc", "SC3", (4 << 20,), intel_id=True))
-    args = harness._qemu_nvme_args(tmp_path, ctrls)
+    args = devices.qemu_nvme_args(tmp_path, ctrls)
     assert args == [
         "-device", "nvme,id=ssda,serial=SA1,addr=0x10",
         "-drive", f"file={tmp_path}/ssda-ns1.img,if=none,id=ssda-ns1,format=raw,cache=unsafe",

@@ -25,7 +25,6 @@ Command line (for manual use)::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata as md
@@ -42,6 +41,11 @@ import time
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+try:
+    from .devices import Monitor, NvmeController, qemu_monitor_args, qemu_nvme_args
+except ImportError:          # run as a script: python3 tests/e2e/guest/harness.py
+    from devices import Monitor, NvmeController, qemu_monitor_args, qemu_nvme_args
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -67,28 +71,6 @@ KMOD_LINKS = ("modprobe", "insmod", "rmmod", "lsmod", "modinfo", "depmod")
 STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                "site-packages", "pydoc_data", "distutils", "venv", "unittest/test"}
 STDLIB_SKIP_PREFIX = ("config-",)
-
-
-@dataclasses.dataclass(frozen=True)
-class NvmeController:
-    """An emulated PCIe NVMe SSD for the guest (QEMU ``-device nvme`` plus one
-    ``-device nvme-ns`` per namespace, each over its own sparse raw file in
-    the run's work directory), bound by the guest kernel's built-in ``nvme``
-    driver. QEMU's model string is fixed ("QEMU NVMe Ctrl", no property sets
-    it); ``intel_id`` switches the PCI ids from Red Hat's 1b36:0010 to
-    Intel's 8086:5845, which is what gives a second SSD class. ``slot``: the
-    PCI slot on the root bus (hot-pluggable through ACPI on QEMU's default
-    i440fx machine), so the guest's PCI address is ``0000:00:<slot>.0``."""
-
-    id: str                                  # QEMU device id (device_del uses it)
-    serial: str
-    namespaces: tuple[int, ...] = (16 << 20,)   # sizes in bytes
-    intel_id: bool = False
-    slot: int | None = None
-
-    @property
-    def pci_address(self) -> str | None:
-        return None if self.slot is None else f"0000:00:{self.slot:02x}.0"
 
 
 class GuestUnavailable(RuntimeError):
@@ -461,14 +443,13 @@ class GuestOptions:
     # to reach a gRPC or JSON-RPC server in a background guest (start_guest).
     # Non-empty turns networking on.
     hostfwd: tuple[tuple[int, int], ...] = ()
-    # Emulated PCIe NVMe SSDs (see NvmeController).
+    # Emulated PCIe NVMe SSDs (devices.NvmeController).
     nvme: tuple[NvmeController, ...] = ()
-    # A QMP monitor socket (work dir qmp.sock) for GuestHandle.qmp/device_del.
+    # A QMP monitor (GuestHandle.monitor(): device_del, query-pci).
     monitor: bool = False
 
 
 GUEST_RPC_ADDR = ("10.0.2.100", 5260)
-QMP_SOCKET = "qmp.sock"
 
 
 def _qemu_net_args(opts: GuestOptions) -> list[str]:
@@ -486,26 +467,6 @@ def _qemu_net_args(opts: GuestOptions) -> list[str]:
         ip, port = GUEST_RPC_ADDR
         nic += f",guestfwd=tcp:{ip}:{port}-cmd:socat - {target}"
     return ["-nic", nic]
-
-
-def _qemu_nvme_args(work: Path, ctrls: Iterable[NvmeController]) -> list[str]:
-    """``-device nvme`` + per namespace ``-drive`` (sparse raw file) and ``-device nvme-ns``."""
-    args: list[str] = []
-    for c in ctrls:
-        dev = f"nvme,id={c.id},serial={c.serial}"
-        if c.intel_id:
-            dev += ",use-intel-id=on"
-        if c.slot is not None:
-            dev += f",addr={c.slot:#x}"
-        args += ["-device", dev]
-        for nsid, size in enumerate(c.namespaces, 1):
-            img = work / f"{c.id}-ns{nsid}.img"
-            with open(img, "wb") as f:
-                f.truncate(int(size))
-            drive = f"{c.id}-ns{nsid}"
-            args += ["-drive", f"file={img},if=none,id={drive},format=raw,cache=unsafe",
-                     "-device", f"nvme-ns,drive={drive},bus={c.id},nsid={nsid}"]
-    return args
 
 
 def _repo_layer(c: Cpio) -> None:
@@ -570,10 +531,9 @@ def _qemu_cmd(kernel: Kernel, initrd: Path, out_log: Path, con_log: Path,
         "-chardev", f"file,id=results,path={out_log}",
         "-device", "isa-serial,chardev=results",
         *_qemu_net_args(opts),
-        *_qemu_nvme_args(initrd.parent, opts.nvme),
+        *qemu_nvme_args(initrd.parent, opts.nvme),
+        *(qemu_monitor_args(initrd.parent) if opts.monitor else []),
     ]
-    if opts.monitor:
-        cmd += ["-qmp", f"unix:{initrd.parent / QMP_SOCKET},server=on,wait=off"]
     return cmd
 
 
@@ -648,7 +608,7 @@ class GuestHandle:
                  keep: bool) -> None:
         self.proc, self.work, self.out_log, self.con_log = proc, work, out_log, con_log
         self._keep = keep
-        self._qmp = None
+        self._monitor: Monitor | None = None
 
     def output(self) -> str:
         raw = self.out_log.read_bytes().decode(errors="replace") if self.out_log.exists() else ""
@@ -677,37 +637,11 @@ class GuestHandle:
                 f"--- guest output ---\n{self.output()}\n"
                 f"--- console (last {console_lines} lines) ---\n{tail}")
 
-    def qmp(self, timeout: float = 30.0):
-        """The QMP monitor (``options.monitor``), connected on first use: a
-        ``qemu.qmp.legacy.QEMUMonitorProtocol`` (QEMU's own client library)."""
-        if self._qmp is None:
-            from qemu.qmp.legacy import QEMUMonitorProtocol
-
-            sock = self.work / QMP_SOCKET
-            deadline = time.monotonic() + timeout
-            while not sock.exists():
-                if time.monotonic() > deadline or not self.alive():
-                    raise RuntimeError(f"no QMP socket {sock} (GuestOptions(monitor=True)?)")
-                time.sleep(0.1)
-            qmp = QEMUMonitorProtocol(str(sock))
-            qmp.connect()
-            self._qmp = qmp
-        return self._qmp
-
-    def device_del(self, dev_id: str, timeout: float = 60.0) -> None:
-        """Hot-unplug a device and wait for QEMU's DEVICE_DELETED event, which
-        comes only once the guest has released it (ACPI eject on i440fx)."""
-        qmp = self.qmp()
-        qmp.cmd("device_del", id=dev_id)
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no DEVICE_DELETED for {dev_id} after {timeout:.0f}s")
-            ev = qmp.pull_event(wait=left)
-            if ev and ev.get("event") == "DEVICE_DELETED" and \
-                    ev.get("data", {}).get("device") == dev_id:
-                return
+    def monitor(self) -> Monitor:
+        """The QMP monitor (``GuestOptions(monitor=True)``), connected on first use."""
+        if self._monitor is None:
+            self._monitor = Monitor(self.work, self.alive)
+        return self._monitor
 
     def wait(self, timeout: float) -> int | None:
         """Wait for the guest to power off; the script's exit code (None: no
@@ -720,10 +654,9 @@ class GuestHandle:
         return int(m.group(1)) if m else None
 
     def _kill(self) -> None:
-        if self._qmp is not None:
-            with contextlib.suppress(Exception):
-                self._qmp.close()
-            self._qmp = None
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
