@@ -131,8 +131,8 @@ def ssd_class(env: Env, ssd_key: str, node: str) -> None:
     sc, name = unique("csi-spdk-ssd"), unique("ssd")
     _storage_class(env, sc, ssd_key)
     try:
-        env.pvc(name, sc, "48Mi")
         _pending_pod(env, name, name)
+        env.pvc(name, sc, "48Mi")
         # kube-scheduler retries until the capacity objects of the new class exist
         chosen = env.wait(f"a node for PVC {name}", lambda: schedule(env, name)[0])
         assert chosen == node, (chosen, node)
@@ -163,13 +163,15 @@ def ssd_class_nobody_has(env: Env, ssd_key: str) -> None:
     sc, name = unique("csi-spdk-ssd-none"), unique("nossd")
     _storage_class(env, sc, ssd_key)
     try:
-        env.pvc(name, sc, "48Mi")
+        # the Pod first, so the PV controller's first look at the claim sees it
         _pending_pod(env, name, name)
+        env.pvc(name, sc, "48Mi")
         chosen, reason = schedule(env, name)
         n = len(env.nodes)
         assert chosen is None, chosen
         assert reason == f"0/{n} nodes are available: {n} {REASON_TOPOLOGY}.", reason
-        expect_event(env, name, "WaitForPodScheduled", f"waiting for pod {name} to be scheduled")
+        msg = expect_event(env, name, "WaitForPodScheduled", "to be scheduled")
+        assert name in msg, msg          # kube-controller-manager's PV controller
         pvc = env.get_pvc(name)
         assert pvc["status"]["phase"] == "Pending", pvc["status"]
         assert SELECTED_NODE not in (pvc["metadata"].get("annotations") or {})
