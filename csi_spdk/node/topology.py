@@ -72,6 +72,7 @@ _NAME_MAX = 63
 _CAPACITY_TOKEN = re.compile(r"^\d+(\.\d+)?(gb|tb|g|t)$")
 _CTRL = re.compile(r"^nvme\d+$")
 _NS = re.compile(r"^nvme(\d+)(c\d+)?n(\d+)$")
+_PCI_ADDR = re.compile(r"^[0-9a-f]{4,}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _GOING = ("deleting", "dead")     # also "deleting (no IO)"
 
 
@@ -197,7 +198,12 @@ def _kernel_ssd(name: str, ctrl: str) -> Ssd | None:
     if _read(os.path.join(ctrl, "state")).lower().startswith(_GOING):
         return None
     pci = os.path.join(ctrl, "device")
-    pci_address = os.path.basename(os.path.realpath(pci)) if os.path.exists(pci) else ""
+    try:     # "../../../0000:00:10.0": one readlink, where realpath lstat()s every component
+        pci_address = os.path.basename(os.readlink(pci))
+    except OSError:
+        pci_address = ""
+    if pci_address and not _PCI_ADDR.match(pci_address):
+        pci_address = os.path.basename(os.path.realpath(pci))
     vendor_id = _hex(_read(os.path.join(pci, "vendor")))
     namespaces = _namespaces(ctrl)
     ssd = Ssd("kernel", name, pci_address, vendor_id, _hex(_read(os.path.join(pci, "device"))),
@@ -217,11 +223,22 @@ def sysfs_ssds(sysfs_root: str = "/sys") -> list[Ssd]:
     base = os.path.join(sysfs_root, "class", "nvme")
     found = []
     for name in _listdir(base):
-        if _CTRL.match(name):
-            ssd = _kernel_ssd(name, os.path.join(base, name))
-            if ssd is not None:
-                found.append(ssd)
+        if not _CTRL.match(name) or _virtual(os.path.join(base, name)):
+            continue
+        ssd = _kernel_ssd(name, os.path.join(base, name))
+        if ssd is not None:
+            found.append(ssd)
     return found
+
+
+def _virtual(class_link: str) -> bool:
+    """A fabrics controller (tcp, rdma, fc, loop) hangs under
+    /sys/devices/virtual/nvme-fabrics: one readlink tells, so the node's own
+    NVMe/TCP volumes cost next to nothing per scan."""
+    try:
+        return "/devices/virtual/" in os.readlink(class_link)
+    except OSError:
+        return False
 
 
 # --- SPDK-owned SSDs ---------------------------------------------------------------------

@@ -280,3 +280,15 @@ def test_node_get_info_reads_topology_per_call(tmp_path):
     fakesys.remove_pcie_ssd(root, ctrl)
     info = node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), None)
     assert dict(info.accessible_topology.segments) == {contract.TOPOLOGY_NODE_KEY: "worker-1"}
+
+
+def test_pci_address_from_a_link_of_another_form(tmp_path):
+    """The kernel links ``device`` as ../../../<address> (read with one
+    readlink); any other form is resolved the long way."""
+    root = str(tmp_path)
+    ctrl = fakesys.add_pcie_ssd(root, "0000:00:10.0", "0x1b36", "0x0010", "QEMU NVMe Ctrl",
+                                "CSIA0001", namespaces=[8], multipath=False)
+    link = os.path.join(ctrl, "device")
+    os.unlink(link)
+    os.symlink(os.path.join("..", ".."), link)       # same directory, other spelling
+    assert [s.pci_address for s in topology.sysfs_ssds(root)] == ["0000:00:10.0"]

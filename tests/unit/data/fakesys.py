@@ -132,7 +132,8 @@ def add_pcie_ssd(root: str, pci: str, vendor: str, device: str, model: str, seri
                         ("serial", serial.ljust(20)), ("firmware_rev", firmware.ljust(8)),
                         ("state", "live"), ("address", pci), ("subsysnqn", f"nqn.{serial}")):
         _write(os.path.join(ctrl_dir, name), value)
-    _link(pci_dir, os.path.join(ctrl_dir, "device"))
+    # the kernel's form of the link: ../../../<pci address>
+    os.symlink(os.path.join("..", "..", "..", pci), os.path.join(ctrl_dir, "device"))
     _link(ctrl_dir, os.path.join(root, "class/nvme", f"nvme{c}"))
     for i, sectors in enumerate(namespaces, start=1):
         ns = os.path.join(ctrl_dir, f"nvme{c}c{c}n{i}" if multipath else f"nvme{c}n{i}")
