@@ -69,3 +69,20 @@ def test_compatible():
     assert placement.compatible({"a": "1"}, {"b": "2"})
     assert not placement.compatible({"a": "1"}, {"a": "2"})
     assert placement.accessible(tc("x"), [])
+
+
+def test_ssd_class_requirement_prefers_the_target_labelled_with_it():
+    """external-provisioner (non-strict) passes an SSD-class allowedTopologies
+    term as requisite and preferred, without the chosen node: the target
+    whose config carries the class label ranks first although others have
+    more room; the others stay usable (NVMe/TCP reaches them too)."""
+    ssd = {"ssd.csi-spdk.io/qemu-nvme-ctrl": "true"}
+    pools = [pool("a", 800 * MiB, node="n-a", **{"topology.kubernetes.io/zone": "a"}),
+             pool("g", 100 * MiB, node="n-g", **{"topology.kubernetes.io/zone": "g"}, **ssd)]
+    ranked = placement.rank(pools, lambda p: 48 * MiB, False, 1.0, requisite=[ssd],
+                            preferred=[ssd])
+    assert names(ranked) == ["g", "a"]
+    # without the label in the target's config, the one with most room wins
+    plain = [pool("a", 800 * MiB), pool("g", 100 * MiB, node="n-g")]
+    assert names(placement.rank(plain, lambda p: 48 * MiB, False, 1.0, requisite=[ssd],
+                                preferred=[ssd])) == ["a", "g"]
