@@ -1,4 +1,4 @@
-"""Command line: ``csi-spdk {controller,node,sim,dev,discover}``.
+"""Command line: ``csi-spdk {controller,node,agent,sim,dev,discover}``.
 
 Only argument parsing lives here; each subcommand's implementation is
 imported lazily so ``csi-spdk sim`` does not load gRPC and ``--help`` is fast.
@@ -59,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", action="append", default=[], metavar="KEY=VALUE",
                    help="extra topology segment label (repeatable)")
     p.set_defaults(impl="csi_spdk.node.main:run")
+
+    p = sub.add_parser("agent", help="serve the storage agent beside spdk_tgt (the controller's "
+                                     "only way to a remote target)")
+    p.add_argument("--listen", required=True,
+                   help="unix:///path/agent.sock (same host) or HOST:PORT (mutual TLS)")
+    p.add_argument("--spdk-rpc", default="unix:///var/tmp/spdk.sock",
+                   help="spdk_tgt's local JSON-RPC socket")
+    p.add_argument("--state-dir", default="/var/lib/csi-spdk-agent",
+                   help="the agent's private state (keys in a 0700 directory)")
+    p.add_argument("--tls-cert", default="", help="server certificate (PEM) for a TCP --listen")
+    p.add_argument("--tls-key", default="", help="its private key (PEM)")
+    p.add_argument("--tls-client-ca", default="",
+                   help="CA (PEM) that signs the controller's client certificates")
+    p.add_argument("--rpc-timeout", type=float, default=30.0,
+                   help="default seconds per spdk_tgt call")
+    p.add_argument("--metrics-address", default="",
+                   help="serve Prometheus metrics on HOST:PORT (default: off)")
+    _common(p)
+    p.set_defaults(impl="csi_spdk.agent.main:run")
 
     p = sub.add_parser("sim", help="run the SPDK JSON-RPC simulator")
     p.add_argument("--rpc-socket", required=True, help="Unix socket to serve JSON-RPC on")

@@ -55,6 +55,12 @@ class Unavailable(CsiError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class PermissionDenied(CsiError):
+    """The storage agent refused an operation the driver may not do."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class OutOfRange(CsiError):
     code = grpc.StatusCode.OUT_OF_RANGE
 

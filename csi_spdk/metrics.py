@@ -133,3 +133,23 @@ class VolumeIoCollector:
         yield nbytes
         yield ops
         yield lat
+# --- the storage agent (csi-spdk agent) -----------------------------------------
+# ``method`` is an allow-listed SPDK method, PutKey/DeleteKey, or "other" (a
+# refused unknown name: the label set stays bounded whatever a caller sends).
+AGENT_REQUESTS = Counter(
+    "csi_spdk_agent_requests_total",
+    "Agent requests, by SPDK method and outcome (ok, spdk_error, refused, unavailable, "
+    "invalid, error).",
+    ["method", "outcome"],
+)
+AGENT_LATENCY = Histogram(
+    "csi_spdk_agent_request_duration_seconds",
+    "Agent request latency (checks + the SPDK call), by SPDK method and outcome.",
+    ["method", "outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+AGENT_REFUSED = Counter(
+    "csi_spdk_agent_refused_total",
+    "Agent requests refused with PERMISSION_DENIED, by method and reason.",
+    ["method", "reason"],
+)

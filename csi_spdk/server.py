@@ -55,11 +55,16 @@ class GrpcServer:
     ``register`` callbacks add servicers (``add_XServicer_to_server``); the
     health service reports SERVING for "" and every named service until
     ``stop`` flips it to NOT_SERVING before draining in-flight calls.
+    ``credentials`` (``grpc.ssl_server_credentials``) serve TLS instead of
+    plaintext (the agent's TCP port).
     """
 
     def __init__(self, endpoint: str, register: Iterable[Callable[[grpc.Server], None]],
-                 service_names: Iterable[str] = (), max_workers: int = 16) -> None:
+                 service_names: Iterable[str] = (), max_workers: int = 16,
+                 credentials: grpc.ServerCredentials | None = None) -> None:
         self.address, self.socket_path = parse_endpoint(endpoint)
+        self.credentials = credentials
+        self.port = 0
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
         for add in register:
             add(self.server)
@@ -72,7 +77,11 @@ class GrpcServer:
             os.makedirs(os.path.dirname(os.path.abspath(self.socket_path)), exist_ok=True)
             if os.path.exists(self.socket_path):
                 os.unlink(self.socket_path)  # stale socket from a previous run
-        port = self.server.add_insecure_port(self.address)
+        if self.credentials is not None:
+            port = self.server.add_secure_port(self.address, self.credentials)
+        else:
+            port = self.server.add_insecure_port(self.address)
+        self.port = port
         if not self.socket_path and port == 0:
             raise InvalidArgument(f"cannot listen on {self.address}")
         self.server.start()

@@ -7,11 +7,19 @@ fails the controller pod loudly instead of failing CreateVolume later.
 
 Optional keys beyond DESIGN.md: ``defaultVolumeSize`` (bytes, used when a
 CreateVolume has no required_bytes; default 1 GiB).
+
+A target is reached either through its storage agent (``agent:``, mutual TLS
+for ``host:port``; the only way to a remote target) or, on the same host,
+straight through spdk_tgt's socket (``rpc: unix:///...``). ``rpc: host:port``
+is refused: spdk_tgt serves JSON-RPC on a Unix socket only, and whatever
+bridge would put it on the network lets anyone who reaches the port delete
+every lvol.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +27,8 @@ from typing import Any
 import yaml
 
 from .. import contract
+from ..errors import InvalidArgument
+from ..spdk.agent_client import AgentClient, ClientTls
 from ..spdk.api import SpdkApi
 from ..spdk.client import DEFAULT_TIMEOUT, SpdkClient, parse_address
 
@@ -33,11 +43,20 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class AgentConfig:
+    """How the controller reaches a target's storage agent."""
+
+    address: str                       # host:port (mutual TLS) or unix:///path
+    server_name: str = ""              # name the agent's certificate must carry
+    tls: ClientTls | None = None
+
+
+@dataclass(frozen=True)
 class TargetConfig:
     """One SPDK target: where to reach its RPC and where nodes dial NVMe/TCP."""
 
     name: str
-    rpc: str
+    rpc: str                           # the agent's address, or spdk_tgt's local socket
     listen_address: str
     port: int = DEFAULT_PORT
     dial_address: str = ""
@@ -45,6 +64,7 @@ class TargetConfig:
     lvstores: tuple[str, ...] = ()   # empty: every lvstore of the target
     node: str = ""
     topology: dict[str, str] = field(default_factory=dict)
+    agent: AgentConfig | None = None
 
     @property
     def dial(self) -> str:
@@ -63,7 +83,17 @@ class TargetConfig:
         return dict(self.topology)
 
     def make_api(self) -> SpdkApi:
-        return SpdkApi(SpdkClient(self.rpc, timeout=self.rpc_timeout))
+        """The target's API: through its agent, or its local spdk_tgt socket.
+
+        Unreadable TLS files are a ConfigError naming the target and file."""
+        if self.agent is None:
+            return SpdkApi(SpdkClient(self.rpc, timeout=self.rpc_timeout))
+        try:
+            return SpdkApi(AgentClient(self.agent.address, self.agent.tls,
+                                       self.agent.server_name, timeout=self.rpc_timeout,
+                                       name=self.name))
+        except InvalidArgument as err:
+            raise ConfigError(f"targets[{self.name}].agent: {err.message}") from None
 
 
 @dataclass(frozen=True)
@@ -88,8 +118,10 @@ class Config:
 
 
 _TOP_KEYS = {"targets", "thinOvercommitRatio", "defaultVolumeSize", "nodes"}
-_TARGET_KEYS = {"name", "rpc", "rpcTimeout", "nvmf", "lvstores", "node", "topology"}
+_TARGET_KEYS = {"name", "rpc", "agent", "rpcTimeout", "nvmf", "lvstores", "node", "topology"}
 _NVMF_KEYS = {"listenAddress", "port", "dialAddress"}
+_AGENT_KEYS = {"address", "serverName", "tls"}
+_TLS_KEYS = {"caFile", "certFile", "keyFile"}
 
 
 def _unknown(where: str, got: dict, allowed: set[str]) -> None:
@@ -130,13 +162,13 @@ def _target(where: str, raw: Any) -> TargetConfig:
         raise ConfigError(f"{where}.name: {name!r} must be a DNS label (lower-case letters, "
                           "digits and '-', at most 63 characters)")
     where = f"targets[{name}]"
-    rpc = raw.get("rpc")
-    if not isinstance(rpc, str) or not rpc:
-        raise ConfigError(f"{where}.rpc: required (unix:///path or host:port)")
-    try:
-        parse_address(rpc)
-    except ValueError as err:
-        raise ConfigError(f"{where}.rpc: {err}") from None
+    agent = _agent(f"{where}.agent", raw["agent"]) if "agent" in raw else None
+    if agent is not None:
+        if "rpc" in raw:
+            raise ConfigError(f"{where}: give either 'agent' or 'rpc', not both")
+        rpc = agent.address
+    else:
+        rpc = _local_rpc(f"{where}.rpc", raw.get("rpc"))
     timeout = float(_number(f"{where}.rpcTimeout", raw.get("rpcTimeout", DEFAULT_TIMEOUT), 0.1))
     nvmf = raw.get("nvmf")
     if not isinstance(nvmf, dict):
@@ -170,7 +202,64 @@ def _target(where: str, raw: Any) -> TargetConfig:
                           "driver (use 'node' to name the node hosting the target)")
     return TargetConfig(name=name, rpc=rpc, listen_address=listen, port=int(port),
                         dial_address=dial, rpc_timeout=timeout, lvstores=tuple(lvstores),
-                        node=node, topology=topology)
+                        node=node, topology=topology, agent=agent)
+
+
+_USE_AGENT = ("reach a remote target through its storage agent: agent: {address: HOST:PORT, "
+              "tls: {caFile, certFile, keyFile}} (docs/DESIGN.md, 'The agent')")
+
+
+def _local_rpc(where: str, rpc: Any) -> str:
+    """spdk_tgt's own socket on this host (unix:///path or /path)."""
+    if not isinstance(rpc, str) or not rpc:
+        raise ConfigError(f"{where}: required: unix:///path of a local spdk_tgt, or "
+                          f"{_USE_AGENT}")
+    try:
+        family, _ = parse_address(rpc)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}; {_USE_AGENT}") from None
+    if family != socket.AF_UNIX:
+        raise ConfigError(f"{where}: {rpc!r} would reach spdk_tgt over the network without "
+                          f"authentication (spdk_tgt serves JSON-RPC on a Unix socket only); "
+                          f"{_USE_AGENT}")
+    return rpc
+
+
+def _agent(where: str, raw: Any) -> AgentConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping with address (and tls for host:port)")
+    _unknown(where, raw, _AGENT_KEYS)
+    address = raw.get("address")
+    if not isinstance(address, str) or not address:
+        raise ConfigError(f"{where}.address: required (HOST:PORT of the agent, or "
+                          "unix:///path on the same host)")
+    server_name = raw.get("serverName", "") or ""
+    if not isinstance(server_name, str):
+        raise ConfigError(f"{where}.serverName: must be the name in the agent's certificate")
+    tls_raw = raw.get("tls")
+    if address.startswith("unix:"):
+        if tls_raw is not None or server_name:
+            raise ConfigError(f"{where}: a unix:// agent is on this host; tls and serverName "
+                              "are for a HOST:PORT agent")
+        return AgentConfig(address=address)
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host.strip("[]"):
+        raise ConfigError(f"{where}.address: {address!r} is neither HOST:PORT nor "
+                          "unix:///path")
+    _address(f"{where}.address", host)
+    if not isinstance(tls_raw, dict):
+        raise ConfigError(f"{where}.tls: required for {address} (the agent accepts only "
+                          "mutually authenticated TLS): caFile, certFile, keyFile")
+    _unknown(f"{where}.tls", tls_raw, _TLS_KEYS)
+    files = {}
+    for key in sorted(_TLS_KEYS):
+        value = tls_raw.get(key)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}.tls.{key}: required (a PEM file path)")
+        files[key] = value
+    return AgentConfig(address=address, server_name=server_name,
+                       tls=ClientTls(ca_file=files["caFile"], cert_file=files["certFile"],
+                                     key_file=files["keyFile"]))
 
 
 def parse(data: Any, source: str = "config") -> Config:

@@ -1,5 +1,5 @@
-"""The committed stubs are fresh, and proto/csi.proto is wire-compatible
-with the official CSI v1.12.0 spec module."""
+"""The committed stubs (CSI and the storage agent's API) are fresh, and
+proto/csi.proto is wire-compatible with the official CSI v1.12.0 spec module."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def _wire_shape(fds: descriptor_pb2.FileDescriptorSet) -> dict:
 
 def test_stubs_are_fresh(tmp_path: Path) -> None:
     subprocess.run([str(ROOT / "scripts/gen-proto.sh"), str(tmp_path)], check=True, cwd=ROOT)
-    for name in ("csi_pb2.py", "csi_pb2_grpc.py"):
+    for name in ("csi_pb2.py", "csi_pb2_grpc.py", "agent_pb2.py", "agent_pb2_grpc.py"):
         assert filecmp.cmp(tmp_path / name, ROOT / "csi_spdk/proto" / name, shallow=False), (
             f"csi_spdk/proto/{name} is stale: run scripts/gen-proto.sh and commit the result"
         )

@@ -1,0 +1,77 @@
+"""Process wiring of ``csi-spdk agent``: spdk_tgt client, key store, gRPC server.
+
+The agent listens either on a Unix socket (same-host use, ``csi-spdk dev``;
+the socket's directory permissions are the access control) or on TCP with
+mutual TLS: the server certificate and key, and the CA that signs the
+controller's client certificates. A TCP listener without all three is refused
+at start-up: there is no plaintext network mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from .. import log as logsetup
+from ..errors import InvalidArgument
+from ..proto import agent_pb2_grpc
+from ..server import GrpcServer, parse_endpoint, serve
+from ..spdk.api import SpdkApi
+from ..spdk.client import SpdkClient
+from .keys import KeyStore
+from .server import AgentServicer, NullState, State
+
+SERVICE_NAME = "csispdk.agent.v1.Agent"
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    cert_file: str
+    key_file: str
+    client_ca_file: str
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Mutual TLS: a client must present a certificate signed by the CA."""
+        def read(what: str, path: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as err:
+                raise InvalidArgument(f"agent TLS {what} {path}: {err.strerror or err}") from None
+        return grpc.ssl_server_credentials(
+            [(read("key", self.key_file), read("certificate", self.cert_file))],
+            root_certificates=read("client CA", self.client_ca_file),
+            require_client_auth=True)
+
+
+def server_tls(args: argparse.Namespace) -> ServerTls | None:
+    """The TLS files from the flags; None for a Unix socket listener."""
+    files = (args.tls_cert, args.tls_key, args.tls_client_ca)
+    _, socket_path = parse_endpoint(args.listen)
+    if socket_path:
+        if any(files):
+            raise InvalidArgument("--tls-* flags are for a TCP --listen address; a Unix "
+                                  "socket is protected by its directory's permissions")
+        return None
+    if not all(files):
+        raise InvalidArgument(f"--listen {args.listen} is a TCP address: the agent serves it "
+                              "only with mutual TLS (--tls-cert, --tls-key, --tls-client-ca)")
+    return ServerTls(*files)
+
+
+def agent_server(args: argparse.Namespace, state: State | None = None) -> GrpcServer:
+    """A ready-to-start gRPC server for the Agent service."""
+    tls = server_tls(args)
+    api = SpdkApi(SpdkClient(args.spdk_rpc, timeout=args.rpc_timeout))
+    keys = KeyStore(args.state_dir, api)
+    servicer = AgentServicer(api, keys, state or NullState(), default_timeout=args.rpc_timeout)
+    return GrpcServer(args.listen, [
+        lambda s: agent_pb2_grpc.add_AgentServicer_to_server(servicer, s),
+    ], service_names=[SERVICE_NAME], credentials=tls.credentials() if tls else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    logsetup.setup(args.log_level)
+    return serve([agent_server(args)], args.metrics_address)

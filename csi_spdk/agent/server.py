@@ -1,0 +1,155 @@
+"""The agent's gRPC service (proto/agent.proto): checked SPDK calls and keys.
+
+``Call`` forwards one allow-listed SPDK method to the local spdk_tgt after
+``policy.check``; SPDK's own error travels back in the reply (code and message
+unchanged) so the controller's typed errors work as over a direct socket, and
+a broken spdk_tgt socket is UNAVAILABLE. ``PutKey``/``DeleteKey`` are
+intent-level because no SPDK method takes a key inline (``keys.py``).
+
+After every successful mutating call the server tells ``state.record(method,
+params)``, the desired-state store that replays exports after an spdk_tgt
+restart (``state.py``); keys are recorded as name and path, never material.
+Until a store is wired in, ``NullState`` records nothing.
+
+Every request is one JSON log line (rpc, method, outcome, duration, peer, and
+the error); parameters appear only at debug level, redacted, and key material
+never.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+
+from .. import metrics
+from ..errors import CsiError, InvalidArgument
+from ..log import redact_mapping
+from ..proto import agent_pb2, agent_pb2_grpc
+from ..spdk.api import SpdkApi
+from ..spdk.errors import SpdkError
+from . import policy
+from .keys import KeyStore
+
+log = logging.getLogger("csi_spdk.agent")
+
+MAX_TIMEOUT = 600.0
+
+
+class State(Protocol):
+    def record(self, method: str, params: dict | None) -> None: ...
+
+
+class NullState:
+    """A desired-state store that keeps nothing (before one is configured)."""
+
+    def record(self, method: str, params: dict | None) -> None:
+        return None
+
+
+def peer_of(context: grpc.ServicerContext) -> str:
+    """Who called: the client certificate's CN when there is one, else the peer."""
+    try:
+        auth = context.auth_context() or {}
+        names = auth.get("x509_common_name") or []
+        if names:
+            return names[0].decode(errors="replace")
+        return context.peer() or "?"
+    except Exception:  # noqa: BLE001 - only for the log line
+        return "?"
+
+
+class AgentServicer(agent_pb2_grpc.AgentServicer):
+    """The Agent service over one spdk_tgt (``api``) and a key store."""
+
+    def __init__(self, api: SpdkApi, keys: KeyStore, state: State | None = None,
+                 default_timeout: float = 30.0) -> None:
+        self.api = api
+        self.keys = keys
+        self.state = state or NullState()
+        self.default_timeout = default_timeout
+
+    # --- plumbing ---------------------------------------------------------------
+    def _serve(self, context: grpc.ServicerContext, rpc: str, method: str,
+               fn: Callable[[], tuple[Any, str]], fields: dict | None = None) -> Any:
+        """Run ``fn`` (-> reply, outcome); log, count, map errors to a status."""
+        start = time.monotonic()
+        label = method if rpc != "Call" else policy.metric_label(method)
+        outcome, code, message, reply = "error", grpc.StatusCode.INTERNAL, "", None
+        try:
+            reply, outcome = fn()
+            code = grpc.StatusCode.OK
+        except policy.Refused as err:
+            outcome, code, message = "refused", err.code, err.message
+            metrics.AGENT_REFUSED.labels(label, err.reason).inc()
+        except CsiError as err:
+            code, message = err.code, err.message
+            outcome = {grpc.StatusCode.UNAVAILABLE: "unavailable",
+                       grpc.StatusCode.INVALID_ARGUMENT: "invalid"}.get(code, "error")
+        except Exception as err:  # noqa: BLE001 - last-resort mapping
+            message = f"internal error in the storage agent: {type(err).__name__}"
+            log.exception(message, extra={"f": {"rpc": rpc, "method": label}})
+        elapsed = time.monotonic() - start
+        metrics.AGENT_REQUESTS.labels(label, outcome).inc()
+        metrics.AGENT_LATENCY.labels(label, outcome).observe(elapsed)
+        line = {"rpc": rpc, "method": method[:80], "outcome": outcome,
+                "duration_ms": round(elapsed * 1000, 3), "peer": peer_of(context),
+                **(fields or {})}
+        if message:
+            line["error"] = message
+        level = logging.WARNING if outcome == "refused" else \
+            logging.INFO if code == grpc.StatusCode.OK else logging.WARNING
+        if log.isEnabledFor(level):
+            log.log(level, "refused" if outcome == "refused" else rpc, extra={"f": line})
+        if code != grpc.StatusCode.OK:
+            context.abort(code, message)
+        return reply
+
+    def _record(self, method: str, params: dict | None) -> None:
+        self.state.record(method, params)
+
+    # --- Call ---------------------------------------------------------------------
+    def Call(self, request, context):  # noqa: N802 - gRPC method name
+        method = request.method
+        return self._serve(context, "Call", method, lambda: self._call(request))
+
+    def _call(self, request) -> tuple[agent_pb2.CallReply, str]:
+        method = request.method
+        try:
+            params = json.loads(request.params_json) if request.params_json else None
+        except ValueError:
+            raise InvalidArgument(f"{method}: params_json is not JSON") from None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("call", extra={"f": {"method": method[:80], "params": redact_mapping(
+                params) if isinstance(params, dict) else "<not an object>"}})
+        timeout = request.timeout if 0 < request.timeout <= MAX_TIMEOUT \
+            else self.default_timeout
+        try:
+            policy.check(method, params, self.api.bdev_get)
+            result = self.api.call(method, params, timeout=timeout)
+        except SpdkError as err:
+            return agent_pb2.CallReply(error=agent_pb2.SpdkError(
+                code=err.spdk_code, message=err.spdk_message)), "spdk_error"
+        if method in policy.MUTATING:
+            self._record(method, params)
+        return agent_pb2.CallReply(result_json=json.dumps(result)), "ok"
+
+    # --- keys ---------------------------------------------------------------------
+    def PutKey(self, request, context):  # noqa: N802
+        def put() -> tuple[agent_pb2.PutKeyReply, str]:
+            path = self.keys.put(request.name, bytes(request.material))
+            self._record("keyring_file_add_key", {"name": request.name, "path": path})
+            return agent_pb2.PutKeyReply(name=request.name, path=path), "ok"
+        return self._serve(context, "PutKey", "PutKey", put, {"key": request.name[:80]})
+
+    def DeleteKey(self, request, context):  # noqa: N802
+        def delete() -> tuple[agent_pb2.DeleteKeyReply, str]:
+            self.keys.delete(request.name)
+            self._record("keyring_file_remove_key", {"name": request.name})
+            return agent_pb2.DeleteKeyReply(), "ok"
+        return self._serve(context, "DeleteKey", "DeleteKey", delete,
+                           {"key": request.name[:80]})

@@ -1,0 +1,150 @@
+"""The controller's client of a storage agent (proto/agent.proto).
+
+Same surface as ``SpdkClient`` (``call(method, params, timeout)``, ``close()``,
+``address``), so ``SpdkApi`` and everything above it work unchanged whether a
+target is a local socket or an agent on a storage host. The errors keep their
+meaning: an SPDK error answered through the agent becomes the same typed
+``SpdkError`` a direct call raises (code and message intact); an agent that
+cannot be reached, fails the TLS handshake, or cannot reach its spdk_tgt is
+``SpdkTransportError`` (UNAVAILABLE) naming the agent; a refusal is
+PERMISSION_DENIED with the agent's reason.
+
+TLS: ``host:port`` addresses always use mutual TLS (CA, client certificate
+and key); the agent's certificate is verified against ``server_name`` when
+given, else against the address's host. ``unix://`` addresses are plaintext
+on the same host.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .. import metrics
+from ..errors import CsiError, Internal, InvalidArgument
+from ..proto import agent_pb2, agent_pb2_grpc
+from .client import DEFAULT_TIMEOUT
+from .errors import SpdkTransportError, from_response
+
+# Extra seconds the gRPC deadline gives the agent beyond the SPDK timeout it
+# passes on, so spdk_tgt's timeout (a clear message from the agent) fires first.
+DEADLINE_MARGIN = 2.0
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(what: str, path: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as err:
+                raise InvalidArgument(f"agent TLS {what} {path}: "
+                                      f"{err.strerror or err}") from None
+        return grpc.ssl_channel_credentials(
+            root_certificates=read("caFile", self.ca_file),
+            private_key=read("keyFile", self.key_file),
+            certificate_chain=read("certFile", self.cert_file))
+
+
+def is_unix(address: str) -> bool:
+    return address.startswith("unix:")
+
+
+class AgentClient:
+    """Call SPDK methods through a storage agent. Safe to share between threads."""
+
+    def __init__(self, address: str, tls: ClientTls | None = None, server_name: str = "",
+                 timeout: float = DEFAULT_TIMEOUT, name: str = "") -> None:
+        self.address = address
+        self.timeout = timeout
+        self.name = name
+        self._label = f"the storage agent {address}" + (f" of target {name!r}" if name else "")
+        if is_unix(address):
+            if tls is not None:
+                raise InvalidArgument(f"agent {address}: TLS files are for a host:port agent")
+            self._channel = grpc.insecure_channel(address)
+        else:
+            if tls is None:
+                raise InvalidArgument(f"agent {address}: a host:port agent needs tls "
+                                      "(caFile, certFile, keyFile)")
+            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            self._channel = grpc.secure_channel(address, tls.credentials(), options=options)
+        self._stub = agent_pb2_grpc.AgentStub(self._channel)
+        self._closed = threading.Event()
+
+    # --- errors -------------------------------------------------------------------
+    def _error(self, what: str, err: grpc.RpcError) -> CsiError:
+        code, details = err.code(), err.details() or ""
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.CANCELLED):
+            reason = "timed out" if code == grpc.StatusCode.DEADLINE_EXCEEDED else details
+            return SpdkTransportError(self._label, what, reason)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return SpdkTransportError(self._label, what, f"not authenticated: {details}")
+        if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.UNKNOWN:
+            return CsiError(f"{self._label}: {details}", code)
+        return Internal(f"{self._label} failed {what}: {details}")
+
+    # --- SpdkClient's surface --------------------------------------------------------
+    def call(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
+        """Forward one SPDK call; return its ``result`` or raise a typed error."""
+        timeout = timeout if timeout is not None else self.timeout
+        request = agent_pb2.CallRequest(
+            method=method, params_json=json.dumps(params) if params is not None else "",
+            timeout=timeout)
+        start = time.monotonic()
+        outcome = "transport"
+        try:
+            reply = self._stub.Call(request, timeout=timeout + DEADLINE_MARGIN)
+            if reply.HasField("error"):
+                outcome = "error"
+                raise from_response(method, {"code": reply.error.code,
+                                             "message": reply.error.message})
+            outcome = "ok"
+            return json.loads(reply.result_json) if reply.result_json else None
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                  grpc.StatusCode.DEADLINE_EXCEEDED):
+                outcome = "refused" if err.code() == grpc.StatusCode.PERMISSION_DENIED \
+                    else "error"
+            raise self._error(method, err) from None
+        finally:
+            metrics.SPDK_LATENCY.labels(method, outcome).observe(time.monotonic() - start)
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            self._channel.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- key custody ----------------------------------------------------------------
+    def put_key(self, name: str, material: bytes, timeout: float | None = None) -> str:
+        """Give the target a key; returns its path on the storage host."""
+        try:
+            reply = self._stub.PutKey(agent_pb2.PutKeyRequest(name=name, material=material),
+                                      timeout=(timeout or self.timeout) + DEADLINE_MARGIN)
+        except grpc.RpcError as err:
+            raise self._error("PutKey", err) from None
+        return reply.path
+
+    def delete_key(self, name: str, timeout: float | None = None) -> None:
+        try:
+            self._stub.DeleteKey(agent_pb2.DeleteKeyRequest(name=name),
+                                 timeout=(timeout or self.timeout) + DEADLINE_MARGIN)
+        except grpc.RpcError as err:
+            raise self._error("DeleteKey", err) from None
