@@ -147,3 +147,53 @@ class RunningAgent:
 def start_agent(spdk_rpc: str, state_dir: Path, listen: str, server: Cert | None = None,
                 client_ca: Path | None = None, state=None) -> RunningAgent:
     return RunningAgent(agent_args(spdk_rpc, state_dir, listen, server, client_ca), state)
+
+
+class AgentEnv:
+    """SPDK (simulator or CSI_SPDK_TEST_RPC) with a fresh lvstore, direct access
+    (``raw``) for assertions, and an agent on a Unix socket (``api``)."""
+
+    def __init__(self, spdk_rpc: str, tmp: Path, lvs_mib: int = 64) -> None:
+        import uuid
+
+        from csi_spdk.spdk.api import SpdkApi
+        from csi_spdk.spdk.client import SpdkClient
+
+        self.tmp = tmp
+        self.rpc = spdk_rpc
+        self.suffix = uuid.uuid4().hex[:8]
+        self.raw = SpdkApi(SpdkClient(spdk_rpc, timeout=30))
+        self.malloc = f"agenttest{self.suffix}"
+        self.lvs = f"agentlvs{self.suffix}"
+        self.raw.malloc_create(self.malloc, lvs_mib << 20)
+        self.raw.lvstore_create(self.malloc, self.lvs, cluster_sz=1 << 20)
+        self.agent = start_agent(spdk_rpc, tmp / "agent-state", f"unix://{tmp}/agent.sock")
+        self.client = self.agent.client()
+        self.api = SpdkApi(self.client)
+
+    def close(self) -> None:
+        import contextlib
+
+        from csi_spdk import contract
+        from csi_spdk.spdk.errors import SpdkError
+
+        self.client.close()
+        self.agent.stop()
+        for sub in self.raw.subsystems():
+            if sub["nqn"].startswith(contract.NQN_PREFIX) and self.suffix in sub["nqn"]:
+                with contextlib.suppress(SpdkError):
+                    self.raw.subsystem_delete(sub["nqn"])
+        for _ in range(5):
+            lvols = self.raw.lvols(self.lvs)
+            if not lvols:
+                break
+            for lv in lvols:
+                with contextlib.suppress(SpdkError):
+                    self.raw.subsystem_delete(contract.subsystem_nqn(lv["uuid"]))
+                with contextlib.suppress(SpdkError):
+                    self.raw.lvol_delete(lv["uuid"])
+        for method, params in (("bdev_lvol_delete_lvstore", {"lvs_name": self.lvs}),
+                               ("bdev_malloc_delete", {"name": self.malloc})):
+            with contextlib.suppress(SpdkError):
+                self.raw.call(method, params)
+        self.raw.client.close()
