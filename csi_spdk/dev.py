@@ -1,10 +1,13 @@
 """``csi-spdk dev``: the embedded default for a newcomer.
 
-The simulator (as a child process, or a given spdk_tgt), an lvstore, a
-controller and a node plugin, with fixed socket names under ``--socket-dir``
-that tests and docs rely on. This is the one module that composes both wings;
-it starts the simulator as a process (``csi-spdk sim``) so that nothing but
-the simulator's own files imports ``sim/``.
+The simulator (as a child process, or a given spdk_tgt), an lvstore, the
+storage agent in front of it (a child process, ``csi-spdk agent`` on
+``agent.sock``), a controller that reaches SPDK only through that agent (the
+path a real deployment takes), and a node plugin, with fixed socket names
+under ``--socket-dir`` that tests and docs rely on. This is the one module
+that composes the wings; simulator and agent run as processes so that
+nothing but the simulator's own files imports ``sim/`` and the agent stays a
+separate process with its own state, as on a storage host.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import time
 from pathlib import Path
 
 from . import log as logsetup
+from .errors import CsiError
 from .server import serve
+from .spdk.agent_client import AgentClient
 from .spdk.api import SpdkApi
 from .spdk.client import SpdkClient
 from .spdk.errors import SpdkError, SpdkNoSpace
@@ -35,6 +40,7 @@ DEV_BDEV = "Malloc0"
 DEV_LVSTORE_BYTES = 4 * 1024**3
 DEV_LVSTORE_MIN_BYTES = 512 * 1024**2
 SIM_START_TIMEOUT = 20.0
+AGENT_START_TIMEOUT = 20.0
 
 
 def _die_with_parent() -> None:
@@ -43,32 +49,47 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def start_simulator(rpc: str, data_dir: Path, log_level: str) -> subprocess.Popen:
-    """Run ``csi-spdk sim`` on ``rpc`` and wait until it answers."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "csi_spdk", "sim", "--rpc-socket", rpc,
-         "--data-dir", str(data_dir), "--log-level", log_level],
-        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-    deadline = time.monotonic() + SIM_START_TIMEOUT
-    client = SpdkClient(rpc, timeout=2.0)
+def _start_child(argv: list[str], client: SpdkClient | AgentClient, what: str,
+                 timeout: float) -> subprocess.Popen:
+    """Run ``csi-spdk <argv>`` and wait until ``client`` gets an answer."""
+    proc = subprocess.Popen([sys.executable, "-m", "csi_spdk", *argv],
+                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    deadline = time.monotonic() + timeout
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the SPDK simulator exited with {proc.returncode}")
+                raise RuntimeError(f"{what} exited with {proc.returncode}")
             try:
-                client.call("spdk_get_version")
+                client.call("spdk_get_version", timeout=2.0)
                 return proc
-            except SpdkError:
+            except CsiError:  # not up yet (unreachable or not initialised): poll
                 if time.monotonic() > deadline:
-                    stop_simulator(proc)
-                    raise RuntimeError(f"the SPDK simulator did not answer on {rpc} within "
-                                       f"{SIM_START_TIMEOUT:.0f}s") from None
+                    stop_child(proc)
+                    raise RuntimeError(f"{what} did not answer within {timeout:.0f}s") from None
                 time.sleep(0.05)
+            except BaseException:
+                stop_child(proc)
+                raise
     finally:
         client.close()
 
 
-def stop_simulator(proc: subprocess.Popen) -> None:
+def start_simulator(rpc: str, data_dir: Path, log_level: str) -> subprocess.Popen:
+    """Run ``csi-spdk sim`` on ``rpc`` and wait until it answers."""
+    return _start_child(["sim", "--rpc-socket", rpc, "--data-dir", str(data_dir),
+                         "--log-level", log_level], SpdkClient(rpc, timeout=2.0),
+                        f"the SPDK simulator on {rpc}", SIM_START_TIMEOUT)
+
+
+def start_agent(listen: str, rpc: str, state_dir: Path, log_level: str) -> subprocess.Popen:
+    """Run ``csi-spdk agent`` on ``listen`` (a Unix socket) in front of ``rpc``."""
+    return _start_child(["agent", "--listen", listen, "--spdk-rpc", rpc,
+                         "--state-dir", str(state_dir), "--log-level", log_level],
+                        AgentClient(listen, timeout=2.0),
+                        f"the storage agent on {listen}", AGENT_START_TIMEOUT)
+
+
+def stop_child(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -122,7 +143,7 @@ def drop_dev_lvstore(rpc: str) -> None:
 
 
 def run_dev(args: argparse.Namespace) -> int:
-    """Simulator (or --spdk-rpc) + controller + node, until Ctrl-C/SIGTERM."""
+    """Simulator (or --spdk-rpc) + agent + controller + node, until Ctrl-C/SIGTERM."""
     from .controller.main import controller_server
     from .node.main import node_server
 
@@ -133,17 +154,19 @@ def run_dev(args: argparse.Namespace) -> int:
     if work.exists():
         shutil.rmtree(work)  # ours, from an earlier run that was killed hard
     work.mkdir()
-    sim = None
+    sim = agent = None
     rpc = args.spdk_rpc
+    agent_address = f"unix://{sock_dir}/agent.sock"
     if not rpc:
         rpc = str(sock_dir / "spdk.sock")
         sim = start_simulator(rpc, work / "sim-data", args.log_level)
     try:
         lvstores, made_lvstore = ensure_lvstore(rpc)
+        agent = start_agent(agent_address, rpc, work / "agent-state", args.log_level)
         config = {
             "targets": [{
                 "name": "dev",
-                "rpc": rpc,
+                "agent": {"address": agent_address},
                 "nvmf": {"listenAddress": "127.0.0.1", "port": 4420},
                 "lvstores": lvstores,
                 "node": args.node_id,
@@ -163,14 +186,16 @@ def run_dev(args: argparse.Namespace) -> int:
         )
         servers.append(node_server(node_args))
     except BaseException:
-        if sim:
-            stop_simulator(sim)
+        for proc in (agent, sim):
+            if proc:
+                stop_child(proc)
         raise
     print(_dev_banner(sock_dir, rpc, lvstores, sim is not None), flush=True)
 
     def cleanup() -> None:
+        stop_child(agent)
         if sim:
-            stop_simulator(sim)
+            stop_child(sim)
         elif made_lvstore:
             drop_dev_lvstore(rpc)
         shutil.rmtree(work, ignore_errors=True)
@@ -187,6 +212,7 @@ def _dev_banner(sock_dir: Path, rpc: str, lvstores: list[str], simulated: bool) 
         + ("" if nvme_tcp else "  (this host has no NVMe/TCP: staging will fail)"),
         f"  SPDK RPC:   {rpc} ({'simulator' if simulated else 'spdk_tgt'}), "
         f"lvstores {', '.join(lvstores)}",
+        f"  agent:      unix://{sock_dir}/agent.sock (the controller's way to SPDK)",
         "try (staging specs need a kernel with nvme-tcp):",
         f"  csi-sanity --csi.endpoint=unix://{sock_dir}/node.sock "
         f"--csi.controllerendpoint=unix://{sock_dir}/controller.sock "

@@ -6,6 +6,11 @@ Backends, in order of preference:
 - the simulator server (``csi_spdk.sim.server.SimServer``) on a socket in tmp;
 - the simulator's method table in-process (only until the server exists).
 
+The controller reaches each target through a storage agent (``csi-spdk
+agent``, in-process, on a Unix socket) as in ``dev`` and the chart, unless
+``CSI_SPDK_TEST_AGENT=0`` (or ``make_env(agent=False)``) makes it use the SPDK
+socket directly.
+
 ``FlakyApi`` wraps an ``SpdkApi`` and fails the N-th mutating call, to test a
 crash between any two SPDK calls.
 """
@@ -29,6 +34,7 @@ from csi_spdk.spdk.errors import SpdkError, from_response
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 REAL_RPC = os.environ.get("CSI_SPDK_TEST_RPC", "")
+THROUGH_AGENT = os.environ.get("CSI_SPDK_TEST_AGENT", "1") not in ("0", "false", "no")
 
 MUTATING = ("create", "delete", "resize", "snapshot", "clone", "rename", "add", "remove")
 
@@ -135,11 +141,26 @@ def _start_backend(tmp: Path, idx: int, env: Env):
     return f"unix://{tmp}/inproc{idx}.sock", InProcClient(state), None
 
 
+def _start_agent(rpc: str, env: Env) -> str:
+    """An agent over ``rpc`` on a short-path Unix socket; returns its address."""
+    import shutil
+    import tempfile
+
+    from agent_fixtures import start_agent
+    sock_dir = Path(tempfile.mkdtemp(prefix="csi-agent-", dir="/tmp"))
+    env.cleanups.append(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
+    agent = start_agent(rpc.removeprefix("unix://"), sock_dir / "state",
+                        f"unix://{sock_dir}/agent.sock")
+    env.cleanups.append(agent.stop)
+    return agent.address
+
+
 def make_env(tmp: Path, n_targets: int = 1, lvs_mib: int = 256, cluster_mib: int = 1,
              ratio: float = 2.0, nodes: list[str] | None = None,
              topology: list[dict] | None = None, default_size: int = 16 * MiB,
-             n_lvstores: int = 1) -> Env:
+             n_lvstores: int = 1, agent: bool | None = None) -> Env:
     env = Env(servicer=None, config=None, targets={})  # type: ignore[arg-type]
+    agent = THROUGH_AGENT if agent is None else agent
     raw_targets = []
     suffix = uuidlib.uuid4().hex[:8]
     for i in range(n_targets):
@@ -155,11 +176,18 @@ def make_env(tmp: Path, n_targets: int = 1, lvs_mib: int = 256, cluster_mib: int
             lvs_names.append(lvs)
             env.cleanups.append(lambda r=raw, m=malloc: r.call("bdev_malloc_delete", {"name": m}))
             env.cleanups.append(lambda r=raw, lv=lvs: _wipe_lvstore(r, lv))
+        local = rpc if rpc.startswith("unix") else f"unix://{rpc}"
+        reach: dict = {"rpc": local}
+        if agent and not isinstance(client, InProcClient):
+            from csi_spdk.spdk.agent_client import AgentClient
+            address = _start_agent(rpc, env)
+            client = AgentClient(address, timeout=30, name=name)
+            env.cleanups.append(client.close)
+            reach = {"agent": {"address": address}}
         api = FlakyApi(client)
         env.targets[name] = TargetEnv(name, lvs_names[0], f"csitest{suffix}m{i}x0", raw, api,
                                       rpc, server)
-        t: dict = {"name": name, "rpc": rpc if rpc.startswith("unix") or ":" in rpc
-                   else f"unix://{rpc}",
+        t: dict = {"name": name, **reach,
                    "nvmf": {"listenAddress": "127.0.0.1", "port": 4420 + i,
                             "dialAddress": "10.0.2.2"},
                    "lvstores": lvs_names}

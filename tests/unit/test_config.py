@@ -22,7 +22,10 @@ targets:
     topology:
       topology.kubernetes.io/zone: a
   - name: target-b
-    rpc: 10.0.0.5:5260
+    agent:
+      address: 10.0.0.5:5261
+      serverName: agent.storage-b
+      tls: {caFile: /etc/tls/ca.crt, certFile: /etc/tls/tls.crt, keyFile: /etc/tls/tls.key}
     nvmf: {listenAddress: "fd00::1"}
 thinOvercommitRatio: 2.0
 """
@@ -47,7 +50,33 @@ def test_load_yaml(tmp_path):
     assert cfg.thin_overcommit_ratio == 2.0
     assert cfg.default_volume_size == config.DEFAULT_VOLUME_SIZE
     assert cfg.target("target-b") is b and cfg.target("nope") is None
-    assert a.make_api().client.address == a.rpc
+    assert a.make_api().client.address == a.rpc and a.agent is None
+    assert b.agent.address == b.rpc == "10.0.0.5:5261"
+    assert b.agent.server_name == "agent.storage-b"
+    assert (b.agent.tls.ca_file, b.agent.tls.cert_file, b.agent.tls.key_file) == (
+        "/etc/tls/ca.crt", "/etc/tls/tls.crt", "/etc/tls/tls.key")
+
+
+def test_same_host_agent_needs_no_tls(tmp_path):
+    from csi_spdk.spdk.agent_client import AgentClient
+
+    cfg = config.load(write(tmp_path, "targets: [{name: a, agent: {address: "
+                                      "'unix:///run/csi-spdk/agent.sock'}, "
+                                      "nvmf: {listenAddress: 1.2.3.4}}]"))
+    api = cfg.targets[0].make_api()
+    assert isinstance(api.client, AgentClient)
+    assert api.client.address == "unix:///run/csi-spdk/agent.sock"
+    api.client.close()
+
+
+def test_rpc_host_port_is_refused_with_a_pointer_to_the_agent(tmp_path):
+    path = write(tmp_path, "targets: [{name: a, rpc: '10.0.0.5:5260', "
+                           "nvmf: {listenAddress: 1.2.3.4}}]")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    msg = str(err.value)
+    assert "targets[a].rpc" in msg and "10.0.0.5:5260" in msg
+    assert "without authentication" in msg and "agent: {address: HOST:PORT" in msg
 
 
 def test_load_json(tmp_path):
@@ -83,6 +112,24 @@ BAD = [
      "thinOvercommitRatio: many", "thinOvercommitRatio"),
     ("targets: [{name: a, rpc: /x, nvmf: {listenAddress: 1.2.3.4}}]\nfoo: 1", "foo"),
     ("targets: [{name: a, rpc: /x, nvmf: {listenAddress: 1.2.3.4}}", "YAML"),
+    ("targets: [{name: a, rpc: '[fd00::1]:5260', nvmf: {listenAddress: 1.2.3.4}}]",
+     "storage agent"),
+    ("targets: [{name: a, rpc: /x, agent: {address: 'unix:///a'}, "
+     "nvmf: {listenAddress: 1.2.3.4}}]", "not both"),
+    ("targets: [{name: a, agent: {address: '10.0.0.1:5261'}, nvmf: {listenAddress: 1.2.3.4}}]",
+     "mutually authenticated TLS"),
+    ("targets: [{name: a, agent: {address: '10.0.0.1:5261', tls: {caFile: /c, certFile: /t}},"
+     " nvmf: {listenAddress: 1.2.3.4}}]", "tls.keyFile"),
+    ("targets: [{name: a, agent: {address: '10.0.0.1:5261', tls: {caFile: /c, certFile: /t,"
+     " keyFile: /k, pem: 1}}, nvmf: {listenAddress: 1.2.3.4}}]", "pem"),
+    ("targets: [{name: a, agent: {address: 'nohost'}, nvmf: {listenAddress: 1.2.3.4}}]",
+     "HOST:PORT"),
+    ("targets: [{name: a, agent: {address: '10.0.0.1:99999', tls: {}},"
+     " nvmf: {listenAddress: 1.2.3.4}}]", "HOST:PORT"),
+    ("targets: [{name: a, agent: {address: 'unix:///a', serverName: x},"
+     " nvmf: {listenAddress: 1.2.3.4}}]", "on this host"),
+    ("targets: [{name: a, agent: {}, nvmf: {listenAddress: 1.2.3.4}}]", "agent.address"),
+    ("targets: [{name: a, agent: 'x:1', nvmf: {listenAddress: 1.2.3.4}}]", "mapping"),
 ]
 
 

@@ -13,7 +13,7 @@ from csi_spdk.spdk.errors import SpdkError
 H1, H2 = contract.host_nqn("node-1"), contract.host_nqn("node-2")
 
 
-def lvol(env, name="v"):
+def lvol(env, name="csi-v"):
     return env.t0.raw.lvol_create(env.t0.lvs, name, 8 * 1024 * 1024, thin=True)
 
 
