@@ -71,9 +71,42 @@ app.kubernetes.io/component: {{ .component }}
 - --leader-election-retry-period={{ .Values.controller.leaderElection.retryPeriod }}
 {{- end -}}
 
+{{/* Where the controller finds its agent client certificate. */}}
+{{- define "csi-spdk.agentTlsDir" -}}/etc/csi-spdk/agent-tls{{- end -}}
+
+{{/* Secret names of the agent's server and the controller's client certificate. */}}
+{{- define "csi-spdk.agentServerSecret" -}}
+{{- default (printf "%s-agent-server" (include "csi-spdk.fullname" .)) .Values.agent.tls.serverSecret -}}
+{{- end -}}
+{{- define "csi-spdk.agentClientSecret" -}}
+{{- default (printf "%s-agent-client" (include "csi-spdk.fullname" .)) .Values.agent.tls.clientSecret -}}
+{{- end -}}
+
+{{/* "true" when some target is reached through a host:port agent (the
+controller then mounts the client certificate). */}}
+{{- define "csi-spdk.remoteAgents" -}}
+{{- range .Values.config.targets -}}
+{{- if and .agent (not (hasPrefix "unix:" (toString .agent.address))) -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The targets with the chart's client certificate filled in for host:port agents. */}}
+{{- define "csi-spdk.targets" -}}
+{{- $dir := include "csi-spdk.agentTlsDir" . -}}
+{{- $out := list -}}
+{{- range .Values.config.targets -}}
+{{- $t := deepCopy . -}}
+{{- if and $t.agent (not (hasPrefix "unix:" (toString $t.agent.address))) (not $t.agent.tls) -}}
+{{- $_ := set $t.agent "tls" (dict "caFile" (printf "%s/ca.crt" $dir) "certFile" (printf "%s/tls.crt" $dir) "keyFile" (printf "%s/tls.key" $dir)) -}}
+{{- end -}}
+{{- $out = append $out $t -}}
+{{- end -}}
+{{- toYaml $out -}}
+{{- end -}}
+
 {{/* The controller config document (docs/DESIGN.md), as YAML. */}}
 {{- define "csi-spdk.controllerConfig" -}}
-{{- $cfg := dict "targets" .Values.config.targets "thinOvercommitRatio" .Values.config.thinOvercommitRatio -}}
+{{- $cfg := dict "targets" (include "csi-spdk.targets" . | fromYamlArray) "thinOvercommitRatio" .Values.config.thinOvercommitRatio -}}
 {{- if not (kindIs "invalid" .Values.config.defaultVolumeSize) -}}
 {{- $_ := set $cfg "defaultVolumeSize" (int64 .Values.config.defaultVolumeSize) -}}
 {{- end -}}

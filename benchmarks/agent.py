@@ -1,0 +1,157 @@
+"""Agent hop benchmark: what going through ``csi-spdk agent`` costs per SPDK call.
+
+    python3 benchmarks/agent.py --calls 2000
+
+The simulator (a ``csi-spdk sim`` subprocess, or the real spdk_tgt named by
+CSI_SPDK_TEST_RPC) is called three ways in the same run, interleaved call by
+call so drift hits all of them alike:
+
+- direct: ``SpdkClient`` on the SPDK Unix socket (the baseline);
+- agent/unix: ``AgentClient`` to an agent subprocess on a Unix socket (dev);
+- agent/mTLS: ``AgentClient`` to an agent subprocess on 127.0.0.1 with mutual
+  TLS (production), certificates made with ``cryptography``.
+
+Operations: ``bdev_get_bdevs`` of one lvol (a read: forwarded unchecked) and a
+``bdev_lvol_create`` + ``bdev_lvol_delete`` pair (both checked; the delete
+resolves the uuid to the lvol's name first, one more SPDK call inside the
+agent). Reports p50/p99 per way and the p50 the agent adds over direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as uuidlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "unit"))
+
+from agent_fixtures import SERVER_NAME, Pki  # noqa: E402
+
+from csi_spdk.spdk.agent_client import AgentClient  # noqa: E402
+from csi_spdk.spdk.api import SpdkApi  # noqa: E402
+from csi_spdk.spdk.client import SpdkClient  # noqa: E402
+
+MiB = 1 << 20
+TARGET_ADDED_P50_MS = 0.3
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def child(argv: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "csi_spdk", *argv], cwd=ROOT,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def wait_ready(api: SpdkApi, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            api.version()
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            if proc.poll() is not None or time.monotonic() > end:
+                raise SystemExit(f"{what} did not start (rc={proc.poll()})") from None
+            time.sleep(0.05)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000
+
+
+def bench(calls: int, rpc: str, tmp: Path) -> int:
+    procs: list[subprocess.Popen] = []
+    try:
+        if not rpc:
+            rpc = str(tmp / "spdk.sock")
+            procs.append(child(["sim", "--rpc-socket", rpc, "--data-dir", str(tmp / "data"),
+                                "--log-level", "warning"], tmp / "sim.log"))
+        direct = SpdkApi(SpdkClient(rpc, timeout=30))
+        wait_ready(direct, procs[-1] if procs else subprocess.Popen(["true"]), "simulator")
+        pki = Pki(tmp / "pki")
+        procs.append(child(["agent", "--listen", f"unix://{tmp}/agent.sock", "--spdk-rpc", rpc,
+                            "--state-dir", str(tmp / "st1")], tmp / "agent-unix.log"))
+        unix = SpdkApi(AgentClient(f"unix://{tmp}/agent.sock", timeout=30))
+        wait_ready(unix, procs[-1], "agent (unix)")
+        port = 20000 + os.getpid() % 20000
+        procs.append(child(["agent", "--listen", f"127.0.0.1:{port}", "--spdk-rpc", rpc,
+                            "--state-dir", str(tmp / "st2"), "--tls-cert", str(pki.server.cert),
+                            "--tls-key", str(pki.server.key), "--tls-client-ca", str(pki.ca)],
+                           tmp / "agent-tls.log"))
+        tls = SpdkApi(AgentClient(f"127.0.0.1:{port}", pki.client_tls(), SERVER_NAME,
+                                  timeout=30))
+        wait_ready(tls, procs[-1], "agent (mTLS)")
+
+        suffix = uuidlib.uuid4().hex[:8]
+        malloc, lvs = f"agentbench{suffix}", f"agentbench{suffix}"
+        direct.malloc_create(malloc, 256 * MiB)
+        direct.lvstore_create(malloc, lvs, cluster_sz=MiB)
+        probe = direct.lvol_create(lvs, f"csi-probe-{suffix}", MiB, True)
+        ways = {"direct": direct, "agent/unix": unix, "agent/mTLS": tls}
+        read: dict[str, list[float]] = {w: [] for w in ways}
+        pair: dict[str, list[float]] = {w: [] for w in ways}
+        for _ in range(50):  # warm up connections and caches
+            for api in ways.values():
+                api.bdev_get(probe)
+        for i in range(calls):
+            for way, api in ways.items():
+                read[way].append(timed(lambda a=api: a.bdev_get(probe)))
+
+                def create_delete(a=api, n=f"csi-b{i}-{way[-4:]}-{suffix}") -> None:
+                    a.lvol_delete(a.lvol_create(lvs, n, MiB, True))
+                pair[way].append(timed(create_delete))
+
+        print(f"agent hop, {calls} calls per way ({'simulator' if procs else rpc}), ms:")
+        print(f"{'':22}{'p50':>9}{'p99':>9}{'mean':>9}{'+p50':>9}")
+        worst = 0.0
+        for op, table, per in (("bdev_get_bdevs", read, 1), ("create+delete pair", pair, 2)):
+            base = statistics.median(table["direct"])
+            for way, values in table.items():
+                added = statistics.median(values) - base
+                print(f"{op if way == 'direct' else '':20}  {way:10}"
+                      f"{statistics.median(values):9.3f}{pct(values, 0.99):9.3f}"
+                      f"{statistics.fmean(values):9.3f}"
+                      f"{'' if way == 'direct' else f'{added:9.3f}'}")
+                if way != "direct":
+                    worst = max(worst, added / per)
+        print(f"worst p50 added per SPDK call: {worst:.3f} ms (target < {TARGET_ADDED_P50_MS})")
+        direct.lvol_delete(probe)
+        with contextlib.suppress(Exception):
+            direct.call("bdev_lvol_delete_lvstore", {"lvs_name": lvs})
+            direct.call("bdev_malloc_delete", {"name": malloc})
+        for api in ways.values():
+            api.client.close()
+        return 0
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            with contextlib.suppress(Exception):
+                p.wait(10)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--rpc", default=os.environ.get("CSI_SPDK_TEST_RPC", ""),
+                    help="a real spdk_tgt RPC socket (default: simulator)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="csi-bench-", dir="/tmp") as tmp:
+        return bench(args.calls, args.rpc, Path(tmp))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

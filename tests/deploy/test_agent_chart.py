@@ -1,0 +1,162 @@
+"""The chart's storage agent: container, certificates, NetworkPolicy, and the
+controller config pointing at it. The certificates the chart generates are
+used for real: an agent serves with the server Secret over a simulator and a
+client with the controller's Secret reaches it by the configured address."""
+
+from __future__ import annotations
+
+import base64
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT, VALUE_SETS, by_kind, containers, one, python, render_docs, run
+
+AGENT_TLS_DIR = "/etc/csi-spdk/agent-tls"
+
+
+def _agent_flags() -> set[str]:
+    out = run([python(), "-m", "csi_spdk", "agent", "--help"], cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return set(re.findall(r"(--[a-z][a-z0-9-]*)", out.stdout))
+
+
+def _config(objs) -> dict:
+    cm = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-config")]
+    return yaml.safe_load(cm[0]["data"]["config.yaml"])
+
+
+def _volumes(workload) -> dict[str, dict]:
+    return {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+
+
+def _mounts(container) -> dict[str, str]:
+    return {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+
+
+def test_agent_container_beside_spdk_tgt():
+    objs = render_docs("spdk-tgt")
+    ds = one(objs, "DaemonSet", "-spdk-tgt")
+    cs = containers(ds)
+    assert set(cs) == {"spdk-tgt", "agent"}
+    agent, tgt = cs["agent"], cs["spdk-tgt"]
+    args = agent["args"]
+    assert args[0] == "agent"
+    accepted = _agent_flags()
+    for arg in args[1:]:
+        assert arg.split("=", 1)[0] in accepted, arg
+    sock = tgt["args"][tgt["args"].index("-r") + 1]
+    assert f"--spdk-rpc=unix://{sock}" in args
+    assert _mounts(agent)["spdk-rpc"] == _mounts(tgt)["spdk-rpc"] == str(Path(sock).parent)
+    assert "--listen=0.0.0.0:5261" in args
+    for flag, name in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key"),
+                       ("--tls-client-ca", "ca.crt")):
+        assert f"{flag}={AGENT_TLS_DIR}/{name}" in args
+    vols = _volumes(ds)
+    assert _mounts(agent)["agent-tls"] == AGENT_TLS_DIR
+    assert vols["agent-tls"]["secret"]["secretName"] == "csi-spdk-agent-server"
+    assert vols["agent-state"]["hostPath"] == {"path": "/var/lib/csi-spdk-agent",
+                                               "type": "DirectoryOrCreate"}
+    assert "--state-dir=/var/lib/csi-spdk-agent" in args
+    assert agent["securityContext"].get("privileged") is not True
+    assert agent["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_controller_config_points_at_the_agents():
+    for value_set in sorted(VALUE_SETS):
+        objs = render_docs(value_set)
+        for t in _config(objs).get("targets", []):
+            assert "rpc" not in t or t["rpc"].startswith("unix:"), (value_set, t)
+            agent = t.get("agent")
+            if agent and not agent["address"].startswith("unix:"):
+                assert set(agent["tls"]) == {"caFile", "certFile", "keyFile"}
+    objs = render_docs("spdk-tgt")
+    dep = one(objs, "Deployment", "-controller")
+    (t,) = [t for t in _config(objs)["targets"] if "agent" in t]
+    assert t["agent"]["tls"] == {"caFile": f"{AGENT_TLS_DIR}/ca.crt",
+                                 "certFile": f"{AGENT_TLS_DIR}/tls.crt",
+                                 "keyFile": f"{AGENT_TLS_DIR}/tls.key"}
+    assert _mounts(containers(dep)["csi-spdk"])["agent-tls"] == AGENT_TLS_DIR
+    assert _volumes(dep)["agent-tls"]["secret"]["secretName"] == "csi-spdk-agent-client"
+
+
+def test_existing_secrets_are_used_and_nothing_generated():
+    objs = render_docs("multi-target")
+    assert not [s for s in by_kind(objs, "Secret") if "agent" in s["metadata"]["name"]]
+    dep = one(objs, "Deployment", "-controller")
+    assert _volumes(dep)["agent-tls"]["secret"]["secretName"] == "cert-manager-agent-client"
+    targets = {t["name"]: t for t in _config(objs)["targets"]}
+    # a target's own tls stays as given
+    assert targets["target-b"]["agent"]["tls"]["caFile"] == "/etc/csi-spdk/secrets/agent-b/ca.crt"
+    assert targets["target-a"]["agent"]["serverName"] == "storage-a.example.com"
+
+
+def test_defaults_generate_no_certificates():
+    objs = render_docs("defaults")
+    assert not by_kind(objs, "Secret") and not by_kind(objs, "NetworkPolicy")
+    dep = one(objs, "Deployment", "-controller")
+    assert _volumes(dep)["agent-tls"]["secret"]["secretName"] == "csi-spdk-agent-client"
+
+
+def test_network_policy_admits_only_the_controller_to_the_agent_port():
+    objs = render_docs("spdk-tgt")
+    (np,) = by_kind(objs, "NetworkPolicy")
+    ds = one(objs, "DaemonSet", "-spdk-tgt")
+    assert np["spec"]["podSelector"]["matchLabels"] == ds["spec"]["selector"]["matchLabels"]
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    controller_labels = one(objs, "Deployment", "-controller")["spec"]["selector"]["matchLabels"]
+    rules = np["spec"]["ingress"]
+    agent_rules = [r for r in rules if {"protocol": "TCP", "port": 5261} in r.get("ports", [])]
+    assert len(agent_rules) == 1
+    assert agent_rules[0]["from"] == [{"podSelector": {"matchLabels": controller_labels}}]
+    open_ports = {p["port"] for r in rules if "from" not in r for p in r["ports"]}
+    assert 5261 not in open_ports
+    assert {4420, 4421} <= open_ports   # NVMe/TCP of the configured targets
+
+
+def _secret_files(objs, name: str, where: Path) -> dict[str, Path]:
+    (sec,) = [s for s in by_kind(objs, "Secret") if s["metadata"]["name"] == name]
+    assert sec["type"] == "kubernetes.io/tls"
+    where.mkdir()
+    out = {}
+    for key, b64 in sec["data"].items():
+        out[key] = where / key
+        out[key].write_bytes(base64.b64decode(b64))
+        out[key].chmod(0o600)
+    assert set(out) == {"tls.crt", "tls.key", "ca.crt"}
+    return out
+
+
+def test_generated_certificates_work_for_the_agent_channel(tmp_path):
+    pytest.importorskip("cryptography")
+    sys.path.insert(0, str(ROOT / "tests" / "unit"))
+    from agent_fixtures import Cert, start_agent
+
+    from csi_spdk.sim.server import SimServer
+    from csi_spdk.spdk.agent_client import AgentClient, ClientTls
+    from csi_spdk.spdk.api import SpdkApi
+    from csi_spdk.spdk.errors import SpdkTransportError
+
+    objs = render_docs("spdk-tgt")
+    server = _secret_files(objs, "csi-spdk-agent-server", tmp_path / "server")
+    client = _secret_files(objs, "csi-spdk-agent-client", tmp_path / "client")
+    assert server["ca.crt"].read_bytes() == client["ca.crt"].read_bytes()
+    sim = SimServer(str(tmp_path / "spdk.sock"), str(tmp_path / "data"))
+    sim.start()
+    agent = start_agent(str(tmp_path / "spdk.sock"), tmp_path / "state", "127.0.0.1:0",
+                        Cert(server["tls.crt"], server["tls.key"]), server["ca.crt"])
+    tls = ClientTls(str(client["ca.crt"]), str(client["tls.crt"]), str(client["tls.key"]))
+    try:
+        # the target's configured address and the chart's service name are in the cert
+        for name in ("192.168.10.5", "csi-spdk-agent"):
+            with AgentClient(agent.address, tls, name, timeout=5) as c:
+                assert SpdkApi(c).version()["version"].startswith("SPDK")
+        with AgentClient(agent.address, tls, "somewhere-else", timeout=5) as c, \
+                pytest.raises(SpdkTransportError):
+            SpdkApi(c).version()
+    finally:
+        agent.stop()
+        sim.stop()
