@@ -11,9 +11,9 @@ params)``, the desired-state store that replays exports after an spdk_tgt
 restart (``state.py``); keys are recorded as name and path, never material.
 Until a store is wired in, ``NullState`` records nothing.
 
-Every request is one JSON log line (rpc, method, outcome, duration, peer, and
-the error); parameters appear only at debug level, redacted, and key material
-never.
+Every change, refusal and failure is one JSON log line (rpc, method, outcome,
+duration, peer, error); reads log at debug level only. Parameters appear only
+at debug level, redacted, and key material never.
 """
 
 from __future__ import annotations
@@ -96,14 +96,20 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         elapsed = time.monotonic() - start
         metrics.AGENT_REQUESTS.labels(label, outcome).inc()
         metrics.AGENT_LATENCY.labels(label, outcome).observe(elapsed)
-        line = {"rpc": rpc, "method": method[:80], "outcome": outcome,
-                "duration_ms": round(elapsed * 1000, 3), "peer": peer_of(context),
-                **(fields or {})}
-        if message:
-            line["error"] = message
-        level = logging.WARNING if outcome == "refused" else \
-            logging.INFO if code == grpc.StatusCode.OK else logging.WARNING
+        # The audit trail: every change and every failure at info or above;
+        # reads (most calls) only at debug, so they cost no log line.
+        if code != grpc.StatusCode.OK:
+            level = logging.WARNING
+        elif rpc == "Call" and method in policy.READS:
+            level = logging.DEBUG
+        else:
+            level = logging.INFO
         if log.isEnabledFor(level):
+            line = {"rpc": rpc, "method": method[:80], "outcome": outcome,
+                    "duration_ms": round(elapsed * 1000, 3), "peer": peer_of(context),
+                    **(fields or {})}
+            if message:
+                line["error"] = message
             log.log(level, "refused" if outcome == "refused" else rpc, extra={"f": line})
         if code != grpc.StatusCode.OK:
             context.abort(code, message)

@@ -1,0 +1,56 @@
+"""The controller through the agent: the unit environment really uses it (so
+the controller suites test that path), and an agent that cannot be reached
+is UNAVAILABLE naming it."""
+
+from __future__ import annotations
+
+import grpc
+from controller_fixtures import THROUGH_AGENT, create_req, expect_code, make_env, publish_req
+from prometheus_client import REGISTRY
+
+from csi_spdk import contract
+from csi_spdk.controller import config as cfgmod
+from csi_spdk.controller.service import ControllerServicer
+from csi_spdk.spdk.agent_client import AgentClient
+
+
+def agent_count(method: str) -> float:
+    return REGISTRY.get_sample_value("csi_spdk_agent_requests_total",
+                                     {"method": method, "outcome": "ok"}) or 0.0
+
+
+def test_controller_suites_run_through_the_agent(tmp_path):
+    env = make_env(tmp_path, agent=True)
+    try:
+        assert isinstance(env.t0.api.client, AgentClient)
+        assert env.config.targets[0].agent is not None
+        before = (agent_count("bdev_lvol_create"), agent_count("nvmf_subsystem_add_host"))
+        vol = env.servicer.CreateVolume(create_req("pvc-agent", 16 << 20), None).volume
+        env.servicer.ControllerPublishVolume(publish_req(vol.volume_id, "node-1"), None)
+        uuid = vol.volume_id.split(":", 1)[1]
+        sub = env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid))
+        assert [h["nqn"] for h in sub["hosts"]] == [contract.host_nqn("node-1")]
+        assert (agent_count("bdev_lvol_create"), agent_count("nvmf_subsystem_add_host")) == \
+            (before[0] + 1, before[1] + 1)
+    finally:
+        env.close()
+
+
+def test_the_env_fixture_goes_through_the_agent(env):
+    """What every controller test gets (unless CSI_SPDK_TEST_AGENT=0)."""
+    assert isinstance(env.t0.api.client, AgentClient) == THROUGH_AGENT
+    assert (env.config.targets[0].agent is not None) == THROUGH_AGENT
+
+
+def test_unreachable_agent_is_unavailable_naming_it(short_tmp):
+    address = f"unix://{short_tmp}/no-agent.sock"
+    cfg = cfgmod.parse({"targets": [{"name": "far", "agent": {"address": address},
+                                     "nvmf": {"listenAddress": "127.0.0.1"}}]})
+    servicer = ControllerServicer(cfg, "csi-spdk.io")
+    try:
+        msg = expect_code(grpc.StatusCode.UNAVAILABLE, servicer, "CreateVolume",
+                          create_req("pvc-x", 16 << 20))
+        assert "no-agent.sock" in msg and "'far'" in msg
+        assert servicer.ready() is False
+    finally:
+        servicer.close()
