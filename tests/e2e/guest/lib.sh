@@ -74,8 +74,9 @@ data_dir() {
 }
 
 # --- the CSI stack in the guest -------------------------------------------------
-# csi_stack_start [NODE_ID]: SPDK + controller + node plugin, sockets in
-# $CSI_RUN (controller.sock, node.sock). SPDK is `csi-spdk sim --nvmet` in the
+# csi_stack_start [NODE_ID]: SPDK + agent + controller + node plugin, sockets in
+# $CSI_RUN (controller.sock, node.sock, agent.sock); the controller reaches SPDK
+# through the agent, as in a deployment. SPDK is `csi-spdk sim --nvmet` in the
 # guest, or, when $GUEST_SPDK_RPC is set (harness GuestOptions.host_rpc), the
 # host's real spdk_tgt: its listener stays on the host's 127.0.0.1
 # ($GUEST_TARGET_LISTEN) and the node dials the host at 10.0.2.2.
@@ -95,8 +96,12 @@ csi_stack_start() {
   fi
   _lvs=$(python3 -c 'import json, sys; from csi_spdk.dev import ensure_lvstore
 print(json.dumps(ensure_lvstore(sys.argv[1])[0]))' "$SPDK_RPC") || return 1
+  csi-spdk agent --listen "unix://$CSI_RUN/agent.sock" --spdk-rpc "$SPDK_RPC" \
+    --state-dir /var/lib/csi-spdk-agent ${CSI_LOG_LEVEL:+--log-level $CSI_LOG_LEVEL} \
+    > "$CSI_RUN/agent.log" 2>&1 &
+  echo $! > "$CSI_RUN/agent.pid"
   cat > "$CSI_RUN/controller.json" <<JSON
-{"targets": [{"name": "guest", "rpc": "$SPDK_RPC",
+{"targets": [{"name": "guest", "agent": {"address": "unix://$CSI_RUN/agent.sock"},
   "nvmf": {"listenAddress": "$_listen", "port": 4420, "dialAddress": "$_dial"},
   "lvstores": $_lvs, "node": "$NODE_ID"}],
  "nodes": ["$NODE_ID"]}
@@ -110,8 +115,9 @@ JSON
     > "$CSI_RUN/node.log" 2>&1 &
   echo $! > "$CSI_RUN/node.pid"
   _n=900   # 90 s: Python under TCG starts slowly
-  until [ -S "$CSI_RUN/controller.sock" ] && [ -S "$CSI_RUN/node.sock" ]; do
-    for _c in sim controller node; do
+  until [ -S "$CSI_RUN/controller.sock" ] && [ -S "$CSI_RUN/node.sock" ] \
+      && [ -S "$CSI_RUN/agent.sock" ]; do
+    for _c in sim agent controller node; do
       [ -e "$CSI_RUN/$_c.pid" ] || continue
       if ! _alive "$(cat "$CSI_RUN/$_c.pid")"; then
         echo "csi_stack_start: $_c exited" >&2; csi_stack_logs; return 1
@@ -129,11 +135,11 @@ _alive() {
   [ -n "$_st" ] && [ "$_st" != Z ]
 }
 
-# csi_stack_stop: SIGTERM node, controller, sim (in that order); fails if any
-# of them exits non-zero.
+# csi_stack_stop: SIGTERM node, controller, agent, sim (in that order); fails
+# if any of them exits non-zero.
 csi_stack_stop() {
   _rc=0
-  for _c in node controller sim; do
+  for _c in node controller agent sim; do
     [ -e "$CSI_RUN/$_c.pid" ] || continue
     _pid=$(cat "$CSI_RUN/$_c.pid")
     kill -TERM "$_pid" 2>/dev/null
@@ -146,7 +152,7 @@ csi_stack_stop() {
 
 # csi_stack_logs [LINES]: the tail of every component's log.
 csi_stack_logs() {
-  for _c in sim controller node; do
+  for _c in sim agent controller node; do
     [ -e "$CSI_RUN/$_c.log" ] || continue
     echo "--- $_c log (last ${1:-60} lines) ---"; tail -n "${1:-60}" "$CSI_RUN/$_c.log"
   done

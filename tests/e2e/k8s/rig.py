@@ -5,7 +5,9 @@ arguments and the chart's ServiceAccount token, and fake nodes (Node +
 CSINode objects, as kubelet and node-driver-registrar would write them).
 
 Targets (the chart's config.targets, rendered into its ConfigMap, which is
-what the controller reads):
+what the controller reads), each reached through its own storage agent
+(``csi-spdk agent`` on a Unix socket, in front of the simulator's socket or
+the guest's forwarded RPC port), as the chart's spdkTgt DaemonSet does:
   target-a  host simulator, lvstore lvs-a (8 GiB), zone a, hosted by node k8s-node-a
   target-b  host simulator, lvstore lvs-b (6 GiB), zone b, hosted by node k8s-node-b
   guest     the guest's simulator with kernel nvmet (2 GiB), zone guest, node
@@ -171,10 +173,11 @@ class Rig:
         t0 = time.monotonic()
         self.cp.start()
         rpcs = self._start_sims()
+        agents = self._start_agents(rpcs)
         self.timings["sims"] = round(time.monotonic() - t0, 1)
         targets = []
         for name, (lvs, _size, zone, node) in HOST_TARGETS.items():
-            targets.append({"name": name, "rpc": rpcs[name],
+            targets.append({"name": name, "agent": {"address": agents[name]},
                             "nvmf": {"listenAddress": "127.0.0.1", "port": 4420},
                             "lvstores": [lvs], "node": node, "topology": {ZONE_KEY: zone}})
         if self.guest is not None:
@@ -184,7 +187,7 @@ class Rig:
             ssd = {k: v for k, v in self.guest_info.accessible_topology.segments.items()
                    if k.startswith(contract.TOPOLOGY_SSD_PREFIX)}
             # the guest's kernel target listens and is dialled inside the guest
-            targets.append({"name": name, "rpc": rpcs[name],
+            targets.append({"name": name, "agent": {"address": agents[name]},
                             "nvmf": {"listenAddress": "127.0.0.1", "port": 4420},
                             "lvstores": [lvs], "node": node,
                             "topology": {ZONE_KEY: zone, **ssd}})
@@ -214,6 +217,19 @@ class Rig:
             rpcs[name] = self.guest.rpc_address
             self._make_lvstore(self.guest.rpc_address, lvs, size)
         return rpcs
+
+    def _start_agents(self, rpcs: dict[str, str]) -> dict[str, str]:
+        """One agent per target on a Unix socket; returns target -> agent address."""
+        agents = {}
+        for name, rpc in rpcs.items():
+            sock = self.dir / f"agent-{name}.sock"
+            self.cp.start_proc(f"agent-{name}", [
+                *python_csi_spdk(), "agent", "--listen", f"unix://{sock}", "--spdk-rpc", rpc,
+                "--state-dir", str(self.dir / f"agent-{name}-state")], env=python_env())
+            wait_until(f"agent {name}", lambda s=sock, n=name: (
+                self.cp._check_alive(f"agent-{n}"), s.exists())[-1], 60, 0.2, self.logs)
+            agents[name] = f"unix://{sock}"
+        return agents
 
     @staticmethod
     def _make_lvstore(rpc: str, lvs: str, size: int) -> None:
