@@ -5,10 +5,10 @@ only ones that pass, and each mutating one is checked against the driver's
 contract (``contract.py``), whoever asks:
 
 - an lvol that is deleted, resized, renamed, snapshotted, cloned from, or
-  exported as a namespace must carry one of ``DRIVER_PREFIXES`` (a uuid or
-  ``lvs/name`` argument is resolved to the lvol's name with bdev_get_bdevs
-  first), and a name the call creates (new lvol, snapshot, clone, rename
-  target) must carry one too;
+  exported as a namespace must carry one of ``DRIVER_PREFIXES`` (a uuid is
+  resolved to the lvol's name with bdev_get_bdevs first; an ``lvs/name``
+  alias names the lvol itself), and a name the call creates (new lvol,
+  snapshot, clone, rename target) must carry one too;
 - a subsystem must have the driver's NQN prefix, be created closed
   (``allow_any_host`` false), and a namespace may only be the lvol whose uuid
   the NQN names (one subsystem per volume, ``contract.subsystem_nqn``), so no
@@ -70,6 +70,23 @@ class Checks:
         self.lookup = lookup
 
     # --- building blocks ---------------------------------------------------------
+    def driver_lvol_ref(self, method: str, ref: str) -> None:
+        """``ref`` (uuid or ``lvs/name``) of an lvol-only method names a driver lvol.
+
+        An alias carries the lvol's name itself (SPDK resolves ``lvs/name`` to
+        exactly that lvol), so only a uuid costs a bdev_get_bdevs."""
+        if "/" in ref:
+            self._check_name(method, ref.partition("/")[2])
+        else:
+            self.driver_lvol(method, ref)
+
+    @staticmethod
+    def _check_name(method: str, name: str) -> None:
+        if not contract.is_driver_lvol(name):
+            raise Refused(method, "foreign_lvol",
+                          f"lvol {name!r} was not created by csi-spdk (its name lacks the "
+                          f"driver's prefixes {', '.join(contract.DRIVER_PREFIXES)})")
+
     def driver_lvol(self, method: str, ref: str) -> dict | None:
         """The bdev ``ref`` names when it is the driver's lvol; None when absent."""
         bdev = self.lookup(ref)
@@ -78,10 +95,7 @@ class Checks:
         name = lvol_name_of(bdev)
         if name is None:
             raise Refused(method, "not_lvol", f"bdev {ref!r} is not an lvol")
-        if not contract.is_driver_lvol(name):
-            raise Refused(method, "foreign_lvol",
-                          f"lvol {name!r} was not created by csi-spdk (its name lacks the "
-                          f"driver's prefixes {', '.join(contract.DRIVER_PREFIXES)})")
+        self._check_name(method, name)
         return bdev
 
     @staticmethod
@@ -105,22 +119,24 @@ class Checks:
         self.new_name(m, _str(m, p, "lvol_name"))
 
     def bdev_lvol_delete(self, m: str, p: dict) -> None:
-        self.driver_lvol(m, _str(m, p, "name"))
+        self.driver_lvol_ref(m, _str(m, p, "name"))
 
     bdev_lvol_resize = bdev_lvol_delete
-    bdev_set_qos_limit = bdev_lvol_delete
+
+    def bdev_set_qos_limit(self, m: str, p: dict) -> None:
+        self.driver_lvol(m, _str(m, p, "name"))   # any bdev type: always resolve
 
     def bdev_lvol_rename(self, m: str, p: dict) -> None:
         self.new_name(m, _str(m, p, "new_name"))
-        self.driver_lvol(m, _str(m, p, "old_name"))
+        self.driver_lvol_ref(m, _str(m, p, "old_name"))
 
     def bdev_lvol_snapshot(self, m: str, p: dict) -> None:
         self.new_name(m, _str(m, p, "snapshot_name"))
-        self.driver_lvol(m, _str(m, p, "lvol_name"))
+        self.driver_lvol_ref(m, _str(m, p, "lvol_name"))
 
     def bdev_lvol_clone(self, m: str, p: dict) -> None:
         self.new_name(m, _str(m, p, "clone_name"))
-        self.driver_lvol(m, _str(m, p, "snapshot_name"))
+        self.driver_lvol_ref(m, _str(m, p, "snapshot_name"))
 
     # --- nvmf -------------------------------------------------------------------
     @staticmethod
