@@ -86,6 +86,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         except policy.Refused as err:
             outcome, code, message = "refused", err.code, err.message
             metrics.AGENT_REFUSED.labels(label, err.reason).inc()
+            fields = {**(fields or {}), "reason": err.reason}
         except CsiError as err:
             code, message = err.code, err.message
             outcome = {grpc.StatusCode.UNAVAILABLE: "unavailable",

@@ -251,3 +251,16 @@ def test_request_metrics_count_outcomes(agent_env, foreign):
             n("bdev_lvol_delete", "refused")) == (ok + 1, err + 1, ref + 1)
     assert counter("csi_spdk_agent_refused_total", method="bdev_lvol_delete",
                    reason="foreign_lvol") >= 1
+
+
+def test_refusals_are_logged_with_method_reason_and_peer(agent_env, foreign, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="csi_spdk.agent")
+    denied(agent_env.api.lvol_delete, foreign["uuid"])
+    denied(agent_env.api.call, "bdev_malloc_delete", {"name": agent_env.malloc})
+    refused = [r.f for r in caplog.records if r.levelno == logging.WARNING and r.msg == "refused"]
+    assert [(f["method"], f["reason"]) for f in refused] == [
+        ("bdev_lvol_delete", "foreign_lvol"), ("bdev_malloc_delete", "not_allowed")]
+    assert all(f["outcome"] == "refused" and f["peer"] and f["error"] for f in refused)
+    assert agent_env.raw.bdev_get(agent_env.malloc) is not None
