@@ -10,6 +10,8 @@ at start-up: there is no plaintext network mode.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,14 @@ from .keys import KeyStore
 from .server import AgentServicer, NullState, State
 
 SERVICE_NAME = "csispdk.agent.v1.Agent"
+log = logging.getLogger("csi_spdk.agent")
+
+
+def _read(what: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise InvalidArgument(f"agent TLS {what} {path}: {err.strerror or err}") from None
 
 
 @dataclass(frozen=True)
@@ -33,17 +43,40 @@ class ServerTls:
     key_file: str
     client_ca_file: str
 
+    def _mtimes(self) -> tuple[float, ...]:
+        return tuple(os.stat(f).st_mtime_ns for f in
+                     (self.cert_file, self.key_file, self.client_ca_file))
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(_read("key", self.key_file), _read("certificate", self.cert_file))],
+            root_certificates=_read("client CA", self.client_ca_file))
+
     def credentials(self) -> grpc.ServerCredentials:
-        """Mutual TLS: a client must present a certificate signed by the CA."""
-        def read(what: str, path: str) -> bytes:
+        """Mutual TLS: a client must present a certificate signed by the CA.
+
+        The files are read again before a new connection's handshake when
+        they changed (a Secret renewed by cert-manager), without a restart;
+        a half-written renewal keeps the previous certificates."""
+        initial = self._configuration()
+        seen = [self._mtimes()]
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
             try:
-                return Path(path).read_bytes()
-            except OSError as err:
-                raise InvalidArgument(f"agent TLS {what} {path}: {err.strerror or err}") from None
-        return grpc.ssl_server_credentials(
-            [(read("key", self.key_file), read("certificate", self.cert_file))],
-            root_certificates=read("client CA", self.client_ca_file),
-            require_client_auth=True)
+                now = self._mtimes()
+                if now == seen[0]:
+                    return None
+                config = self._configuration()
+            except (OSError, InvalidArgument) as err:
+                log.warning("agent TLS files unreadable; keeping the current ones",
+                            extra={"f": {"error": str(err)}})
+                return None
+            seen[0] = now
+            log.info("agent TLS certificates reloaded", extra={"f": {"cert": self.cert_file}})
+            return config
+
+        return grpc.dynamic_ssl_server_credentials(initial, fetch,
+                                                   require_client_authentication=True)
 
 
 def server_tls(args: argparse.Namespace) -> ServerTls | None:

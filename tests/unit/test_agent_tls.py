@@ -173,3 +173,33 @@ def test_missing_tls_file_is_a_start_up_error_naming_it(tmp_path, pki):
         "nvmf": {"listenAddress": "127.0.0.1"}}]})
     with pytest.raises(cfgmod.ConfigError, match="remote.*gone.crt"):
         cfg.targets[0].make_api()
+
+
+def test_renewed_certificates_are_used_without_a_restart(tls_env, pki, tmp_path):
+    """cert-manager renews the Secret in place: the next connection uses it."""
+    import shutil
+    import time as _time
+
+    from agent_fixtures import Cert, Pki
+
+    live = tmp_path / "live"
+    live.mkdir()
+    for src, dst in ((pki.server.cert, "tls.crt"), (pki.server.key, "tls.key"),
+                     (pki.ca, "ca.crt")):
+        shutil.copy(src, live / dst)
+    agent = start_agent(tls_env.rpc, tls_env.tmp / "rot-state", "127.0.0.1:0",
+                        Cert(live / "tls.crt", live / "tls.key"), live / "ca.crt")
+    new = Pki(tmp_path / "new")   # a new CA, server and client certificate
+    try:
+        with agent.client(pki.client_tls(), SERVER_NAME, timeout=5) as client:
+            assert SpdkApi(client).version()
+        _time.sleep(0.01)
+        for src, dst in ((new.server.cert, "tls.crt"), (new.server.key, "tls.key"),
+                         (new.ca, "ca.crt")):
+            shutil.copy(src, live / dst)
+        with agent.client(new.client_tls(), SERVER_NAME, timeout=5) as client:
+            assert SpdkApi(client).version()
+        with agent.client(pki.client_tls(), SERVER_NAME, timeout=5) as client:
+            try_create(tls_env, client)   # the old CA is no longer accepted
+    finally:
+        agent.stop()
