@@ -7,7 +7,7 @@ a broken spdk_tgt socket is UNAVAILABLE. ``PutKey``/``DeleteKey`` are
 intent-level because no SPDK method takes a key inline (``keys.py``).
 
 After every successful mutating call the server tells ``state.record(method,
-params)``, the desired-state store that replays exports after an spdk_tgt
+params, result)``, the desired-state store that replays exports after an spdk_tgt
 restart (``state.py``); keys are recorded as name and path, never material.
 Until a store is wired in, ``NullState`` records nothing.
 
@@ -41,13 +41,13 @@ MAX_TIMEOUT = 600.0
 
 
 class State(Protocol):
-    def record(self, method: str, params: dict | None) -> None: ...
+    def record(self, method: str, params: dict | None, result: Any = None) -> Any: ...
 
 
 class NullState:
     """A desired-state store that keeps nothing (before one is configured)."""
 
-    def record(self, method: str, params: dict | None) -> None:
+    def record(self, method: str, params: dict | None, result: Any = None) -> None:
         return None
 
 
@@ -116,8 +116,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             context.abort(code, message)
         return reply
 
-    def _record(self, method: str, params: dict | None) -> None:
-        self.state.record(method, params)
+    def _record(self, method: str, params: dict | None, result: Any = None) -> None:
+        """Tell the desired-state store; ``result`` is SPDK's reply (e.g. the nsid
+        nvmf_subsystem_add_ns chose), never key material."""
+        self.state.record(method, params, result)
 
     # --- Call ---------------------------------------------------------------------
     def Call(self, request, context):  # noqa: N802 - gRPC method name
@@ -142,7 +144,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             return agent_pb2.CallReply(error=agent_pb2.SpdkError(
                 code=err.spdk_code, message=err.spdk_message)), "spdk_error"
         if method in policy.MUTATING:
-            self._record(method, params)
+            self._record(method, params, result)
         return agent_pb2.CallReply(result_json=json.dumps(result)), "ok"
 
     # --- keys ---------------------------------------------------------------------

@@ -121,8 +121,8 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list = []
 
-    def record(self, method, params) -> None:
-        self.calls.append((method, params))
+    def record(self, method, params, result=None) -> None:
+        self.calls.append((method, params, result))
 
 
 def test_key_material_never_leaves_the_key_file(agent_env, caplog):
@@ -161,5 +161,5 @@ def test_key_material_never_leaves_the_key_file(agent_env, caplog):
         assert secret not in text, "key material leaked"
     assert ("keyring_file_add_key", {"name": f"k0-{agent_env.suffix}",
                                      "path": str(agent_env.tmp / "st" / "keys" /
-                                                 f"k0-{agent_env.suffix}")}) in rec.calls
-    assert ("keyring_file_remove_key", {"name": f"k1-{agent_env.suffix}"}) in rec.calls
+                                                 f"k0-{agent_env.suffix}")}, None) in rec.calls
+    assert ("keyring_file_remove_key", {"name": f"k1-{agent_env.suffix}"}, None) in rec.calls

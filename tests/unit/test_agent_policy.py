@@ -206,9 +206,11 @@ def test_spdk_tgt_gone_is_unavailable(spdk_rpc, short_tmp):
 class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict | None]] = []
+        self.results: list = []
 
-    def record(self, method: str, params: dict | None) -> None:
+    def record(self, method: str, params: dict | None, result=None) -> None:
         self.calls.append((method, params))
+        self.results.append(result)
 
 
 def test_successful_mutations_are_recorded_and_nothing_else(agent_env):
@@ -235,6 +237,7 @@ def test_successful_mutations_are_recorded_and_nothing_else(agent_env):
     assert [m for m, _ in rec.calls] == ["bdev_lvol_create", "nvmf_create_subsystem",
                                          "nvmf_subsystem_add_host"]
     assert rec.calls[2][1] == {"nqn": nqn, "host": contract.host_nqn("n1")}
+    assert rec.results[0] == uuid   # SPDK's reply goes along (e.g. the nsid it chose)
 
 
 def test_request_metrics_count_outcomes(agent_env, foreign):
