@@ -1,15 +1,17 @@
 """csi-sanity (kubernetes-csi/csi-test) against `csi-spdk dev`.
 
 This runs the README's embedded default exactly as a newcomer would (the
-simulator, an lvstore, controller and node plugin), so the command itself is
-under test. The host kernel has no NVMe/TCP, so the five Node Service specs that
-stage a volume (``HOST_SKIP``) run in the QEMU guest instead (tests/e2e);
+simulator, an lvstore, the agent, controller and node plugin), so the command
+itself is under test, and the controller's SPDK calls take the agent path.
+The host kernel has no NVMe/TCP, so the five Node Service specs that stage a
+volume (``HOST_SKIP``) run in the QEMU guest instead (tests/e2e);
 every other spec, node argument checks included, must pass here.
 With CSI_SPDK_TEST_RPC set, `dev --spdk-rpc` uses that real spdk_tgt.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -58,7 +60,8 @@ def dev(tmp_path: Path):
     log = open(tmp_path / "dev.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
-    while not all((sock_dir / n).exists() for n in ("controller.sock", "node.sock")):
+    while not all((sock_dir / n).exists() for n in ("controller.sock", "node.sock",
+                                                     "agent.sock")):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail("csi-spdk dev did not start:\n" + (tmp_path / "dev.log").read_text())
@@ -118,3 +121,8 @@ def test_csi_sanity_controller(dev, tmp_path: Path) -> None:
     assert failed == 0, "\n".join(failures) + "\n--- driver log tail:\n" + \
         dev_log.read_text()[-3000:]
     assert passed >= 70, f"only {passed} csi-sanity specs ran"
+    # the controller reached SPDK through the agent: its audit lines are there
+    agent_lines = [json.loads(line) for line in dev_log.read_text().splitlines()
+                   if '"logger": "csi_spdk.agent"' in line]
+    methods = {a.get("method") for a in agent_lines if a.get("outcome") == "ok"}
+    assert {"bdev_lvol_create", "bdev_lvol_delete", "nvmf_create_subsystem"} <= methods, methods
