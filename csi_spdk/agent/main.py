@@ -107,4 +107,9 @@ def agent_server(args: argparse.Namespace, state: State | None = None) -> GrpcSe
 
 def run(args: argparse.Namespace) -> int:
     logsetup.setup(args.log_level)
-    return serve([agent_server(args)], args.metrics_address)
+    try:
+        server = agent_server(args)
+    except InvalidArgument as err:
+        log.error("the storage agent cannot start", extra={"f": {"error": err.message}})
+        return 2
+    return serve([server], args.metrics_address)
