@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default seconds per spdk_tgt call")
     p.add_argument("--metrics-address", default="",
                    help="serve Prometheus metrics on HOST:PORT (default: off)")
+    # the storage side (agent/storage.py add_arguments declares the same set)
+    g = p.add_argument_group("storage (pools, spdk_tgt supervision, export recovery)")
+    g.add_argument("--pools", default="",
+                   help="pool file (YAML): devices to attach and lvstores to load or create")
+    g.add_argument("--spdk-tgt-cmd", default="",
+                   help="start and supervise spdk_tgt with this command line; empty: attach "
+                        "to one something else runs on --spdk-rpc")
+    g.add_argument("--spdk-tgt-log", default="", help="file for spdk_tgt's output")
+    g.add_argument("--spdk-poll-interval", type=float, default=0.5,
+                   help="seconds between spdk_get_version health checks")
+    g.add_argument("--no-hugepage-check", action="store_true",
+                   help="start spdk_tgt without checking huge pages first")
     _common(p)
     p.set_defaults(impl="csi_spdk.agent.main:run")
 

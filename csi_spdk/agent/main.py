@@ -1,4 +1,5 @@
-"""Process wiring of ``csi-spdk agent``: spdk_tgt client, key store, gRPC server.
+"""Process wiring of ``csi-spdk agent``: spdk_tgt client, key store, gRPC
+server, and the storage side (pools, spdk_tgt supervision, desired state).
 
 The agent listens either on a Unix socket (same-host use, ``csi-spdk dev``;
 the socket's directory permissions are the access control) or on TCP with
@@ -106,10 +107,19 @@ def agent_server(args: argparse.Namespace, state: State | None = None) -> GrpcSe
 
 
 def run(args: argparse.Namespace) -> int:
+    """The process: the storage side (pools, spdk_tgt supervision, desired
+    state and its replay, ``storage.py``) is the server's state store."""
+    from .pools import PoolConfigError
+    from .storage import StorageSide
+    from .supervisor import MemoryCheckError
+
     logsetup.setup(args.log_level)
     try:
-        server = agent_server(args)
-    except InvalidArgument as err:
-        log.error("the storage agent cannot start", extra={"f": {"error": err.message}})
+        side = StorageSide.from_args(args)
+        server = agent_server(args, state=side)
+        side.start()
+    except (InvalidArgument, PoolConfigError, MemoryCheckError) as err:
+        log.error("the storage agent cannot start", extra={"f": {
+            "error": getattr(err, "message", None) or str(err)}})
         return 2
-    return serve([server], args.metrics_address)
+    return serve([server], args.metrics_address, side.stop)

@@ -1,17 +1,21 @@
-"""`csi-spdk agent` as the process the chart and dev run: it serves, stops
-cleanly on SIGTERM (socket removed), and refuses plaintext TCP at start-up."""
+"""`csi-spdk agent` as the process the chart and dev run: it serves, records
+exports in its storage side's desired state, stops cleanly on SIGTERM (socket
+removed), and refuses plaintext TCP at start-up."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid as uuidlib
 from pathlib import Path
 
 import pytest
 
+from csi_spdk import contract
 from csi_spdk.spdk.agent_client import AgentClient
 from csi_spdk.spdk.api import SpdkApi
 from csi_spdk.spdk.errors import SpdkTransportError
@@ -43,6 +47,18 @@ def test_agent_process_serves_and_stops_cleanly(spdk_rpc, short_tmp):
                     assert proc.poll() is None and time.monotonic() < deadline
                     time.sleep(0.1)
         assert oct((short_tmp / "state" / "keys").stat().st_mode & 0o777) == "0o700"
+        # the storage side is the server's state store: an export is recorded
+        nqn = contract.NQN_PREFIX + str(uuidlib.uuid4())
+        with AgentClient(f"unix://{sock}", timeout=10) as client:
+            api = SpdkApi(client)
+            api.subsystem_create(nqn, "SN-agent-process", contract.MODEL_NUMBER)
+            try:
+                desired = json.loads((short_tmp / "state" / "desired.json").read_text())
+                assert nqn in desired["subsystems"]
+            finally:
+                api.subsystem_delete(nqn)
+        desired = json.loads((short_tmp / "state" / "desired.json").read_text())
+        assert nqn not in desired["subsystems"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         assert not sock.exists()
