@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
 
-from agent_fixtures import SERVER_NAME, Pki  # noqa: E402
+from agent_fixtures import SERVER_NAME  # noqa: E402
+from agent_pki import Pki  # noqa: E402
 
 from csi_spdk.spdk.agent_client import AgentClient  # noqa: E402
 from csi_spdk.spdk.api import SpdkApi  # noqa: E402

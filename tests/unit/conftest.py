@@ -18,7 +18,7 @@ def env(tmp_path):
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """A CA with server/client certificates and the bad ones (agent_fixtures.Pki)."""
-    from agent_fixtures import Pki
+    from agent_pki import Pki
 
     return Pki(tmp_path_factory.mktemp("pki"))
 

@@ -180,7 +180,8 @@ def test_renewed_certificates_are_used_without_a_restart(tls_env, pki, tmp_path)
     import shutil
     import time as _time
 
-    from agent_fixtures import Cert, Pki
+    from agent_fixtures import Cert
+    from agent_pki import Pki
 
     live = tmp_path / "live"
     live.mkdir()
