@@ -133,7 +133,8 @@ def test_refused_even_when_the_bdev_already_exists(sim: SimProcess, short_tmp: P
     before = _sha(dev)
     with sim.client() as c:
         api = SpdkApi(c)
-        c.call("bdev_aio_create", {"name": "pool0-dev", "filename": str(dev)})
+        c.call("bdev_aio_create", {"name": "pool0-dev", "filename": str(dev),
+                                   "block_size": 4096})
         [st] = Pools(_spec("pool0", dev), api).attach()
         assert st.state == "refused" and "TYPE=ext4" in st.message
         assert api.lvstores() == []
