@@ -16,7 +16,8 @@ already set first "holds" the volume open: its NVMe-oF subsystem with the
 namespace but no listener and no host (nobody can connect), then the set,
 then the subsystem is deleted again. A crash in between leaves exactly the
 state of a publish interrupted after the namespace step, which the next
-publish completes and the next unpublish/DeleteVolume removes.
+publish completes, the next unpublish/DeleteVolume removes, and the next
+ControllerModifyVolume releases (``release_hold``).
 
 A change already matching what SPDK enforces makes no SPDK call (idempotent,
 and it never meets the EAGAIN). Concurrency: callers hold the volume's lock;
@@ -130,6 +131,14 @@ def apply(target: Target, lvol_uuid: str, wanted: Limits) -> Limits:
     except SpdkNotFound as err:
         raise NotFound(f"volume lvol {lvol_uuid} does not exist") from err
     return in_force(target.api.bdev_get(lvol_uuid))
+
+
+def release_hold(target: Target, lvol_uuid: str) -> None:
+    """Delete a hold that a crash left behind (the volume's subsystem with no
+    host and no listener); one RPC. A published volume is left alone."""
+    sub = target.exporter.subsystem(lvol_uuid)
+    if sub is not None and not sub.get("hosts") and not sub.get("listen_addresses"):
+        target.exporter.delete(lvol_uuid)
 
 
 def _set_held_open(target: Target, lvol_uuid: str, change: Limits) -> None:

@@ -442,6 +442,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         wanted = qos.parse_mutable(request.mutable_parameters, IMMUTABLE_KEYS)
         target, lv = self.targets.volume(request.volume_id)
         qos.apply(target, lv.uuid, wanted)
+        qos.release_hold(target, lv.uuid)
         return csi_pb2.ControllerModifyVolumeResponse()
 
     # --- not supported -------------------------------------------------------------
