@@ -26,7 +26,7 @@ from . import log as logsetup
 from .server import serve
 from .spdk.api import SpdkApi
 from .spdk.client import SpdkClient
-from .spdk.errors import SpdkError, SpdkNoSpace
+from .spdk.errors import SpdkError, SpdkNoSpace, SpdkTransportError
 
 log = logging.getLogger("csi_spdk.dev")
 
@@ -58,7 +58,7 @@ def start_simulator(rpc: str, data_dir: Path, log_level: str) -> subprocess.Pope
             try:
                 client.call("spdk_get_version")
                 return proc
-            except SpdkError:
+            except (SpdkError, SpdkTransportError):  # not listening yet
                 if time.monotonic() > deadline:
                     stop_simulator(proc)
                     raise RuntimeError(f"the SPDK simulator did not answer on {rpc} within "

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from junit_summary import summarize
+from junit_summary import MUTABLE_PARAMETERS_YAML, missing_modify_specs, summarize
 
 pytestmark = pytest.mark.sanity
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,6 +90,8 @@ def run_sanity(binary: str, sock_dir: Path, work: Path, skip: str) -> str:
     junit = work / "junit.xml"
     (work / "mnt").mkdir()
     (work / "stage").mkdir()
+    mutable = work / "mutable.yaml"
+    mutable.write_text(MUTABLE_PARAMETERS_YAML)
     cmd = [
         binary,
         f"--csi.endpoint=unix://{sock_dir}/node.sock",
@@ -98,6 +100,7 @@ def run_sanity(binary: str, sock_dir: Path, work: Path, skip: str) -> str:
         f"--csi.stagingdir={work}/stage/staging",
         "--csi.testvolumesize=67108864",
         "--csi.testvolumeexpandsize=134217728",
+        f"--csi.testvolumemutableparameters={mutable}",
         f"--csi.junitfile={junit}",
         "--ginkgo.timeout=15m",
     ]
@@ -118,3 +121,5 @@ def test_csi_sanity_controller(dev, tmp_path: Path) -> None:
     assert failed == 0, "\n".join(failures) + "\n--- driver log tail:\n" + \
         dev_log.read_text()[-3000:]
     assert passed >= 70, f"only {passed} csi-sanity specs ran"
+    missing = missing_modify_specs(junit)
+    assert not missing, f"ModifyVolume specs that did not pass: {missing}"
