@@ -114,13 +114,16 @@ def context(limits: Mapping[str, int]) -> dict[str, str]:
     return {contract.VC_QOS_KEYS[k]: str(v) for k, v in limits.items() if v}
 
 
-def apply(target: Target, lvol_uuid: str, wanted: Limits) -> Limits:
+def apply(target: Target, lvol_uuid: str, wanted: Limits, now: Limits | None = None) -> Limits:
     """Make SPDK enforce ``wanted`` (keys not in it stay as they are); returns
-    the limits in force afterwards."""
-    bdev = target.api.bdev_get(lvol_uuid)
-    if bdev is None:
-        raise NotFound(f"volume lvol {lvol_uuid} does not exist on target {target.name}")
-    now = in_force(bdev)
+    the limits in force afterwards. ``now``: the limits in force as the caller
+    just read them (``Lvol.qos``), saving the read; one more read only when
+    something changed."""
+    if now is None:
+        bdev = target.api.bdev_get(lvol_uuid)
+        if bdev is None:
+            raise NotFound(f"volume lvol {lvol_uuid} does not exist on target {target.name}")
+        now = in_force(bdev)
     change = {k: v for k, v in wanted.items() if now[k] != v}
     if not change:
         return now
@@ -130,7 +133,10 @@ def apply(target: Target, lvol_uuid: str, wanted: Limits) -> Limits:
         _set_held_open(target, lvol_uuid, change)
     except SpdkNotFound as err:
         raise NotFound(f"volume lvol {lvol_uuid} does not exist") from err
-    return in_force(target.api.bdev_get(lvol_uuid))
+    bdev = target.api.bdev_get(lvol_uuid)
+    if bdev is None:
+        raise NotFound(f"volume lvol {lvol_uuid} vanished while its QoS was set")
+    return in_force(bdev)
 
 
 def release_hold(target: Target, lvol_uuid: str) -> None:

@@ -183,7 +183,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             target, lv = create_empty(self.targets, self.config, req)
         # Clones and restores too: SPDK does not copy QoS to a clone, and the new
         # volume gets its own request's limits, not its source's.
-        lv.qos = qos.apply(target, lv.uuid, params.qos)
+        lv.qos = qos.apply(target, lv.uuid, params.qos, lv.qos)
         return self._volume_response(target, lv, params, source)
 
     # --- DeleteVolume ----------------------------------------------------------
@@ -441,7 +441,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         require(request.mutable_parameters, "mutable_parameters")
         wanted = qos.parse_mutable(request.mutable_parameters, IMMUTABLE_KEYS)
         target, lv = self.targets.volume(request.volume_id)
-        qos.apply(target, lv.uuid, wanted)
+        qos.apply(target, lv.uuid, wanted, lv.qos)
         qos.release_hold(target, lv.uuid)
         return csi_pb2.ControllerModifyVolumeResponse()
 

@@ -44,7 +44,8 @@ class Lvol:
     clone: bool
     base_snapshot: str | None = None
     clones: list[str] = field(default_factory=list)
-    qos: qos.Limits = field(default_factory=dict)   # limits in force (assigned_rate_limits)
+    # limits in force (assigned_rate_limits); a new lvol (the default) has none
+    qos: qos.Limits = field(default_factory=lambda: qos.full({}))
 
     @property
     def alias(self) -> str:
