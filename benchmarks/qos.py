@@ -1,0 +1,221 @@
+"""QoS benchmark: does a volume's maxMBps / maxIOPS hold under a real load?
+
+    CSI_SPDK_TEST_RPC=/path/spdk.sock python3 benchmarks/qos.py [--seconds 8]
+
+Needs a real spdk_tgt (the simulator's data plane, the guest kernel's nvmet,
+enforces no SPDK QoS: without CSI_SPDK_TEST_RPC the run only checks the
+plumbing and says so). The host boots the QEMU guest (tests/e2e/guest) with
+the host's target forwarded in, and runs this file inside it with
+``--in-guest``: the lib.sh stack (controller + node plugin on the real
+target), three volumes created over gRPC (no limit, ``maxMBps``,
+``maxIOPS``), published, connected with the kernel's NVMe/TCP initiator, and
+a load generator of this file (threads doing O_DIRECT ``pwrite``/``pread`` on
+the block device, QD = threads) run on each for ``--seconds``:
+
+* baseline: the unlimited volume, 128 KiB writes and 4 KiB reads;
+* bandwidth: 128 KiB writes on the ``maxMBps`` volume, then the limit changed
+  online (ControllerModifyVolume) and measured again;
+* IOPS: 4 KiB reads on the ``maxIOPS`` volume, then changed online likewise.
+
+Prints each figure against its limit (ratio, and whether it is within 10%)
+and against the baseline of the same run, and one ``@@BENCH <json>`` line.
+A limit the unlimited baseline cannot reach is reported as not measurable.
+TCG emulation makes the guest slow: choose limits well under the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+GUEST_SCRIPT = "/root/bench_qos.py"
+VOLUME_BYTES = 64 * MiB
+TOLERANCE = 0.10
+
+
+# --- in the guest ------------------------------------------------------------------------
+def load(dev: str, write: bool, block: int, threads: int, seconds: float) -> dict:
+    """O_DIRECT I/O from ``threads`` threads for ``seconds``: ops/s and MiB/s."""
+    span = VOLUME_BYTES // block
+    counts = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def worker(i: int) -> None:
+        fd = os.open(dev, (os.O_RDWR if write else os.O_RDONLY) | os.O_DIRECT)
+        buf = mmap.mmap(-1, block)            # page-aligned, as O_DIRECT needs
+        buf.write(bytes([0x5A + i]) * block)
+        try:
+            k = i
+            while time.monotonic() < stop:
+                off = (k % span) * block
+                n = os.pwritev(fd, [buf], off) if write else os.preadv(fd, [buf], off)
+                if n != block:
+                    raise OSError(f"short I/O: {n} of {block} bytes")
+                counts[i] += 1
+                k += threads
+        finally:
+            os.close(fd)
+
+    t0 = time.monotonic()
+    ws = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for w in ws:
+        w.start()
+    for w in ws:
+        w.join()
+    took = time.monotonic() - t0
+    ops = sum(counts)
+    return {"ops": ops, "seconds": took, "iops": ops / took, "mibps": ops * block / took / MiB,
+            "block": block, "threads": threads, "write": write}
+
+
+def _device(ns_uuid: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for b in os.listdir("/sys/block"):
+            if b.startswith("nvme"):
+                try:
+                    with open(f"/sys/block/{b}/uuid", encoding="ascii") as f:
+                        if f.read().strip() == ns_uuid and os.path.exists(f"/dev/{b}"):
+                            return f"/dev/{b}"
+                except OSError:
+                    continue
+        time.sleep(0.01)
+    raise SystemExit(f"no block device for namespace {ns_uuid}")
+
+
+def guest_main(args: argparse.Namespace) -> int:
+    import grpc
+
+    from csi_spdk import contract
+    from csi_spdk.node.initiator import NvmeTcpInitiator
+    from csi_spdk.proto import csi_pb2 as csi
+    from csi_spdk.proto import csi_pb2_grpc as csi_grpc
+
+    run = os.environ.get("CSI_RUN", "/run/csi")
+    ctrl = csi_grpc.ControllerStub(grpc.insecure_channel(f"unix://{run}/controller.sock"))
+    node = csi_grpc.NodeStub(grpc.insecure_channel(f"unix://{run}/node.sock"))
+    node_id = node.NodeGetInfo(csi.NodeGetInfoRequest()).node_id
+    nvme = NvmeTcpInitiator(contract.host_nqn(node_id), contract.host_id(node_id))
+    AM = csi.VolumeCapability.AccessMode
+    cap = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(),
+                               access_mode=AM(mode=AM.SINGLE_NODE_WRITER))
+    real = bool(os.environ.get("GUEST_SPDK_RPC"))
+    plan = {"base": {}, "bw": {"maxMBps": str(args.mbps[0])},
+            "iops": {"maxIOPS": str(args.iops[0])}}
+    vols, devs = {}, {}
+    for name, params in plan.items():
+        v = ctrl.CreateVolume(csi.CreateVolumeRequest(
+            name=f"qos-bench-{name}", volume_capabilities=[cap], parameters=params,
+            capacity_range=csi.CapacityRange(required_bytes=VOLUME_BYTES))).volume
+        pc = dict(ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
+            volume_id=v.volume_id, node_id=node_id, volume_capability=cap)).publish_context)
+        subprocess.run(["nvme", *nvme.connect_command(pc)], check=True, capture_output=True)
+        vols[name], devs[name] = (v, pc), _device(pc[contract.PC_NS_UUID])
+    out: dict = {"real_spdk": real, "seconds": args.seconds, "runs": []}
+    try:
+        base_bw = load(devs["base"], True, 128 * 1024, args.threads, args.seconds)
+        base_io = load(devs["base"], False, 4096, args.threads, args.seconds)
+        out["baseline"] = {"write_128k": base_bw, "read_4k": base_io}
+        for kind, key, values, block, write, base in (
+                ("bw", "maxMBps", args.mbps, 128 * 1024, True, base_bw),
+                ("iops", "maxIOPS", args.iops, 4096, False, base_io)):
+            vid = vols[kind][0].volume_id
+            for i, limit in enumerate(values):
+                if i:       # the online change under test
+                    ctrl.ControllerModifyVolume(csi.ControllerModifyVolumeRequest(
+                        volume_id=vid, mutable_parameters={key: str(limit)}))
+                ctx = dict(ctrl.ControllerGetVolume(csi.ControllerGetVolumeRequest(
+                    volume_id=vid)).volume.volume_context)
+                got = load(devs[kind], write, block, args.threads, args.seconds)
+                figure = got["mibps"] if kind == "bw" else got["iops"]
+                reach = base["mibps"] if kind == "bw" else base["iops"]
+                out["runs"].append({"key": key, "limit": limit, "in_force": ctx.get(key),
+                                    "measured": figure, "baseline": reach,
+                                    "measurable": reach > limit * (1 + TOLERANCE), **got})
+    finally:
+        for _name, (v, pc) in vols.items():
+            subprocess.run(["nvme", "disconnect", "-n", pc[contract.PC_NQN]],
+                           capture_output=True, check=False)
+            ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+                volume_id=v.volume_id, node_id=node_id))
+            ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=v.volume_id))
+    report(out)
+    print("@@BENCH " + json.dumps(out), flush=True)
+    return 0
+
+
+def report(out: dict) -> None:
+    where = "real spdk_tgt" if out["real_spdk"] else "SIMULATOR: SPDK QoS is NOT enforced here"
+    print(f"\n== QoS, {out['seconds']:.0f} s per run, kernel NVMe/TCP initiator in the QEMU "
+          f"guest (TCG), {where} ==")
+    b = out["baseline"]
+    print(f"baseline (no limit): 128 KiB writes {b['write_128k']['mibps']:.1f} MiB/s, "
+          f"4 KiB reads {b['read_4k']['iops']:.0f} IOPS")
+    for r in out["runs"]:
+        unit = "MiB/s" if r["key"] == "maxMBps" else "IOPS"
+        ratio = r["measured"] / r["limit"]
+        verdict = ("within 10%" if abs(ratio - 1) <= TOLERANCE else "OFF BY MORE THAN 10%") \
+            if r["measurable"] else "not measurable (baseline below the limit)"
+        print(f"{r['key']}={r['limit']:<6} (in force {r['in_force']}): measured "
+              f"{r['measured']:.1f} {unit} = {ratio:.3f} x limit, baseline "
+              f"{r['baseline']:.1f}: {verdict}", flush=True)
+
+
+# --- on the host -------------------------------------------------------------------------
+def guest_script(args: argparse.Namespace) -> str:
+    return f"""
+        . /etc/guest/lib.sh
+        csi_stack_start qos-bench-node
+        rc=0
+        python3 {GUEST_SCRIPT} --in-guest --seconds {args.seconds} --threads {args.threads} \\
+            --mbps {' '.join(map(str, args.mbps))} --iops {' '.join(map(str, args.iops))} \\
+            || rc=$?
+        csi_stack_stop || rc=1
+        [ "$rc" = 0 ] || csi_stack_logs 60
+        exit $rc
+        """
+
+
+def host_main(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+    from guest.harness import GuestOptions, run_in_guest
+
+    rpc = os.environ.get("CSI_SPDK_TEST_RPC") or None
+    if not rpc:
+        print("CSI_SPDK_TEST_RPC is not set: the simulator enforces no QoS, so this run "
+              "only checks the plumbing", flush=True)
+    res = run_in_guest(guest_script(args), args.timeout,
+                       files={GUEST_SCRIPT: Path(__file__).resolve()},
+                       options=GuestOptions(host_rpc=rpc))
+    print(res.output, end="" if res.output.endswith("\n") else "\n")
+    if res.exit_code != 0:
+        print(res.describe(), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=8.0, help="length of each run")
+    ap.add_argument("--threads", type=int, default=8, help="I/O threads (queue depth)")
+    ap.add_argument("--mbps", type=int, nargs="+", default=[4, 8],
+                    help="maxMBps at creation, then each online change")
+    ap.add_argument("--iops", type=int, nargs="+", default=[1000, 2000],
+                    help="maxIOPS at creation, then each online change")
+    ap.add_argument("--timeout", type=int, default=600, help="guest script timeout (s)")
+    ap.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    return guest_main(args) if args.in_guest else host_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
