@@ -203,8 +203,8 @@ def perf(cmd: list[str], sub: dict, block: int, write: bool, args) -> dict:
 
     trid = (f"trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{args.port} "
             f"subnqn:{sub[contract.PC_NQN]} hostnqn:{contract.host_nqn(args.node)}")
-    res = subprocess.run([*cmd, "--no-huge", "-s", "1024", "-c", "0x2", "-q",
-                          str(qd), "-o", str(block), "-w",
+    res = subprocess.run([*cmd, "--no-huge", "-s", "1024", "-c", "0x2", "-P",
+                          str(args.qpairs), "-q", str(qd), "-o", str(block), "-w",
                           "write" if write else "randread", "-t", str(int(args.seconds)),
                           "-r", trid], capture_output=True, text=True, timeout=120)
     total = next((ln for ln in res.stdout.splitlines() if ln.startswith("Total")), None)
@@ -276,7 +276,7 @@ def perf_main(args: argparse.Namespace) -> int:
                 per_s = limit * (MiB if kind == "bw" else block)      # bytes/s at the limit
                 out["runs"].append({
                     "key": key, "limit": limit, "in_force": in_force,
-                    "drain_bound": got["qd"] * block / (per_s * args.seconds),
+                    "drain_bound": got["qd"] * args.qpairs * block / (per_s * args.seconds),
                     "measured": got["mibps"] if kind == "bw" else got["iops"],
                     "baseline": ref, "measurable": ref > limit * (1 + TOLERANCE), **got})
         out["baseline_after"] = {
@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          "128 KiB write runs")
     ap.add_argument("--iops-qd", type=int, default=128, help="--perf: queue depth of the "
                                                              "4 KiB read runs")
+    ap.add_argument("--qpairs", type=int, default=1,
+                    help="--perf: I/O queue pairs (the target takes 128 commands per qpair)")
     ap.add_argument("--node", default="qos-bench-node", help="--perf: CSI node id (host NQN)")
     ap.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
