@@ -159,6 +159,17 @@ VC_LVSTORE = "lvstore"
 VC_LVOL_UUID = "lvolUuid"
 VC_THIN = "thinProvision"
 VC_FS_TYPE = "fsType"       # StorageClass fsType; used when the capability names none
+# The rate limits SPDK enforces on the volume (bdev_get_bdevs
+# assigned_rate_limits, read when the answer is built: CreateVolume,
+# ControllerGetVolume, ListVolumes), by SPDK key; present only when that limit
+# is on. Named like the StorageClass/VolumeAttributesClass parameters. The
+# PV's copy is CreateVolume's; ControllerGetVolume has the current ones.
+VC_QOS_KEYS = {
+    "rw_ios_per_sec": "maxIOPS",            # read+write IOs per second
+    "rw_mbytes_per_sec": "maxMBps",         # read+write MiB per second
+    "r_mbytes_per_sec": "maxReadMBps",      # read MiB per second
+    "w_mbytes_per_sec": "maxWriteMBps",     # write MiB per second
+}
 
 # --- topology ------------------------------------------------------------------------
 TOPOLOGY_DOMAIN = "topology.csi-spdk.io"

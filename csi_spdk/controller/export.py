@@ -156,6 +156,20 @@ class NvmfExporter:
             raise
         return self.publish_context(lvol_uuid)
 
+    def hold_open(self, lvol_uuid: str, sub: dict | None) -> None:
+        """The volume's subsystem with its namespace only (no listener, no host):
+        SPDK then holds the lvol bdev open with I/O channels, which a QoS change
+        on an unpublished volume needs (``qos.py``). ``sub`` as just read."""
+        nqn = contract.subsystem_nqn(lvol_uuid)
+        if sub is None:
+            self._step(nqn, lambda s: True, lambda: self.api.subsystem_create(
+                nqn, contract.serial_number(lvol_uuid), contract.MODEL_NUMBER,
+                max_namespaces=1))
+            sub = {"namespaces": []}
+        if not self._has_namespace(sub, lvol_uuid):
+            self._step(nqn, lambda s: self._has_namespace(s, lvol_uuid),
+                       lambda: self.api.ns_add(nqn, lvol_uuid, uuid=lvol_uuid))
+
     def unexport(self, lvol_uuid: str, host_nqn: str) -> None:
         """Remove ``host_nqn`` from the allow-list; delete the subsystem when no
         host is left. Missing subsystem or host is success."""

@@ -5,10 +5,11 @@ the gRPC code the CSI spec asks for and a message naming the offending field."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import InvalidArgument, OutOfRange, require
 from ..proto import csi_pb2
+from . import qos
 from .config import Config
 
 _Mode = csi_pb2.VolumeCapability.AccessMode
@@ -20,7 +21,8 @@ FS_TYPES = ("ext4", "xfs")
 # NodeStageVolume cannot fail on a size the controller chose.
 FS_MIN_BYTES = {"xfs": 300 * 1024 * 1024}
 CLEAR_METHODS = ("none", "unmap", "write_zeroes")
-PARAM_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType")
+IMMUTABLE_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType")
+PARAM_KEYS = IMMUTABLE_KEYS + qos.MUTABLE_KEYS
 K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
 
 
@@ -70,10 +72,14 @@ class VolumeParams:
     thin: bool = False
     clear_method: str = ""
     fs_type: str = ""
+    qos: qos.Limits = field(default_factory=dict)   # the four limits, SPDK keys (qos.py)
 
 
-def parse_params(params: Mapping[str, str], config: Config) -> VolumeParams:
-    """StorageClass parameters (docs/DESIGN.md); unknown keys are INVALID_ARGUMENT."""
+def parse_params(params: Mapping[str, str], config: Config,
+                 mutable: Mapping[str, str] | None = None) -> VolumeParams:
+    """StorageClass parameters (docs/DESIGN.md) and, from a VolumeAttributesClass,
+    ``mutable`` ones (QoS keys only; they win over the same keys in ``params``).
+    Unknown keys and bad values are INVALID_ARGUMENT."""
     for key in params:
         if key not in PARAM_KEYS and not key.startswith(K8S_PARAM_PREFIX):
             raise InvalidArgument(f"unknown parameter {key!r}; accepted: "
@@ -93,7 +99,9 @@ def parse_params(params: Mapping[str, str], config: Config) -> VolumeParams:
     fs = params.get("fsType", "")
     if fs and fs not in FS_TYPES:
         raise InvalidArgument(f"parameter fsType={fs!r} must be one of {', '.join(FS_TYPES)}")
-    return VolumeParams(target, params.get("lvstore", ""), thin == "true", clear, fs)
+    limits = qos.parse(params) | qos.parse_mutable(mutable or {}, IMMUTABLE_KEYS)
+    return VolumeParams(target, params.get("lvstore", ""), thin == "true", clear, fs,
+                        qos.full(limits))
 
 
 def capacity_range(req) -> tuple[int, int]:

@@ -43,10 +43,11 @@ from ..proto import csi_pb2, csi_pb2_grpc
 from ..rpc import rpc
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkNoSpace, SpdkNotFound
-from . import placement
+from . import placement, qos
 from .config import Config
 from .create import CreateRequest, create_empty, create_from_snapshot, create_from_volume
 from .requests import (
+    IMMUTABLE_KEYS,
     K8S_PARAM_PREFIX,
     PARAM_KEYS,
     VolumeParams,
@@ -67,6 +68,7 @@ CONTROLLER_CAPABILITIES = (
     _RPC.GET_CAPACITY, _RPC.CREATE_DELETE_SNAPSHOT, _RPC.LIST_SNAPSHOTS, _RPC.CLONE_VOLUME,
     _RPC.EXPAND_VOLUME, _RPC.LIST_VOLUMES_PUBLISHED_NODES, _RPC.GET_VOLUME,
     _RPC.VOLUME_CONDITION, _RPC.PUBLISH_READONLY, _RPC.SINGLE_NODE_MULTI_WRITER,
+    _RPC.MODIFY_VOLUME,
 )
 
 
@@ -129,6 +131,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
                contract.VC_LVOL_UUID: lv.uuid, contract.VC_THIN: str(lv.thin).lower()}
         if fs_type:
             ctx[contract.VC_FS_TYPE] = fs_type
+        ctx.update(qos.context(lv.qos))
         return csi_pb2.Volume(volume_id=str(contract.ObjectId(target.name, lv.uuid)),
                               capacity_bytes=lv.size, volume_context=ctx,
                               accessible_topology=_topology(target))
@@ -146,7 +149,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
     def CreateVolume(self, request, context):
         require(request.name, "name")
         check_capabilities(request.volume_capabilities)
-        params = parse_params(request.parameters, self.config)
+        params = parse_params(request.parameters, self.config, request.mutable_parameters)
         required, limit = capacity_range(request)
         fs, floor = filesystem_floor(request.volume_capabilities, params.fs_type)
         if floor and limit and limit < floor:
@@ -178,6 +181,9 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             target, lv = create_from_snapshot(self.targets, req)
         else:
             target, lv = create_empty(self.targets, self.config, req)
+        # Clones and restores too: SPDK does not copy QoS to a clone, and the new
+        # volume gets its own request's limits, not its source's.
+        lv.qos = qos.apply(target, lv.uuid, params.qos, lv.qos)
         return self._volume_response(target, lv, params, source)
 
     # --- DeleteVolume ----------------------------------------------------------
@@ -286,6 +292,11 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             if key not in PARAM_KEYS and not key.startswith(K8S_PARAM_PREFIX):
                 return csi_pb2.ValidateVolumeCapabilitiesResponse(
                     message=f"unknown parameter {key!r}")
+        try:
+            qos.parse(request.parameters)
+            qos.parse_mutable(request.mutable_parameters, IMMUTABLE_KEYS)
+        except InvalidArgument as err:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(message=err.message)
         problems = [p for p in map(capability_problem, request.volume_capabilities) if p]
         if problems:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message="; ".join(problems))
@@ -421,11 +432,20 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ControllerExpandVolumeResponse(
             capacity_bytes=size, node_expansion_required=node_expansion)
 
-    # --- not supported -------------------------------------------------------------
+    # --- modification ---------------------------------------------------------------
     @rpc(lock=("volume_id",))
     def ControllerModifyVolume(self, request, context):
-        raise Unimplemented("ControllerModifyVolume is not supported")
+        """Change the QoS limits online (qos.py). Only the keys given change
+        (CSI: no modification from the absence of a key); 0 turns one off."""
+        require(request.volume_id, "volume_id")
+        require(request.mutable_parameters, "mutable_parameters")
+        wanted = qos.parse_mutable(request.mutable_parameters, IMMUTABLE_KEYS)
+        target, lv = self.targets.volume(request.volume_id)
+        qos.apply(target, lv.uuid, wanted, lv.qos)
+        qos.release_hold(target, lv.uuid)
+        return csi_pb2.ControllerModifyVolumeResponse()
 
+    # --- not supported -------------------------------------------------------------
     @rpc(lock=("snapshot_id",))
     def GetSnapshot(self, request, context):
         raise Unimplemented("GetSnapshot is not supported")

@@ -21,6 +21,7 @@ from .. import contract, metrics
 from ..errors import NotFound
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
+from . import qos
 from .config import TargetConfig
 from .export import NvmfExporter
 from .placement import Pool
@@ -43,6 +44,8 @@ class Lvol:
     clone: bool
     base_snapshot: str | None = None
     clones: list[str] = field(default_factory=list)
+    # limits in force (assigned_rate_limits); a new lvol (the default) has none
+    qos: qos.Limits = field(default_factory=lambda: qos.full({}))
 
     @property
     def alias(self) -> str:
@@ -62,7 +65,7 @@ class Lvol:
                    size=int(bdev.get("num_blocks", 0)) * int(bdev.get("block_size", 0)),
                    thin=bool(lv.get("thin_provision")), snapshot=bool(lv.get("snapshot")),
                    clone=bool(lv.get("clone")), base_snapshot=lv.get("base_snapshot"),
-                   clones=list(lv.get("clones") or []))
+                   clones=list(lv.get("clones") or []), qos=qos.in_force(bdev))
 
 
 class Target:

@@ -1,4 +1,4 @@
-"""Simulated bdevs: the common JSON shape, malloc and aio, QoS and iostat.
+"""Simulated bdevs: the common JSON shape, malloc and aio, iostat (QoS: sim/qos.py).
 
 Result shapes (key order included) follow what SPDK v25.09 returns for
 ``bdev_get_bdevs`` / ``bdev_get_iostat``, as recorded in spdk-golden/.
@@ -7,13 +7,12 @@ Result shapes (key order included) follow what SPDK v25.09 returns for
 from __future__ import annotations
 
 import errno
-import math
 import os
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .state import EAGAIN, EEXIST, EINVAL, ENODEV, RpcError, SimState, errno_error
+from .state import EEXIST, EINVAL, ENODEV, SimState, errno_error
 
 TICK_RATE = 2596100000
 MEMORY_DOMAINS = [{"dma_device_id": "system", "dma_device_type": 1},
@@ -79,7 +78,7 @@ class Bdev:
         self.num_blocks = num_blocks
         self.claim_type: str | None = None      # "exclusive_write" / "read_many_write_one"
         self.qos = dict.fromkeys(QOS_KEYS, 0)
-        self.qos_configured = False              # a QoS set while unopened is pending
+        self.qos_active = False                  # SPDK's bdev->internal.qos exists (sim/qos.py)
         self.iostat = IoStat()
         self.channel_stat = IoStat()             # the one nvmf I/O channel, while open
         # SPDK's examine modules read every new bdev: 3 reads, 36 KiB + a block.
@@ -232,28 +231,6 @@ def delete_typed(state: SimState, name: str, cls: type[Bdev]) -> bool:
         raise errno_error(ENODEV)
     state.unregister_bdev(bdev)
     bdev.remove()
-    return True
-
-
-def set_qos_limit(state: SimState, p: dict[str, Any]) -> bool:
-    """``bdev_set_qos_limit``: SPDK needs an I/O channel to apply a second change.
-
-    On a bdev nobody has opened, the first call succeeds (it only records the
-    limits); until something opens a channel every further call fails EAGAIN.
-    IOPS are rounded up to a multiple of 1000.
-    """
-    bdev = state.must_bdev(p["name"])
-    given = {k: p[k] for k in QOS_KEYS if k in p}
-    if not given:
-        raise RpcError(-EINVAL, "No rate limits specified")
-    if bdev.qos_configured and bdev.claim_type is None:   # any consumer holds a channel
-        raise RpcError(-32602, "Failed to configure rate limit: "
-                               + os.strerror(EAGAIN))
-    for key, value in given.items():
-        if key == "rw_ios_per_sec" and value:
-            value = int(math.ceil(value / 1000) * 1000)
-        bdev.qos[key] = value
-    bdev.qos_configured = any(bdev.qos.values()) or bdev.qos_configured
     return True
 
 

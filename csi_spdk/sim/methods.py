@@ -17,6 +17,7 @@ from typing import Any
 
 from . import bdev as bdevmod
 from . import lvol as lvolmod
+from . import qos as qosmod
 from .method_names import ALIASES, ALL_METHODS, STARTUP_ONLY
 from .state import EINVAL, ENODEV, ETIMEDOUT, NoParams, RpcError, SimState, errno_error
 
@@ -221,7 +222,7 @@ def _wait_examine(state: SimState, p: dict[str, Any]) -> Any:
 @method("bdev_set_qos_limit", name=_r("str"), rw_ios_per_sec=_b("u64"),
         rw_mbytes_per_sec=_b("u64"), r_mbytes_per_sec=_b("u64"), w_mbytes_per_sec=_b("u64"))
 def _qos(state: SimState, p: dict[str, Any]) -> Any:
-    return bdevmod.set_qos_limit(state, p)
+    return qosmod.set_qos_limit(state, p)
 
 
 @method("bdev_get_iostat", name=_b("str"), per_channel=_b("bool"))

@@ -383,6 +383,10 @@ SIDECAR_RBAC = {
             ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
             ("", "nodes"): {"get", "list", "watch"},
             ("storage.k8s.io", "volumeattachments"): {"get", "list", "watch"},
+            # Beyond upstream's rbac.yaml: Provision reads the PVC's class
+            # (pkg/controller/controller.go VolumeAttributesClasses().Get) to
+            # pass its parameters as CreateVolume mutable_parameters.
+            ("storage.k8s.io", "volumeattributesclasses"): {"get"},
         },
         "namespace": {
             ("coordination.k8s.io", "leases"): {"get", "watch", "list", "delete", "update",

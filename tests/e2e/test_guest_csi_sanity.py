@@ -27,6 +27,7 @@ csi-sanity \
   --csi.stagingdir=/tmp/csi/stage/staging \
   --csi.testvolumesize=67108864 \
   --csi.testvolumeexpandsize=134217728 \
+  --csi.testvolumemutableparameters=/root/mutable.yaml \
   --csi.junitfile=/tmp/junit.xml \
   --ginkgo.no-color --ginkgo.timeout=15m ${SANITY_SKIP:+"--ginkgo.skip=$SANITY_SKIP"} \
   > /tmp/sanity.log 2>&1 || rc=$?
@@ -44,12 +45,15 @@ exit $rc
 
 # Runs in the guest: the same junit summariser the host csi-sanity test uses.
 SUMMARY = (Path(__file__).resolve().parents[1] / "sanity" / "junit_summary.py").read_text()
+# The same mutable parameters as the host run (junit_summary.MUTABLE_PARAMETERS_YAML).
+MUTABLE = 'maxIOPS: "2000"\nmaxMBps: "50"\n'
 
 
 def test_guest_csi_sanity_all_specs(guest, host_rpc):
     # CSI_SPDK_GUEST_SANITY_SKIP: a ginkgo skip regex, e.g. for a known failure
     env = {"SANITY_SKIP": os.environ.get("CSI_SPDK_GUEST_SANITY_SKIP", "")}
-    res = guest.run(SCRIPT, timeout=900, env=env, files={"/root/summary.py": SUMMARY},
+    res = guest.run(SCRIPT, timeout=900, env=env, files={"/root/summary.py": SUMMARY,
+                                                             "/root/mutable.yaml": MUTABLE},
                     options=GuestOptions(host_rpc=host_rpc))
     if "NO-CSI-SANITY" in res.output:
         pytest.skip("csi-sanity is not installed on the host (go install ...csi-sanity)")
@@ -59,5 +63,7 @@ def test_guest_csi_sanity_all_specs(guest, host_rpc):
     print(f"csi-sanity in guest: {passed} passed, {failed} failed, {skipped} skipped")
     failures = re.findall(r"^SANITY-FAILURE (.*)$", res.output, re.M)
     assert failed == 0, "\n".join(failures) + "\n" + res.describe()
+    missing = re.findall(r"^SANITY-MODIFY-MISSING (.*)$", res.output, re.M)
+    assert not missing, f"ModifyVolume specs that did not pass: {missing}\n{res.describe()}"
     assert res.exit_code == 0, res.describe()
     assert passed >= 60, f"only {passed} specs passed\n{res.describe()}"

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from junit_summary import summarize
+from junit_summary import MUTABLE_PARAMETERS_YAML, missing_modify_specs, summarize
 
 pytestmark = pytest.mark.sanity
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,6 +93,8 @@ def run_sanity(binary: str, sock_dir: Path, work: Path, skip: str) -> str:
     junit = work / "junit.xml"
     (work / "mnt").mkdir()
     (work / "stage").mkdir()
+    mutable = work / "mutable.yaml"
+    mutable.write_text(MUTABLE_PARAMETERS_YAML)
     cmd = [
         binary,
         f"--csi.endpoint=unix://{sock_dir}/node.sock",
@@ -101,6 +103,7 @@ def run_sanity(binary: str, sock_dir: Path, work: Path, skip: str) -> str:
         f"--csi.stagingdir={work}/stage/staging",
         "--csi.testvolumesize=67108864",
         "--csi.testvolumeexpandsize=134217728",
+        f"--csi.testvolumemutableparameters={mutable}",
         f"--csi.junitfile={junit}",
         "--ginkgo.timeout=15m",
     ]
@@ -126,3 +129,5 @@ def test_csi_sanity_controller(dev, tmp_path: Path) -> None:
                    if '"logger": "csi_spdk.agent"' in line]
     methods = {a.get("method") for a in agent_lines if a.get("outcome") == "ok"}
     assert {"bdev_lvol_create", "bdev_lvol_delete", "nvmf_create_subsystem"} <= methods, methods
+    missing = missing_modify_specs(junit)
+    assert not missing, f"ModifyVolume specs that did not pass: {missing}"

@@ -41,12 +41,10 @@ def test_controller_capabilities_exact(env):
     got = {c.rpc.type for c in caps}
     RPC = csi_pb2.ControllerServiceCapability.RPC
     assert got == set(CONTROLLER_CAPABILITIES)
-    assert RPC.GET_SNAPSHOT not in got and RPC.MODIFY_VOLUME not in got
+    assert RPC.GET_SNAPSHOT not in got and RPC.MODIFY_VOLUME in got
 
 
 def test_unimplemented(env):
-    expect_code(C.UNIMPLEMENTED, env.servicer, "ControllerModifyVolume",
-                csi_pb2.ControllerModifyVolumeRequest(volume_id="x"))
     expect_code(C.UNIMPLEMENTED, env.servicer, "GetSnapshot",
                 csi_pb2.GetSnapshotRequest(snapshot_id="x"))
 

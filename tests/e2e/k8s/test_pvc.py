@@ -16,7 +16,7 @@ import pytest
 
 from csi_spdk import contract
 
-from . import scenarios, scheduling
+from . import qos_scenarios, scenarios, scheduling
 from .cluster import Kubectl
 from .rig import GUEST_TARGET, SC_GUEST, SC_WFFC
 
@@ -96,3 +96,7 @@ def test_ssd_class_allowed_topologies_wffc(env, rig):
 def test_ssd_class_no_node_has_stays_pending(env):
     scheduling.ssd_class_nobody_has(
         env, contract.TOPOLOGY_SSD_PREFIX + "samsung-mzql21t9hcjr-00a07")
+
+
+def test_volume_attributes_class_qos(env):
+    qos_scenarios.volume_attributes_classes(env)
