@@ -67,6 +67,7 @@ CLONE_SOURCE_PREFIX = "csic-"
 # permitted"), so the mark cannot be on the snapshot itself. A marked snapshot
 # is gone for CSI and is deleted, then its marker, once at most one clone is left.
 DELETED_MARK_PREFIX = "csid-"
+MARKER_PREFIXES = (DELETED_MARK_PREFIX,)
 DRIVER_PREFIXES = (VOLUME_PREFIX, VOLUME_HASH_PREFIX, SNAPSHOT_PREFIX, SNAPSHOT_HASH_PREFIX,
                    CLONE_SOURCE_PREFIX, DELETED_MARK_PREFIX)
 

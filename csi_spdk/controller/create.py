@@ -7,6 +7,16 @@ the service turns into the CSI answer. The two clone paths differ only in how
 they find the snapshot to clone (the user's, or a driver-managed ``csic-``
 snapshot of the source volume) and share ``_finish_clone``.
 
+Capacity (docs/DESIGN.md "Capacity"): every path works out everything it will
+still take (the clone's size, the clusters a new ``csic-`` snapshot holds,
+re-inflating a thick source, inflating a thick clone) and checks it against
+the lvstore under ``Targets.admission`` BEFORE its first SPDK mutation, so a
+refused request leaves nothing behind. A clone is thin (it shares the
+snapshot's clusters; that is what makes it instant): a request that asks for
+a thick clone explicitly (``thinProvision: "false"``) is INVALID_ARGUMENT
+rather than silently thin; without the parameter a clone is thin and its
+volume_context says so.
+
 Idempotency: each path first looks at what already exists under the volume's
 lvol name (``CreateRequest.found``) and only does what is missing, so a retry
 after a crash between any two SPDK calls converges. Concurrency: the caller
@@ -73,54 +83,59 @@ def create_empty(targets: Targets, config: Config, req: CreateRequest) -> tuple[
         req.check_size(req.found)
         return req.found_target, req.found  # type: ignore[return-value]
     params = req.params
-    pools = []
-    for tname, stores in req.lvstores.items():
-        if params.target and tname != params.target:
-            continue
-        target = targets[tname]
-        for lvs in stores:
-            if params.lvstore and lvs["name"] != params.lvstore:
+    ratio = config.thin_overcommit_ratio
+    with targets.admission:
+        pools = []
+        for tname, stores in req.lvstores.items():
+            if params.target and tname != params.target:
                 continue
-            pools.append(target.pool(lvs, with_provisioned=params.thin))
-    if not pools:
-        where = f"target {params.target!r}" if params.target else "any configured target"
-        what = f"lvstore {params.lvstore!r}" if params.lvstore else "an lvstore"
-        raise InvalidArgument(f"{where} has no {what}")
-    sizes = {(p.target.name, p.lvstore): size_in(req, p.cluster_size, config.default_volume_size)
-             for p in pools}
-    pools = [p for p in pools if sizes[(p.target.name, p.lvstore)] is not None]
-    if not pools:
-        raise OutOfRange(f"no lvstore can hold a volume in [{req.required}, {req.limit}] bytes "
-                         "(sizes are whole clusters)")
-    ranked = placement.rank(pools, lambda p: sizes[(p.target.name, p.lvstore)], params.thin,
-                            config.thin_overcommit_ratio, req.requisite, req.preferred)
-    if not ranked:
-        raise ResourceExhausted(
-            f"no lvstore {'accessible from the requested topology ' if req.requisite else ''}"
-            f"has room for a {'thin' if params.thin else 'thick'} volume of "
-            f"{min(sizes.values())} bytes")
-    for pool in ranked:
-        target = targets[pool.target.name]
-        size = sizes[(pool.target.name, pool.lvstore)]
-        try:
-            uuid = target.api.lvol_create(pool.lvstore, req.lvol_name, size, params.thin,
-                                          params.clear_method or None)
-        except SpdkNoSpace:
-            continue  # raced for the space: try the next pool
-        except SpdkExists:
-            lv = target.lvol_by_name(pool.lvstore, req.lvol_name)
-            if lv is None:
-                raise
-            req.check_size(lv)
-            return target, lv
-        target.adjust_provisioned(pool.lvstore, size)
-        return target, Lvol(uuid=uuid, name=req.lvol_name, lvstore=pool.lvstore, lvs_uuid="",
-                            size=size, thin=params.thin, snapshot=False, clone=False)
+            target = targets[tname]
+            for lvs in stores:
+                if params.lvstore and lvs["name"] != params.lvstore:
+                    continue
+                pools.append(target.pool(lvs, with_provisioned=params.thin or ratio <= 1.0))
+        if not pools:
+            where = f"target {params.target!r}" if params.target else "any configured target"
+            what = f"lvstore {params.lvstore!r}" if params.lvstore else "an lvstore"
+            raise InvalidArgument(f"{where} has no {what}")
+        sizes = {(p.target.name, p.lvstore): size_in(req, p.cluster_size,
+                                                     config.default_volume_size)
+                 for p in pools}
+        pools = [p for p in pools if sizes[(p.target.name, p.lvstore)] is not None]
+        if not pools:
+            raise OutOfRange(f"no lvstore can hold a volume in [{req.required}, {req.limit}] "
+                             "bytes (sizes are whole clusters)")
+        ranked = placement.rank(pools, lambda p: sizes[(p.target.name, p.lvstore)],
+                                params.thin, ratio, req.requisite, req.preferred)
+        if not ranked:
+            raise ResourceExhausted(
+                f"no lvstore {'accessible from the requested topology ' if req.requisite else ''}"
+                f"has room for a {'thin' if params.thin else 'thick'} volume of "
+                f"{min(sizes.values())} bytes (GetCapacity tells the room each has)")
+        for pool in ranked:
+            target = targets[pool.target.name]
+            size = sizes[(pool.target.name, pool.lvstore)]
+            try:
+                uuid = target.api.lvol_create(pool.lvstore, req.lvol_name, size, params.thin,
+                                              params.clear_method or None)
+            except SpdkNoSpace:
+                continue  # raced for the space: try the next pool
+            except SpdkExists:
+                lv = target.lvol_by_name(pool.lvstore, req.lvol_name)
+                if lv is None:
+                    raise
+                req.check_size(lv)
+                return target, lv
+            target.adjust_provisioned(pool.lvstore, size)
+            return target, Lvol(uuid=uuid, name=req.lvol_name, lvstore=pool.lvstore,
+                                lvs_uuid="", size=size, thin=params.thin, snapshot=False,
+                                clone=False)
     raise ResourceExhausted("every suitable lvstore ran out of space; retry later")
 
 
 # --- clones -------------------------------------------------------------------------
-def create_from_snapshot(targets: Targets, req: CreateRequest) -> tuple[Target, Lvol]:
+def create_from_snapshot(targets: Targets, config: Config,
+                         req: CreateRequest) -> tuple[Target, Lvol]:
     """A clone of the user's snapshot (or the clone a previous attempt made)."""
     snapshot_id = req.source.snapshot.snapshot_id  # type: ignore[union-attr]
     oid = contract.parse_id(snapshot_id, "snapshot")
@@ -135,47 +150,111 @@ def create_from_snapshot(targets: Targets, req: CreateRequest) -> tuple[Target, 
         return target, req.found
     if snap is None:
         raise NotFound(f"snapshot {snapshot_id} does not exist")
-    return _finish_clone(req, target, snap)
+    plan = _ClonePlan.of(req, target, snap.lvstore, snap.size)
+    with targets.admission:
+        plan.admit(target, config, *plan.clone_need(req))
+    return _finish_clone(req, target, snap, plan)
 
 
-def create_from_volume(targets: Targets, req: CreateRequest) -> tuple[Target, Lvol]:
+def create_from_volume(targets: Targets, config: Config,
+                       req: CreateRequest) -> tuple[Target, Lvol]:
     """A clone of a driver-managed snapshot (``csic-``) of the source volume."""
     target, src = targets.volume(req.source.volume.volume_id)  # type: ignore[union-attr]
     csic = contract.clone_source_lvol_name(req.name)
     snap = target.lvol_by_name(src.lvstore, csic)
-    if snap is None and req.found is None:
-        with contextlib.suppress(SpdkExists):
-            target.api.snapshot(src.uuid, csic)
-        snap = target.lvol_by_name(src.lvstore, csic)
-        if snap is None:
-            raise NotFound(f"clone source snapshot {csic} vanished; retry")
-    return _finish_clone(req, target, snap)
+    plan = _ClonePlan.of(req, target, src.lvstore, snap.size if snap else src.size)
+    thin_need, thick_need = plan.clone_need(req)
+    with targets.admission:
+        if snap is None and req.found is None:
+            # The snapshot holds the source's clusters; a thick source is
+            # inflated back afterwards (Target.keep_thick).
+            if src.thin:
+                thin_need += src.allocated_clusters * plan.cluster
+            else:
+                thick_need += src.size
+            plan.admit(target, config, thin_need, thick_need)
+            with contextlib.suppress(SpdkExists):
+                target.api.snapshot(src.uuid, csic)
+            target.forget_provisioned()
+            snap = target.lvol_by_name(src.lvstore, csic)
+            if snap is None:
+                raise NotFound(f"clone source snapshot {csic} vanished; retry")
+        else:
+            if snap is not None and not snap.thin and src.thin and \
+                    src.base_snapshot == snap.name:
+                # a crash between the snapshot and re-inflating the source
+                thick_need += src.size - src.allocated_clusters * plan.cluster
+            plan.admit(target, config, thin_need, thick_need)
+    if snap is not None:
+        target.keep_thick(src, snap)
+    return _finish_clone(req, target, snap, plan)
 
 
-def _finish_clone(req: CreateRequest, target: Target, snap: Lvol | None) -> tuple[Target, Lvol]:
-    """Clone ``snap`` under the volume's name and grow it to the requested size."""
+@dataclass
+class _ClonePlan:
+    """The size a clone gets, validated before anything is created."""
+
+    lvstore: str
+    cluster: int
+    base_size: int      # the snapshot's size
+    size: int           # the clone's size: the snapshot's, grown to required_bytes
+
+    @classmethod
+    def of(cls, req: CreateRequest, target: Target, lvstore: str, base_size: int) -> _ClonePlan:
+        params = req.params
+        if params.thin_set and not params.thin:
+            raise InvalidArgument(
+                "thinProvision: \"false\" cannot be honoured for a volume made from a "
+                "snapshot or a volume: SPDK clones share the source's clusters and are thin; "
+                "use a StorageClass without thinProvision (or \"true\") for restores and clones")
+        if params.target and params.target != target.name or \
+                params.lvstore and params.lvstore != lvstore:
+            raise InvalidArgument(f"the content source lives on {target.name}/{lvstore}, "
+                                  "which contradicts the target/lvstore parameters")
+        if not placement.accessible(target.cfg, req.requisite):
+            raise ResourceExhausted(f"the content source lives on target {target.name}, "
+                                    "which is not accessible from the requested topology")
+        cluster = next((int(s["cluster_size"]) for s in req.lvstores.get(target.name, [])
+                        if s["name"] == lvstore), 0)
+        size = max(base_size, placement.align(req.required, cluster) if req.required else 0)
+        if req.limit and size > req.limit:
+            raise OutOfRange(
+                f"the content source has {base_size} bytes; a clone of at least "
+                f"{max(base_size, req.required)} bytes in whole clusters is {size} bytes, "
+                f"more than limit_bytes {req.limit}")
+        if req.found is not None:
+            found = req.found
+            if req.limit and found.size > req.limit or found.size < size and \
+                    found.size != base_size:
+                req.check_size(found)
+        return cls(lvstore, cluster, base_size, size)
+
+    def clone_need(self, req: CreateRequest) -> tuple[int, int]:
+        """(provisioned, allocated) bytes the clone steps still take (clones are thin)."""
+        if req.found is None:
+            return self.size, 0
+        return max(0, self.size - req.found.size), 0
+
+    def admit(self, target: Target, config: Config, thin_bytes: int, thick_bytes: int) -> None:
+        if not thin_bytes and not thick_bytes:
+            return
+        pool = target.pool_of(self.lvstore)
+        why = placement.shortfall(pool, config.thin_overcommit_ratio, thin_bytes, thick_bytes)
+        if why:
+            raise ResourceExhausted(f"no room for the clone: {why}")
+
+
+def _finish_clone(req: CreateRequest, target: Target, snap: Lvol | None,
+                  plan: _ClonePlan) -> tuple[Target, Lvol]:
+    """Clone ``snap`` under the volume's name and grow it to the planned size."""
     if req.found is not None:
         compatible = req.found_target is target and snap is not None and \
-            req.found.lvstore == snap.lvstore and req.found.base_snapshot == snap.name
+            req.found.lvstore == snap.lvstore and \
+            req.found.base_snapshot == snap.name
         if not compatible:
             raise AlreadyExists(f"volume {req.name!r} already exists with a different "
                                 "content source")
-    params = req.params
-    if params.target and params.target != target.name or \
-            params.lvstore and params.lvstore != snap.lvstore:
-        raise InvalidArgument(f"the content source lives on {target.name}/{snap.lvstore}, "
-                              "which contradicts the target/lvstore parameters")
-    if not placement.accessible(target.cfg, req.requisite):
-        raise ResourceExhausted(f"the content source lives on target {target.name}, "
-                                "which is not accessible from the requested topology")
-    if req.limit and snap.size > req.limit:
-        raise OutOfRange(f"the content source has {snap.size} bytes, more than "
-                         f"limit_bytes {req.limit}")
-    cluster = next((int(s["cluster_size"]) for s in req.lvstores.get(target.name, [])
-                    if s["name"] == snap.lvstore), 0)
-    size = max(snap.size, placement.align(req.required, cluster) if req.required else 0)
-    if req.limit and size > req.limit:
-        size = snap.size
+    size = plan.size
     lv = req.found
     if lv is None:
         try:
@@ -185,13 +264,14 @@ def _finish_clone(req: CreateRequest, target: Target, snap: Lvol | None) -> tupl
         lv = target.lvol(uuid) if uuid else target.lvol_by_name(snap.lvstore, req.lvol_name)
         if lv is None:
             raise NotFound(f"clone {req.lvol_name} vanished after creation; retry")
-    if lv.size < size and lv.size == snap.size:
+        target.adjust_provisioned(lv.lvstore, lv.size)
+    if lv.size < size and lv.size == plan.base_size:
         # New clone, or a retry after a crash between clone and resize.
         try:
             target.api.lvol_resize(lv.uuid, size)
         except SpdkNoSpace as err:
             raise ResourceExhausted(f"no space to grow the clone to {size} bytes") from err
+        target.adjust_provisioned(lv.lvstore, size - lv.size)
         lv.size = size
-        target.adjust_provisioned(lv.lvstore, size)
     req.check_size(lv)
     return target, lv

@@ -1,9 +1,17 @@
 """Choosing where a new volume goes: capacity, overcommit and topology.
 
 Pure functions over ``Pool`` snapshots (one per target/lvstore) so the policy
-is testable without SPDK. Thick volumes need free clusters now; thin volumes
-may provision up to ``ratio x total`` per lvstore (their clusters are taken on
-first write). Topology: NVMe/TCP reaches every target from every node, so a
+is testable without SPDK. The capacity rule (docs/DESIGN.md "Capacity"):
+``provisioned`` is what the lvstore would need if every volume were rewritten
+completely: the sizes of all volumes (thick, thin and clones) plus the
+clusters snapshots hold (user snapshots, driver-managed ``csic-`` ones and
+user-deleted hidden ones alike; a snapshot's clusters stay allocated until it
+is deleted). Thin volumes may provision up to ``ratio x total``. Thick volumes
+need free clusters now; at ``ratio <= 1`` every thin byte is a promise too,
+so a thick volume also needs ``total - provisioned``. A thick volume owns all
+its clusters for its whole life (the controller re-inflates it after SPDK
+turns it thin at a snapshot), so thin writes can never take its space.
+Topology: NVMe/TCP reaches every target from every node, so a
 pool is accessible from a CSI topology segment unless the target's configured
 labels (e.g. a zone) conflict with it: no key they share may differ. The node
 hosting a target never excludes it; it ranks it: preferred segments rank pools
@@ -36,12 +44,14 @@ class Pool:
     cluster_size: int
     total_bytes: int
     free_bytes: int
-    provisioned_bytes: int = 0
+    provisioned_bytes: int = 0   # volume sizes + bytes held by snapshots
 
     def available(self, thin: bool, ratio: float) -> int:
-        """Bytes a new volume of this kind may still take."""
+        """Bytes a new volume (or growth, or snapshot) of this kind may still take."""
         if thin:
             return max(0, int(self.total_bytes * ratio) - self.provisioned_bytes)
+        if ratio <= 1.0:
+            return max(0, min(self.free_bytes, self.total_bytes - self.provisioned_bytes))
         return max(0, self.free_bytes)
 
     def fits(self, size: int, thin: bool, ratio: float) -> bool:
@@ -94,3 +104,17 @@ def rank(pools: Iterable[Pool], size_of, thin: bool, ratio: float,
               if accessible(p.target, requisite) and p.fits(size_of(p), thin, ratio)]
     return sorted(usable, key=lambda p: (*_preference(p.target, preferred),
                                          -p.available(thin, ratio), p.target.name, p.lvstore))
+
+
+def shortfall(pool: Pool, ratio: float, thin_bytes: int = 0, thick_bytes: int = 0) -> str:
+    """Why ``pool`` cannot take ``thin_bytes`` more provisioned bytes and
+    ``thick_bytes`` more allocated ones; "" when it can."""
+    for need, thin in ((thin_bytes, True), (thick_bytes, False)):
+        room = pool.available(thin, ratio)
+        if need > room:
+            kind = (f"thin provisioning (up to {ratio:g} x {pool.total_bytes} bytes, "
+                    "counting volume sizes and the clusters snapshots hold)") if thin \
+                else "thick (allocated) space"
+            return (f"lvstore {pool.lvstore} on target {pool.target.name} needs {need} "
+                    f"more bytes of {kind} but has {room}")
+    return ""

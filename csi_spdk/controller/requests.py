@@ -73,6 +73,7 @@ class VolumeParams:
     clear_method: str = ""
     fs_type: str = ""
     qos: qos.Limits = field(default_factory=dict)   # the four limits, SPDK keys (qos.py)
+    thin_set: bool = False   # thinProvision was given explicitly
 
 
 def parse_params(params: Mapping[str, str], config: Config,
@@ -101,7 +102,7 @@ def parse_params(params: Mapping[str, str], config: Config,
         raise InvalidArgument(f"parameter fsType={fs!r} must be one of {', '.join(FS_TYPES)}")
     limits = qos.parse(params) | qos.parse_mutable(mutable or {}, IMMUTABLE_KEYS)
     return VolumeParams(target, params.get("lvstore", ""), thin == "true", clear, fs,
-                        qos.full(limits))
+                        qos.full(limits), thin_set="thinProvision" in params)
 
 
 def capacity_range(req) -> tuple[int, int]:

@@ -112,7 +112,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         self._hints = threading.Lock()
         self._node_ids: dict[str, str] = {}                  # host NQN -> CSI node id
         self._publishes: dict[tuple[str, str], tuple] = {}   # (uuid, host) -> (cap, ro)
-        SnapshotService.__init__(self, self.targets, self.locks)
+        SnapshotService.__init__(self, self.targets, self.locks, config)
 
     def ready(self) -> bool:
         """For Identity.Probe: every target answers spdk_get_version."""
@@ -139,6 +139,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
     def _volume_response(self, target: Target, lv: Lvol, params: VolumeParams,
                          source: csi_pb2.VolumeContentSource | None
                          ) -> csi_pb2.CreateVolumeResponse:
+        """The answer; a clone is thin (its volume_context says so from SPDK)."""
         vol = self._volume_msg(target, lv, params.fs_type)
         if source is not None:
             vol.content_source.CopyFrom(source)
@@ -176,9 +177,9 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         if kind == "volume":
             with self.locks.hold([source.volume.volume_id],
                                  what="CreateVolume from this source"):
-                target, lv = create_from_volume(self.targets, req)
+                target, lv = create_from_volume(self.targets, self.config, req)
         elif kind == "snapshot":
-            target, lv = create_from_snapshot(self.targets, req)
+            target, lv = create_from_snapshot(self.targets, self.config, req)
         else:
             target, lv = create_empty(self.targets, self.config, req)
         # Clones and restores too: SPDK does not copy QoS to a clone, and the new
@@ -378,7 +379,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             for lvs in target.lvstores():
                 if params.lvstore and lvs["name"] != params.lvstore:
                     continue
-                pool = target.pool(lvs, with_provisioned=True)
+                pool = target.pool(lvs, max_age=0.0)
                 room = pool.available(params.thin, ratio)
                 available += room
                 largest = max(largest, placement.align_down(room, pool.cluster_size))
@@ -410,25 +411,29 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             return csi_pb2.ControllerExpandVolumeResponse(
                 capacity_bytes=lv.size, node_expansion_required=node_expansion)
         lvs = next((s for s in target.api.lvstores() if s["uuid"] == lv.lvs_uuid), None)
-        cluster = int(lvs["cluster_size"]) if lvs else 0
-        size = placement.align(required, cluster)
+        if lvs is None:
+            raise FailedPrecondition(f"lvstore {lv.lvstore} of volume {request.volume_id} is "
+                                     f"not reported by target {target.name}")
+        size = placement.align(required, int(lvs["cluster_size"]))
         if limit and size > limit:
             raise OutOfRange(f"{required} bytes rounded to whole clusters ({size}) exceeds "
                              f"limit_bytes {limit}")
-        if lv.thin and lvs:
-            pool = target.pool(lvs, with_provisioned=True)
-            if pool.provisioned_bytes - lv.size + size > pool.total_bytes * \
-                    self.config.thin_overcommit_ratio:
-                raise ResourceExhausted(f"growing to {size} bytes would exceed lvstore "
-                                        f"{lv.lvstore}'s thin overcommit limit")
-        try:
-            target.api.lvol_resize(lv.uuid, size)
-        except SpdkNoSpace as err:
-            raise ResourceExhausted(f"lvstore {lv.lvstore} has no room to grow the volume to "
-                                    f"{size} bytes") from err
-        except SpdkNotFound as err:
-            raise NotFound(f"volume {request.volume_id} does not exist") from err
-        target.adjust_provisioned(lv.lvstore, size - lv.size)
+        with self.targets.admission:
+            pool = target.pool(lvs)
+            grow = size - lv.size
+            why = placement.shortfall(pool, self.config.thin_overcommit_ratio,
+                                      grow if lv.thin else 0, 0 if lv.thin else grow)
+            if why:
+                raise ResourceExhausted(f"cannot grow volume {request.volume_id} to {size} "
+                                        f"bytes: {why}")
+            try:
+                target.api.lvol_resize(lv.uuid, size)
+            except SpdkNoSpace as err:
+                raise ResourceExhausted(f"lvstore {lv.lvstore} has no room to grow the volume "
+                                        f"to {size} bytes") from err
+            except SpdkNotFound as err:
+                raise NotFound(f"volume {request.volume_id} does not exist") from err
+            target.adjust_provisioned(lv.lvstore, size - lv.size)
         return csi_pb2.ControllerExpandVolumeResponse(
             capacity_bytes=size, node_expansion_required=node_expansion)
 

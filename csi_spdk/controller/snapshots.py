@@ -29,11 +29,21 @@ import threading
 from google.protobuf import timestamp_pb2
 
 from .. import contract
-from ..errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, require
+from ..errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    require,
+)
 from ..locks import KeyedLocks
 from ..proto import csi_pb2
 from ..rpc import rpc
 from ..spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
+from . import placement
+from .config import Config
 from .target import Lvol, Target, Targets
 
 
@@ -71,9 +81,10 @@ class SnapshotService:
     the targets with their look-ups, and ``locks`` for the ``@rpc`` stack.
     """
 
-    def __init__(self, targets: Targets, locks: KeyedLocks) -> None:
+    def __init__(self, targets: Targets, locks: KeyedLocks, config: Config) -> None:
         self.targets = targets
         self.locks = locks
+        self.ratio = config.thin_overcommit_ratio
         self._snap_mutex = threading.Lock()
         # snapshot uuid -> (source volume id or "", creation/first-seen time)
         self._snap_meta: dict[str, tuple[str, timestamp_pb2.Timestamp]] = {}
@@ -93,6 +104,25 @@ class SnapshotService:
                                 snapshot_id=str(contract.ObjectId(target.name, snap.uuid)),
                                 source_volume_id=src or source, creation_time=created,
                                 ready_to_use=True)
+
+    def _admit(self, target: Target, src: Lvol) -> None:
+        """Refuse a snapshot whose clusters the lvstore cannot back.
+
+        The snapshot keeps the clusters the volume has now. A thin volume's
+        count against thin provisioning; a thick volume must stay thick, so it
+        is re-inflated after the snapshot and needs its whole size free."""
+        pool = target.pool_of(src.lvstore)
+        held = src.allocated_clusters * pool.cluster_size
+        why = placement.shortfall(pool, self.ratio, held if src.thin else 0,
+                                  0 if src.thin else src.size)
+        if why:
+            kind = "thin" if src.thin else "thick"
+            raise ResourceExhausted(
+                f"cannot snapshot {kind} volume {target.name}:{src.uuid}: the snapshot keeps "
+                f"its {held} allocated bytes"
+                + ("" if src.thin else " and the volume must stay thick (own all its "
+                   "clusters), which takes its size again")
+                + f"; {why}")
 
     @staticmethod
     def _descends_from(target: Target, lv: Lvol, snap_name: str) -> bool:
@@ -146,18 +176,23 @@ class SnapshotService:
                 if not same:
                     raise AlreadyExists(f"snapshot {request.name!r} already exists with a "
                                         "different source volume")
+                target.keep_thick(src, snap)   # a crash may have come before it
                 return csi_pb2.CreateSnapshotResponse(
                     snapshot=self._snapshot_msg(target, snap, request.source_volume_id))
         target, src = self.targets.volume(request.source_volume_id)
-        try:
-            uuid = target.api.snapshot(src.uuid, snap_name)
-        except SpdkExists:
-            uuid = None
-        except SpdkNotFound as err:
-            raise NotFound(f"volume {request.source_volume_id} does not exist") from err
+        with self.targets.admission:
+            self._admit(target, src)
+            try:
+                uuid = target.api.snapshot(src.uuid, snap_name)
+            except SpdkExists:
+                uuid = None
+            except SpdkNotFound as err:
+                raise NotFound(f"volume {request.source_volume_id} does not exist") from err
+            target.forget_provisioned()
         snap = target.lvol(uuid) if uuid else target.lvol_by_name(src.lvstore, snap_name)
         if snap is None:
             raise NotFound(f"snapshot {snap_name} vanished after creation; retry")
+        target.keep_thick(src, snap)
         self._meta(snap.uuid, request.source_volume_id)
         return csi_pb2.CreateSnapshotResponse(
             snapshot=self._snapshot_msg(target, snap, request.source_volume_id))

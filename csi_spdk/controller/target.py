@@ -2,10 +2,13 @@
 
 Split out of ``controller.py`` so the volume and snapshot halves of the
 Controller service share one model of SPDK state. Nothing here is cached
-except the per-lvstore "provisioned bytes" sum used for thin overcommit
-(recomputed from one ``bdev_get_bdevs`` at most every ``PROVISIONED_TTL``
-seconds and adjusted in between by the driver's own creates/deletes), so the
-cost of a CreateVolume does not grow with the number of volumes.
+except the per-lvstore "provisioned bytes" (volume sizes plus the clusters
+snapshots hold, see ``placement``): one ``bdev_get_bdevs`` gives every
+lvstore of the target at once, at most every ``PROVISIONED_TTL`` seconds for
+CreateVolume (adjusted in between by the driver's own creates, resizes and
+deletes, and dropped after any snapshot change, whose effect on the sum only
+SPDK knows), fresh for GetCapacity. So the cost of a CreateVolume does not
+grow with the number of volumes and no call scans all bdevs once per lvstore.
 
 Concurrency: safe to share between threads; callers hold the per-volume locks.
 """
@@ -46,6 +49,7 @@ class Lvol:
     clones: list[str] = field(default_factory=list)
     # limits in force (assigned_rate_limits); a new lvol (the default) has none
     qos: qos.Limits = field(default_factory=lambda: qos.full({}))
+    allocated_clusters: int = 0
 
     @property
     def alias(self) -> str:
@@ -65,7 +69,13 @@ class Lvol:
                    size=int(bdev.get("num_blocks", 0)) * int(bdev.get("block_size", 0)),
                    thin=bool(lv.get("thin_provision")), snapshot=bool(lv.get("snapshot")),
                    clone=bool(lv.get("clone")), base_snapshot=lv.get("base_snapshot"),
-                   clones=list(lv.get("clones") or []), qos=qos.in_force(bdev))
+                   clones=list(lv.get("clones") or []), qos=qos.in_force(bdev),
+                   allocated_clusters=int(lv.get("num_allocated_clusters") or 0))
+
+    @property
+    def holds_clusters_only(self) -> bool:
+        """Snapshots and driver markers count by what they hold, not their size."""
+        return self.snapshot or self.name.startswith(contract.MARKER_PREFIXES)
 
 
 class Target:
@@ -75,7 +85,8 @@ class Target:
         self.cfg = cfg
         self.api = api
         self.exporter = NvmfExporter(api, cfg)
-        self._prov: dict[str, tuple[float, int]] = {}
+        # lvstore name -> (time, bytes of volumes, clusters held by snapshots)
+        self._prov: dict[str, tuple[float, int, int]] = {}
         self._prov_lock = threading.Lock()
 
     @property
@@ -124,32 +135,60 @@ class Target:
         metrics.LVSTORE_TOTAL.labels(self.name, lvs["name"]).set(total)
         metrics.LVSTORE_FREE.labels(self.name, lvs["name"]).set(free)
 
-    def provisioned(self, lvs: dict) -> int:
-        """Sum of the sizes of the non-snapshot lvols of an lvstore (cached)."""
-        name = lvs["name"]
+    def _scan_provisioned(self) -> None:
+        """One bdev_get_bdevs: the provisioned parts of every lvstore."""
         now = time.monotonic()
+        parts: dict[str, list[int]] = {}
+        for bdev in self.api.bdevs():
+            lv = Lvol.from_bdev(bdev)
+            if lv is None:
+                continue
+            part = parts.setdefault(lv.lvstore, [0, 0])
+            if lv.holds_clusters_only:
+                part[1] += lv.allocated_clusters
+            else:
+                part[0] += lv.size
+        with self._prov_lock:
+            self._prov = {name: (now, b, c) for name, (b, c) in parts.items()}
+
+    def provisioned(self, lvs: dict, max_age: float = PROVISIONED_TTL) -> int:
+        """Volume sizes + bytes held by snapshots (and markers) of an lvstore."""
+        name = lvs["name"]
         with self._prov_lock:
             hit = self._prov.get(name)
-            if hit and now - hit[0] < PROVISIONED_TTL:
-                return hit[1]
-        total = sum(lv.size for lv in (Lvol.from_bdev(b) for b in self.api.bdevs())
-                    if lv is not None and lv.lvs_uuid == lvs["uuid"] and not lv.snapshot)
-        with self._prov_lock:
-            self._prov[name] = (now, total)
+        if hit is None or time.monotonic() - hit[0] >= max_age:
+            self._scan_provisioned()
+            with self._prov_lock:
+                hit = self._prov.setdefault(name, (time.monotonic(), 0, 0))
+        total = hit[1] + hit[2] * int(lvs["cluster_size"])
         metrics.LVSTORE_PROVISIONED.labels(self.name, name).set(total)
         return total
 
     def adjust_provisioned(self, lvstore: str, delta: int) -> None:
+        """The driver changed a volume's size by ``delta`` bytes."""
         with self._prov_lock:
             hit = self._prov.get(lvstore)
             if hit:
-                self._prov[lvstore] = (hit[0], max(0, hit[1] + delta))
-                metrics.LVSTORE_PROVISIONED.labels(self.name, lvstore).set(hit[1] + delta)
+                self._prov[lvstore] = (hit[0], max(0, hit[1] + delta), hit[2])
 
-    def pool(self, lvs: dict, with_provisioned: bool) -> Pool:
+    def forget_provisioned(self) -> None:
+        """A snapshot was taken, deleted, merged or inflated: rescan next time."""
+        with self._prov_lock:
+            self._prov.clear()
+
+    def pool(self, lvs: dict, with_provisioned: bool = True,
+             max_age: float = PROVISIONED_TTL) -> Pool:
         cluster, total, free = self.pool_bytes(lvs)
         return Pool(self.cfg, lvs["name"], cluster, total, free,
-                    self.provisioned(lvs) if with_provisioned else 0)
+                    self.provisioned(lvs, max_age) if with_provisioned else 0)
+
+    def pool_of(self, lvstore: str, max_age: float = PROVISIONED_TTL) -> Pool:
+        """The pool of one lvstore by name (one lvstore RPC + the cached sum)."""
+        found = self.api.lvstores(lvstore)
+        if not found:
+            raise NotFound(f"lvstore {lvstore!r} of target {self.name!r} does not exist")
+        self.observe(found[0])
+        return self.pool(found[0], max_age=max_age)
 
     # --- user-deleted snapshots and reclaim -------------------------------------
     def deleted_mark(self, snap: Lvol) -> Lvol | None:
@@ -189,6 +228,7 @@ class Target:
                 pass
             except SpdkNotPermitted:
                 return
+            self.forget_provisioned()
             if mark is not None:
                 with contextlib.suppress(SpdkNotFound):
                     self.api.lvol_delete(mark.uuid)
@@ -218,17 +258,43 @@ class Target:
         """Delete an lvol (missing is success) and reclaim its hidden parents."""
         with contextlib.suppress(SpdkNotFound):
             self.api.lvol_delete(lv.uuid)
-        if not lv.snapshot:
+        if lv.snapshot:
+            self.forget_provisioned()
+        else:
             self.adjust_provisioned(lv.lvstore, -lv.size)
         self.reclaim(lv.lvstore, lv.base_snapshot)
+
+    # --- thick volumes stay thick ------------------------------------------------
+    def keep_thick(self, vol: Lvol, snap: Lvol) -> None:
+        """SPDK turns a thick lvol into a thin clone of its first snapshot (its
+        clusters move to the snapshot). A snapshot that is not thin says its
+        source was thick: inflate the source back, so it owns every cluster
+        again and no later write can fail with ENOSPC. Idempotent (a retry
+        after a crash between the snapshot and the inflate finishes it); the
+        caller checked that the lvstore has the room."""
+        if snap.thin:
+            return
+        cur = self.lvol(vol.uuid)   # the caller's copy predates the snapshot
+        if cur is None or not cur.thin or cur.base_snapshot != snap.name:
+            return
+        self.api.inflate(vol.uuid)
+        vol.thin, vol.clone, vol.base_snapshot = False, False, None
+        self.forget_provisioned()
 
 
 class Targets(dict[str, Target]):
     """The configured targets by name, and the look-ups every RPC starts with.
 
     Shared by the volume, snapshot and create paths so none of them reaches
-    into another's helpers. Concurrency: read-only after construction.
+    into another's helpers. Concurrency: read-only after construction, except
+    ``admission``: the lock every capacity decision holds from its check to
+    the SPDK call that takes the space, so two concurrent creates cannot both
+    be admitted into the same room.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.admission = threading.RLock()
 
     def of(self, oid: contract.ObjectId, kind: str = "volume") -> Target:
         """The target an id names; NOT_FOUND when it is not configured."""

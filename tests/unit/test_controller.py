@@ -467,7 +467,7 @@ def test_snapshots(env):
 
 def test_delete_snapshot_with_clones_is_hidden_then_reclaimed(env):
     s = env.servicer
-    vol = create(env, "v", 8 * MiB)
+    vol = create(env, "v", 8 * MiB, params={"thinProvision": "true"})  # stays a clone
     snap = call(s, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
         name="s", source_volume_id=vol.volume_id)).snapshot
     c1 = create(env, "c1", 8 * MiB, snapshot=snap.snapshot_id)   # snapshot now has 2 clones

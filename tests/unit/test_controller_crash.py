@@ -25,6 +25,7 @@ from csi_spdk.proto import csi_pb2, csi_pb2_grpc
 from csi_spdk.server import GrpcServer
 
 C = grpc.StatusCode
+THIN = {"thinProvision": "true"}   # a thin source stays a clone of its snapshot
 
 
 
@@ -110,7 +111,7 @@ def test_delete_clone_crash_reclaims_parent(env, step):
 
 @pytest.mark.parametrize("step", [1, 2])
 def test_delete_hidden_snapshot_crash(env, step):
-    v = call(env.servicer, "CreateVolume", create_req("v", 8 * MiB)).volume
+    v = call(env.servicer, "CreateVolume", create_req("v", 8 * MiB, params=THIN)).volume
     snap = call(env.servicer, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
         name="s", source_volume_id=v.volume_id)).snapshot
     call(env.servicer, "CreateVolume", create_req("c", 8 * MiB, snapshot=snap.snapshot_id))
@@ -226,7 +227,7 @@ def test_identity_takes_servicers(env):
 def test_delete_last_clone_of_deleted_snapshot_crash(env, step):
     """Deleting the clone that kept a user-deleted snapshot alive reclaims the
     snapshot and then its marker; a crash at any step converges on retry."""
-    v = call(env.servicer, "CreateVolume", create_req("v", 8 * MiB)).volume
+    v = call(env.servicer, "CreateVolume", create_req("v", 8 * MiB, params=THIN)).volume
     snap = call(env.servicer, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
         name="s", source_volume_id=v.volume_id)).snapshot
     c = call(env.servicer, "CreateVolume", create_req("c", 8 * MiB,

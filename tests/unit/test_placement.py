@@ -86,3 +86,14 @@ def test_ssd_class_requirement_prefers_the_target_labelled_with_it():
     plain = [pool("a", 800 * MiB), pool("g", 100 * MiB, node="n-g")]
     assert names(placement.rank(plain, lambda p: 48 * MiB, False, 1.0, requisite=[ssd],
                                 preferred=[ssd])) == ["a", "g"]
+
+
+def test_provisioned_counts_against_thick_at_ratio_one():
+    """At ratio <= 1 thin volumes' sizes are promises: a thick volume may only
+    take what no volume or snapshot is promised, even if clusters are free."""
+    p = pool("a", free=900 * MiB, total=1024 * MiB, prov=1000 * MiB)
+    assert p.available(False, 1.0) == 24 * MiB
+    assert p.available(False, 2.0) == 900 * MiB      # overcommitted thin: no promise
+    assert p.available(True, 1.0) == 24 * MiB
+    assert placement.shortfall(p, 1.0, thick_bytes=25 * MiB)
+    assert placement.shortfall(p, 1.0, thick_bytes=24 * MiB) == ""

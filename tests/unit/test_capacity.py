@@ -1,0 +1,235 @@
+"""Capacity never lies: what GetCapacity promises, a write can use.
+
+Every promise is checked with the simulator's write path (``SimServer.write``,
+which allocates clusters like SPDK's blobstore and fails with ENOSPC when
+none is free), so "admitted" is proven by writing every byte of every
+admitted volume. Huge sizes (up to 2^63-1) must be refused before any SPDK
+mutation. Simulator only: a real target has no host-side write hook here.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from controller_fixtures import (
+    REAL_RPC,
+    MiB,
+    call,
+    create_req,
+    expect_code,
+    make_env,
+    uuid_of,
+)
+
+from csi_spdk import contract
+from csi_spdk.proto import csi_pb2
+
+C = grpc.StatusCode
+THIN = {"thinProvision": "true"}
+HUGE = 2**63 - 1
+pytestmark = pytest.mark.skipif(bool(REAL_RPC), reason="needs the simulator's write path")
+
+
+@pytest.fixture
+def env1(tmp_path):
+    """One 64 MiB lvstore (1 MiB clusters) at thinOvercommitRatio 1.0."""
+    e = make_env(tmp_path, lvs_mib=64, ratio=1.0)
+    yield e
+    e.close()
+
+
+def fill(env, volume_id: str, size: int, byte: int = 0xAB) -> None:
+    """Write every byte of a volume (raises the simulator's ENOSPC error)."""
+    chunk = bytes([byte]) * MiB
+    for off in range(0, size, MiB):
+        env.t0.server.write(uuid_of(volume_id), off, chunk)
+
+
+def capacity(env, params=None) -> tuple[int, int]:
+    cap = call(env.servicer, "GetCapacity", csi_pb2.GetCapacityRequest(parameters=params or {}))
+    return cap.available_capacity, cap.maximum_volume_size.value
+
+
+def snapshot(env, name: str, source: str):
+    return call(env.servicer, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
+        name=name, source_volume_id=source)).snapshot
+
+
+def lvol_names(env) -> list[str]:
+    return sorted(lv["name"] for lv in env.t0.raw.lvols(env.t0.lvs))
+
+
+def lvs(env) -> dict:
+    return env.t0.raw.lvstores(env.t0.lvs)[0]
+
+
+def no_mutations(env, monkeypatch) -> list[str]:
+    """Fail any mutating SPDK call the controller makes from now on."""
+    seen: list[str] = []
+    real = env.t0.api.call
+
+    def guarded(method, params=None, timeout=None):
+        if method.startswith(("bdev_lvol_create", "bdev_lvol_resize", "bdev_lvol_snapshot",
+                              "bdev_lvol_clone", "bdev_lvol_inflate")):
+            seen.append(method)
+            raise AssertionError(f"{method} called for a request that cannot be met")
+        return real(method, params, timeout)
+
+    monkeypatch.setattr(env.t0.api, "call", guarded)
+    return seen
+
+
+def test_thick_volume_stays_thick_after_snapshot(env1):
+    """SPDK turns a thick lvol thin at its first snapshot; the controller makes
+    it own its clusters again, so filling what GetCapacity still offers never
+    takes the space the thick volume was promised."""
+    s = env1.servicer
+    vol = call(s, "CreateVolume", create_req("thick", 16 * MiB)).volume
+    fill(env1, vol.volume_id, 16 * MiB)
+    snap = snapshot(env1, "s", vol.volume_id)
+    b = env1.t0.raw.bdev_get(uuid_of(vol.volume_id))["driver_specific"]["lvol"]
+    assert b["thin_provision"] is False and b["num_allocated_clusters"] == 16
+    snap_lv = env1.t0.raw.bdev_get(uuid_of(snap.snapshot_id))["driver_specific"]["lvol"]
+    assert snap_lv["num_allocated_clusters"] == 16
+    avail, largest = capacity(env1)
+    assert avail == lvs(env1)["free_clusters"] * MiB == largest
+    other = call(s, "CreateVolume", create_req("other", largest)).volume
+    fill(env1, other.volume_id, largest)
+    fill(env1, vol.volume_id, 16 * MiB, 0xCD)          # the thick volume can rewrite all
+    assert env1.t0.server.read(uuid_of(vol.volume_id), 0, 4) == b"\xcd" * 4
+    assert env1.t0.server.read(uuid_of(snap.snapshot_id), 0, 4) == b"\xab" * 4
+    assert capacity(env1) == (0, 0)
+    expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", create_req("x", MiB))
+
+
+def test_thin_promise_at_ratio_one_counts_snapshot_clusters(env1):
+    s = env1.servicer
+    a = call(s, "CreateVolume", create_req("a", 16 * MiB, params=THIN)).volume
+    fill(env1, a.volume_id, 16 * MiB)
+    snapshot(env1, "s", a.volume_id)
+    total = lvs(env1)["total_data_clusters"] * MiB
+    avail, largest = capacity(env1, THIN)
+    assert avail == total - 16 * MiB - 16 * MiB == largest   # the volume + the snapshot
+    b = call(s, "CreateVolume", create_req("b", largest, params=THIN)).volume
+    fill(env1, b.volume_id, largest)
+    fill(env1, a.volume_id, 16 * MiB, 0x11)                  # every promise holds at once
+    assert capacity(env1, THIN)[0] == 0
+    expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", create_req("c", MiB, params=THIN))
+
+
+def test_snapshot_of_thick_volume_refused_when_its_guarantee_cannot_be_kept(env1):
+    s = env1.servicer
+    vol = call(s, "CreateVolume", create_req("big", 40 * MiB)).volume
+    before = lvol_names(env1)
+    msg = expect_code(C.RESOURCE_EXHAUSTED, s, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
+        name="s", source_volume_id=vol.volume_id))
+    assert "stay thick" in msg
+    assert lvol_names(env1) == before
+    b = env1.t0.raw.bdev_get(uuid_of(vol.volume_id))["driver_specific"]["lvol"]
+    assert b["thin_provision"] is False and b["num_allocated_clusters"] == 40
+
+
+def test_clones_respect_the_overcommit_ratio(env1):
+    """Four 12 MiB clones of a written 12 MiB thin volume on a ~60 MiB pool
+    at ratio 1.0: only what every clone can fully rewrite is admitted."""
+    s = env1.servicer
+    src = call(s, "CreateVolume", create_req("src", 12 * MiB, params=THIN)).volume
+    fill(env1, src.volume_id, 12 * MiB)
+    snap = snapshot(env1, "s", src.volume_id)
+    total = lvs(env1)["total_data_clusters"] * MiB
+    room = total - 24 * MiB
+    admitted = []
+    for i in range(4):
+        req = create_req(f"clone{i}", 12 * MiB, snapshot=snap.snapshot_id, params=THIN)
+        if room < 12 * MiB:
+            before = lvol_names(env1)
+            expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", req)
+            assert lvol_names(env1) == before
+            continue
+        admitted.append(call(s, "CreateVolume", req).volume)
+        room -= 12 * MiB
+    assert len(admitted) == (total - 24 * MiB) // (12 * MiB) < 4
+    for v in [src, *admitted]:
+        fill(env1, v.volume_id, 12 * MiB, 0x22)
+
+
+def test_clone_from_volume_counts_its_hidden_snapshot(env1):
+    s = env1.servicer
+    src = call(s, "CreateVolume", create_req("src", 10 * MiB, params=THIN)).volume
+    fill(env1, src.volume_id, 10 * MiB)
+    call(s, "CreateVolume", create_req("c", 10 * MiB, volume=src.volume_id, params=THIN))
+    total = lvs(env1)["total_data_clusters"] * MiB
+    # src + csic snapshot (10 MiB of clusters) + the clone
+    assert capacity(env1, THIN)[0] == total - 30 * MiB
+
+
+def test_thick_clone_is_refused_not_silently_thin(env1):
+    s = env1.servicer
+    src = call(s, "CreateVolume", create_req("src", 8 * MiB)).volume
+    snap = snapshot(env1, "s", src.volume_id)
+    before = lvol_names(env1)
+    for source in ({"snapshot": snap.snapshot_id}, {"volume": src.volume_id}):
+        msg = expect_code(C.INVALID_ARGUMENT, s, "CreateVolume", create_req(
+            "c", 8 * MiB, params={"thinProvision": "false"}, **source))
+        assert "thin" in msg
+    assert lvol_names(env1) == before
+    clone = call(s, "CreateVolume", create_req("c", 8 * MiB, snapshot=snap.snapshot_id)).volume
+    assert clone.volume_context[contract.VC_THIN] == "true"
+
+
+def test_expand_thick_needs_free_space(env1, monkeypatch):
+    s = env1.servicer
+    vol = call(s, "CreateVolume", create_req("v", 8 * MiB)).volume
+    call(s, "CreateVolume", create_req("w", 40 * MiB))
+    no_mutations(env1, monkeypatch)
+    for size in (32 * MiB, HUGE):
+        msg = expect_code(C.RESOURCE_EXHAUSTED, s, "ControllerExpandVolume",
+                          csi_pb2.ControllerExpandVolumeRequest(
+                              volume_id=vol.volume_id,
+                              capacity_range=csi_pb2.CapacityRange(required_bytes=size)))
+        assert "thick" in msg
+    monkeypatch.undo()
+    assert env1.t0.raw.bdev_get(uuid_of(vol.volume_id))["num_blocks"] * 4096 == 8 * MiB
+    free = lvs(env1)["free_clusters"] * MiB
+    grown = call(s, "ControllerExpandVolume", csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=vol.volume_id,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=8 * MiB + free)))
+    assert grown.capacity_bytes == 8 * MiB + free
+    fill(env1, vol.volume_id, grown.capacity_bytes)
+
+
+@pytest.mark.parametrize("params", [{}, THIN])
+def test_huge_sizes_are_refused_before_any_spdk_mutation(env1, monkeypatch, params):
+    s = env1.servicer
+    src = call(s, "CreateVolume", create_req("src", 8 * MiB, params=THIN)).volume
+    snap = snapshot(env1, "s", src.volume_id)
+    thin_vol = call(s, "CreateVolume", create_req("t", 8 * MiB, params=THIN)).volume
+    seen = no_mutations(env1, monkeypatch)
+    for size in (HUGE, 2**62, 1 << 50):
+        expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", create_req("h", size, params=params))
+        expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume",
+                    create_req("hc", size, snapshot=snap.snapshot_id))
+        expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume",
+                    create_req("hv", size, volume=src.volume_id))
+        expect_code(C.RESOURCE_EXHAUSTED, s, "ControllerExpandVolume",
+                    csi_pb2.ControllerExpandVolumeRequest(
+                        volume_id=thin_vol.volume_id,
+                        capacity_range=csi_pb2.CapacityRange(required_bytes=size)))
+    expect_code(C.OUT_OF_RANGE, s, "CreateVolume",
+                create_req("h", HUGE, limit=HUGE - 1, params=params))
+    assert seen == []
+
+
+def test_clone_range_that_cannot_be_met_creates_nothing(env1, monkeypatch):
+    s = env1.servicer
+    src = call(s, "CreateVolume", create_req("src", 8 * MiB, params=THIN)).volume
+    snap = snapshot(env1, "s", src.volume_id)
+    seen = no_mutations(env1, monkeypatch)
+    odd = 10 * MiB + 1       # whole clusters (1 MiB) cannot be 10 MiB + 1 byte
+    for source in ({"snapshot": snap.snapshot_id}, {"volume": src.volume_id}):
+        msg = expect_code(C.OUT_OF_RANGE, s, "CreateVolume",
+                          create_req("c", odd, limit=odd, params=THIN, **source))
+        assert "limit_bytes" in msg
+        expect_code(C.OUT_OF_RANGE, s, "CreateVolume",
+                    create_req("c", 0, limit=4 * MiB, params=THIN, **source))
+    assert seen == []
