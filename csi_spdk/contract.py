@@ -14,7 +14,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, NotFound, echo
 
 # --- volume and snapshot ids -------------------------------------------------
 # "<target>:<lvol uuid>": DeleteVolume goes straight to the right target and
@@ -44,7 +44,7 @@ def parse_id(value: str, kind: str = "volume") -> ObjectId:
         raise InvalidArgument(f"{kind} id is required")
     target, sep, lvol_uuid = value.partition(":")
     if not sep or not valid_target_name(target) or not _UUID.match(lvol_uuid):
-        raise NotFound(f"{kind} {value!r} does not exist (not a csi-spdk {kind} id)")
+        raise NotFound(f"{kind} {echo(value)} does not exist (not a csi-spdk {kind} id)")
     return ObjectId(target, lvol_uuid)
 
 

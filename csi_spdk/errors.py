@@ -10,6 +10,19 @@ from __future__ import annotations
 
 import grpc
 
+ECHO_LIMIT = 64          # characters of user input an error message repeats
+MESSAGE_LIMIT = 2048     # a status message travels in gRPC trailers (8 KiB by default)
+
+
+def echo(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr`` of user input for an error message, cut to ``limit`` characters
+    (a 1 MB parameter value must not come back as a 1 MB status message)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = len(value) if isinstance(value, str | bytes) else len(text)
+    return f"{text[:limit]}... ({size} characters)"
+
 
 class CsiError(Exception):
     """An error with a gRPC status code and a message a person can act on."""
@@ -17,6 +30,8 @@ class CsiError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        if len(message) > MESSAGE_LIMIT:
+            message = message[:MESSAGE_LIMIT] + " ... (truncated)"
         super().__init__(message)
         self.message = message
         if code is not None:

@@ -29,7 +29,14 @@ import contextlib
 from dataclasses import dataclass, field
 
 from .. import contract
-from ..errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
+from ..errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    echo,
+)
 from ..proto import csi_pb2
 from ..spdk.errors import SpdkExists, SpdkNoSpace
 from . import placement
@@ -57,7 +64,7 @@ class CreateRequest:
     def check_size(self, lv: Lvol) -> None:
         """An existing volume of this name must satisfy the requested range."""
         if lv.size < self.required or (self.limit and lv.size > self.limit):
-            raise AlreadyExists(f"volume {self.name!r} already exists with {lv.size} bytes, "
+            raise AlreadyExists(f"volume {echo(self.name)} already exists with {lv.size} bytes, "
                                 f"which is outside the requested range [{self.required}, "
                                 f"{self.limit or 'unlimited'}]")
 
@@ -95,8 +102,8 @@ def create_empty(targets: Targets, config: Config, req: CreateRequest) -> tuple[
                     continue
                 pools.append(target.pool(lvs, with_provisioned=params.thin or ratio <= 1.0))
         if not pools:
-            where = f"target {params.target!r}" if params.target else "any configured target"
-            what = f"lvstore {params.lvstore!r}" if params.lvstore else "an lvstore"
+            where = f"target {echo(params.target)}" if params.target else "any configured target"
+            what = f"lvstore {echo(params.lvstore)}" if params.lvstore else "an lvstore"
             raise InvalidArgument(f"{where} has no {what}")
         sizes = {(p.target.name, p.lvstore): size_in(req, p.cluster_size,
                                                      config.default_volume_size)
@@ -252,7 +259,7 @@ def _finish_clone(req: CreateRequest, target: Target, snap: Lvol | None,
             req.found.lvstore == snap.lvstore and \
             req.found.base_snapshot == snap.name
         if not compatible:
-            raise AlreadyExists(f"volume {req.name!r} already exists with a different "
+            raise AlreadyExists(f"volume {echo(req.name)} already exists with a different "
                                 "content source")
     size = plan.size
     lv = req.found

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..errors import InvalidArgument, OutOfRange, require
+from ..errors import InvalidArgument, OutOfRange, echo, require
 from ..proto import csi_pb2
 from . import qos
 from .config import Config
@@ -26,6 +26,14 @@ PARAM_KEYS = IMMUTABLE_KEYS + qos.MUTABLE_KEYS
 K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
 
 
+def _mode_name(mode: int) -> str:
+    """The enum name, or the number for a value this proto does not know."""
+    try:
+        return _Mode.Mode.Name(mode)
+    except ValueError:
+        return f"{mode} (unknown)"
+
+
 def capability_problem(cap: csi_pb2.VolumeCapability) -> str | None:
     """Why a capability is unsupported, or None when it is supported."""
     kind = cap.WhichOneof("access_type")
@@ -36,9 +44,9 @@ def capability_problem(cap: csi_pb2.VolumeCapability) -> str | None:
         return "MULTI_NODE_MULTI_WRITER is supported for block volumes only"
     if mode not in SINGLE_NODE_MODES | {_Mode.MULTI_NODE_READER_ONLY,
                                         _Mode.MULTI_NODE_MULTI_WRITER}:
-        return f"access mode {_Mode.Mode.Name(mode)} is not supported"
+        return f"access mode {_mode_name(mode)} is not supported"
     if kind == "mount" and cap.mount.fs_type and cap.mount.fs_type not in FS_TYPES:
-        return f"fs_type {cap.mount.fs_type!r} is not supported (use {' or '.join(FS_TYPES)})"
+        return f"fs_type {echo(cap.mount.fs_type)} is not supported (use {' or '.join(FS_TYPES)})"
     return None
 
 
@@ -83,23 +91,23 @@ def parse_params(params: Mapping[str, str], config: Config,
     Unknown keys and bad values are INVALID_ARGUMENT."""
     for key in params:
         if key not in PARAM_KEYS and not key.startswith(K8S_PARAM_PREFIX):
-            raise InvalidArgument(f"unknown parameter {key!r}; accepted: "
+            raise InvalidArgument(f"unknown parameter {echo(key)}; accepted: "
                                   f"{', '.join(PARAM_KEYS)} and {K8S_PARAM_PREFIX}*")
     target = params.get("target", "")
     if target and config.target(target) is None:
-        raise InvalidArgument(f"parameter target={target!r} is not a configured target "
+        raise InvalidArgument(f"parameter target={echo(target)} is not a configured target "
                               f"({', '.join(config.target_names)})")
     thin = params.get("thinProvision", "false").lower()
     if thin not in ("true", "false"):
-        raise InvalidArgument(f"parameter thinProvision={params['thinProvision']!r} "
+        raise InvalidArgument(f"parameter thinProvision={echo(params['thinProvision'])} "
                               "must be true or false")
     clear = params.get("clearMethod", "")
     if clear and clear not in CLEAR_METHODS:
-        raise InvalidArgument(f"parameter clearMethod={clear!r} must be one of "
+        raise InvalidArgument(f"parameter clearMethod={echo(clear)} must be one of "
                               f"{', '.join(CLEAR_METHODS)}")
     fs = params.get("fsType", "")
     if fs and fs not in FS_TYPES:
-        raise InvalidArgument(f"parameter fsType={fs!r} must be one of {', '.join(FS_TYPES)}")
+        raise InvalidArgument(f"parameter fsType={echo(fs)} must be one of {', '.join(FS_TYPES)}")
     limits = qos.parse(params) | qos.parse_mutable(mutable or {}, IMMUTABLE_KEYS)
     return VolumeParams(target, params.get("lvstore", ""), thin == "true", clear, fs,
                         qos.full(limits), thin_set="thinProvision" in params)

@@ -36,6 +36,7 @@ from ..errors import (
     OutOfRange,
     ResourceExhausted,
     Unimplemented,
+    echo,
     require,
 )
 from ..locks import KeyedLocks
@@ -232,7 +233,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         check_capabilities([request.volume_capability])
         target, lv = self.targets.volume(request.volume_id)
         if self.config.nodes is not None and request.node_id not in self.config.nodes:
-            raise NotFound(f"node {request.node_id!r} does not exist (known nodes: "
+            raise NotFound(f"node {echo(request.node_id)} does not exist (known nodes: "
                            f"{', '.join(sorted(self.config.nodes)) or 'none'})")
         host = contract.host_nqn(request.node_id)
         cap = request.volume_capability
@@ -292,7 +293,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         for key in request.parameters:
             if key not in PARAM_KEYS and not key.startswith(K8S_PARAM_PREFIX):
                 return csi_pb2.ValidateVolumeCapabilitiesResponse(
-                    message=f"unknown parameter {key!r}")
+                    message=f"unknown parameter {echo(key)}")
         try:
             qos.parse(request.parameters)
             qos.parse_mutable(request.mutable_parameters, IMMUTABLE_KEYS)

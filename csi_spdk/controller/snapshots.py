@@ -36,6 +36,7 @@ from ..errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    echo,
     require,
 )
 from ..locks import KeyedLocks
@@ -58,7 +59,7 @@ def paginate(entries: list, starting_token: str, max_entries: int) -> tuple[list
         try:
             contract.parse_id(starting_token)
         except (NotFound, InvalidArgument):
-            raise Aborted(f"starting_token {starting_token!r} is not valid; "
+            raise Aborted(f"starting_token {echo(starting_token)} is not valid; "
                           "restart the listing") from None
         entries = [e for e in entries if e[0] > starting_token]
     if max_entries and len(entries) > max_entries:
@@ -163,7 +164,7 @@ class SnapshotService:
                     continue
                 if target.deleted_mark(snap) is not None:
                     raise FailedPrecondition(
-                        f"snapshot {request.name!r} was deleted, but SPDK keeps its data "
+                        f"snapshot {echo(request.name)} was deleted, but SPDK keeps its data "
                         "until the volumes cloned from it are deleted; use another name")
                 try:
                     src_target, src = self.targets.volume(request.source_volume_id)
@@ -174,7 +175,7 @@ class SnapshotService:
                     known == request.source_volume_id if known
                     else self._descends_from(target, src, snap_name))
                 if not same:
-                    raise AlreadyExists(f"snapshot {request.name!r} already exists with a "
+                    raise AlreadyExists(f"snapshot {echo(request.name)} already exists with a "
                                         "different source volume")
                 target.keep_thick(src, snap)   # a crash may have come before it
                 return csi_pb2.CreateSnapshotResponse(

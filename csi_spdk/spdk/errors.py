@@ -47,7 +47,10 @@ class SpdkError(Internal):
 
 
 class SpdkNotFound(SpdkError):
-    """ENODEV/ENOENT: the bdev, lvstore, lvol or file does not exist."""
+    """ENODEV/ENOENT: the bdev, lvstore, lvol or file does not exist. Unmapped,
+    a race with a delete: NOT_FOUND."""
+
+    code = grpc.StatusCode.NOT_FOUND
 
 
 class SpdkExists(SpdkError):
@@ -66,17 +69,43 @@ class SpdkNoSpace(SpdkError):
 class SpdkNotPermitted(SpdkError):
     """EPERM: e.g. deleting a snapshot that has two or more clones."""
 
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
 
 class SpdkBusy(SpdkError):
-    """EAGAIN/EBUSY: try again later."""
+    """EAGAIN/EBUSY: the object is busy right now; the caller retries."""
+
+    code = grpc.StatusCode.UNAVAILABLE
 
 
 class SpdkInvalid(SpdkError):
     """EINVAL or a parameter the method rejected."""
 
 
+# SPDK modules by method prefix, longest first: who provides a missing method.
+_MODULES = (("bdev_lvol_", "lvol"), ("bdev_nvme_", "bdev_nvme"), ("bdev_malloc_", "malloc"),
+            ("bdev_aio_", "aio"), ("bdev_crypto_", "crypto"), ("bdev_", "bdev"),
+            ("nvmf_", "nvmf"), ("keyring_linux_", "keyring_linux"),
+            ("keyring_file_", "keyring_file"), ("keyring_", "keyring"),
+            ("accel_", "accel"))
+
+
+def module_of(method: str) -> str:
+    return next((m for prefix, m in _MODULES if method.startswith(prefix)),
+                method.split("_", 1)[0])
+
+
 class SpdkMethodNotFound(SpdkError):
-    """The target does not implement the method (module not built in)."""
+    """The target does not implement the method (module not built in): not
+    transient, the target must be rebuilt or configured: FAILED_PRECONDITION."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, method: str, code: int, message: str) -> None:
+        super().__init__(method, code, message)
+        self.message = (f"the SPDK target does not implement {method} (code {code}): build "
+                        f"or start spdk_tgt with its {module_of(method)!r} module")
+        self.args = (self.message,)
 
 
 class SpdkTransportError(Unavailable):
