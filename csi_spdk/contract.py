@@ -9,8 +9,10 @@ volumes created by an older driver must still be deletable.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 
@@ -67,9 +69,15 @@ CLONE_SOURCE_PREFIX = "csic-"
 # permitted"), so the mark cannot be on the snapshot itself. A marked snapshot
 # is gone for CSI and is deleted, then its marker, once at most one clone is left.
 DELETED_MARK_PREFIX = "csid-"
-MARKER_PREFIXES = (DELETED_MARK_PREFIX,)
+# A snapshot's durable CSI facts (source volume, creation time) are the name
+# of an empty thin lvol beside it (SPDK keeps no timestamp and no user xattrs
+# an RPC can set, and a snapshot cannot be renamed):
+# "csim-" + snapshot uuid + source uuid (22 characters of base64url each) +
+# creation time in ms (11 hex digits) = 60 <= 63 characters.
+SNAPSHOT_META_PREFIX = "csim-"
+MARKER_PREFIXES = (DELETED_MARK_PREFIX, SNAPSHOT_META_PREFIX)
 DRIVER_PREFIXES = (VOLUME_PREFIX, VOLUME_HASH_PREFIX, SNAPSHOT_PREFIX, SNAPSHOT_HASH_PREFIX,
-                   CLONE_SOURCE_PREFIX, DELETED_MARK_PREFIX)
+                   CLONE_SOURCE_PREFIX, DELETED_MARK_PREFIX, SNAPSHOT_META_PREFIX)
 
 
 def _digest(name: str) -> str:
@@ -98,6 +106,33 @@ def deleted_mark_lvol_name(snapshot_uuid: str) -> str:
     return DELETED_MARK_PREFIX + snapshot_uuid
 
 
+def _b64(u: str) -> str:
+    return base64.urlsafe_b64encode(uuid.UUID(u).bytes).decode().rstrip("=")
+
+
+def _unb64(text: str) -> str:
+    return str(uuid.UUID(bytes=base64.urlsafe_b64decode(text + "==")))
+
+
+def snapshot_meta_prefix(snapshot_uuid: str) -> str:
+    return SNAPSHOT_META_PREFIX + _b64(snapshot_uuid)
+
+
+def snapshot_meta_lvol_name(snapshot_uuid: str, source_uuid: str, created_ms: int) -> str:
+    return f"{snapshot_meta_prefix(snapshot_uuid)}{_b64(source_uuid)}{created_ms:011x}"
+
+
+def parse_snapshot_meta(lvol_name: str) -> tuple[str, str, int] | None:
+    """(snapshot uuid, source uuid, creation ms) of a meta lvol name, else None."""
+    rest = lvol_name[len(SNAPSHOT_META_PREFIX):]
+    if not lvol_name.startswith(SNAPSHOT_META_PREFIX) or len(rest) != 55:
+        return None
+    try:
+        return _unb64(rest[:22]), _unb64(rest[22:44]), int(rest[44:], 16)
+    except ValueError:
+        return None
+
+
 def is_driver_lvol(lvol_name: str) -> bool:
     return lvol_name.startswith(DRIVER_PREFIXES)
 
@@ -115,7 +150,7 @@ def is_snapshot_lvol(lvol_name: str) -> bool:
 # lvol uuid so the node can find the namespace and the controller can find the
 # subsystem without any lookup table.
 NQN_PREFIX = "nqn.2024-11.io.csi-spdk:vol:"
-MODEL_NUMBER = "csi-spdk volume"  # <= 40 characters (NVMe MN)
+MODEL_NUMBER = "csi-spdk volume"  # <= 40 characters (NVMe MN); see model_number()
 
 
 def subsystem_nqn(lvol_uuid: str) -> str:
@@ -131,15 +166,68 @@ def serial_number(lvol_uuid: str) -> str:
 # the subsystem's allow-list; the node plugin connects with the same NQN and
 # host id. Deriving both from the node id makes them agree by construction and
 # survive reinstalls (and avoids the all-zero UUID of `nvme gen-hostnqn` in VMs).
+# The NQN embeds the node id (percent-encoded, so any id gives a valid NQN:
+# "nqn.yyyy-mm.<reverse domain>:" and then any UTF-8, 223 bytes at most), so
+# the controller can name the nodes a volume is published to from SPDK alone
+# after a restart. A node id too long for that (over ~190 bytes) gets a hash
+# form, which is not invertible (its nodes are named from in-memory hints).
+# Hosts allowed by drivers before this form (the nvmexpress uuid form) are
+# still recognised and removed on unpublish (``legacy_host_nqn``). The host
+# id changed with the form: Linux refuses a host id reused with another NQN.
 _HOST_NAMESPACE = uuid.UUID("6f0b6a3c-5d0e-4a8e-9a43-0c5d3f1b2a71")
+NQN_MAX_BYTES = 223
+HOST_NQN_PREFIX = "nqn.2024-11.io.csi-spdk:node:"
+HOST_NQN_HASH_PREFIX = "nqn.2024-11.io.csi-spdk:node-sha256:"
 
 
 def host_id(node_id: str) -> str:
-    return str(uuid.uuid5(_HOST_NAMESPACE, node_id))
+    return str(uuid.uuid5(_HOST_NAMESPACE, "host-id/v2:" + node_id))
 
 
 def host_nqn(node_id: str) -> str:
-    return f"nqn.2014-08.org.nvmexpress:uuid:{host_id(node_id)}"
+    nqn = HOST_NQN_PREFIX + urllib.parse.quote(node_id, safe="")
+    if len(nqn.encode()) <= NQN_MAX_BYTES:
+        return nqn
+    return HOST_NQN_HASH_PREFIX + hashlib.sha256(node_id.encode()).hexdigest()
+
+
+def node_of_host(nqn: str) -> str | None:
+    """The CSI node id a host NQN was derived from, or None (hash/legacy/foreign)."""
+    if nqn.startswith(HOST_NQN_PREFIX):
+        return urllib.parse.unquote(nqn[len(HOST_NQN_PREFIX):])
+    return None
+
+
+def legacy_host_nqn(node_id: str) -> str:
+    """The host NQN drivers before the node-id form used for this node."""
+    return f"nqn.2014-08.org.nvmexpress:uuid:{uuid.uuid5(_HOST_NAMESPACE, node_id)}"
+
+
+# A publish's capability and readonly flag, durably: the subsystem's model
+# number (set when the first host's publish creates it, <= 40 ASCII characters)
+# says which host it was created for and that publish's signature:
+# "csi-spdk <ro|rw> <sig 8 hex> h<host 8 hex>". A re-publish to that host with
+# another capability or readonly flag is ALREADY_EXISTS even after a restart.
+MODEL_PREFIX = "csi-spdk "
+
+
+def publish_signature(capability: bytes, readonly: bool) -> str:
+    return hashlib.sha256(capability + (b"\x01" if readonly else b"\x00")).hexdigest()[:8]
+
+
+def model_number(host: str, signature: str, readonly: bool) -> str:
+    h = hashlib.sha256(host.encode()).hexdigest()[:8]
+    return f"{MODEL_PREFIX}{'ro' if readonly else 'rw'} {signature} h{h}"
+
+
+def model_signature(model: str, host: str) -> str | None:
+    """The signature a model number records for ``host``, or None."""
+    parts = model.split(" ")
+    if len(parts) != 4 or not model.startswith(MODEL_PREFIX):
+        return None
+    if parts[3] != "h" + hashlib.sha256(host.encode()).hexdigest()[:8]:
+        return None
+    return parts[2]
 
 
 # publish_context keys (ControllerPublishVolume -> NodeStageVolume/Publish).

@@ -115,12 +115,13 @@ class NvmfExporter:
             return sub
         return None
 
-    def export(self, lvol_uuid: str, host_nqn: str, sub: dict | None | object = ...
-               ) -> dict[str, str]:
+    def export(self, lvol_uuid: str, host_nqn: str, sub: dict | None | object = ...,
+               model: str = contract.MODEL_NUMBER) -> dict[str, str]:
         """Make the volume reachable by ``host_nqn``; return the publish_context.
 
         ``sub`` is the subsystem as the caller just read it (None: missing),
-        saving one RPC; by default it is read here."""
+        saving one RPC; by default it is read here. ``model`` is the model
+        number a new subsystem gets (``contract.model_number``)."""
         nqn = contract.subsystem_nqn(lvol_uuid)
         try:
             self.ensure_transport()
@@ -129,7 +130,7 @@ class NvmfExporter:
             if sub is None:
                 try:
                     self._step(nqn, lambda s: True, lambda: self.api.subsystem_create(
-                        nqn, contract.serial_number(lvol_uuid), contract.MODEL_NUMBER,
+                        nqn, contract.serial_number(lvol_uuid), model,
                         max_namespaces=1))
                 except SpdkError as err:
                     if "Unable to create subsystem" not in err.spdk_message:

@@ -10,11 +10,11 @@ Concurrency: every RPC holds a try-lock on its volume id or name (``@rpc``), a
 second call on the same key is ABORTED, different volumes run in parallel. A
 CreateVolume from a volume source also holds the source's id.
 
-Idempotency and crash safety: state lives only in SPDK. Every RPC first reads
-what exists and only does what is missing, so a retry after a crash between
-any two SPDK calls converges. In-memory hints (node id of a host NQN, the
-readonly flag of a publish, snapshot creation times) only refine answers and
-are rebuilt as calls arrive.
+Idempotency and crash safety: state lives only in SPDK (docs/DESIGN.md "Where
+each CSI answer comes from"). Every RPC first reads what exists and only does
+what is missing, so a retry after a crash between any two SPDK calls
+converges. In-memory hints (node ids of hash-form host NQNs, the signature of
+a second host's publish) only refine answers for the cases SPDK cannot hold.
 """
 
 from __future__ import annotations
@@ -216,9 +216,8 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         sub = target.exporter.subsystem(lv.uuid)
         hosts = target.exporter.hosts_of(sub)
         if hosts:
-            nodes = [self._node_ids.get(h, h) for h in hosts]
             raise FailedPrecondition(f"volume {request.volume_id} is still published to "
-                                     f"{', '.join(nodes)}; unpublish it first")
+                                     f"{', '.join(self._node_names(hosts))}; unpublish it first")
         if sub is not None:
             target.exporter.delete(lv.uuid)
         target.delete_lvol(lv)
@@ -236,27 +235,32 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             raise NotFound(f"node {echo(request.node_id)} does not exist (known nodes: "
                            f"{', '.join(sorted(self.config.nodes)) or 'none'})")
         host = contract.host_nqn(request.node_id)
+        legacy = contract.legacy_host_nqn(request.node_id)
         cap = request.volume_capability
         sub = target.exporter.subsystem(lv.uuid)
         hosts = target.exporter.hosts_of(sub)
-        key = (lv.uuid, host)
+        signature = contract.publish_signature(cap.SerializeToString(deterministic=True),
+                                               request.readonly)
         with self._hints:
-            self._node_ids[host] = request.node_id
-            previous = self._publishes.get(key) if host in hosts else None
-        signature = (cap.SerializeToString(deterministic=True), request.readonly)
+            self._node_ids[host] = self._node_ids[legacy] = request.node_id
+            previous = self._publishes.get((lv.uuid, host)) if host in hosts else None
+        if host in hosts and sub is not None:
+            # durable: the model number records the first host's publish
+            previous = contract.model_signature(sub.get("model_number", ""), host) or previous
         if previous is not None and previous != signature:
             raise AlreadyExists(f"volume {request.volume_id} is already published to node "
-                                f"{request.node_id} with a different capability or readonly "
-                                "flag")
-        others = [h for h in hosts if h != host]
+                                f"{echo(request.node_id)} with a different capability or "
+                                "readonly flag")
+        others = [h for h in hosts if h not in (host, legacy)]
         if others and is_single_node(cap):
-            nodes = [self._node_ids.get(h, h) for h in others]
             raise FailedPrecondition(
                 f"volume {request.volume_id} has a single-node access mode and is already "
-                f"published to {', '.join(nodes)}")
-        ctx = target.exporter.export(lv.uuid, host, sub=sub)
+                f"published to {', '.join(self._node_names(others))}")
+        ctx = target.exporter.export(
+            lv.uuid, host, sub=sub,
+            model=contract.model_number(host, signature, request.readonly))
         with self._hints:
-            self._publishes[key] = signature
+            self._publishes[(lv.uuid, host)] = signature
         if request.readonly:
             ctx[contract.PC_READONLY] = "true"
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=ctx)
@@ -274,6 +278,9 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         exporter = target.exporter
         if request.node_id:
             host = contract.host_nqn(request.node_id)
+            legacy = contract.legacy_host_nqn(request.node_id)
+            if legacy in exporter.hosts(oid.lvol_uuid):   # published by an older driver
+                exporter.unexport(oid.lvol_uuid, legacy)
             exporter.unexport(oid.lvol_uuid, host)
             with self._hints:
                 self._publishes.pop((oid.lvol_uuid, host), None)
@@ -310,11 +317,21 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
     def _node_list(self, hosts: list[str]) -> list[str]:
-        """CSI node ids of host NQNs learnt from publishes (a host NQN is a hash
-        of the node id, so hosts published before a restart are unknown until
-        the next publish/unpublish of that node and are left out)."""
+        """CSI node ids of the host NQNs allowed on a subsystem: read from the
+        NQN itself (contract.host_nqn embeds the node id), so they survive a
+        restart; only hash-form or legacy NQNs fall back to in-memory hints."""
+        out = set()
         with self._hints:
-            return sorted(self._node_ids[h] for h in hosts if h in self._node_ids)
+            for h in hosts:
+                node = contract.node_of_host(h) or self._node_ids.get(h)
+                if node is not None:
+                    out.add(node)
+        return sorted(out)
+
+    def _node_names(self, hosts: list[str]) -> list[str]:
+        """For messages: node ids where known, else the host NQN."""
+        with self._hints:
+            return [contract.node_of_host(h) or self._node_ids.get(h, h) for h in hosts]
 
     @staticmethod
     def _condition(target: Target, lv: Lvol, lvs_uuids: set[str]) -> csi_pb2.VolumeCondition:

@@ -3,15 +3,17 @@
 A CSI snapshot is an SPDK lvol snapshot named ``contract.snapshot_lvol_name``
 in its source volume's lvstore; its id is ``<target>:<snapshot uuid>``.
 
-creation_time: SPDK keeps no timestamp for lvols. The controller reports the
-time it created the snapshot, or, for snapshots it did not create in this
-process (e.g. after a restart), the time it first saw them; that is an upper
-bound of the real creation time and stays stable for the process' lifetime.
-The same in-memory record remembers the source volume; without it the source
-is derived from SPDK's clone relations (the volume below the snapshot through
-its chain of snapshot children; when more than one volume qualifies, e.g. a
-clone made from the snapshot, the answer is ambiguous and the first by id is
-reported).
+Durable facts: SPDK keeps no timestamp and no settable attributes for lvols,
+so right after the snapshot the controller creates an empty thin "meta" lvol
+whose name carries the snapshot uuid, the source volume uuid and the creation
+time (``contract.snapshot_meta_lvol_name``). creation_time and
+source_volume_id come from it, so they survive restarts and failovers, and a
+CreateSnapshot retry with another source is ALREADY_EXISTS. Only a snapshot
+without one (a crash between the snapshot and the meta lvol, or a driver
+before this) falls back: the source from SPDK's clone relations, the time
+when this process first saw it; a CreateSnapshot retry then writes the meta
+lvol. The meta lvol goes with its snapshot (DeleteSnapshot, reclaim, and the
+sweep for orphans).
 
 DeleteSnapshot of a snapshot with two or more clones (SPDK refuses) marks it
 deleted with an empty lvol named ``contract.deleted_mark_lvol_name`` (SPDK
@@ -25,6 +27,7 @@ DeleteSnapshot the snapshot id. Idempotent as the CSI spec requires.
 from __future__ import annotations
 
 import threading
+import time
 
 from google.protobuf import timestamp_pb2
 
@@ -68,10 +71,8 @@ def paginate(entries: list, starting_token: str, max_entries: int) -> tuple[list
     return entries, ""
 
 
-def _now() -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
-    return ts
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 class SnapshotService:
@@ -87,23 +88,21 @@ class SnapshotService:
         self.locks = locks
         self.ratio = config.thin_overcommit_ratio
         self._snap_mutex = threading.Lock()
-        # snapshot uuid -> (source volume id or "", creation/first-seen time)
-        self._snap_meta: dict[str, tuple[str, timestamp_pb2.Timestamp]] = {}
+        # fallback only: snapshot uuid -> first-seen time, for snapshots without meta
+        self._first_seen: dict[str, int] = {}
 
     # --- helpers -----------------------------------------------------------------
-    def _meta(self, uuid: str, source: str = "") -> tuple[str, timestamp_pb2.Timestamp]:
+    def _seen_ms(self, uuid: str) -> int:
         with self._snap_mutex:
-            hit = self._snap_meta.get(uuid)
-            if hit is None or (source and not hit[0]):
-                hit = (source, hit[1] if hit else _now())
-                self._snap_meta[uuid] = hit
-            return hit
+            return self._first_seen.setdefault(uuid, _now_ms())
 
-    def _snapshot_msg(self, target: Target, snap: Lvol, source: str) -> csi_pb2.Snapshot:
-        src, created = self._meta(snap.uuid, source)
+    def _snapshot_msg(self, target: Target, snap: Lvol, source: str,
+                      created_ms: int | None) -> csi_pb2.Snapshot:
+        ms = created_ms if created_ms is not None else self._seen_ms(snap.uuid)
+        created = timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
         return csi_pb2.Snapshot(size_bytes=snap.size,
                                 snapshot_id=str(contract.ObjectId(target.name, snap.uuid)),
-                                source_volume_id=src or source, creation_time=created,
+                                source_volume_id=source, creation_time=created,
                                 ready_to_use=True)
 
     def _admit(self, target: Target, src: Lvol) -> None:
@@ -170,16 +169,23 @@ class SnapshotService:
                     src_target, src = self.targets.volume(request.source_volume_id)
                 except NotFound:
                     src_target = src = None
-                known = self._snap_meta.get(snap.uuid, ("",))[0]
-                same = src is not None and src_target is target and (
-                    known == request.source_volume_id if known
-                    else self._descends_from(target, src, snap_name))
+                meta = target.snapshot_meta(snap.lvstore, snap.uuid)
+                if meta is not None:
+                    same = str(contract.ObjectId(target.name, meta[0])) == \
+                        request.source_volume_id
+                else:
+                    same = src is not None and src_target is target and \
+                        self._descends_from(target, src, snap_name)
                 if not same:
                     raise AlreadyExists(f"snapshot {echo(request.name)} already exists with a "
                                         "different source volume")
-                target.keep_thick(src, snap)   # a crash may have come before it
-                return csi_pb2.CreateSnapshotResponse(
-                    snapshot=self._snapshot_msg(target, snap, request.source_volume_id))
+                if meta is None:   # a crash came between the snapshot and its meta lvol
+                    meta = (src.uuid, self._seen_ms(snap.uuid))
+                    target.write_snapshot_meta(snap.lvstore, snap.uuid, *meta)
+                if src is not None:
+                    target.keep_thick(src, snap)   # a crash may have come before it
+                return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_msg(
+                    target, snap, request.source_volume_id, meta[1]))
         target, src = self.targets.volume(request.source_volume_id)
         with self.targets.admission:
             self._admit(target, src)
@@ -193,10 +199,11 @@ class SnapshotService:
         snap = target.lvol(uuid) if uuid else target.lvol_by_name(src.lvstore, snap_name)
         if snap is None:
             raise NotFound(f"snapshot {snap_name} vanished after creation; retry")
+        created = _now_ms()
+        target.write_snapshot_meta(snap.lvstore, snap.uuid, src.uuid, created)
         target.keep_thick(src, snap)
-        self._meta(snap.uuid, request.source_volume_id)
         return csi_pb2.CreateSnapshotResponse(
-            snapshot=self._snapshot_msg(target, snap, request.source_volume_id))
+            snapshot=self._snapshot_msg(target, snap, request.source_volume_id, created))
 
     @rpc(lock=("snapshot_id",))
     def DeleteSnapshot(self, request, context):
@@ -225,15 +232,18 @@ class SnapshotService:
             target.mark_deleted(snap)   # also the answer to a retry of this call
             self._forget(snap.uuid)
             return csi_pb2.DeleteSnapshotResponse()
-        # deleted: a marker left by an earlier call (2+ clones then) goes too
+        # deleted: a marker left by an earlier call (2+ clones then) goes too,
+        # and then its meta lvol
+        target.forget_provisioned()
         target.drop_deleted_mark(snap)
+        target.drop_snapshot_meta(snap.lvstore, snap.uuid)
         self._forget(snap.uuid)
         target.reclaim(snap.lvstore, snap.base_snapshot)
         return csi_pb2.DeleteSnapshotResponse()
 
     def _forget(self, uuid: str) -> None:
         with self._snap_mutex:
-            self._snap_meta.pop(uuid, None)
+            self._first_seen.pop(uuid, None)
 
     @rpc()
     def ListSnapshots(self, request, context):
@@ -258,6 +268,8 @@ class SnapshotService:
                 by_lvs.setdefault(lv.lvstore, {})[lv.name] = lv
             marked = {lv.name[len(contract.DELETED_MARK_PREFIX):] for lv in lvols
                       if lv.name.startswith(contract.DELETED_MARK_PREFIX)}
+            metas = {m[0]: m[1:] for m in map(contract.parse_snapshot_meta,
+                                              (lv.name for lv in lvols)) if m is not None}
             for snap in lvols:
                 if not snap.snapshot or not contract.is_snapshot_lvol(snap.name) \
                         or snap.uuid in marked:
@@ -265,15 +277,15 @@ class SnapshotService:
                 sid = str(contract.ObjectId(target.name, snap.uuid))
                 if request.snapshot_id and sid != request.snapshot_id:
                     continue
-                known = self._snap_meta.get(snap.uuid, ("",))[0]
-                sources = [known] if known else \
+                meta = metas.get(snap.uuid)
+                sources = [str(contract.ObjectId(target.name, meta[0]))] if meta else \
                     self._sources(target, snap, by_lvs[snap.lvstore])
                 if request.source_volume_id and request.source_volume_id not in sources:
                     continue
                 source = request.source_volume_id or (sources[0] if sources else "")
-                entries.append((sid, target, snap, source))
+                entries.append((sid, target, snap, source, meta[1] if meta else None))
         entries.sort(key=lambda e: e[0])
         page, token = paginate(entries, request.starting_token, request.max_entries)
-        out = [csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(t, s, src))
-               for _, t, s, src in page]
+        out = [csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot_msg(t, s, src, ms))
+               for _, t, s, src, ms in page]
         return csi_pb2.ListSnapshotsResponse(entries=out, next_token=token)

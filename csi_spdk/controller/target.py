@@ -206,6 +206,31 @@ class Target:
         with contextlib.suppress(SpdkNotFound):
             self.api.lvol_delete(f"{snap.lvstore}/{contract.deleted_mark_lvol_name(snap.uuid)}")
 
+    # --- a snapshot's durable CSI facts (contract.snapshot_meta_lvol_name) --------
+    def snapshot_meta(self, lvstore: str, snap_uuid: str) -> tuple[str, int] | None:
+        """(source volume uuid, creation ms) of a snapshot, from its meta lvol
+        (one bdev_lvol_get_lvols of the lvstore: names only, no bdev details)."""
+        prefix = contract.snapshot_meta_prefix(snap_uuid)
+        for lv in self.api.lvols(lvstore):
+            if lv.get("name", "").startswith(prefix):
+                meta = contract.parse_snapshot_meta(lv["name"])
+                if meta is not None:
+                    return meta[1], meta[2]
+        return None
+
+    def write_snapshot_meta(self, lvstore: str, snap_uuid: str, source_uuid: str,
+                            created_ms: int) -> None:
+        with contextlib.suppress(SpdkExists):
+            self.api.lvol_create(lvstore, contract.snapshot_meta_lvol_name(
+                snap_uuid, source_uuid, created_ms), MARK_BYTES, True)
+
+    def drop_snapshot_meta(self, lvstore: str, snap_uuid: str) -> None:
+        prefix = contract.snapshot_meta_prefix(snap_uuid)
+        for lv in self.api.lvols(lvstore):
+            if lv.get("name", "").startswith(prefix):
+                with contextlib.suppress(SpdkNotFound):
+                    self.api.lvol_delete(lv["uuid"])
+
     def reclaim(self, lvstore: str, parent: str | None) -> None:
         """Delete driver-internal snapshots (clone sources ``csic-`` and
         user-deleted, marked ones) up the chain from ``parent`` once they have
@@ -232,18 +257,26 @@ class Target:
             if mark is not None:
                 with contextlib.suppress(SpdkNotFound):
                     self.api.lvol_delete(mark.uuid)
+                self.drop_snapshot_meta(lvstore, snap.uuid)
             parent = snap.base_snapshot
 
-    def sweep(self) -> None:
+    def sweep(self, busy: frozenset[str] = frozenset()) -> None:
         """Reclaim orphaned internal objects anywhere on the target (one scan).
 
         Catches what a crash between deleting a clone and reclaiming its parent
         left behind, clone sources of abandoned CreateVolume retries, and
-        markers whose snapshot is already gone."""
+        markers whose snapshot is already gone. ``busy``: ``csic-`` names an
+        in-flight CreateVolume is working with (left alone)."""
         lvols = self.lvols_with_bdevs()
         by_uuid = {lv.uuid: lv for lv in lvols}
         for lv in lvols:
-            if lv.name.startswith(contract.DELETED_MARK_PREFIX):
+            meta = contract.parse_snapshot_meta(lv.name)
+            if meta is not None and meta[0] not in by_uuid:
+                with contextlib.suppress(SpdkNotFound):
+                    self.api.lvol_delete(lv.uuid)   # its snapshot is gone
+            elif lv.name.startswith(contract.CLONE_SOURCE_PREFIX) and lv.name in busy:
+                continue   # a CreateVolume is using it right now
+            elif lv.name.startswith(contract.DELETED_MARK_PREFIX):
                 snap = by_uuid.get(lv.name[len(contract.DELETED_MARK_PREFIX):])
                 if snap is None:
                     with contextlib.suppress(SpdkNotFound):

@@ -292,7 +292,9 @@ def test_publish_unpublish_spdk_state(env):
     sub = env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid))
     assert [h["nqn"] for h in sub["hosts"]] == [contract.host_nqn("node-1")]
     assert sub["allow_any_host"] is False and sub["max_namespaces"] == 1
-    assert sub["model_number"] == contract.MODEL_NUMBER
+    sig = contract.publish_signature(mount_cap().SerializeToString(deterministic=True), False)
+    assert sub["model_number"] == contract.model_number(contract.host_nqn("node-1"), sig, False)
+    assert contract.model_signature(sub["model_number"], contract.host_nqn("node-1")) == sig
     assert [(n["bdev_name"], n["uuid"]) for n in sub["namespaces"]] == [(uuid, uuid)]
     assert [a["traddr"] for a in sub["listen_addresses"]] == ["127.0.0.1"]
     # idempotent

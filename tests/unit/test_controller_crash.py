@@ -65,15 +65,18 @@ def test_create_from_snapshot_crash(env, step):
                            create_req("c", 16 * MiB, snapshot=snap.snapshot_id)).volume
     b = env.t0.raw.bdev_get(uuid_of(vol.volume_id))
     assert b["num_blocks"] * b["block_size"] == 16 * MiB
-    assert len(lvol_names(env)) == 3
+    assert len(lvol_names(env)) == 4   # src, snapshot, its meta lvol, clone
 
 
 def test_create_and_snapshot_crash(env):
     vol = crash_then_retry(env, 1, "CreateVolume", create_req("v", 8 * MiB)).volume
     snap = crash_then_retry(env, 1, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
         name="s", source_volume_id=vol.volume_id)).snapshot
-    assert lvol_names(env) == sorted([contract.volume_lvol_name("v"),
-                                      contract.snapshot_lvol_name("s")])
+    meta = [n for n in lvol_names(env) if n.startswith(contract.SNAPSHOT_META_PREFIX)]
+    assert [contract.parse_snapshot_meta(n)[:2] for n in meta] == \
+        [(uuid_of(snap.snapshot_id), uuid_of(vol.volume_id))]
+    assert sorted(set(lvol_names(env)) - set(meta)) == sorted([contract.volume_lvol_name("v"),
+                                                               contract.snapshot_lvol_name("s")])
     assert env.t0.raw.bdev_get(uuid_of(snap.snapshot_id))["driver_specific"]["lvol"]["snapshot"]
 
 
