@@ -534,3 +534,12 @@ def test_notes_render(value_set, tmp_path):
     assert out.returncode == 0, out.stderr
     notes = yaml.safe_load(out.stdout)["data"]["notes"]
     assert "PersistentVolumeClaim" in notes and "kubectl apply" in notes
+
+
+def test_one_controller_at_a_time_by_default():
+    """Sidecars elect leaders independently, so two replicas could serve the
+    provisioner and the attacher from different pods whose in-process locks do
+    not see each other: the default is 1 and upgrades never overlap."""
+    dep = one(render_docs("defaults"), "Deployment", "-controller")
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
