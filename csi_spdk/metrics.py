@@ -153,3 +153,9 @@ AGENT_REFUSED = Counter(
     "Agent requests refused with PERMISSION_DENIED, by method and reason.",
     ["method", "reason"],
 )
+TARGET_UP = Gauge(
+    "csi_spdk_target_up",
+    "1 when the target's SPDK answered the last health check (spdk_get_version on the "
+    "checker's own connection), 0 when it did not.",
+    ["target"],
+)

@@ -22,14 +22,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 
 from google.protobuf import wrappers_pb2
 
 from .. import contract
 from ..errors import (
     AlreadyExists,
-    CsiError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -43,10 +42,11 @@ from ..locks import KeyedLocks
 from ..proto import csi_pb2, csi_pb2_grpc
 from ..rpc import rpc
 from ..spdk.api import SpdkApi
-from ..spdk.errors import SpdkNoSpace, SpdkNotFound
+from ..spdk.errors import SpdkNoSpace, SpdkNotFound, SpdkTransportError
 from . import placement, qos
 from .config import Config
 from .create import CreateRequest, create_empty, create_from_snapshot, create_from_volume
+from .health import TargetHealth
 from .requests import (
     IMMUTABLE_KEYS,
     K8S_PARAM_PREFIX,
@@ -76,23 +76,6 @@ CONTROLLER_CAPABILITIES = (
 log = logging.getLogger("csi_spdk.controller")
 
 
-def targets_ready(apis: Iterable[SpdkApi]) -> Callable[[], bool]:
-    """A ``ready`` check: every target answers spdk_get_version."""
-    apis = list(apis)
-
-    def ready() -> bool:
-        for api in apis:
-            try:
-                api.version()
-            except CsiError as err:
-                log.warning("SPDK target not ready", extra={"f": {
-                    "rpc": getattr(api.client, "address", "?"), "error": err.message}})
-                return False
-        return True
-
-    return ready
-
-
 def _topology(target: Target) -> list[csi_pb2.Topology]:
     """No constraint unless the target has labels (then nodes must carry them)."""
     segment = target.cfg.segment()
@@ -114,12 +97,16 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         self._node_ids: dict[str, str] = {}                  # host NQN -> CSI node id
         self._publishes: dict[tuple[str, str], tuple] = {}   # (uuid, host) -> (cap, ro)
         SnapshotService.__init__(self, self.targets, self.locks, config)
+        self.health = TargetHealth(self.targets)
 
     def ready(self) -> bool:
-        """For Identity.Probe: every target answers spdk_get_version."""
-        return targets_ready(t.api for t in self.targets.values())()
+        """For Identity.Probe: the process is up and can serve. Targets' own
+        health is ``self.health`` (metric + volume conditions): one down target
+        must not get the controller restarted (controller/health.py)."""
+        return True
 
     def close(self) -> None:
+        self.health.stop()
         for t in self.targets.values():
             with contextlib.suppress(Exception):
                 t.api.client.close()
@@ -174,7 +161,10 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             requisite=segments_of(request.accessibility_requirements.requisite),
             preferred=segments_of(request.accessibility_requirements.preferred),
             source=source)
-        req.found_target, req.found, req.lvstores = self.targets.find(req.lvol_name)
+        # pinned to a target: only that one can hold the name (a retry has the
+        # same parameters), so another, unreachable target does not matter
+        req.found_target, req.found, req.lvstores = self.targets.find(
+            req.lvol_name, only=params.target)
         if kind == "volume":
             with self.locks.hold([source.volume.volume_id],
                                  what="CreateVolume from this source"):
@@ -333,8 +323,12 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         with self._hints:
             return [contract.node_of_host(h) or self._node_ids.get(h, h) for h in hosts]
 
-    @staticmethod
-    def _condition(target: Target, lv: Lvol, lvs_uuids: set[str]) -> csi_pb2.VolumeCondition:
+    def _condition(self, target: Target, lv: Lvol, lvs_uuids: set[str]
+                   ) -> csi_pb2.VolumeCondition:
+        up, error = self.health.status(target.name)
+        if up is False:
+            return csi_pb2.VolumeCondition(abnormal=True, message=(
+                f"target {target.name} failed its last health check: {error}"))
         if lv.lvs_uuid and lv.lvs_uuid not in lvs_uuids:
             return csi_pb2.VolumeCondition(abnormal=True, message=(
                 f"lvol {lv.alias} belongs to lvstore {lv.lvs_uuid}, which target "
@@ -369,10 +363,21 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
 
     @rpc(lock=("volume_id",))
     def ControllerGetVolume(self, request, context):
+        """A volume on a target that cannot be reached right now is reported
+        with an abnormal condition (and size 0: unknown), not as an error."""
         require(request.volume_id, "volume_id")
-        target, lv = self.targets.volume(request.volume_id)
-        stores = {s["uuid"] for s in target.api.lvstores()}
-        hosts = target.exporter.hosts(lv.uuid)
+        try:
+            target, lv = self.targets.volume(request.volume_id)
+            stores = {s["uuid"] for s in target.api.lvstores()}
+            hosts = target.exporter.hosts(lv.uuid)
+        except SpdkTransportError as err:
+            oid = contract.parse_id(request.volume_id)
+            condition = csi_pb2.VolumeCondition(abnormal=True, message=(
+                f"target {oid.target} is unreachable: {err.message}"))
+            status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
+                volume_condition=condition)
+            return csi_pb2.ControllerGetVolumeResponse(
+                volume=csi_pb2.Volume(volume_id=request.volume_id), status=status)
         vol = self._volume_msg(target, lv)
         status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
             published_node_ids=self._node_list(hosts),

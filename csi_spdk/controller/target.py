@@ -345,14 +345,18 @@ class Targets(dict[str, Target]):
             raise NotFound(f"volume {volume_id} does not exist")
         return target, lv
 
-    def find(self, lvol_name: str) -> tuple[Target | None, Lvol | None, dict[str, list[dict]]]:
-        """Look the lvol name up in every target/lvstore (one bdev_get each).
+    def find(self, lvol_name: str, only: str = ""
+             ) -> tuple[Target | None, Lvol | None, dict[str, list[dict]]]:
+        """Look the lvol name up in every target/lvstore (one bdev_get each), or
+        in target ``only``.
 
         Returns the hit (or None) and each target's lvstores for placement. An
         unreachable target is an error: the name might exist there.
         """
         lvstores: dict[str, list[dict]] = {}
         for target in self.values():
+            if only and target.name != only:
+                continue
             lvstores[target.name] = target.lvstores()
             for lvs in lvstores[target.name]:
                 lv = target.lvol_by_name(lvs["name"], lvol_name)

@@ -203,13 +203,16 @@ def test_over_grpc(env, tmp_path):
         server.stop(0)
 
 
-def test_identity_node_flavour_and_probe_not_ready(tmp_path):
+def test_identity_node_flavour_and_probe_tells_about_the_process(tmp_path):
     cfg = cfgmod.parse({"targets": [{"name": "dead", "rpc": f"unix://{tmp_path}/none.sock",
                                      "rpcTimeout": 1,
                                      "nvmf": {"listenAddress": "127.0.0.1"}}]})
     ctl = ControllerServicer(cfg, "csi-spdk.io")
     ident = IdentityServicer("csi-spdk.io", controller=True, ready=ctl.ready)
-    assert call(ident, "Probe", csi_pb2.ProbeRequest()).ready.value is False
+    # a dead target is the health checker's business, not the liveness probe's
+    assert call(ident, "Probe", csi_pb2.ProbeRequest()).ready.value is True
+    ctl.health.check()
+    assert ctl.health.status("dead")[0] is False
     node = IdentityServicer("csi-spdk.io")
     caps = call(node, "GetPluginCapabilities", csi_pb2.GetPluginCapabilitiesRequest())
     assert all(c.service.type != c.service.CONTROLLER_SERVICE for c in caps.capabilities)
