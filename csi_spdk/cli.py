@@ -47,8 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where staging records survive plugin restarts")
     p.add_argument("--max-volumes", type=int, default=0,
                    help="max volumes per node reported to Kubernetes (0 = unlimited)")
-    p.add_argument("--ctrl-loss-tmo", type=int, default=60,
-                   help="nvme connect --ctrl-loss-tmo seconds (-1 = forever)")
+    p.add_argument("--ctrl-loss-tmo", type=int, default=-1,
+                   help="nvme connect --ctrl-loss-tmo seconds (-1 = forever, the default: "
+                        "a target restart and the agent's replay may take longer than any "
+                        "fixed value, and after it the kernel deletes the controller under "
+                        "a mounted filesystem)")
+    p.add_argument("--unstage-grace", type=float, default=30.0,
+                   help="seconds NodeUnstage waits for a lost path to come back before it "
+                        "disconnects first (so the unmount cannot hang)")
     p.add_argument("--reconnect-delay", type=int, default=2,
                    help="nvme connect --reconnect-delay seconds")
     p.add_argument("--connect-timeout", type=float, default=30.0,

@@ -87,7 +87,7 @@ class NvmeTcpInitiator:
     ``use_udev`` defaults to True only for the real ``/sys``.
     """
 
-    def __init__(self, host_nqn: str, host_id: str, ctrl_loss_tmo: int = 60,
+    def __init__(self, host_nqn: str, host_id: str, ctrl_loss_tmo: int = -1,
                  reconnect_delay: int = 2, sysfs_root: str = "/sys", nvme: str = "nvme",
                  dev_root: str = "/dev", use_udev: bool | None = None) -> None:
         self.host_nqn = host_nqn

@@ -28,7 +28,7 @@ def node_server(args: argparse.Namespace) -> GrpcServer:
         node_id=args.node_id, state_dir=args.state_dir, initiator=initiator,
         mounter=Mounter(), max_volumes=args.max_volumes,
         topology=topology.segments,
-        connect_timeout=args.connect_timeout,
+        connect_timeout=args.connect_timeout, unstage_grace=args.unstage_grace,
     )
     # controller=True: plugin capabilities are driver-wide (see identity.py)
     identity = IdentityServicer(args.driver_name, controller=True, node=node)

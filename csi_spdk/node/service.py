@@ -26,9 +26,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
+import grpc
+
 from .. import contract
 from ..errors import (
     AlreadyExists,
+    CsiError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -54,6 +57,12 @@ _MOUNT_REFUSED_MODES = {Mode.MULTI_NODE_MULTI_WRITER}
 _NODE_CAPS = ("STAGE_UNSTAGE_VOLUME", "GET_VOLUME_STATS", "EXPAND_VOLUME",
               "VOLUME_CONDITION", "SINGLE_NODE_MULTI_WRITER")
 _EXPAND_WAIT = 15.0
+# Errors after which kubelet treats NodeStage as finished (it will not call
+# NodeUnstage): what this call set up must be undone. The others are retried
+# (the operation is "in progress") and keep their record for the retry.
+_RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 @dataclass
@@ -69,6 +78,8 @@ class StageRecord:
     device: str = ""
     readonly: bool = False
     state: str = "connecting"   # "connecting" until the stage completed, then "staged"
+    traddr: str = ""            # where to reconnect when the kernel dropped the controller
+    trsvcid: str = ""
 
 
 class StateStore:
@@ -163,7 +174,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     def __init__(self, node_id: str, state_dir: str, initiator, mounter: Mounter | None = None,
                  max_volumes: int = 0, topology_segments: Mapping[str, str] | None = None,
-                 connect_timeout: float = 30.0,
+                 connect_timeout: float = 30.0, unstage_grace: float = 30.0,
                  topology: Callable[[], Mapping[str, str]] | None = None) -> None:
         if not node_id:
             raise InvalidArgument("node id is required")
@@ -176,6 +187,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                                       {contract.TOPOLOGY_NODE_KEY: node_id})
         self.topology = topology
         self.connect_timeout = connect_timeout
+        # NodeUnstage waits at most this long for a lost path to come back
+        # (so dirty data can still be flushed), then disconnects first.
+        self.unstage_grace = unstage_grace
         self.locks = KeyedLocks()
         self.store = StateStore(state_dir)
         self.ro_loops = ReadOnlyLoops(state_dir, run=self.mounter.run)
@@ -227,24 +241,50 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             if rec.access != kind or (want_fs and rec.fstype and want_fs != rec.fstype):
                 raise AlreadyExists(f"volume {request.volume_id} is already staged as "
                                     f"{rec.access} {rec.fstype}".rstrip())
+        previous = rec
         rec = StageRecord(request.volume_id, pc[contract.PC_NQN], pc[contract.PC_NS_UUID],
                           staging, kind, rec.fstype if rec else "", rec.device if rec else "",
-                          readonly, rec.state if rec else "connecting")
+                          readonly, rec.state if rec else "connecting",
+                          pc[contract.PC_TRADDR], pc[contract.PC_TRSVCID])
+        was_connected = self.initiator.is_connected(rec.nqn)
         self.store.save(rec)
-        device = self.initiator.connect(pc, self.connect_timeout)
+        try:
+            device = self.initiator.connect(pc, self.connect_timeout)
+            if kind == "mount":
+                rec.fstype = self._stage_mount(device, staging, want_fs, cap, readonly,
+                                               previous)
+        except CsiError as err:
+            if err.code not in _RETRIED_CODES and (previous is None or
+                                                   previous.state != "staged"):
+                # final: kubelet will not unstage, so undo what this call made
+                log.warning("stage failed for good; cleaning up", extra={"f": {
+                    "volume": request.volume_id, "error": err.message}})
+                if not was_connected:
+                    with contextlib.suppress(CsiError):
+                        self.initiator.disconnect(rec.nqn)
+                self.store.delete(request.volume_id)
+            raise
         rec.device = device
-        if kind == "mount":
-            rec.fstype = self._stage_mount(device, staging, want_fs, cap, readonly)
         rec.state = "staged"
         self.store.save(rec)
         return csi_pb2.NodeStageVolumeResponse()
 
     def _stage_mount(self, device: str, staging: str, want_fs: str,
-                     cap: csi_pb2.VolumeCapability, readonly: bool) -> str:
+                     cap: csi_pb2.VolumeCapability, readonly: bool,
+                     previous: StageRecord | None = None) -> str:
         existing = self.mounter.mounted_at(staging)
         if existing is not None:
             if self._same_device(existing.major_minor, device) and existing.root == "/":
                 return existing.fstype
+            if previous is not None and previous.state == "staged" and previous.device \
+                    and previous.device != device and existing.source == previous.device:
+                # Our own stage, but the kernel dropped that controller and the
+                # namespace came back as another device: the old mount is dead.
+                log.warning("staged volume's device was replaced; remounting", extra={"f": {
+                    "volume": previous.volume_id, "old": previous.device, "new": device}})
+                self.mounter.unmount(staging)
+                existing = None
+        if existing is not None:
             raise FailedPrecondition(f"staging path {staging} already has {existing.source} "
                                      f"({existing.fstype}) mounted; refusing to stage over it")
         if readonly:
@@ -273,19 +313,35 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         require(request.volume_id, "volume_id")
         require(request.staging_target_path, "staging_target_path")
         rec = self.store.load(request.volume_id)
+        nqn = rec.nqn if rec is not None else ""
+        if not nqn:
+            with contextlib.suppress(Exception):
+                nqn = contract.subsystem_nqn(contract.parse_id(request.volume_id).lvol_uuid)
+        if nqn and self.initiator.is_connected(nqn) and not self._wait_live(nqn):
+            # The target is gone (the controller keeps reconnecting: ctrl_loss_tmo
+            # -1): an unmount would wait for I/O forever. Disconnecting first
+            # fails the queued I/O, so the unmount below finishes.
+            log.warning("no live path; disconnecting before unmount", extra={"f": {
+                "volume": request.volume_id, "nqn": nqn}})
+            self.initiator.disconnect(nqn)
         self.mounter.unmount(request.staging_target_path)
         if rec is not None and rec.staging_path != request.staging_target_path:
             self.mounter.unmount(rec.staging_path)
         if rec is not None:
             self.ro_loops.detach_volume(rec.volume_id, rec.device)
-        nqn = rec.nqn if rec is not None else ""
-        if not nqn:
-            with contextlib.suppress(Exception):
-                nqn = contract.subsystem_nqn(contract.parse_id(request.volume_id).lvol_uuid)
         if nqn:
             self.initiator.disconnect(nqn)
         self.store.delete(request.volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
+
+    def _wait_live(self, nqn: str) -> bool:
+        """Wait up to ``unstage_grace`` seconds for a live path to ``nqn``."""
+        deadline = time.monotonic() + self.unstage_grace
+        while not self.initiator.path_live(nqn):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        return True
 
     # --- publish / unpublish ----------------------------------------------------------
     @rpc(lock=("volume_id",))
@@ -398,6 +454,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         problems = []
         if self.mounter.mounted_at(path) is None:
             problems.append(f"{path} is not mounted")
+        if rec.nqn and rec.state == "staged" and rec.traddr and \
+                not self.initiator.is_connected(rec.nqn):
+            problems.append(self._reconnect(rec))
         if rec.nqn and not self.initiator.path_live(rec.nqn):
             problems.append(f"no live NVMe/TCP path to {rec.nqn}")
         Unit = csi_pb2.VolumeUsage
@@ -416,6 +475,26 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         condition = csi_pb2.VolumeCondition(abnormal=bool(problems),
                                             message="; ".join(problems) or "healthy")
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+    def _reconnect(self, rec: StageRecord) -> str:
+        """The kernel deleted the controller of a staged volume (ctrl_loss_tmo ran
+        out while the target was away): connect again from the stage record. A
+        filesystem mounted on the old device stays broken until the volume is
+        staged again (NodeStageVolume then remounts it)."""
+        pc = {contract.PC_NQN: rec.nqn, contract.PC_TRTYPE: "tcp",
+              contract.PC_TRADDR: rec.traddr, contract.PC_TRSVCID: rec.trsvcid,
+              contract.PC_NS_UUID: rec.ns_uuid}
+        try:
+            device = self.initiator.connect(pc, min(self.connect_timeout, 10.0))
+        except CsiError as err:
+            return f"the NVMe/TCP controller of {rec.nqn} was gone; reconnecting failed: " \
+                   f"{err.message}"
+        log.warning("reconnected a staged volume", extra={"f": {
+            "volume": rec.volume_id, "device": device}})
+        if device != rec.device and rec.access == "mount":
+            return (f"the NVMe/TCP controller of {rec.nqn} was gone and was reconnected as "
+                    f"{device}; the filesystem mounted from {rec.device} must be staged again")
+        return f"the NVMe/TCP controller of {rec.nqn} was gone and was reconnected"
 
     @rpc(lock=("volume_id",))
     def NodeExpandVolume(self, request, context):
