@@ -151,12 +151,16 @@ def create_from_snapshot(targets: Targets, config: Config,
     if snap is None or not snap.snapshot or not contract.is_snapshot_lvol(snap.name) \
             or target.deleted_mark(snap) is not None:
         snap = None
-    if snap is None and req.found is not None and req.found_target is target:
-        # The snapshot was deleted after the clone (it merged into it).
-        req.check_size(req.found)
-        return target, req.found
     if snap is None:
-        raise NotFound(f"snapshot {snapshot_id} does not exist")
+        # Gone (perhaps merged into a clone an earlier attempt made): nothing in
+        # SPDK proves that a volume holding the name came from it, so it is
+        # never answered with (it may be an unrelated volume of that name).
+        held = ""
+        if req.found is not None:
+            vid = contract.ObjectId(req.found_target.name, req.found.uuid)  # type: ignore
+            held = (f"; volume {vid} holds the name {echo(req.name)} (delete it if an "
+                    "earlier attempt left it)")
+        raise NotFound(f"snapshot {snapshot_id} does not exist{held}")
     plan = _ClonePlan.of(req, target, snap.lvstore, snap.size)
     with targets.admission:
         plan.admit(target, config, *plan.clone_need(req))
@@ -168,6 +172,12 @@ def create_from_volume(targets: Targets, config: Config,
     """A clone of a driver-managed snapshot (``csic-``) of the source volume."""
     target, src = targets.volume(req.source.volume.volume_id)  # type: ignore[union-attr]
     csic = contract.clone_source_lvol_name(req.name)
+    with targets.using(csic):
+        return _from_volume(targets, config, req, target, src, csic)
+
+
+def _from_volume(targets: Targets, config: Config, req: CreateRequest, target: Target,
+                 src: Lvol, csic: str) -> tuple[Target, Lvol]:
     snap = target.lvol_by_name(src.lvstore, csic)
     plan = _ClonePlan.of(req, target, src.lvstore, snap.size if snap else src.size)
     thin_need, thick_need = plan.clone_need(req)

@@ -16,7 +16,7 @@ def controller_server(config_path: str, endpoint: str, driver_name: str) -> Grpc
     """A ready-to-start gRPC server with Identity + Controller."""
     config = load(config_path)
     controller = ControllerServicer(config, driver_name=driver_name)
-    controller.health.start()
+    controller.start_background()
     identity = IdentityServicer(driver_name, controller=controller)
     return GrpcServer(endpoint, [
         lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(identity, s),

@@ -29,6 +29,7 @@ from google.protobuf import wrappers_pb2
 from .. import contract
 from ..errors import (
     AlreadyExists,
+    CsiError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -74,6 +75,7 @@ CONTROLLER_CAPABILITIES = (
 
 
 log = logging.getLogger("csi_spdk.controller")
+RECONCILE_INTERVAL = 300.0   # seconds between reconciler passes
 
 
 def _topology(target: Target) -> list[csi_pb2.Topology]:
@@ -98,6 +100,33 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         self._publishes: dict[tuple[str, str], tuple] = {}   # (uuid, host) -> (cap, ro)
         SnapshotService.__init__(self, self.targets, self.locks, config)
         self.health = TargetHealth(self.targets)
+        self._reconciler: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def start_background(self, reconcile_interval: float = RECONCILE_INTERVAL) -> None:
+        """The target health checker and the reconciler (daemon threads)."""
+        self.health.start()
+        if self._reconciler is None:
+            self._reconciler = threading.Thread(
+                target=self._reconcile_loop, args=(reconcile_interval,),
+                name="reconciler", daemon=True)
+            self._reconciler.start()
+
+    def reconcile(self) -> None:
+        """Reclaim what abandoned or crashed calls left on every reachable
+        target (``Target.sweep``: clone sources of CreateVolumes never retried,
+        hidden snapshots whose clones are gone, orphaned markers), except what
+        a running call is using. Off the request path."""
+        for target in self.targets.values():
+            try:
+                target.sweep(self.targets.busy())
+            except CsiError as err:
+                log.warning("reconcile failed", extra={"f": {"target": target.name,
+                                                             "error": err.message}})
+
+    def _reconcile_loop(self, interval: float) -> None:
+        while not self._stopping.wait(interval):
+            self.reconcile()
 
     def ready(self) -> bool:
         """For Identity.Probe: the process is up and can serve. Targets' own
@@ -106,6 +135,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         return True
 
     def close(self) -> None:
+        self._stopping.set()
         self.health.stop()
         for t in self.targets.values():
             with contextlib.suppress(Exception):
@@ -195,7 +225,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         if lv is None:
             # Maybe a retry after a crash between the delete and the reclaim of
             # the volume's internal parent snapshot: finish that.
-            target.sweep()
+            target.sweep(self.targets.busy())
             return csi_pb2.DeleteVolumeResponse()
         if not contract.is_driver_lvol(lv.name):
             raise FailedPrecondition(f"lvol {lv.alias} was not created by csi-spdk; "
@@ -210,7 +240,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
                                      f"{', '.join(self._node_names(hosts))}; unpublish it first")
         if sub is not None:
             target.exporter.delete(lv.uuid)
-        target.delete_lvol(lv)
+        target.delete_lvol(lv)   # under the target's lineage lock
         return csi_pb2.DeleteVolumeResponse()
 
     # --- publish -----------------------------------------------------------------

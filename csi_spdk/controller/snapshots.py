@@ -215,15 +215,24 @@ class SnapshotService:
         except NotFound:
             return csi_pb2.DeleteSnapshotResponse()
         target = self.targets.get(oid.target)
-        snap = target.lvol(oid.lvol_uuid) if target else None
+        if target is None:
+            return csi_pb2.DeleteSnapshotResponse()
+        with target.lineage:
+            return self._delete_snapshot(target, oid, request.snapshot_id)
+
+    def _delete_snapshot(self, target: Target, oid: contract.ObjectId,
+                         snapshot_id: str) -> csi_pb2.DeleteSnapshotResponse:
+        snap = target.lvol(oid.lvol_uuid)
         if snap is None:
+            # maybe a retry after a crash between the delete and the clean-up
+            target.drop_snapshot_leftovers(oid.lvol_uuid)
             self._forget(oid.lvol_uuid)
             return csi_pb2.DeleteSnapshotResponse()
         if not contract.is_driver_lvol(snap.name):
             raise FailedPrecondition(f"lvol {snap.alias} was not created by csi-spdk; "
                                      "refusing to delete it")
         if not contract.is_snapshot_lvol(snap.name) or not snap.snapshot:
-            raise FailedPrecondition(f"{request.snapshot_id} is not a snapshot")
+            raise FailedPrecondition(f"{snapshot_id} is not a snapshot")
         try:
             target.api.lvol_delete(snap.uuid)
         except SpdkNotFound:

@@ -85,6 +85,11 @@ class Target:
         self.cfg = cfg
         self.api = api
         self.exporter = NvmfExporter(api, cfg)
+        # Held by everything that deletes lvols or reclaims snapshots on this
+        # target (DeleteSnapshot, DeleteVolume, the reconciler), so a snapshot's
+        # "marked deleted" and "last clone gone" can never interleave into a
+        # hidden snapshot nobody reclaims. Re-entrant: reclaim runs inside.
+        self.lineage = threading.RLock()
         # lvstore name -> (time, bytes of volumes, clusters held by snapshots)
         self._prov: dict[str, tuple[float, int, int]] = {}
         self._prov_lock = threading.Lock()
@@ -231,6 +236,17 @@ class Target:
                 with contextlib.suppress(SpdkNotFound):
                     self.api.lvol_delete(lv["uuid"])
 
+    def drop_snapshot_leftovers(self, snap_uuid: str) -> None:
+        """A snapshot is gone: delete its deleted-mark and meta lvol wherever
+        they are (a retry after a crash between deleting it and them)."""
+        meta = contract.snapshot_meta_prefix(snap_uuid)
+        mark = contract.deleted_mark_lvol_name(snap_uuid)
+        for lv in self.api.lvols():
+            name = lv.get("name", "")
+            if name == mark or name.startswith(meta):
+                with contextlib.suppress(SpdkNotFound):
+                    self.api.lvol_delete(lv["uuid"])
+
     def reclaim(self, lvstore: str, parent: str | None) -> None:
         """Delete driver-internal snapshots (clone sources ``csic-`` and
         user-deleted, marked ones) up the chain from ``parent`` once they have
@@ -267,6 +283,10 @@ class Target:
         left behind, clone sources of abandoned CreateVolume retries, and
         markers whose snapshot is already gone. ``busy``: ``csic-`` names an
         in-flight CreateVolume is working with (left alone)."""
+        with self.lineage:
+            self._sweep(busy)
+
+    def _sweep(self, busy: frozenset[str]) -> None:
         lvols = self.lvols_with_bdevs()
         by_uuid = {lv.uuid: lv for lv in lvols}
         for lv in lvols:
@@ -289,6 +309,10 @@ class Target:
 
     def delete_lvol(self, lv: Lvol) -> None:
         """Delete an lvol (missing is success) and reclaim its hidden parents."""
+        with self.lineage:
+            self._delete_lvol(lv)
+
+    def _delete_lvol(self, lv: Lvol) -> None:
         with contextlib.suppress(SpdkNotFound):
             self.api.lvol_delete(lv.uuid)
         if lv.snapshot:
@@ -328,6 +352,26 @@ class Targets(dict[str, Target]):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.admission = threading.RLock()
+        self._busy: dict[str, int] = {}
+        self._busy_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def using(self, lvol_name: str):
+        """Mark a driver-internal lvol (a ``csic-`` clone source) as in use by a
+        running call, so the reconciler leaves it alone."""
+        with self._busy_lock:
+            self._busy[lvol_name] = self._busy.get(lvol_name, 0) + 1
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                self._busy[lvol_name] -= 1
+                if not self._busy[lvol_name]:
+                    del self._busy[lvol_name]
+
+    def busy(self) -> frozenset[str]:
+        with self._busy_lock:
+            return frozenset(self._busy)
 
     def of(self, oid: contract.ObjectId, kind: str = "volume") -> Target:
         """The target an id names; NOT_FOUND when it is not configured."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -26,6 +28,54 @@ from .. import metrics
 from .errors import SpdkTransportError, from_response
 
 DEFAULT_TIMEOUT = 60.0
+CRASH_ENV = "CSI_SPDK_CRASH_AT"            # "<method>:<nth>:<before|after>"
+CRASH_MARKER_ENV = "CSI_SPDK_CRASH_MARKER"  # file written just before the kill
+
+
+class CrashHook:
+    """Fault injection for the crash tests, enabled only by ``CSI_SPDK_CRASH_AT``:
+    SIGKILL this process at the nth call of an SPDK method, before it is sent
+    or after SPDK applied it (its reply read). The marker file proves the
+    point was reached. Inert (one attribute check per call) without the
+    variable."""
+
+    def __init__(self, spec: str, marker: str) -> None:
+        method, nth, when = spec.rsplit(":", 2)
+        if when not in ("before", "after"):
+            raise ValueError(f"{CRASH_ENV}={spec!r}: the last field must be before or after")
+        self.method, self.nth, self.when, self.marker = method, int(nth), when, marker
+        self.count = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> CrashHook | None:
+        spec = os.environ.get(CRASH_ENV, "")
+        return cls(spec, os.environ.get(CRASH_MARKER_ENV, "")) if spec else None
+
+    def before(self, method: str) -> int:
+        if method != self.method:
+            return 0
+        with self._lock:
+            self.count += 1
+            n = self.count
+        if self.when == "before" and n == self.nth:
+            self._kill()
+        return n
+
+    def after(self, method: str, n: int) -> None:
+        if method == self.method and self.when == "after" and n == self.nth:
+            self._kill()
+
+    def _kill(self) -> None:
+        if self.marker:
+            with open(self.marker, "w", encoding="utf-8") as f:
+                f.write(f"{self.method}:{self.nth}:{self.when}\n")
+                f.flush()
+                os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_CRASH = CrashHook.from_env()
 
 
 def parse_address(address: str) -> tuple[int, Any]:
@@ -121,8 +171,11 @@ class SpdkClient:
         outcome = "transport"
         if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise SpdkTransportError(self.address, method, "all connections busy until timeout")
+        nth = _CRASH.before(method) if _CRASH is not None else 0
         try:
             reply = self._exchange(method, payload, deadline)
+            if _CRASH is not None:
+                _CRASH.after(method, nth)
             if reply.get("id") != request["id"]:
                 raise SpdkTransportError(self.address, method,
                                          f"reply id {reply.get('id')!r} != {request['id']}")

@@ -1,4 +1,8 @@
-"""Crash between any two SPDK calls, concurrency, and the controller over real gRPC."""
+"""An SPDK error between any two SPDK calls (in-process: ``FlakyApi`` fails the
+N-th mutating call, like an SPDK internal error would), concurrency, and the
+controller over real gRPC. Real crashes (SIGKILL of a controller process at
+each SPDK call boundary, before and after SPDK applied it) are in
+test_controller_kill.py."""
 
 from __future__ import annotations
 
