@@ -41,7 +41,7 @@ LVSTORE_FREE = Gauge(
 )
 LVSTORE_PROVISIONED = Gauge(
     "csi_spdk_lvstore_provisioned_bytes",
-    "Sum of the sizes of the driver's lvols in an lvstore (can exceed total when thin).",
+    "Volume sizes plus clusters held by snapshots in an lvstore (can exceed total when thin).",
     ["target", "lvstore"],
 )
 
