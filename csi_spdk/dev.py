@@ -180,7 +180,7 @@ def run_dev(args: argparse.Namespace) -> int:
                                      "csi-spdk.io")]
         node_args = argparse.Namespace(
             endpoint=f"unix://{sock_dir}/node.sock", node_id=args.node_id,
-            state_dir=str(work / "node-state"), max_volumes=0, ctrl_loss_tmo=60,
+            state_dir=str(work / "node-state"), max_volumes=0, ctrl_loss_tmo=-1, unstage_grace=30.0,
             reconnect_delay=2, connect_timeout=30.0, spdk_rpc="", sysfs_root="/sys",
             topology=[], driver_name="csi-spdk.io",
         )
