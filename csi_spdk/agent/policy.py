@@ -122,6 +122,9 @@ class Checks:
         self.driver_lvol_ref(m, _str(m, p, "name"))
 
     bdev_lvol_resize = bdev_lvol_delete
+    # the controller re-inflates a thick volume after SPDK turned it thin at a
+    # snapshot (docs/DESIGN.md "Capacity"): the driver's own lvols only
+    bdev_lvol_inflate = bdev_lvol_delete
 
     def bdev_set_qos_limit(self, m: str, p: dict) -> None:
         self.driver_lvol(m, _str(m, p, "name"))   # any bdev type: always resolve
@@ -170,7 +173,8 @@ _NQN_ONLY = ("nvmf_delete_subsystem", "nvmf_subsystem_add_listener",
              "nvmf_subsystem_remove_listener", "nvmf_subsystem_add_host",
              "nvmf_subsystem_remove_host", "nvmf_subsystem_remove_ns",
              "nvmf_subsystem_get_controllers")
-_OWN = ("bdev_lvol_create", "bdev_lvol_delete", "bdev_lvol_resize", "bdev_set_qos_limit",
+_OWN = ("bdev_lvol_create", "bdev_lvol_delete", "bdev_lvol_resize", "bdev_lvol_inflate",
+        "bdev_set_qos_limit",
         "bdev_lvol_rename", "bdev_lvol_snapshot", "bdev_lvol_clone", "nvmf_create_transport",
         "nvmf_create_subsystem", "nvmf_subsystem_add_ns")
 CHECKED = frozenset(_OWN + _NQN_ONLY)

@@ -14,23 +14,23 @@ Concurrency: one daemon thread writes, RPC threads read ``status``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 
 from .. import metrics
 from ..errors import CsiError
-from ..spdk.client import SpdkClient
 from .target import Targets
 
 log = logging.getLogger("csi_spdk.health")
 
 
 class TargetHealth:
-    def __init__(self, targets: Targets, interval: float = 10.0, timeout: float = 5.0) -> None:
+    def __init__(self, targets: Targets, interval: float = 10.0) -> None:
         self.interval = interval
-        self._clients = {name: SpdkClient(t.cfg.rpc, timeout=timeout, pool_size=1)
-                         for name, t in targets.items()}
+        # a client of its own per target (direct socket or the target's agent)
+        self._clients = {name: t.cfg.make_api().client for name, t in targets.items()}
         self._status: dict[str, tuple[bool | None, str]] = {
             name: (None, "not checked yet") for name in targets}
         self._lock = threading.Lock()
@@ -74,4 +74,5 @@ class TargetHealth:
     def stop(self) -> None:
         self._stop.set()
         for client in self._clients.values():
-            client.close()
+            with contextlib.suppress(Exception):
+                client.close()

@@ -51,6 +51,11 @@ def test_unreachable_agent_is_unavailable_naming_it(short_tmp):
         msg = expect_code(grpc.StatusCode.UNAVAILABLE, servicer, "CreateVolume",
                           create_req("pvc-x", 16 << 20))
         assert "no-agent.sock" in msg and "'far'" in msg
-        assert servicer.ready() is False
+        # Probe is about the process (docs/DESIGN.md "Health"); the target's
+        # health check says the agent is down
+        assert servicer.ready() is True
+        servicer.health.check()
+        up, error = servicer.health.status("far")
+        assert up is False and "no-agent.sock" in error
     finally:
         servicer.close()
