@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the QEMU test guest needs (tests/e2e/guest) on a Debian 12 host:
-# qemu (TCG only, no KVM needed) and socat on the host, and -- never installed
+# qemu (TCG only, no KVM needed), socat and nvme-cli (the key-format unit test
+# compares with its gen-dhchap-key) on the host, and -- never installed
 # on the host -- a Debian 13 (trixie) guest: its 6.12 cloud kernel (in-band
 # NVMe auth, NVMe/TCP TLS, kernel nvmet with auth and TLS) and the userland
 # copied into the guest's initramfs (busybox-static, nvme-cli 2.13 + libnvme,
@@ -24,7 +25,7 @@ cache="${1:-${CSI_SPDK_GUEST_CACHE:-$repo/.cache/guest}}"
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 
-host_pkgs=(qemu-system-x86 socat cpio kmod debian-archive-keyring)
+host_pkgs=(qemu-system-x86 socat cpio kmod debian-archive-keyring nvme-cli)
 missing=()
 for p in "${host_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
