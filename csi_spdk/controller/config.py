@@ -67,6 +67,21 @@ class TargetConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """``auth:`` of the config file (data-path authentication, controller/auth.py)."""
+
+    # same-host key custody: the key files of targets on this host, one
+    # subdirectory per target (0700 directories, 0600 files)
+    key_dir: str = "/var/lib/csi-spdk/keys"
+    # the namespace of the volume Secrets ("" = the controller's own)
+    secret_namespace: str = ""
+    # dev/tests only: one key pair for every volume instead of a Secret each
+    static_secrets_file: str = ""
+    # the auth of volumes whose StorageClass has no ``auth`` parameter
+    default_mode: str = contract.AUTH_DHCHAP
+
+
+@dataclass(frozen=True)
 class Config:
     targets: tuple[TargetConfig, ...]
     thin_overcommit_ratio: float = DEFAULT_OVERCOMMIT
@@ -75,6 +90,7 @@ class Config:
     # publishes to nodes it knows, so the chart leaves it unset; `dev` sets it
     # so that publishing to a node that does not exist is NOT_FOUND.
     nodes: frozenset[str] | None = None
+    auth: AuthConfig = field(default_factory=lambda: AuthConfig())
 
     def target(self, name: str) -> TargetConfig | None:
         for t in self.targets:
@@ -87,7 +103,8 @@ class Config:
         return [t.name for t in self.targets]
 
 
-_TOP_KEYS = {"targets", "thinOvercommitRatio", "defaultVolumeSize", "nodes"}
+_TOP_KEYS = {"targets", "thinOvercommitRatio", "defaultVolumeSize", "nodes", "auth"}
+_AUTH_KEYS = {"keyDir", "secretNamespace", "staticSecretsFile", "defaultMode"}
 _TARGET_KEYS = {"name", "rpc", "rpcTimeout", "nvmf", "lvstores", "node", "topology"}
 _NVMF_KEYS = {"listenAddress", "port", "dialAddress"}
 
@@ -205,7 +222,26 @@ def _parse(data: Any) -> Config:
         raise ConfigError("nodes: must be a list of node ids (or absent to accept any)")
     return Config(targets=targets, thin_overcommit_ratio=ratio,
                   default_volume_size=int(default_size),
-                  nodes=frozenset(nodes) if nodes is not None else None)
+                  nodes=frozenset(nodes) if nodes is not None else None,
+                  auth=_auth(data.get("auth") or {}))
+
+
+def _auth(raw: Any) -> AuthConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("auth: must be a mapping")
+    _unknown("auth", raw, _AUTH_KEYS)
+    for key in _AUTH_KEYS:
+        if key in raw and not isinstance(raw[key], str):
+            raise ConfigError(f"auth.{key}: must be a string")
+    key_dir = raw.get("keyDir", AuthConfig.key_dir)
+    if not key_dir.startswith("/"):
+        raise ConfigError(f"auth.keyDir: must be an absolute path, got {key_dir!r}")
+    mode = raw.get("defaultMode", contract.AUTH_DHCHAP)
+    if mode not in (contract.AUTH_DHCHAP, contract.AUTH_NONE):
+        raise ConfigError(f"auth.defaultMode: must be dhchap or none, got {mode!r}")
+    return AuthConfig(key_dir=key_dir, secret_namespace=raw.get("secretNamespace", ""),
+                      static_secrets_file=raw.get("staticSecretsFile", ""),
+                      default_mode=mode)
 
 
 def load(path: str | Path) -> Config:

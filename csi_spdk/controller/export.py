@@ -85,6 +85,11 @@ class NvmfExporter:
                    for a in sub.get("listen_addresses", []))
 
     @staticmethod
+    def _host_has_keys(sub: dict, host_nqn: str, keys: dict[str, str]) -> bool:
+        entry = next((h for h in sub.get("hosts", []) if h.get("nqn") == host_nqn), {})
+        return all(entry.get(k) == v for k, v in keys.items())
+
+    @staticmethod
     def _has_namespace(sub: dict, lvol_uuid: str) -> bool:
         return any(ns.get("bdev_name") == lvol_uuid or ns.get("uuid") == lvol_uuid
                    for ns in sub.get("namespaces", []))
@@ -115,12 +120,14 @@ class NvmfExporter:
             return sub
         return None
 
-    def export(self, lvol_uuid: str, host_nqn: str, sub: dict | None | object = ...
-               ) -> dict[str, str]:
+    def export(self, lvol_uuid: str, host_nqn: str, sub: dict | None | object = ...,
+               keys: dict[str, str] | None = None) -> dict[str, str]:
         """Make the volume reachable by ``host_nqn``; return the publish_context.
 
         ``sub`` is the subsystem as the caller just read it (None: missing),
-        saving one RPC; by default it is read here."""
+        saving one RPC; by default it is read here. ``keys``: keyring key NAMES
+        for the host entry (``dhchap_key``, ``dhchap_ctrlr_key``); an entry
+        with other names gets these (``nvmf_subsystem_set_keys``)."""
         nqn = contract.subsystem_nqn(lvol_uuid)
         try:
             self.ensure_transport()
@@ -146,9 +153,12 @@ class NvmfExporter:
             if not self._has_listener(sub):
                 self._step(nqn, self._has_listener,
                            lambda: self.api.listener_add(nqn, self._listen_address()))
+            keys = keys or {}
             if host_nqn not in self.hosts_of(sub):
                 self._step(nqn, lambda s: host_nqn in self.hosts_of(s),
-                           lambda: self.api.host_add(nqn, host_nqn))
+                           lambda: self.api.host_add(nqn, host_nqn, **keys))
+            elif keys and not self._host_has_keys(sub, host_nqn, keys):
+                self.api.host_set_keys(nqn, host_nqn, **keys)
         except SpdkError:
             # The target may have restarted without its transport: check again next time.
             with self._mutex:

@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .. import contract
 from ..errors import InvalidArgument, OutOfRange, require
 from ..proto import csi_pb2
+from .auth import parse_auth
 from .config import Config
 
 _Mode = csi_pb2.VolumeCapability.AccessMode
@@ -20,7 +22,7 @@ FS_TYPES = ("ext4", "xfs")
 # NodeStageVolume cannot fail on a size the controller chose.
 FS_MIN_BYTES = {"xfs": 300 * 1024 * 1024}
 CLEAR_METHODS = ("none", "unmap", "write_zeroes")
-PARAM_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType")
+PARAM_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType", "auth")
 K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
 
 
@@ -70,6 +72,7 @@ class VolumeParams:
     thin: bool = False
     clear_method: str = ""
     fs_type: str = ""
+    auth: str = contract.AUTH_DHCHAP   # data-path auth (controller/auth.py)
 
 
 def parse_params(params: Mapping[str, str], config: Config) -> VolumeParams:
@@ -93,7 +96,8 @@ def parse_params(params: Mapping[str, str], config: Config) -> VolumeParams:
     fs = params.get("fsType", "")
     if fs and fs not in FS_TYPES:
         raise InvalidArgument(f"parameter fsType={fs!r} must be one of {', '.join(FS_TYPES)}")
-    return VolumeParams(target, params.get("lvstore", ""), thin == "true", clear, fs)
+    return VolumeParams(target, params.get("lvstore", ""), thin == "true", clear, fs,
+                        parse_auth(dict(params), config.auth.default_mode))
 
 
 def capacity_range(req) -> tuple[int, int]:

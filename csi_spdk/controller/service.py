@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 
@@ -44,6 +45,7 @@ from ..rpc import rpc
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkNoSpace, SpdkNotFound
 from . import placement
+from .auth import SameHostKeyCustody, SecretStore, StaticSecrets, VolumeAuth
 from .config import Config
 from .create import CreateRequest, create_empty, create_from_snapshot, create_from_volume
 from .requests import (
@@ -90,6 +92,18 @@ def targets_ready(apis: Iterable[SpdkApi]) -> Callable[[], bool]:
     return ready
 
 
+def _default_store(config: Config) -> SecretStore | None:
+    """Static keys (dev/tests) when configured, Kubernetes Secrets in a
+    cluster (or with $KUBECONFIG), else none (auth: dhchap volumes are then
+    FAILED_PRECONDITION)."""
+    if config.auth.static_secrets_file:
+        return StaticSecrets(config.auth.static_secrets_file)
+    from .k8s_secrets import KubernetesSecrets, in_cluster
+    if in_cluster() or os.environ.get("KUBECONFIG"):
+        return KubernetesSecrets(config.auth.secret_namespace)
+    return None
+
+
 def _topology(target: Target) -> list[csi_pb2.Topology]:
     """No constraint unless the target has labels (then nodes must carry them)."""
     segment = target.cfg.segment()
@@ -100,7 +114,10 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
     """The CSI Controller service over the configured SPDK targets."""
 
     def __init__(self, config: Config, driver_name: str,
-                 apis: Mapping[str, SpdkApi] | None = None) -> None:
+                 apis: Mapping[str, SpdkApi] | None = None,
+                 secret_store: SecretStore | None = None, key_custody=None) -> None:
+        """``secret_store``/``key_custody`` (target name -> KeyCustody): the
+        auth strategies (controller/auth.py); defaults from ``config.auth``."""
         self.locks = KeyedLocks()
         self.config = config
         self.driver_name = driver_name
@@ -111,6 +128,17 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         self._node_ids: dict[str, str] = {}                  # host NQN -> CSI node id
         self._publishes: dict[tuple[str, str], tuple] = {}   # (uuid, host) -> (cap, ro)
         SnapshotService.__init__(self, self.targets, self.locks)
+        self._custodies: dict[str, SameHostKeyCustody] = {}
+        self.auth = VolumeAuth(secret_store or _default_store(config),
+                               key_custody or self._same_host_custody)
+
+    def _same_host_custody(self, target_name: str) -> SameHostKeyCustody:
+        with self._hints:
+            if target_name not in self._custodies:
+                self._custodies[target_name] = SameHostKeyCustody(
+                    self.targets[target_name].api,
+                    os.path.join(self.config.auth.key_dir, target_name))
+            return self._custodies[target_name]
 
     def ready(self) -> bool:
         """For Identity.Probe: every target answers spdk_get_version."""
@@ -134,9 +162,10 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
                               accessible_topology=_topology(target))
 
     def _volume_response(self, target: Target, lv: Lvol, params: VolumeParams,
-                         source: csi_pb2.VolumeContentSource | None
+                         source: csi_pb2.VolumeContentSource | None, name: str
                          ) -> csi_pb2.CreateVolumeResponse:
         vol = self._volume_msg(target, lv, params.fs_type)
+        vol.volume_context.update(self.auth.created(lv.uuid, name, params.auth))
         if source is not None:
             vol.content_source.CopyFrom(source)
         return csi_pb2.CreateVolumeResponse(volume=vol)
@@ -147,6 +176,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         require(request.name, "name")
         check_capabilities(request.volume_capabilities)
         params = parse_params(request.parameters, self.config)
+        self.auth.check(params.auth)   # before anything is made
         required, limit = capacity_range(request)
         fs, floor = filesystem_floor(request.volume_capabilities, params.fs_type)
         if floor and limit and limit < floor:
@@ -178,7 +208,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             target, lv = create_from_snapshot(self.targets, req)
         else:
             target, lv = create_empty(self.targets, self.config, req)
-        return self._volume_response(target, lv, params, source)
+        return self._volume_response(target, lv, params, source, request.name)
 
     # --- DeleteVolume ----------------------------------------------------------
     @rpc(lock=("volume_id",))
@@ -196,8 +226,9 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         lv = target.lvol(oid.lvol_uuid)
         if lv is None:
             # Maybe a retry after a crash between the delete and the reclaim of
-            # the volume's internal parent snapshot: finish that.
+            # the volume's internal parent snapshot (or of its keys): finish that.
             target.sweep()
+            self.auth.deleted(target.name, oid.lvol_uuid)
             return csi_pb2.DeleteVolumeResponse()
         if not contract.is_driver_lvol(lv.name):
             raise FailedPrecondition(f"lvol {lv.alias} was not created by csi-spdk; "
@@ -213,6 +244,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
                                      f"{', '.join(nodes)}; unpublish it first")
         if sub is not None:
             target.exporter.delete(lv.uuid)
+        self.auth.deleted(target.name, lv.uuid)
         target.delete_lvol(lv)
         return csi_pb2.DeleteVolumeResponse()
 
@@ -246,7 +278,11 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             raise FailedPrecondition(
                 f"volume {request.volume_id} has a single-node access mode and is already "
                 f"published to {', '.join(nodes)}")
-        ctx = target.exporter.export(lv.uuid, host, sub=sub)
+        mode = self.auth.mode_of(lv.uuid, request.volume_context.get(contract.VC_AUTH, ""))
+        keys = self.auth.keys_for_publish(target.name, lv.uuid, mode, dict(request.secrets))
+        ctx = target.exporter.export(lv.uuid, host, sub=sub, keys=keys)
+        if keys:
+            ctx[contract.PC_AUTH] = mode
         with self._hints:
             self._publishes[key] = signature
         if request.readonly:
@@ -274,6 +310,9 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             with self._hints:
                 for key in [k for k in self._publishes if k[0] == oid.lvol_uuid]:
                     del self._publishes[key]
+        if exporter.subsystem(oid.lvol_uuid) is None:
+            # the last host is gone: so are the volume's keys on the target
+            self.auth.drop_target_keys(target.name, oid.lvol_uuid)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     # --- queries -----------------------------------------------------------------

@@ -227,7 +227,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                           staging, kind, rec.fstype if rec else "", rec.device if rec else "",
                           readonly, rec.state if rec else "connecting")
         self.store.save(rec)
-        device = self.initiator.connect(pc, self.connect_timeout)
+        device = self.initiator.connect(pc, self.connect_timeout, secrets=request.secrets)
         rec.device = device
         if kind == "mount":
             rec.fstype = self._stage_mount(device, staging, want_fs, cap, readonly)

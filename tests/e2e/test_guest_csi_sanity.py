@@ -28,6 +28,7 @@ csi-sanity \
   --csi.testvolumesize=67108864 \
   --csi.testvolumeexpandsize=134217728 \
   --csi.junitfile=/tmp/junit.xml \
+  --csi.secrets=$CSI_RUN/csi-sanity-secrets.yaml \
   --ginkgo.no-color --ginkgo.timeout=15m ${SANITY_SKIP:+"--ginkgo.skip=$SANITY_SKIP"} \
   > /tmp/sanity.log 2>&1 || rc=$?
 tail -n 60 /tmp/sanity.log

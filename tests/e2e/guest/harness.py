@@ -296,9 +296,15 @@ def _dist_closure(roots: Iterable[str]) -> list[md.Distribution]:
     return list(seen.values())
 
 
+# Dependencies only the controller needs in a cluster (its Secret store): not
+# copied into the guest, whose controller keeps its keys in a file.
+GUEST_SKIP_DISTS = ("kubernetes",)
+
+
 def _project_dependencies() -> list[str]:
     with open(REPO / "pyproject.toml", "rb") as f:
-        return list(tomllib.load(f)["project"]["dependencies"])
+        deps = list(tomllib.load(f)["project"]["dependencies"])
+    return [d for d in deps if not d.startswith(GUEST_SKIP_DISTS)]
 
 
 @dataclasses.dataclass

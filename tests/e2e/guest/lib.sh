@@ -85,8 +85,11 @@ csi_stack_start() {
   mkdir -p "$CSI_RUN" /var/lib/csi-spdk
   if [ -n "$GUEST_SPDK_RPC" ]; then
     SPDK_RPC=$GUEST_SPDK_RPC; _listen=${GUEST_TARGET_LISTEN:-127.0.0.1}; _dial=10.0.2.2
+    # the key files would be written in the guest, the host's spdk_tgt cannot
+    # read them: keys on a remote target need the target agent (not yet here)
+    _auth=none
   else
-    SPDK_RPC=$CSI_RUN/spdk.sock; _listen=127.0.0.1; _dial=127.0.0.1
+    SPDK_RPC=$CSI_RUN/spdk.sock; _listen=127.0.0.1; _dial=127.0.0.1; _auth=dhchap
     mountpoint -q /tmp/sim || data_dir /tmp/sim || return 1
     csi-spdk sim --rpc-socket "$SPDK_RPC" --data-dir /tmp/sim --nvmet \
       > "$CSI_RUN/sim.log" 2>&1 &
@@ -95,11 +98,18 @@ csi_stack_start() {
   fi
   _lvs=$(python3 -c 'import json, sys; from csi_spdk.dev import ensure_lvstore
 print(json.dumps(ensure_lvstore(sys.argv[1])[0]))' "$SPDK_RPC") || return 1
+  # auth: dhchap (the default) without Kubernetes: one generated key pair for
+  # every volume ($CSI_RUN/auth-keys.json, the node-stage secrets the drivers
+  # pass) and csi-sanity's --csi.secrets file ($CSI_RUN/csi-sanity-secrets.yaml).
+  python3 -c 'import sys; from pathlib import Path; from csi_spdk.dev import write_dev_secrets
+write_dev_secrets(Path(sys.argv[1]))' "$CSI_RUN" || return 1
   cat > "$CSI_RUN/controller.json" <<JSON
 {"targets": [{"name": "guest", "rpc": "$SPDK_RPC",
   "nvmf": {"listenAddress": "$_listen", "port": 4420, "dialAddress": "$_dial"},
   "lvstores": $_lvs, "node": "$NODE_ID"}],
- "nodes": ["$NODE_ID"]}
+ "nodes": ["$NODE_ID"],
+ "auth": {"staticSecretsFile": "$CSI_RUN/auth-keys.json", "keyDir": "$CSI_RUN/keys",
+          "defaultMode": "$_auth"}}
 JSON
   csi-spdk controller --endpoint "unix://$CSI_RUN/controller.sock" \
     --config "$CSI_RUN/controller.json" ${CSI_LOG_LEVEL:+--log-level $CSI_LOG_LEVEL} \

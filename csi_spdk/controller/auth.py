@@ -1,0 +1,300 @@
+"""Controller side of data-path authentication (StorageClass parameter ``auth``).
+
+Per-volume keys (docs/DESIGN.md says why): CreateVolume generates a
+DH-HMAC-CHAP host key and controller key for the volume (CSPRNG,
+``nvme_keys``) and hands them to a ``SecretStore``, which makes them the
+volume's node-stage secrets; ControllerPublishVolume puts the keys on the
+target through a ``KeyCustody`` (files on the target host + SPDK's
+``keyring_file``) and adds the node's host entry with the key NAMES; the last
+unpublish removes the keys again; DeleteVolume deletes the secrets.
+
+Strategies:
+
+* ``SecretStore``: ``KubernetesSecrets`` (a Secret per volume in the
+  controller's namespace, named from the PV name, found again by label) or
+  ``StaticSecrets`` (dev and csi-sanity only: one key pair from a file for
+  every volume, so csi-sanity's ``--csi.secrets`` file can carry it).
+* ``KeyCustody``: ``SameHostKeyCustody`` (0600 files in a 0700 directory on
+  this host + ``keyring_file_add_key``), for dev and the tests; the target
+  agent's PutKey/DeleteKey implements the same interface for remote targets.
+
+Key names in SPDK's keyring: ``csik-<lvol uuid>-<h|c>-<8 hex of the key's
+SHA-256>``: a rotated key gets a new name, and every key of a volume is found
+by its prefix. Keys never appear in a log line, an error, a context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import yaml
+
+from .. import contract, nvme_keys
+from ..errors import FailedPrecondition, InvalidArgument
+from ..spdk.api import SpdkApi
+from ..spdk.errors import SpdkError
+
+log = logging.getLogger("csi_spdk.auth")
+
+KEY_PREFIX = "csik-"
+LABEL_VOLUME = "csi-spdk.io/volume"        # lvol uuid
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+
+
+@dataclass(frozen=True)
+class VolumeKeys:
+    """A volume's DH-HMAC-CHAP key pair (the material; ``repr`` hides it)."""
+
+    dhchap_key: str = field(repr=False)
+    dhchap_ctrl_key: str = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> VolumeKeys:
+        return cls(nvme_keys.generate_dhchap_key().text, nvme_keys.generate_dhchap_key().text)
+
+    @classmethod
+    def from_secrets(cls, secrets: dict[str, str], where: str) -> VolumeKeys | None:
+        host = secrets.get(contract.SECRET_DHCHAP_KEY, "")
+        ctrl = secrets.get(contract.SECRET_DHCHAP_CTRL_KEY, "")
+        if not host:
+            return None
+        for name, value in ((contract.SECRET_DHCHAP_KEY, host),
+                            (contract.SECRET_DHCHAP_CTRL_KEY, ctrl)):
+            try:
+                nvme_keys.parse_dhchap_key(value)
+            except nvme_keys.KeyFormatError as e:
+                raise InvalidArgument(f"{where}: {name!r} is not a valid key: {e}") from None
+        return cls(host.strip(), ctrl.strip())
+
+    def secrets(self) -> dict[str, str]:  # the node-stage secret's data
+        return {contract.SECRET_DHCHAP_KEY: self.dhchap_key,
+                contract.SECRET_DHCHAP_CTRL_KEY: self.dhchap_ctrl_key}
+
+    def names(self, lvol_uuid: str) -> dict[str, str]:
+        """SPDK keyring names: add_host parameter -> key name."""
+        def name(role: str, material: str) -> str:
+            fp = hashlib.sha256(material.encode()).hexdigest()[:8]
+            return f"{KEY_PREFIX}{lvol_uuid}-{role}-{fp}"
+        return {"dhchap_key": name("h", self.dhchap_key),
+                "dhchap_ctrlr_key": name("c", self.dhchap_ctrl_key)}
+
+    def material(self, lvol_uuid: str) -> dict[str, str]:
+        """key name -> key material."""
+        names = self.names(lvol_uuid)
+        return {names["dhchap_key"]: self.dhchap_key,
+                names["dhchap_ctrlr_key"]: self.dhchap_ctrl_key}
+
+
+# --- where the keys live for the node: node-stage secrets ------------------------------
+class SecretStore(Protocol):
+    def create(self, lvol_uuid: str, volume_name: str, keys: VolumeKeys) -> VolumeKeys:
+        """Store (idempotently; an existing Secret wins) and return the keys."""
+
+    def get(self, lvol_uuid: str) -> VolumeKeys | None: ...
+
+    def delete(self, lvol_uuid: str) -> None: ...
+
+
+class StaticSecrets:
+    """dev / csi-sanity: one key pair from a file (YAML or JSON with
+    ``dhchapKey`` and ``dhchapCtrlKey``) for every volume."""
+
+    def __init__(self, path: str) -> None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        keys = VolumeKeys.from_secrets({k: str(v) for k, v in data.items()}, path)
+        if keys is None or not keys.dhchap_ctrl_key:
+            raise ValueError(f"{path}: needs {contract.SECRET_DHCHAP_KEY} and "
+                             f"{contract.SECRET_DHCHAP_CTRL_KEY}")
+        self.keys = keys
+        log.warning("auth: every volume uses the static keys of %s (dev and tests only)", path)
+
+    def create(self, lvol_uuid: str, volume_name: str, keys: VolumeKeys) -> VolumeKeys:
+        return self.keys
+
+    def get(self, lvol_uuid: str) -> VolumeKeys | None:
+        return self.keys
+
+    def delete(self, lvol_uuid: str) -> None:
+        return None
+
+
+def secret_name(volume_name: str) -> str:
+    """The Secret of a volume: the chart's StorageClass names it
+    ``csi-spdk-auth-${pv.name}`` (PV name == CSI volume name)."""
+    return f"csi-spdk-auth-{volume_name}"[:253]
+
+
+def write_static_secrets(path: Path, keys: VolumeKeys) -> None:
+    """The dev key file, plus what csi-sanity's --csi.secrets reads."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(keys.secrets(), f)
+
+
+# --- where the keys live for the target: KeyCustody ------------------------------------
+class KeyCustody(Protocol):
+    def put(self, name: str, material: str) -> None:
+        """The key ``name`` exists in the target's keyring with ``material``."""
+
+    def delete(self, name: str) -> None:
+        """The key is gone from the keyring and the target host (missing is success)."""
+
+    def names(self) -> list[str]:
+        """Every csi-spdk key name the target's keyring has."""
+
+
+class SameHostKeyCustody:
+    """0600 files in a 0700 directory on this host, registered with SPDK's
+    ``keyring_file`` (which refuses group/other-readable files). For a target
+    on the controller's host only: dev and the tests."""
+
+    def __init__(self, api: SpdkApi, key_dir: str) -> None:
+        self.api = api
+        self.dir = Path(key_dir)
+        self._mutex = threading.Lock()
+
+    def _path(self, name: str) -> Path:
+        return self.dir / name
+
+    def put(self, name: str, material: str) -> None:
+        with self._mutex:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.dir, 0o700)
+            path = self._path(name)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(material)
+            os.replace(tmp, path)
+            if name in self.names():
+                return
+            try:
+                self.api.key_file_add(name, str(path))
+            except SpdkError:
+                if name not in self.names():   # a retry racing itself: already there
+                    raise
+
+    def delete(self, name: str) -> None:
+        with self._mutex:
+            if name in self.names():
+                try:
+                    self.api.key_file_remove(name)
+                except SpdkError:
+                    if name in self.names():
+                        raise
+            with contextlib.suppress(FileNotFoundError):
+                self._path(name).unlink()
+
+    def names(self) -> list[str]:
+        return [k["name"] for k in self.api.keyring_keys()
+                if k.get("name", "").startswith(KEY_PREFIX) and not k.get("removed")]
+
+
+def volume_key_names(custody: KeyCustody, lvol_uuid: str) -> list[str]:
+    prefix = f"{KEY_PREFIX}{lvol_uuid}-"
+    return [n for n in custody.names() if n.startswith(prefix)]
+
+
+def parse_auth(params: dict[str, str], default: str = contract.AUTH_DHCHAP) -> str:
+    mode = params.get("auth") or default
+    if mode not in contract.AUTH_MODES:
+        raise InvalidArgument(f"parameter auth={mode!r} must be one of "
+                              f"{', '.join(contract.AUTH_MODES)}")
+    if mode == contract.AUTH_TLS:
+        raise InvalidArgument("parameter auth=tls is not supported yet by this controller; "
+                              "use auth: dhchap (the default)")
+    return mode
+
+
+def no_store_error() -> FailedPrecondition:
+    return FailedPrecondition(
+        "auth: dhchap needs somewhere to keep the volume's keys: run the controller in "
+        "Kubernetes (it creates a Secret per volume) or, for dev/tests, set "
+        "auth.staticSecretsFile in its config; or use a StorageClass with auth: none")
+
+
+# --- the controller's use of all of the above -----------------------------------------
+class VolumeAuth:
+    """What CreateVolume, Publish, Unpublish and DeleteVolume do about keys.
+    ``store``: a SecretStore or None (none available: dhchap volumes are
+    FAILED_PRECONDITION); ``custody(target_name)``: the target's KeyCustody."""
+
+    def __init__(self, store: SecretStore | None, custody) -> None:
+        self.store = store
+        self.custody = custody
+        self._warned: set[str] = set()
+        self._mutex = threading.Lock()
+
+    def check(self, mode: str) -> None:
+        """Before anything is created: can this controller keep the keys?"""
+        if mode != contract.AUTH_NONE and self.store is None:
+            raise no_store_error()
+
+    def created(self, lvol_uuid: str, volume_name: str, mode: str) -> dict[str, str]:
+        """Keys for a new (or re-requested) volume; returns its volume_context
+        entries (the mode only, never a key)."""
+        if mode == contract.AUTH_NONE:
+            with self._mutex:
+                first = volume_name not in self._warned
+                self._warned.add(volume_name)
+            if first:
+                log.warning("auth: none: the volume's data path is protected by the host "
+                            "allow-list only (any host claiming the node's NQN can attach)",
+                            extra={"f": {"volume": volume_name}})
+            return {contract.VC_AUTH: mode}
+        if self.store is None:
+            raise no_store_error()
+        self.store.create(lvol_uuid, volume_name, VolumeKeys.generate())
+        return {contract.VC_AUTH: mode}
+
+    def mode_of(self, lvol_uuid: str, from_context: str) -> str:
+        """The volume's auth: its volume_context says; a volume without the
+        key (created before auth existed, or a caller that dropped the
+        context) is dhchap when the store has keys for it, else none."""
+        if from_context in contract.AUTH_MODES:
+            return from_context
+        if from_context:
+            raise InvalidArgument(f"volume_context auth={from_context!r} must be one of "
+                                  f"{', '.join(contract.AUTH_MODES)}")
+        if self.store is not None and self.store.get(lvol_uuid) is not None:
+            return contract.AUTH_DHCHAP
+        return contract.AUTH_NONE
+
+    def keys_for_publish(self, target_name: str, lvol_uuid: str, mode: str,
+                         secrets: dict[str, str]) -> dict[str, str]:
+        """The keyring key names for the host entry (keys put on the target)."""
+        if mode == contract.AUTH_NONE:
+            return {}
+        keys = VolumeKeys.from_secrets(secrets, "controller-publish secret") if secrets else None
+        if keys is None and self.store is not None:
+            keys = self.store.get(lvol_uuid)
+        if keys is None:
+            raise FailedPrecondition(
+                f"volume {lvol_uuid} uses auth: {mode} but its keys are not available: "
+                "neither a controller-publish secret nor the controller's Secret store has "
+                "them (was the volume's Secret deleted?)")
+        custody = self.custody(target_name)
+        for name, material in keys.material(lvol_uuid).items():
+            custody.put(name, material)
+        return keys.names(lvol_uuid)
+
+    def drop_target_keys(self, target_name: str, lvol_uuid: str,
+                         keep: tuple[str, ...] = ()) -> None:
+        """Remove the volume's keys (but ``keep``) from the target."""
+        custody = self.custody(target_name)
+        for name in volume_key_names(custody, lvol_uuid):
+            if name not in keep:
+                custody.delete(name)
+
+    def deleted(self, target_name: str, lvol_uuid: str) -> None:
+        self.drop_target_keys(target_name, lvol_uuid)
+        if self.store is not None:
+            self.store.delete(lvol_uuid)
