@@ -151,7 +151,23 @@ csi_stack_stop() {
     [ "$_e" = 0 ] || { echo "csi_stack_stop: $_c exited $_e" >&2; _rc=1; }
     rm -f "$CSI_RUN/$_c.pid"
   done
+  csi_stack_no_keys_in_logs || _rc=1
   return $_rc
+}
+
+# csi_stack_no_keys_in_logs: no key of $CSI_RUN/auth-keys.json (base64 part)
+# appears in any component's log or in /tmp/*.log (csi-sanity's output).
+csi_stack_no_keys_in_logs() {
+  [ -e "$CSI_RUN/auth-keys.json" ] || return 0
+  python3 - "$CSI_RUN/auth-keys.json" "$CSI_RUN"/*.log /tmp/*.log <<'PY'
+import json, os, sys
+keys = [v.split(":")[2] for v in json.load(open(sys.argv[1])).values()]
+logs = [p for p in sys.argv[2:] if os.path.isfile(p)]
+bad = sorted({p for p in logs for k in keys if k in open(p, errors="replace").read()})
+if bad:
+    sys.exit(f"csi_stack: key material found in {bad}")
+print(f"csi_stack: no key material in {len(logs)} log files")
+PY
 }
 
 # csi_stack_logs [LINES]: the tail of every component's log.
