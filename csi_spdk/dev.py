@@ -188,7 +188,8 @@ def write_dev_secrets(work: Path) -> tuple[Path, Path]:
     same keys as node-stage and controller-publish secrets). Both 0600."""
     from .controller.auth import VolumeKeys, write_static_secrets
 
-    keys = VolumeKeys.generate()
+    dh, tls = VolumeKeys.generate(), VolumeKeys.generate("tls")
+    keys = VolumeKeys(dh.dhchap_key, dh.dhchap_ctrl_key, tls.tls_psk)
     static = work / "auth-keys.json"
     write_static_secrets(static, keys)
     sanity = work / "csi-sanity-secrets.yaml"

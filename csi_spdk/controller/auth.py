@@ -51,46 +51,72 @@ LABEL_MANAGED = "app.kubernetes.io/managed-by"
 
 @dataclass(frozen=True)
 class VolumeKeys:
-    """A volume's DH-HMAC-CHAP key pair (the material; ``repr`` hides it)."""
+    """A volume's keys (the material; ``repr`` hides it): the DH-HMAC-CHAP
+    pair for auth dhchap, the TLS PSK for auth tls."""
 
-    dhchap_key: str = field(repr=False)
-    dhchap_ctrl_key: str = field(repr=False)
+    dhchap_key: str = field(default="", repr=False)
+    dhchap_ctrl_key: str = field(default="", repr=False)
+    tls_psk: str = field(default="", repr=False)
 
     @classmethod
-    def generate(cls) -> VolumeKeys:
+    def generate(cls, mode: str = contract.AUTH_DHCHAP) -> VolumeKeys:
+        if mode == contract.AUTH_TLS:
+            return cls(tls_psk=nvme_keys.generate_tls_psk().text)
         return cls(nvme_keys.generate_dhchap_key().text, nvme_keys.generate_dhchap_key().text)
 
     @classmethod
     def from_secrets(cls, secrets: dict[str, str], where: str) -> VolumeKeys | None:
-        host = secrets.get(contract.SECRET_DHCHAP_KEY, "")
-        ctrl = secrets.get(contract.SECRET_DHCHAP_CTRL_KEY, "")
-        if not host:
+        """The keys in a secret's data (None without any); INVALID_ARGUMENT
+        names a malformed one, never its value."""
+        got = {k: (secrets.get(k) or "").strip() for k in contract.SECRET_KEYS}
+        if not any(got.values()):
             return None
-        for name, value in ((contract.SECRET_DHCHAP_KEY, host),
-                            (contract.SECRET_DHCHAP_CTRL_KEY, ctrl)):
+        parsers = {contract.SECRET_DHCHAP_KEY: nvme_keys.parse_dhchap_key,
+                   contract.SECRET_DHCHAP_CTRL_KEY: nvme_keys.parse_dhchap_key,
+                   contract.SECRET_TLS_PSK: nvme_keys.parse_tls_psk}
+        for name, value in got.items():
+            if not value:
+                continue
             try:
-                nvme_keys.parse_dhchap_key(value)
+                parsers[name](value)
             except nvme_keys.KeyFormatError as e:
                 raise InvalidArgument(f"{where}: {name!r} is not a valid key: {e}") from None
-        return cls(host.strip(), ctrl.strip())
+        if got[contract.SECRET_DHCHAP_CTRL_KEY] and not got[contract.SECRET_DHCHAP_KEY]:
+            raise InvalidArgument(f"{where}: {contract.SECRET_DHCHAP_CTRL_KEY!r} without "
+                                  f"{contract.SECRET_DHCHAP_KEY!r}")
+        return cls(got[contract.SECRET_DHCHAP_KEY], got[contract.SECRET_DHCHAP_CTRL_KEY],
+                   got[contract.SECRET_TLS_PSK])
+
+    def has(self, mode: str) -> bool:
+        return bool(self.tls_psk) if mode == contract.AUTH_TLS else bool(self.dhchap_key)
 
     def secrets(self) -> dict[str, str]:  # the node-stage secret's data
-        return {contract.SECRET_DHCHAP_KEY: self.dhchap_key,
-                contract.SECRET_DHCHAP_CTRL_KEY: self.dhchap_ctrl_key}
+        out = {contract.SECRET_DHCHAP_KEY: self.dhchap_key,
+               contract.SECRET_DHCHAP_CTRL_KEY: self.dhchap_ctrl_key,
+               contract.SECRET_TLS_PSK: self.tls_psk}
+        return {k: v for k, v in out.items() if v}
 
-    def names(self, lvol_uuid: str) -> dict[str, str]:
+    def _pairs(self, mode: str) -> list[tuple[str, str, str]]:
+        """(add_host parameter, role letter, material) for ``mode``."""
+        if mode == contract.AUTH_TLS:
+            return [("psk", "p", self.tls_psk)]
+        out = [("dhchap_key", "h", self.dhchap_key)]
+        if self.dhchap_ctrl_key:
+            out.append(("dhchap_ctrlr_key", "c", self.dhchap_ctrl_key))
+        return out
+
+    @staticmethod
+    def _name(lvol_uuid: str, role: str, material: str) -> str:
+        fp = hashlib.sha256(material.encode()).hexdigest()[:8]
+        return f"{KEY_PREFIX}{lvol_uuid}-{role}-{fp}"
+
+    def names(self, lvol_uuid: str, mode: str = contract.AUTH_DHCHAP) -> dict[str, str]:
         """SPDK keyring names: add_host parameter -> key name."""
-        def name(role: str, material: str) -> str:
-            fp = hashlib.sha256(material.encode()).hexdigest()[:8]
-            return f"{KEY_PREFIX}{lvol_uuid}-{role}-{fp}"
-        return {"dhchap_key": name("h", self.dhchap_key),
-                "dhchap_ctrlr_key": name("c", self.dhchap_ctrl_key)}
+        return {param: self._name(lvol_uuid, role, m) for param, role, m in self._pairs(mode)}
 
-    def material(self, lvol_uuid: str) -> dict[str, str]:
+    def material(self, lvol_uuid: str, mode: str = contract.AUTH_DHCHAP) -> dict[str, str]:
         """key name -> key material."""
-        names = self.names(lvol_uuid)
-        return {names["dhchap_key"]: self.dhchap_key,
-                names["dhchap_ctrlr_key"]: self.dhchap_ctrl_key}
+        return {self._name(lvol_uuid, role, m): m for _p, role, m in self._pairs(mode)}
 
 
 # --- where the keys live for the node: node-stage secrets ------------------------------
@@ -112,7 +138,8 @@ class StaticSecrets:
         keys = VolumeKeys.from_secrets({k: str(v) for k, v in data.items()}, path)
         if keys is None or not keys.dhchap_ctrl_key:
             raise ValueError(f"{path}: needs {contract.SECRET_DHCHAP_KEY} and "
-                             f"{contract.SECRET_DHCHAP_CTRL_KEY}")
+                             f"{contract.SECRET_DHCHAP_CTRL_KEY} (and {contract.SECRET_TLS_PSK} "
+                             "for auth: tls)")
         self.keys = keys
         log.warning("auth: every volume uses the static keys of %s (dev and tests only)", path)
 
@@ -208,9 +235,6 @@ def parse_auth(params: dict[str, str], default: str = contract.AUTH_DHCHAP) -> s
     if mode not in contract.AUTH_MODES:
         raise InvalidArgument(f"parameter auth={mode!r} must be one of "
                               f"{', '.join(contract.AUTH_MODES)}")
-    if mode == contract.AUTH_TLS:
-        raise InvalidArgument("parameter auth=tls is not supported yet by this controller; "
-                              "use auth: dhchap (the default)")
     return mode
 
 
@@ -252,7 +276,10 @@ class VolumeAuth:
             return {contract.VC_AUTH: mode}
         if self.store is None:
             raise no_store_error()
-        self.store.create(lvol_uuid, volume_name, VolumeKeys.generate())
+        keys = self.store.create(lvol_uuid, volume_name, VolumeKeys.generate(mode))
+        if not keys.has(mode):
+            raise FailedPrecondition(f"the keys kept for volume {volume_name} are not for "
+                                     f"auth: {mode} (was the volume created with another auth?)")
         return {contract.VC_AUTH: mode}
 
     def mode_of(self, lvol_uuid: str, from_context: str) -> str:
@@ -264,8 +291,9 @@ class VolumeAuth:
         if from_context:
             raise InvalidArgument(f"volume_context auth={from_context!r} must be one of "
                                   f"{', '.join(contract.AUTH_MODES)}")
-        if self.store is not None and self.store.get(lvol_uuid) is not None:
-            return contract.AUTH_DHCHAP
+        keys = self.store.get(lvol_uuid) if self.store is not None else None
+        if keys is not None:
+            return contract.AUTH_DHCHAP if keys.dhchap_key else contract.AUTH_TLS
         return contract.AUTH_NONE
 
     def keys_for_publish(self, target_name: str, lvol_uuid: str, mode: str,
@@ -274,17 +302,17 @@ class VolumeAuth:
         if mode == contract.AUTH_NONE:
             return {}
         keys = VolumeKeys.from_secrets(secrets, "controller-publish secret") if secrets else None
-        if keys is None and self.store is not None:
+        if (keys is None or not keys.has(mode)) and self.store is not None:
             keys = self.store.get(lvol_uuid)
-        if keys is None:
+        if keys is None or not keys.has(mode):
             raise FailedPrecondition(
                 f"volume {lvol_uuid} uses auth: {mode} but its keys are not available: "
                 "neither a controller-publish secret nor the controller's Secret store has "
                 "them (was the volume's Secret deleted?)")
         custody = self.custody(target_name)
-        for name, material in keys.material(lvol_uuid).items():
+        for name, material in keys.material(lvol_uuid, mode).items():
             custody.put(name, material)
-        return keys.names(lvol_uuid)
+        return keys.names(lvol_uuid, mode)
 
     def drop_target_keys(self, target_name: str, lvol_uuid: str,
                          keep: tuple[str, ...] = ()) -> None:

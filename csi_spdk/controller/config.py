@@ -40,6 +40,7 @@ class TargetConfig:
     rpc: str
     listen_address: str
     port: int = DEFAULT_PORT
+    tls_port: int = 0          # the TLS (secure_channel) listener of auth: tls; 0 = port + 1
     dial_address: str = ""
     rpc_timeout: float = DEFAULT_TIMEOUT
     lvstores: tuple[str, ...] = ()   # empty: every lvstore of the target
@@ -49,6 +50,11 @@ class TargetConfig:
     @property
     def dial(self) -> str:
         return self.dial_address or self.listen_address
+
+    @property
+    def tls(self) -> int:
+        """SPDK does not combine in-band auth with TLS on one listener."""
+        return self.tls_port or self.port + 1
 
     @property
     def adrfam(self) -> str:
@@ -106,7 +112,7 @@ class Config:
 _TOP_KEYS = {"targets", "thinOvercommitRatio", "defaultVolumeSize", "nodes", "auth"}
 _AUTH_KEYS = {"keyDir", "secretNamespace", "staticSecretsFile", "defaultMode"}
 _TARGET_KEYS = {"name", "rpc", "rpcTimeout", "nvmf", "lvstores", "node", "topology"}
-_NVMF_KEYS = {"listenAddress", "port", "dialAddress"}
+_NVMF_KEYS = {"listenAddress", "port", "dialAddress", "tlsPort"}
 
 
 def _unknown(where: str, got: dict, allowed: set[str]) -> None:
@@ -163,6 +169,11 @@ def _target(where: str, raw: Any) -> TargetConfig:
     port = _number(f"{where}.nvmf.port", nvmf.get("port", DEFAULT_PORT), 1, integer=True)
     if port > 65535:
         raise ConfigError(f"{where}.nvmf.port: must be <= 65535, got {port}")
+    tls_port = _number(f"{where}.nvmf.tlsPort", nvmf.get("tlsPort", min(port + 1, 65535)), 1,
+                       integer=True)
+    if tls_port > 65535 or tls_port == port:
+        raise ConfigError(f"{where}.nvmf.tlsPort: must be <= 65535 and differ from port, "
+                          f"got {tls_port}")
     dial = nvmf.get("dialAddress")
     dial = _address(f"{where}.nvmf.dialAddress", dial) if dial is not None else ""
     lvstores = raw.get("lvstores", [])
@@ -186,6 +197,7 @@ def _target(where: str, raw: Any) -> TargetConfig:
         raise ConfigError(f"{where}.topology: {contract.TOPOLOGY_NODE_KEY!r} is set by the "
                           "driver (use 'node' to name the node hosting the target)")
     return TargetConfig(name=name, rpc=rpc, listen_address=listen, port=int(port),
+                        tls_port=int(tls_port),
                         dial_address=dial, rpc_timeout=timeout, lvstores=tuple(lvstores),
                         node=node, topology=topology)
 

@@ -306,7 +306,9 @@ deadline = time.monotonic() + 20
 dev = None
 while dev is None and time.monotonic() < deadline:
     for b in Path("/sys/block").glob("nvme*"):
-        if (b / "uuid").exists() and (b / "uuid").read_text().strip() == lvol:
+        # the head disk (nvmeXnY), not a hidden per-path nvmeXcYnZ without a /dev node
+        if (b / "uuid").exists() and (b / "uuid").read_text().strip() == lvol \
+                and Path("/dev", b.name).exists():
             dev = "/dev/" + b.name
     time.sleep(0.1)
 assert dev, "no device"
@@ -335,7 +337,7 @@ def test_guest_tls_psk_enforced_by_kernel(guest):
         mkdir -p /etc/tlshd
         printf '[debug]\\nloglevel=1\\ntls=0\\nnl=0\\n[authenticate]\\nkeyrings=.nvme\\n' \
             > /etc/tlshd.conf
-        tlshd -c /etc/tlshd.conf > /tmp/tlshd.log 2>&1 &
+        tlshd -s -c /etc/tlshd.conf > /tmp/tlshd.log 2>&1 &
         data_dir /tmp/sim
         csi-spdk sim --rpc-socket /run/spdk.sock --data-dir /tmp/sim --nvmet \
             > /tmp/sim.log 2>&1 &

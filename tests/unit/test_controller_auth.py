@@ -156,7 +156,7 @@ def test_auth_none_warns_once_per_volume_and_publishes_without_keys(env, caplog)
     assert env.secrets.get(uuid_of(vol.volume_id)) is None
 
 
-@pytest.mark.parametrize("value", ["chap", "DHCHAP", "tls"])
+@pytest.mark.parametrize("value", ["chap", "DHCHAP", "TLS"])
 def test_bad_auth_parameter(env, value):
     msg = expect_code(C.INVALID_ARGUMENT, env.servicer, "CreateVolume",
                       create_req("v-bad", params={"auth": value}))
@@ -174,3 +174,34 @@ def test_no_secret_store_is_failed_precondition(env, monkeypatch):
     assert not any(lv["name"].startswith("csi-") for lv in env.t0.raw.lvols(env.t0.lvs))
     vol = call(ctl, "CreateVolume", create_req("v-nostore2", params={"auth": "none"})).volume
     assert vol.volume_context[contract.VC_AUTH] == "none"
+
+
+def test_tls_gets_a_psk_and_a_secure_channel_listener_of_its_own(env):
+    vol = call(env.servicer, "CreateVolume", create_req("v-tls", params={"auth": "tls"})).volume
+    uuid = uuid_of(vol.volume_id)
+    assert vol.volume_context[contract.VC_AUTH] == "tls"
+    keys = env.secrets.get(uuid)
+    nvme_keys.parse_tls_psk(keys.tls_psk)
+    assert not keys.dhchap_key and set(keys.secrets()) == {contract.SECRET_TLS_PSK}
+    ctx = _publish(env, vol).publish_context
+    port = env.config.targets[0].port
+    assert ctx[contract.PC_AUTH] == "tls" and ctx[contract.PC_TRSVCID] == str(port + 1)
+    sub = env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid))
+    assert [a["trsvcid"] for a in sub["listen_addresses"]] == [str(port + 1)]
+    cfg = [c["params"] for c in _nvmf_config(env)
+           if c["method"] == "nvmf_subsystem_add_listener"
+           and c["params"]["nqn"] == contract.subsystem_nqn(uuid)]
+    assert [c["secure_channel"] for c in cfg] == [True]
+    hosts = [c["params"] for c in _nvmf_config(env) if c["method"] == "nvmf_subsystem_add_host"
+             and c["params"]["nqn"] == contract.subsystem_nqn(uuid)]
+    assert hosts == [{"nqn": contract.subsystem_nqn(uuid), "host": contract.host_nqn(NODE),
+                      "psk": keys.names(uuid, "tls")["psk"]}]
+    _publish(env, vol)   # idempotent: the entry stays
+    assert len(env.t0.raw.keyring_keys()) == 1
+    _unpublish(env, vol)
+    assert env.t0.raw.keyring_keys() == []
+
+
+def _nvmf_config(env):
+    subsystems = env.t0.raw.call("framework_get_config", {"name": "nvmf"})
+    return subsystems

@@ -57,7 +57,9 @@ QEMU = "qemu-system-x86_64"
 # Modules copied into the guest (with their dependencies); loaded on demand by
 # modprobe (kmod, with the kernel's modules.dep), /proc/sys/kernel/modprobe set.
 MODULES = ("configfs", "nvme-fabrics", "nvme-tcp", "nvmet", "nvmet-tcp", "loop", "xfs",
-           "virtio_pci", "virtio_net", "dm-mod", "dm-crypt", "tls")
+           "virtio_pci", "virtio_net", "dm-mod", "dm-crypt", "tls",
+           # kTLS's AES-GCM (NVMe/TCP TLS; the kernel loads them by alias)
+           "gcm", "ghash-generic", "aesni-intel", "ghash-clmulni-intel")
 DEFAULT_PRELOAD = ("nvme-tcp", "nvmet-tcp", "loop")
 
 # Programs of the trixie userland copied into the guest (absent ones are
