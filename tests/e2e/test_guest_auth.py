@@ -357,3 +357,87 @@ def test_guest_tls_psk_enforced_by_kernel(guest):
     assert res.exit_code == 0, res.describe()
     for marker in ("REFUSED plain", "REFUSED no-psk identity", "TLS-DATA-OK", "TLS-OK"):
         assert marker in res.output, marker
+
+
+CSI_TLS_DRIVER = r'''
+import json, os, sys
+from pathlib import Path
+
+import grpc
+from csi_spdk.proto import csi_pb2 as csi
+from csi_spdk.proto import csi_pb2_grpc as csi_grpc
+
+RUN = "/run/csi"
+MiB = 1 << 20
+SECRETS = json.loads(Path(RUN, "auth-keys.json").read_text())
+ctrl = csi_grpc.ControllerStub(grpc.insecure_channel(f"unix://{RUN}/controller.sock"))
+node = csi_grpc.NodeStub(grpc.insecure_channel(f"unix://{RUN}/node.sock"))
+AM = csi.VolumeCapability.AccessMode
+cap = csi.VolumeCapability(block=csi.VolumeCapability.BlockVolume(),
+                           access_mode=AM(mode=AM.SINGLE_NODE_WRITER))
+node_id = node.NodeGetInfo(csi.NodeGetInfoRequest()).node_id
+vol = ctrl.CreateVolume(csi.CreateVolumeRequest(
+    name="pvc-tls", capacity_range=csi.CapacityRange(required_bytes=16 * MiB),
+    volume_capabilities=[cap], parameters={"auth": "tls"})).volume
+assert vol.volume_context["auth"] == "tls", vol.volume_context
+pc = dict(ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
+    volume_id=vol.volume_id, node_id=node_id, volume_capability=cap,
+    volume_context=dict(vol.volume_context))).publish_context)
+print("publish_context", pc, flush=True)
+assert pc["auth"] == "tls" and pc["trsvcid"] == "4421", pc
+port = next(p for p in Path("/sys/kernel/config/nvmet/ports").iterdir()
+            if (p / "subsystems" / pc["nqn"]).exists())
+assert (port / "addr_tsas").read_text().strip() == "tls1.3"
+staging, target = "/var/lib/kubelet/plugins/tls/staging", "/var/lib/kubelet/pods/p/tls"
+os.makedirs(staging, exist_ok=True)
+try:
+    node.NodeStageVolume(csi.NodeStageVolumeRequest(
+        volume_id=vol.volume_id, publish_context=pc, staging_target_path=staging,
+        volume_capability=cap, volume_context=dict(vol.volume_context)))
+    raise SystemExit("staged without the node-stage secret")
+except grpc.RpcError as e:
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+    print("NO-SECRET-REFUSED", e.details(), flush=True)
+node.NodeStageVolume(csi.NodeStageVolumeRequest(
+    volume_id=vol.volume_id, publish_context=pc, staging_target_path=staging,
+    volume_capability=cap, volume_context=dict(vol.volume_context), secrets=SECRETS))
+node.NodePublishVolume(csi.NodePublishVolumeRequest(
+    volume_id=vol.volume_id, publish_context=pc, staging_target_path=staging,
+    target_path=target, volume_capability=cap, volume_context=dict(vol.volume_context)))
+data = os.urandom(MiB)
+with open(target, "r+b") as f:
+    f.write(data)
+    os.fsync(f.fileno())
+Path("/proc/sys/vm/drop_caches").write_text("3")
+with open(target, "rb") as f:
+    assert f.read(MiB) == data
+print("CSI-TLS-DATA-OK", flush=True)
+node.NodeUnpublishVolume(csi.NodeUnpublishVolumeRequest(volume_id=vol.volume_id,
+                                                        target_path=target))
+node.NodeUnstageVolume(csi.NodeUnstageVolumeRequest(volume_id=vol.volume_id,
+                                                    staging_target_path=staging))
+ctrl.ControllerUnpublishVolume(csi.ControllerUnpublishVolumeRequest(
+    volume_id=vol.volume_id, node_id=node_id))
+ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vol.volume_id))
+print("CSI-TLS-OK", flush=True)
+'''
+
+
+def test_guest_csi_tls_volume(guest):
+    """auth: tls through the driver: controller (PSK, TLS listener) and node
+    plugin (PSK into .nvme, nvme connect --tls) against the 6.12 kernel."""
+    res = guest.run("""
+        . /etc/guest/lib.sh
+        printf '[authenticate]\\nkeyrings=.nvme\\n' > /etc/tlshd.conf
+        tlshd -c /etc/tlshd.conf > /tmp/tlshd.log 2>&1 &
+        csi_stack_start guest-node
+        rc=0
+        python3 /root/driver.py || rc=$?
+        csi_stack_stop || rc=1
+        [ "$rc" = 0 ] || { csi_stack_logs 60; dmesg | grep -i -E "nvme|tls" | tail -30; }
+        exit $rc
+        """, timeout=400, files={"/root/driver.py": CSI_TLS_DRIVER})
+    assert res.exit_code == 0, res.describe()
+    for marker in ("NO-SECRET-REFUSED", "CSI-TLS-DATA-OK", "CSI-TLS-OK",
+                   "csi_stack: no key material"):
+        assert marker in res.output, marker
