@@ -155,23 +155,33 @@ assert os.pread(fd, len(pattern), 4 * MiB) == pattern, "read-back mismatch"
 os.close(fd)
 print("DATA-OK", flush=True)
 
-# 4. rotation: the target first, then the connected host's secrets (sysfs),
-#    which makes the kernel re-authenticate the live controller.
+# 4. rotation in two steps, each leaving host and target consistent after ONE
+#    sysfs write (one write = one re-authentication of the live controller):
+#    (a) the host key: target h2+c1, then the host's dhchap_secret;
+#    (b) the controller key: target h2+c2, then the host's dhchap_ctrl_secret.
 put_key(api, "h2", K["host2"])
 put_key(api, "c2", K["ctrl2"])
+cdir = Path("/sys/class/nvme") / ctrl
+
+
+def reauth(attr, value):
+    n = dmesg_count("authenticated")
+    with open(cdir / attr, "w") as f:
+        f.write(value)
+    deadline = time.monotonic() + 60
+    while dmesg_count("authenticated") <= n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert dmesg_count("authenticated") > n, f"no re-authentication after writing {attr}"
+
+
+n_auth = dmesg_count("authenticated")
+api.host_set_keys(nqn, HOSTNQN, dhchap_key="h2", dhchap_ctrlr_key="c1")
+reauth("dhchap_secret", K["host2"])
 api.host_set_keys(nqn, HOSTNQN, dhchap_key="h2", dhchap_ctrlr_key="c2")
 assert (host_dir / "dhchap_key").read_text().strip() == K["host2"]
+reauth("dhchap_ctrl_secret", K["ctrl2"])
 api.key_file_remove("h1")
 api.key_file_remove("c1")
-n_auth = dmesg_count("authenticated")
-cdir = Path("/sys/class/nvme") / ctrl
-with open(cdir / "dhchap_ctrl_secret", "w") as f:
-    f.write(K["ctrl2"])
-with open(cdir / "dhchap_secret", "w") as f:
-    f.write(K["host2"])
-deadline = time.monotonic() + 30
-while dmesg_count("authenticated") <= n_auth and time.monotonic() < deadline:
-    time.sleep(0.2)
 print("dmesg auth lines:", auth_before, n_auth, dmesg_count("authenticated"), flush=True)
 assert dmesg_count("authenticated") > n_auth, "no re-authentication after rotation"
 assert controllers(nqn) == [ctrl], controllers(nqn)
