@@ -71,19 +71,23 @@ def _wait_device(ns_uuid: str, timeout: float = 30.0) -> str:
 def _run(*cmd: str) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if res.returncode:
-        raise SystemExit(f"bare: {' '.join(cmd)} failed ({res.returncode}): "
-                         f"{(res.stderr + res.stdout).strip()}")
+        from csi_spdk.node.auth import redact  # the command line may hold a key
+        raise SystemExit(redact(f"bare: {' '.join(cmd)} failed ({res.returncode}): "
+                                f"{(res.stderr + res.stdout).strip()}"))
 
 
 def guest_main(args: argparse.Namespace) -> int:
     import grpc
 
     from csi_spdk import contract
+    from csi_spdk.node.auth import ConnectAuth
     from csi_spdk.node.initiator import NvmeTcpInitiator
     from csi_spdk.proto import csi_pb2 as csi
     from csi_spdk.proto import csi_pb2_grpc as csi_grpc
 
     run = os.environ.get("CSI_RUN", "/run/csi")
+    # node-stage secrets: csi_stack_start's generated keys (auth: dhchap default)
+    secrets = json.loads(Path(run, "auth-keys.json").read_text())
     ctrl = csi_grpc.ControllerStub(grpc.insecure_channel(f"unix://{run}/controller.sock"))
     node = csi_grpc.NodeStub(grpc.insecure_channel(f"unix://{run}/node.sock"))
     node_id = node.NodeGetInfo(csi.NodeGetInfoRequest()).node_id
@@ -116,7 +120,8 @@ def guest_main(args: argparse.Namespace) -> int:
         for i, (v, pc) in enumerate(vols):
             # bare kernel: connect + device node, [mkfs, mount/umount], disconnect
             t0 = time.perf_counter()
-            _run("nvme", *nvme_args.connect_command(pc))
+            auth = ConnectAuth.from_request(pc, secrets)   # the same auth the driver uses
+            _run("nvme", *nvme_args.connect_command(pc), *auth.connect_args())
             dev = _wait_device(pc[contract.PC_NS_UUID])
             t["connect"].append(time.perf_counter() - t0)
             if access == "mount":
@@ -144,6 +149,7 @@ def guest_main(args: argparse.Namespace) -> int:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             t0 = time.perf_counter()
             node.NodeStageVolume(csi.NodeStageVolumeRequest(
+                secrets=secrets,
                 volume_id=v.volume_id, publish_context=pc, staging_target_path=staging,
                 volume_capability=cap, volume_context=dict(v.volume_context)))
             t["stage"].append(time.perf_counter() - t0)

@@ -239,14 +239,27 @@ PC_ADRFAM = "adrfam"        # "ipv4" or "ipv6"
 PC_NS_UUID = "nsUuid"       # namespace uuid == lvol uuid
 PC_SERIAL = "serial"        # subsystem serial number
 PC_READONLY = "readonly"    # "true" when published read-only (absent otherwise)
+PC_AUTH = "auth"            # what the target enforces: "dhchap", "tls" (absent: none)
 PUBLISH_CONTEXT_KEYS = (PC_NQN, PC_TRTYPE, PC_TRADDR, PC_TRSVCID, PC_ADRFAM, PC_NS_UUID,
                         PC_SERIAL)
+
+# Data-path authentication (StorageClass parameter ``auth``). The keys travel
+# ONLY as node-stage secrets (kubelet reads the Secret named by the PV's
+# nodeStageSecretRef for volumes of Pods on that node): never in
+# publish_context or volume_context.
+AUTH_DHCHAP, AUTH_TLS, AUTH_NONE = "dhchap", "tls", "none"
+AUTH_MODES = (AUTH_DHCHAP, AUTH_TLS, AUTH_NONE)
+SECRET_DHCHAP_KEY = "dhchapKey"          # DHHC-1:... the host's secret
+SECRET_DHCHAP_CTRL_KEY = "dhchapCtrlKey"  # DHHC-1:... the controller's (bidirectional)
+SECRET_TLS_PSK = "tlsPsk"                # NVMeTLSkey-1:... configured PSK
+SECRET_KEYS = (SECRET_DHCHAP_KEY, SECRET_DHCHAP_CTRL_KEY, SECRET_TLS_PSK)
 
 # volume_context keys (CreateVolume -> everything after it).
 VC_TARGET = "target"
 VC_LVSTORE = "lvstore"
 VC_LVOL_UUID = "lvolUuid"
 VC_THIN = "thinProvision"
+VC_AUTH = "auth"            # StorageClass auth: dhchap / tls / none
 VC_FS_TYPE = "fsType"       # StorageClass fsType; used when the capability names none
 # The rate limits SPDK enforces on the volume (bdev_get_bdevs
 # assigned_rate_limits, read when the answer is built: CreateVolume,

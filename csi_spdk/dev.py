@@ -163,6 +163,7 @@ def run_dev(args: argparse.Namespace) -> int:
     try:
         lvstores, made_lvstore = ensure_lvstore(rpc)
         agent = start_agent(agent_address, rpc, work / "agent-state", args.log_level)
+        static_keys, sanity_secrets = write_dev_secrets(work)
         config = {
             "targets": [{
                 "name": "dev",
@@ -173,6 +174,9 @@ def run_dev(args: argparse.Namespace) -> int:
             }],
             # dev knows its only node, so publishing elsewhere is NOT_FOUND
             "nodes": [args.node_id],
+            # no Kubernetes to keep per-volume Secrets: one generated key pair
+            # for every volume, also written for csi-sanity's --csi.secrets
+            "auth": {"staticSecretsFile": str(static_keys), "keyDir": str(work / "keys")},
         }
         config_path = work / "controller.json"
         config_path.write_text(json.dumps(config, indent=2))
@@ -190,7 +194,7 @@ def run_dev(args: argparse.Namespace) -> int:
             if proc:
                 stop_child(proc)
         raise
-    print(_dev_banner(sock_dir, rpc, lvstores, sim is not None), flush=True)
+    print(_dev_banner(sock_dir, rpc, lvstores, sim is not None, sanity_secrets), flush=True)
 
     def cleanup() -> None:
         stop_child(agent)
@@ -203,7 +207,26 @@ def run_dev(args: argparse.Namespace) -> int:
     return serve(servers, args.metrics_address, cleanup)
 
 
-def _dev_banner(sock_dir: Path, rpc: str, lvstores: list[str], simulated: bool) -> str:
+def write_dev_secrets(work: Path) -> tuple[Path, Path]:
+    """A fresh DH-HMAC-CHAP key pair (CSPRNG) for this dev run: the
+    controller's static keys file and csi-sanity's --csi.secrets file (the
+    same keys as node-stage and controller-publish secrets). Both 0600."""
+    from .controller.auth import VolumeKeys, write_static_secrets
+
+    dh, tls = VolumeKeys.generate(), VolumeKeys.generate("tls")
+    keys = VolumeKeys(dh.dhchap_key, dh.dhchap_ctrl_key, tls.tls_psk)
+    static = work / "auth-keys.json"
+    write_static_secrets(static, keys)
+    sanity = work / "csi-sanity-secrets.yaml"
+    fd = os.open(sanity, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"NodeStageVolumeSecret": keys.secrets(),
+                   "ControllerPublishVolumeSecret": keys.secrets()}, f, indent=2)
+    return static, sanity
+
+
+def _dev_banner(sock_dir: Path, rpc: str, lvstores: list[str], simulated: bool,
+                sanity_secrets: Path) -> str:
     nvme_tcp = os.path.exists("/sys/module/nvme_tcp") and shutil.which("nvme")
     return "\n".join([
         "csi-spdk dev is running (Ctrl-C to stop; everything it made is removed)",
@@ -217,7 +240,8 @@ def _dev_banner(sock_dir: Path, rpc: str, lvstores: list[str], simulated: bool) 
         f"  csi-sanity --csi.endpoint=unix://{sock_dir}/node.sock "
         f"--csi.controllerendpoint=unix://{sock_dir}/controller.sock "
         "--csi.testvolumesize=67108864 --csi.mountdir=/tmp/csi-sanity-mnt "
-        "--csi.stagingdir=/tmp/csi-sanity-stage",
+        "--csi.stagingdir=/tmp/csi-sanity-stage "
+        f"--csi.secrets={sanity_secrets}",
     ])
 
 

@@ -33,7 +33,7 @@ Lookup = Callable[[str], "dict | None"]   # bdev_get_bdevs by name/uuid/alias, N
 READS = frozenset({
     "spdk_get_version", "rpc_get_methods", "bdev_get_bdevs", "bdev_get_iostat",
     "bdev_lvol_get_lvstores", "bdev_lvol_get_lvols", "nvmf_get_transports",
-    "nvmf_get_subsystems",
+    "nvmf_get_subsystems", "keyring_get_keys",
 })
 
 
@@ -172,6 +172,7 @@ class Checks:
 _NQN_ONLY = ("nvmf_delete_subsystem", "nvmf_subsystem_add_listener",
              "nvmf_subsystem_remove_listener", "nvmf_subsystem_add_host",
              "nvmf_subsystem_remove_host", "nvmf_subsystem_remove_ns",
+             "nvmf_subsystem_set_keys",
              "nvmf_subsystem_get_controllers")
 _OWN = ("bdev_lvol_create", "bdev_lvol_delete", "bdev_lvol_resize", "bdev_lvol_inflate",
         "bdev_set_qos_limit",

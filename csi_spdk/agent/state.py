@@ -34,7 +34,7 @@ RECORDED = frozenset({
     "nvmf_create_transport", "nvmf_create_subsystem", "nvmf_delete_subsystem",
     "nvmf_subsystem_add_ns", "nvmf_subsystem_remove_ns",
     "nvmf_subsystem_add_listener", "nvmf_subsystem_remove_listener",
-    "nvmf_subsystem_add_host", "nvmf_subsystem_remove_host",
+    "nvmf_subsystem_add_host", "nvmf_subsystem_remove_host", "nvmf_subsystem_set_keys",
     "nvmf_subsystem_allow_any_host",
     "keyring_file_add_key", "keyring_file_remove_key",
     "bdev_set_qos_limit", "bdev_lvol_delete",
@@ -184,6 +184,15 @@ class DesiredState:
         sub = self._sub(p["nqn"])
         if sub is not None:
             sub["hosts"][p["host"]] = _without(p, "nqn")
+
+    def _on_nvmf_subsystem_set_keys(self, p: dict[str, Any], _r: Any) -> None:
+        """Rotated DH-HMAC-CHAP key names: replay adds the host with these."""
+        sub = self._sub(p["nqn"])
+        if sub is not None and p["host"] in sub["hosts"]:
+            entry = sub["hosts"][p["host"]]
+            for k in ("dhchap_key", "dhchap_ctrlr_key"):
+                entry.pop(k, None)
+            entry.update(_without(p, "nqn"))
 
     def _on_nvmf_subsystem_remove_host(self, p: dict[str, Any], _r: Any) -> None:
         sub = self._sub(p["nqn"])

@@ -59,6 +59,7 @@ class TargetConfig:
     rpc: str                           # the agent's address, or spdk_tgt's local socket
     listen_address: str
     port: int = DEFAULT_PORT
+    tls_port: int = 0          # the TLS (secure_channel) listener of auth: tls; 0 = port + 1
     dial_address: str = ""
     rpc_timeout: float = DEFAULT_TIMEOUT
     lvstores: tuple[str, ...] = ()   # empty: every lvstore of the target
@@ -69,6 +70,11 @@ class TargetConfig:
     @property
     def dial(self) -> str:
         return self.dial_address or self.listen_address
+
+    @property
+    def tls(self) -> int:
+        """SPDK does not combine in-band auth with TLS on one listener."""
+        return self.tls_port or self.port + 1
 
     @property
     def adrfam(self) -> str:
@@ -97,6 +103,21 @@ class TargetConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """``auth:`` of the config file (data-path authentication, controller/auth.py)."""
+
+    # same-host key custody: the key files of targets on this host, one
+    # subdirectory per target (0700 directories, 0600 files)
+    key_dir: str = "/var/lib/csi-spdk/keys"
+    # the namespace of the volume Secrets ("" = the controller's own)
+    secret_namespace: str = ""
+    # dev/tests only: one key pair for every volume instead of a Secret each
+    static_secrets_file: str = ""
+    # the auth of volumes whose StorageClass has no ``auth`` parameter
+    default_mode: str = contract.AUTH_DHCHAP
+
+
+@dataclass(frozen=True)
 class Config:
     targets: tuple[TargetConfig, ...]
     thin_overcommit_ratio: float = DEFAULT_OVERCOMMIT
@@ -105,6 +126,7 @@ class Config:
     # publishes to nodes it knows, so the chart leaves it unset; `dev` sets it
     # so that publishing to a node that does not exist is NOT_FOUND.
     nodes: frozenset[str] | None = None
+    auth: AuthConfig = field(default_factory=lambda: AuthConfig())
 
     def target(self, name: str) -> TargetConfig | None:
         for t in self.targets:
@@ -117,9 +139,10 @@ class Config:
         return [t.name for t in self.targets]
 
 
-_TOP_KEYS = {"targets", "thinOvercommitRatio", "defaultVolumeSize", "nodes"}
+_TOP_KEYS = {"targets", "thinOvercommitRatio", "defaultVolumeSize", "nodes", "auth"}
+_AUTH_KEYS = {"keyDir", "secretNamespace", "staticSecretsFile", "defaultMode"}
 _TARGET_KEYS = {"name", "rpc", "agent", "rpcTimeout", "nvmf", "lvstores", "node", "topology"}
-_NVMF_KEYS = {"listenAddress", "port", "dialAddress"}
+_NVMF_KEYS = {"listenAddress", "port", "dialAddress", "tlsPort"}
 _AGENT_KEYS = {"address", "serverName", "tls"}
 _TLS_KEYS = {"caFile", "certFile", "keyFile"}
 
@@ -178,6 +201,11 @@ def _target(where: str, raw: Any) -> TargetConfig:
     port = _number(f"{where}.nvmf.port", nvmf.get("port", DEFAULT_PORT), 1, integer=True)
     if port > 65535:
         raise ConfigError(f"{where}.nvmf.port: must be <= 65535, got {port}")
+    tls_port = _number(f"{where}.nvmf.tlsPort", nvmf.get("tlsPort", min(port + 1, 65535)), 1,
+                       integer=True)
+    if tls_port > 65535 or tls_port == port:
+        raise ConfigError(f"{where}.nvmf.tlsPort: must be <= 65535 and differ from port, "
+                          f"got {tls_port}")
     dial = nvmf.get("dialAddress")
     dial = _address(f"{where}.nvmf.dialAddress", dial) if dial is not None else ""
     lvstores = raw.get("lvstores", [])
@@ -201,6 +229,7 @@ def _target(where: str, raw: Any) -> TargetConfig:
         raise ConfigError(f"{where}.topology: {contract.TOPOLOGY_NODE_KEY!r} is set by the "
                           "driver (use 'node' to name the node hosting the target)")
     return TargetConfig(name=name, rpc=rpc, listen_address=listen, port=int(port),
+                        tls_port=int(tls_port),
                         dial_address=dial, rpc_timeout=timeout, lvstores=tuple(lvstores),
                         node=node, topology=topology, agent=agent)
 
@@ -294,7 +323,26 @@ def _parse(data: Any) -> Config:
         raise ConfigError("nodes: must be a list of node ids (or absent to accept any)")
     return Config(targets=targets, thin_overcommit_ratio=ratio,
                   default_volume_size=int(default_size),
-                  nodes=frozenset(nodes) if nodes is not None else None)
+                  nodes=frozenset(nodes) if nodes is not None else None,
+                  auth=_auth(data.get("auth") or {}))
+
+
+def _auth(raw: Any) -> AuthConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("auth: must be a mapping")
+    _unknown("auth", raw, _AUTH_KEYS)
+    for key in _AUTH_KEYS:
+        if key in raw and not isinstance(raw[key], str):
+            raise ConfigError(f"auth.{key}: must be a string")
+    key_dir = raw.get("keyDir", AuthConfig.key_dir)
+    if not key_dir.startswith("/"):
+        raise ConfigError(f"auth.keyDir: must be an absolute path, got {key_dir!r}")
+    mode = raw.get("defaultMode", contract.AUTH_DHCHAP)
+    if mode not in (contract.AUTH_DHCHAP, contract.AUTH_NONE):
+        raise ConfigError(f"auth.defaultMode: must be dhchap or none, got {mode!r}")
+    return AuthConfig(key_dir=key_dir, secret_namespace=raw.get("secretNamespace", ""),
+                      static_secrets_file=raw.get("staticSecretsFile", ""),
+                      default_mode=mode)
 
 
 def load(path: str | Path) -> Config:

@@ -61,28 +61,35 @@ class NvmfExporter:
                 out[nqn[len(contract.NQN_PREFIX):]] = self.hosts_of(sub)
         return out
 
-    def publish_context(self, lvol_uuid: str) -> dict[str, str]:
+    def publish_context(self, lvol_uuid: str, tls: bool = False) -> dict[str, str]:
         t = self.target
         return {
             contract.PC_NQN: contract.subsystem_nqn(lvol_uuid),
             contract.PC_TRTYPE: "tcp",
             contract.PC_TRADDR: t.dial,
-            contract.PC_TRSVCID: str(t.port),
+            contract.PC_TRSVCID: str(t.tls if tls else t.port),
             contract.PC_ADRFAM: t.adrfam,
             contract.PC_NS_UUID: lvol_uuid,
             contract.PC_SERIAL: contract.serial_number(lvol_uuid),
         }
 
     # --- export ------------------------------------------------------------
-    def _listen_address(self) -> dict:
-        return SpdkApi.listen_address(self.target.listen_address, self.target.port, TRTYPE)
+    def _listen_address(self, tls: bool = False) -> dict:
+        """auth tls: a TLS-only (secure_channel) listener on its own port."""
+        port = self.target.tls if tls else self.target.port
+        return SpdkApi.listen_address(self.target.listen_address, port, TRTYPE)
 
-    def _has_listener(self, sub: dict) -> bool:
-        want = self._listen_address()
+    def _has_listener(self, sub: dict, tls: bool = False) -> bool:
+        want = self._listen_address(tls)
         return any(str(a.get("trtype", "")).upper() == TRTYPE
                    and a.get("traddr") == want["traddr"]
                    and str(a.get("trsvcid")) == want["trsvcid"]
                    for a in sub.get("listen_addresses", []))
+
+    @staticmethod
+    def _host_has_keys(sub: dict, host_nqn: str, keys: dict[str, str]) -> bool:
+        entry = next((h for h in sub.get("hosts", []) if h.get("nqn") == host_nqn), {})
+        return all(entry.get(k) == v for k, v in keys.items())
 
     @staticmethod
     def _has_namespace(sub: dict, lvol_uuid: str) -> bool:
@@ -116,12 +123,16 @@ class NvmfExporter:
         return None
 
     def export(self, lvol_uuid: str, host_nqn: str, sub: dict | None | object = ...,
-               model: str = contract.MODEL_NUMBER) -> dict[str, str]:
+               model: str = contract.MODEL_NUMBER,
+               keys: dict[str, str] | None = None) -> dict[str, str]:
         """Make the volume reachable by ``host_nqn``; return the publish_context.
 
         ``sub`` is the subsystem as the caller just read it (None: missing),
         saving one RPC; by default it is read here. ``model`` is the model
-        number a new subsystem gets (``contract.model_number``)."""
+        number a new subsystem gets (``contract.model_number``). ``keys``:
+        keyring key NAMES for the host entry (``dhchap_key``,
+        ``dhchap_ctrlr_key``); an entry with other names gets these
+        (``nvmf_subsystem_set_keys``)."""
         nqn = contract.subsystem_nqn(lvol_uuid)
         try:
             self.ensure_transport()
@@ -144,18 +155,25 @@ class NvmfExporter:
             if not self._has_namespace(sub, lvol_uuid):
                 self._step(nqn, lambda s: self._has_namespace(s, lvol_uuid),
                            lambda: self.api.ns_add(nqn, lvol_uuid, uuid=lvol_uuid))
-            if not self._has_listener(sub):
-                self._step(nqn, self._has_listener,
-                           lambda: self.api.listener_add(nqn, self._listen_address()))
+            keys = keys or {}
+            tls = "psk" in keys
+            if not self._has_listener(sub, tls):
+                self._step(nqn, lambda s: self._has_listener(s, tls),
+                           lambda: self.api.listener_add(nqn, self._listen_address(tls),
+                                                         secure_channel=tls))
             if host_nqn not in self.hosts_of(sub):
                 self._step(nqn, lambda s: host_nqn in self.hosts_of(s),
-                           lambda: self.api.host_add(nqn, host_nqn))
+                           lambda: self.api.host_add(nqn, host_nqn, **keys))
+            elif keys and not tls and not self._host_has_keys(sub, host_nqn, keys):
+                # (nvmf_get_subsystems does not show a host's psk, and set_keys
+                # rotates DH-HMAC-CHAP keys only: an existing tls entry stays)
+                self.api.host_set_keys(nqn, host_nqn, **keys)
         except SpdkError:
             # The target may have restarted without its transport: check again next time.
             with self._mutex:
                 self._transport_ready = False
             raise
-        return self.publish_context(lvol_uuid)
+        return self.publish_context(lvol_uuid, tls)
 
     def hold_open(self, lvol_uuid: str, sub: dict | None) -> None:
         """The volume's subsystem with its namespace only (no listener, no host):

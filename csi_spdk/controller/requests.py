@@ -7,9 +7,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .. import contract
 from ..errors import InvalidArgument, OutOfRange, echo, require
 from ..proto import csi_pb2
 from . import qos
+from .auth import parse_auth
 from .config import Config
 
 _Mode = csi_pb2.VolumeCapability.AccessMode
@@ -21,7 +23,7 @@ FS_TYPES = ("ext4", "xfs")
 # NodeStageVolume cannot fail on a size the controller chose.
 FS_MIN_BYTES = {"xfs": 300 * 1024 * 1024}
 CLEAR_METHODS = ("none", "unmap", "write_zeroes")
-IMMUTABLE_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType")
+IMMUTABLE_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType", "auth")
 PARAM_KEYS = IMMUTABLE_KEYS + qos.MUTABLE_KEYS
 K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
 
@@ -82,6 +84,7 @@ class VolumeParams:
     fs_type: str = ""
     qos: qos.Limits = field(default_factory=dict)   # the four limits, SPDK keys (qos.py)
     thin_set: bool = False   # thinProvision was given explicitly
+    auth: str = contract.AUTH_DHCHAP   # data-path auth (controller/auth.py)
 
 
 def parse_params(params: Mapping[str, str], config: Config,
@@ -110,7 +113,8 @@ def parse_params(params: Mapping[str, str], config: Config,
         raise InvalidArgument(f"parameter fsType={echo(fs)} must be one of {', '.join(FS_TYPES)}")
     limits = qos.parse(params) | qos.parse_mutable(mutable or {}, IMMUTABLE_KEYS)
     return VolumeParams(target, params.get("lvstore", ""), thin == "true", clear, fs,
-                        qos.full(limits), thin_set="thinProvision" in params)
+                        qos.full(limits), thin_set="thinProvision" in params,
+                        auth=parse_auth(dict(params), config.auth.default_mode))
 
 
 def capacity_range(req) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Mapping
 
@@ -45,6 +46,7 @@ from ..rpc import rpc
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkNoSpace, SpdkNotFound, SpdkTransportError
 from . import placement, qos
+from .auth import AgentKeyCustody, SameHostKeyCustody, SecretStore, StaticSecrets, VolumeAuth
 from .config import Config
 from .create import CreateRequest, create_empty, create_from_snapshot, create_from_volume
 from .health import TargetHealth
@@ -78,6 +80,18 @@ log = logging.getLogger("csi_spdk.controller")
 RECONCILE_INTERVAL = 300.0   # seconds between reconciler passes
 
 
+def _default_store(config: Config) -> SecretStore | None:
+    """Static keys (dev/tests) when configured, Kubernetes Secrets in a
+    cluster (or with $KUBECONFIG), else none (auth: dhchap volumes are then
+    FAILED_PRECONDITION)."""
+    if config.auth.static_secrets_file:
+        return StaticSecrets(config.auth.static_secrets_file)
+    from .k8s_secrets import KubernetesSecrets, in_cluster
+    if in_cluster() or os.environ.get("KUBECONFIG"):
+        return KubernetesSecrets(config.auth.secret_namespace)
+    return None
+
+
 def _topology(target: Target) -> list[csi_pb2.Topology]:
     """No constraint unless the target has labels (then nodes must carry them)."""
     segment = target.cfg.segment()
@@ -88,7 +102,10 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
     """The CSI Controller service over the configured SPDK targets."""
 
     def __init__(self, config: Config, driver_name: str,
-                 apis: Mapping[str, SpdkApi] | None = None) -> None:
+                 apis: Mapping[str, SpdkApi] | None = None,
+                 secret_store: SecretStore | None = None, key_custody=None) -> None:
+        """``secret_store``/``key_custody`` (target name -> KeyCustody): the
+        auth strategies (controller/auth.py); defaults from ``config.auth``."""
         self.locks = KeyedLocks()
         self.config = config
         self.driver_name = driver_name
@@ -99,6 +116,9 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         self._node_ids: dict[str, str] = {}                  # host NQN -> CSI node id
         self._publishes: dict[tuple[str, str], tuple] = {}   # (uuid, host) -> (cap, ro)
         SnapshotService.__init__(self, self.targets, self.locks, config)
+        self._custodies: dict[str, SameHostKeyCustody | AgentKeyCustody] = {}
+        self.auth = VolumeAuth(secret_store or _default_store(config),
+                               key_custody or self._key_custody)
         self.health = TargetHealth(self.targets)
         self._reconciler: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -128,6 +148,17 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         while not self._stopping.wait(interval):
             self.reconcile()
 
+    def _key_custody(self, target_name: str) -> SameHostKeyCustody | AgentKeyCustody:
+        """Through the target's agent when it has one (the keys live on the
+        storage host), else 0600 files on this host (a same-host target)."""
+        with self._hints:
+            if target_name not in self._custodies:
+                api = self.targets[target_name].api
+                self._custodies[target_name] = AgentKeyCustody(api) \
+                    if hasattr(api.client, "put_key") else SameHostKeyCustody(
+                        api, os.path.join(self.config.auth.key_dir, target_name))
+            return self._custodies[target_name]
+
     def ready(self) -> bool:
         """For Identity.Probe: the process is up and can serve. Targets' own
         health is ``self.health`` (metric + volume conditions): one down target
@@ -155,10 +186,11 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
                               accessible_topology=_topology(target))
 
     def _volume_response(self, target: Target, lv: Lvol, params: VolumeParams,
-                         source: csi_pb2.VolumeContentSource | None
+                         source: csi_pb2.VolumeContentSource | None, name: str
                          ) -> csi_pb2.CreateVolumeResponse:
         """The answer; a clone is thin (its volume_context says so from SPDK)."""
         vol = self._volume_msg(target, lv, params.fs_type)
+        vol.volume_context.update(self.auth.created(lv.uuid, name, params.auth))
         if source is not None:
             vol.content_source.CopyFrom(source)
         return csi_pb2.CreateVolumeResponse(volume=vol)
@@ -169,6 +201,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         require(request.name, "name")
         check_capabilities(request.volume_capabilities)
         params = parse_params(request.parameters, self.config, request.mutable_parameters)
+        self.auth.check(params.auth)   # before anything is made
         required, limit = capacity_range(request)
         fs, floor = filesystem_floor(request.volume_capabilities, params.fs_type)
         if floor and limit and limit < floor:
@@ -206,7 +239,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         # Clones and restores too: SPDK does not copy QoS to a clone, and the new
         # volume gets its own request's limits, not its source's.
         lv.qos = qos.apply(target, lv.uuid, params.qos, lv.qos)
-        return self._volume_response(target, lv, params, source)
+        return self._volume_response(target, lv, params, source, request.name)
 
     # --- DeleteVolume ----------------------------------------------------------
     @rpc(lock=("volume_id",))
@@ -224,8 +257,9 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         lv = target.lvol(oid.lvol_uuid)
         if lv is None:
             # Maybe a retry after a crash between the delete and the reclaim of
-            # the volume's internal parent snapshot: finish that.
+            # the volume's internal parent snapshot (or of its keys): finish that.
             target.sweep(self.targets.busy())
+            self.auth.deleted(target.name, oid.lvol_uuid)
             return csi_pb2.DeleteVolumeResponse()
         if not contract.is_driver_lvol(lv.name):
             raise FailedPrecondition(f"lvol {lv.alias} was not created by csi-spdk; "
@@ -240,6 +274,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
                                      f"{', '.join(self._node_names(hosts))}; unpublish it first")
         if sub is not None:
             target.exporter.delete(lv.uuid)
+        self.auth.deleted(target.name, lv.uuid)
         target.delete_lvol(lv)   # under the target's lineage lock
         return csi_pb2.DeleteVolumeResponse()
 
@@ -276,9 +311,13 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             raise FailedPrecondition(
                 f"volume {request.volume_id} has a single-node access mode and is already "
                 f"published to {', '.join(self._node_names(others))}")
+        mode = self.auth.mode_of(lv.uuid, request.volume_context.get(contract.VC_AUTH, ""))
+        keys = self.auth.keys_for_publish(target.name, lv.uuid, mode, dict(request.secrets))
         ctx = target.exporter.export(
             lv.uuid, host, sub=sub,
-            model=contract.model_number(host, signature, request.readonly))
+            model=contract.model_number(host, signature, request.readonly), keys=keys)
+        if keys:
+            ctx[contract.PC_AUTH] = mode
         with self._hints:
             self._publishes[(lv.uuid, host)] = signature
         if request.readonly:
@@ -309,6 +348,9 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             with self._hints:
                 for key in [k for k in self._publishes if k[0] == oid.lvol_uuid]:
                     del self._publishes[key]
+        if exporter.subsystem(oid.lvol_uuid) is None:
+            # the last host is gone: so are the volume's keys on the target
+            self.auth.drop_target_keys(target.name, oid.lvol_uuid)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     # --- queries -----------------------------------------------------------------

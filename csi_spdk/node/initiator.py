@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from .. import contract
 from ..errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from .auth import ConnectAuth, KernelFeatures, redact
 from .sysfs import read_attr as _read
 
 log = logging.getLogger("csi_spdk.initiator")
@@ -89,7 +90,11 @@ class NvmeTcpInitiator:
 
     def __init__(self, host_nqn: str, host_id: str, ctrl_loss_tmo: int = -1,
                  reconnect_delay: int = 2, sysfs_root: str = "/sys", nvme: str = "nvme",
-                 dev_root: str = "/dev", use_udev: bool | None = None) -> None:
+                 dev_root: str = "/dev", use_udev: bool | None = None,
+                 features: KernelFeatures | None = None) -> None:
+        """``features``: what the kernel offers for auth/TLS (probed on first
+        need when None)."""
+        self._features = features
         self.host_nqn = host_nqn
         self.host_id = host_id
         self.ctrl_loss_tmo = ctrl_loss_tmo
@@ -287,9 +292,16 @@ class NvmeTcpInitiator:
                 f"--reconnect-delay={self.reconnect_delay}"]
         return args
 
-    def connect(self, publish_context: Mapping[str, str], timeout: float = 30.0) -> str:
+    def features(self) -> KernelFeatures:
+        if self._features is None:
+            self._features = KernelFeatures.probe(dev_root=self.dev_root)
+        return self._features
+
+    def connect(self, publish_context: Mapping[str, str], timeout: float = 30.0,
+                secrets: Mapping[str, str] | None = None) -> str:
         """Connect to the volume's subsystem (unless already connected) and
-        return its namespace's block device path. Idempotent.
+        return its namespace's block device path. Idempotent. ``secrets``:
+        the node-stage secrets (keys for publish_context ``auth``).
 
         When this call made the connection and the namespace does not appear
         within ``timeout``, it disconnects again so a failed stage leaks
@@ -305,18 +317,26 @@ class NvmeTcpInitiator:
         if trtype != "tcp":
             raise InvalidArgument(f"transport {trtype!r} is not supported (only tcp)")
         nqn, ns_uuid = pc[contract.PC_NQN], pc[contract.PC_NS_UUID]
+        auth = ConnectAuth.from_request(pc, secrets or {})
         made = False
         self._require_fabrics()
+        if auth.mode != contract.AUTH_NONE:
+            auth.require(self.features())
         if not self._connected_to(nqn, pc[contract.PC_TRADDR], pc[contract.PC_TRSVCID]):
-            res = self._run(self.connect_command(pc))
-            out = (res.stderr + res.stdout).strip()
+            auth.prepare(self.nvme, self.host_nqn, nqn)
+            res = self._run(self.connect_command(pc) + auth.connect_args())
+            # nvme-cli may echo its arguments: never let a secret through
+            out = redact((res.stderr + res.stdout).strip(), auth.secrets)
             if res.returncode != 0 and "already connected" not in out.lower():
+                hint = (" (authentication: check the volume's node-stage secret)"
+                        if auth.mode != contract.AUTH_NONE else "")
                 raise Unavailable(f"nvme connect to {nqn} at {pc[contract.PC_TRADDR]}:"
                                   f"{pc[contract.PC_TRSVCID]} failed "
-                                  f"(exit {res.returncode}): {out}")
+                                  f"(exit {res.returncode}){hint}: {out}")
             made = res.returncode == 0
             log.info("connected", extra={"f": {"nqn": nqn, "traddr": pc[contract.PC_TRADDR],
-                                                "trsvcid": pc[contract.PC_TRSVCID]}})
+                                                "trsvcid": pc[contract.PC_TRSVCID],
+                                                "auth": auth.mode}})
         device = self.find_device(nqn, ns_uuid, timeout)
         if device is None and not made:
             self.rescan(nqn)

@@ -249,7 +249,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         was_connected = self.initiator.is_connected(rec.nqn)
         self.store.save(rec)
         try:
-            device = self.initiator.connect(pc, self.connect_timeout)
+            device = self.initiator.connect(pc, self.connect_timeout,
+                                            secrets=request.secrets)
             if kind == "mount":
                 rec.fstype = self._stage_mount(device, staging, want_fs, cap, readonly,
                                                previous)

@@ -15,7 +15,7 @@ plane can serve ``NamespaceInfo.path`` as a file-backed namespace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,21 @@ class ListenerInfo:
     adrfam: str             # "IPv4" / "IPv6"
     traddr: str
     trsvcid: str
+    secure_channel: bool = False   # TLS required (nvmf_subsystem_add_listener --secure-channel)
+
+
+@dataclass(frozen=True)
+class HostAuth:
+    """What a host must prove on one subsystem: the secrets themselves (read
+    from the keyring's files), not the key names. Empty: no auth. The secrets
+    stay out of ``repr``."""
+
+    dhchap_key: str | None = field(default=None, repr=False)        # DHHC-1:...
+    dhchap_ctrlr_key: str | None = field(default=None, repr=False)  # bidirectional
+    psk: str | None = field(default=None, repr=False)               # NVMeTLSkey-1:...
+
+    def __bool__(self) -> bool:
+        return bool(self.dhchap_key or self.dhchap_ctrlr_key or self.psk)
 
 
 class DataPlane:
@@ -86,6 +101,11 @@ class DataPlane:
 
     def host_removed(self, nqn: str, host_nqn: str) -> None:
         """``host_nqn`` may no longer connect to ``nqn``."""
+
+    def host_auth_changed(self, nqn: str, host_nqn: str, auth: HostAuth) -> None:
+        """The keys ``host_nqn`` must use on ``nqn``: called right before
+        ``host_added`` when the host entry has keys (so the host is never
+        allowed without them), and on ``nvmf_subsystem_set_keys`` (rotation)."""
 
     def writes_external_data(self) -> bool:
         """True if hosts write into the backing files behind the simulator's

@@ -16,7 +16,22 @@ Mapping (configfs layout of Linux 6.1):
 * host -> ``hosts/<hostnqn>`` plus a symlink
   ``subsystems/<nqn>/allowed_hosts/<hostnqn>``;
 * listener -> ``ports/<id>`` (``addr_trtype``/``addr_adrfam``/``addr_traddr``/
-  ``addr_trsvcid``) with ``ports/<id>/subsystems/<nqn>`` symlinked.
+  ``addr_trsvcid``) with ``ports/<id>/subsystems/<nqn>`` symlinked; a
+  ``secure_channel`` listener gets a port of its own with ``addr_tsas`` tls1.3
+  and ``addr_treq`` required (the kernel then hands the TLS handshake to
+  tlshd, which finds the PSK in the ``.nvme`` keyring);
+* host keys (``nvmf_subsystem_add_host`` with ``dhchap_key``/
+  ``dhchap_ctrlr_key``, ``nvmf_subsystem_set_keys``) -> ``hosts/<hostnqn>/``
+  ``dhchap_key``, ``dhchap_ctrl_key``, ``dhchap_hash``, ``dhchap_dhgroup``: the
+  kernel then runs DH-HMAC-CHAP on every connect, as SPDK does. A ``psk`` ->
+  the PSK inserted into the kernel's ``.nvme`` keyring for (host, subsystem)
+  with ``nvme check-tls-key --insert``.
+
+One difference from SPDK: nvmet keeps one DH-HMAC-CHAP key pair per host NQN
+(``hosts/<nqn>`` is shared by all subsystems), SPDK one per (subsystem, host).
+Different keys for one host on two subsystems cannot be mirrored: the second
+``add_host`` fails with a simulator error saying so, instead of silently
+breaking the first subsystem's authentication.
 
 The kernel port listens on the address the initiator dials, which may differ
 from SPDK's listener address (``traddr``; inside the test guest that is
@@ -41,8 +56,8 @@ import subprocess
 import threading
 from pathlib import Path
 
-from . import nvmet_leftovers
-from .dataplane import DataPlane, ListenerInfo, NamespaceInfo
+from . import kernel_keyring, nvmet_leftovers
+from .dataplane import DataPlane, HostAuth, ListenerInfo, NamespaceInfo
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +65,13 @@ CONFIGFS = Path("/sys/kernel/config")
 # Env override of the kernel port address ("" keeps SPDK's listener address).
 TRADDR_ENV = "CSI_SPDK_NVMET_TRADDR"
 DEFAULT_TRADDR = "127.0.0.1"
+# The hash and DH group nvmet offers in DH-HMAC-CHAP (SPDK negotiates from its
+# nvmf_set_config lists, all digests and groups by default).
+DHCHAP_HASH_ENV, DHCHAP_DHGROUP_ENV = "CSI_SPDK_NVMET_DHCHAP_HASH", "CSI_SPDK_NVMET_DHCHAP_DHGROUP"
+DEFAULT_DHCHAP_HASH, DEFAULT_DHCHAP_DHGROUP = "hmac(sha256)", "ffdhe2048"
 
-PortKey = tuple[str, str, str, str]  # (trtype, adrfam, traddr, trsvcid), kernel spelling
+# (trtype, adrfam, traddr, trsvcid, tls), kernel spelling
+PortKey = tuple[str, str, str, str, bool]
 
 
 class NvmetError(RuntimeError):
@@ -120,6 +140,10 @@ class NvmetDataPlane(DataPlane):
         self.port_refs: dict[PortKey, dict[str, int]] = {}
         self.owned_file = nvmet_leftovers.owned_file_for(self.root)
         self._owned_saved: tuple | None = None
+        # host nqn -> {subsystem nqn: HostAuth} (only subsystems with keys)
+        self.host_auth: dict[str, dict[str, HostAuth]] = {}
+        self.dhchap_hash = os.environ.get(DHCHAP_HASH_ENV, DEFAULT_DHCHAP_HASH)
+        self.dhchap_dhgroup = os.environ.get(DHCHAP_DHGROUP_ENV, DEFAULT_DHCHAP_DHGROUP)
 
     @classmethod
     def from_env(cls) -> NvmetDataPlane:
@@ -270,8 +294,11 @@ class NvmetDataPlane(DataPlane):
         _rmdir(path)
 
     # --- hosts -------------------------------------------------------------------------
+    # nvmf.add_host calls host_auth_changed (keys) before host_added (the
+    # allowed_hosts link): the host is never allowed without its keys.
     def host_added(self, nqn: str, host_nqn: str) -> None:
         with self.lock:
+            self._check_one_key_pair(nqn, host_nqn, self._pair(nqn, host_nqn))
             state = self.subsystems.setdefault(nqn, {"any": False, "hosts": set()})
             state["hosts"].add(host_nqn)
             if not state["any"]:
@@ -284,8 +311,83 @@ class NvmetDataPlane(DataPlane):
             if state:
                 state["hosts"].discard(host_nqn)
             _unlink(self._subsys(nqn) / "allowed_hosts" / host_nqn)
+            auths = self.host_auth.get(host_nqn, {})
+            auth = auths.pop(nqn, None)
+            if not auths:
+                self.host_auth.pop(host_nqn, None)
+            if auth is not None and auth.psk:
+                self._unlink_psk(nqn, host_nqn)
             self._gc_host(host_nqn)
             self._save_owned()
+
+    def host_auth_changed(self, nqn: str, host_nqn: str, auth: HostAuth) -> None:
+        with self.lock:
+            pair = (auth.dhchap_key, auth.dhchap_ctrlr_key)
+            self._check_one_key_pair(nqn, host_nqn, pair)
+            old = self.host_auth.get(host_nqn, {}).get(nqn, HostAuth())
+            if auth:
+                self.host_auth.setdefault(host_nqn, {})[nqn] = auth
+            else:
+                self.host_auth.get(host_nqn, {}).pop(nqn, None)
+            host = self._host(host_nqn)
+            if not host.is_dir():
+                _mkdir(host)
+                self.hosts_created.add(host_nqn)
+            if pair != (old.dhchap_key, old.dhchap_ctrlr_key):
+                self._write_host_keys(host_nqn, auth)
+            if auth.psk and auth.psk != old.psk:
+                self._insert_psk(nqn, host_nqn, auth.psk)
+            self._save_owned()
+
+    def _pair(self, nqn: str, host_nqn: str) -> tuple[str | None, str | None]:
+        auth = self.host_auth.get(host_nqn, {}).get(nqn, HostAuth())
+        return auth.dhchap_key, auth.dhchap_ctrlr_key
+
+    def _check_one_key_pair(self, nqn: str, host_nqn: str,
+                            pair: tuple[str | None, str | None]) -> None:
+        """hosts/<nqn> is shared by every subsystem: all that allow the host
+        must want the same DH-HMAC-CHAP keys (or all none)."""
+        for other, state in self.subsystems.items():
+            if other == nqn or state["any"] or host_nqn not in state["hosts"]:
+                continue
+            if self._pair(other, host_nqn) != pair:
+                raise NvmetError(
+                    f"kernel nvmet keeps one DH-HMAC-CHAP key pair per host NQN: {host_nqn} "
+                    f"is allowed on {other} with different keys (or none)")
+
+    def _write_host_keys(self, host_nqn: str, auth: HostAuth) -> None:
+        """hosts/<nqn>/dhchap_*. Removing keys means a fresh host entry (the
+        kernel's way to clear a key differs between versions)."""
+        host = self._host(host_nqn)
+        if not (host / "dhchap_key").exists():
+            if auth.dhchap_key:
+                raise NvmetError("this kernel's nvmet has no in-band authentication "
+                                 "(CONFIG_NVME_TARGET_AUTH)")
+            return
+        if ((not auth.dhchap_key or not auth.dhchap_ctrlr_key)
+                and (_read(host / "dhchap_key") or _read(host / "dhchap_ctrl_key"))):
+            self._recreate_host(host_nqn)
+        if auth.dhchap_key:
+            _write(host / "dhchap_hash", self.dhchap_hash)
+            _write(host / "dhchap_dhgroup", self.dhchap_dhgroup)
+            _write(host / "dhchap_key", auth.dhchap_key)
+        if auth.dhchap_ctrlr_key:
+            _write(host / "dhchap_ctrl_key", auth.dhchap_ctrlr_key)
+        # never log the keys: only what is set
+        log.info("nvmet: host %s DH-HMAC-CHAP %s", host_nqn,
+                 ("bidirectional" if auth.dhchap_ctrlr_key else "host key only")
+                 if auth.dhchap_key else "off")
+
+    def _recreate_host(self, host_nqn: str) -> None:
+        linked = [nqn for nqn, st in self.subsystems.items()
+                  if host_nqn in st["hosts"] and not st["any"]]
+        for nqn in linked:
+            _unlink(self._subsys(nqn) / "allowed_hosts" / host_nqn)
+        _rmdir(self._host(host_nqn))
+        _mkdir(self._host(host_nqn))
+        self.hosts_created.add(host_nqn)
+        for nqn in linked:
+            _symlink(self._host(host_nqn), self._subsys(nqn) / "allowed_hosts" / host_nqn)
 
     def _link_host(self, nqn: str, host_nqn: str) -> None:
         host = self._host(host_nqn)
@@ -300,6 +402,8 @@ class NvmetDataPlane(DataPlane):
             return
         if any(host_nqn in s["hosts"] and not s["any"] for s in self.subsystems.values()):
             return
+        if host_nqn in self.host_auth:
+            return
         try:
             _rmdir(self._host(host_nqn))
         except OSError as e:
@@ -309,11 +413,23 @@ class NvmetDataPlane(DataPlane):
             return
         self.hosts_created.discard(host_nqn)
 
+    # --- TLS PSKs (kernel keyring) ---------------------------------------------------
+    def _insert_psk(self, nqn: str, host_nqn: str, psk: str) -> None:
+        try:
+            kernel_keyring.insert_tls_psk(host_nqn, nqn, psk)
+        except kernel_keyring.KeyringError as e:
+            raise NvmetError(str(e)) from None
+
+    @staticmethod
+    def _unlink_psk(nqn: str, host_nqn: str) -> None:
+        kernel_keyring.revoke_tls_psks(host_nqn, nqn)
+
     # --- listeners --------------------------------------------------------------------
     def _key(self, listener: ListenerInfo) -> PortKey:
         traddr = self.traddr or listener.traddr
         adrfam = "ipv6" if ":" in traddr else "ipv4"
-        return (listener.trtype.lower(), adrfam, traddr, str(listener.trsvcid))
+        return (listener.trtype.lower(), adrfam, traddr, str(listener.trsvcid),
+                listener.secure_channel)
 
     def listener_added(self, listener: ListenerInfo) -> None:
         with self.lock:
@@ -347,18 +463,24 @@ class NvmetDataPlane(DataPlane):
         for pid in sorted(used):
             p = self._port(pid)
             if (_read(p / "addr_trtype"), _read(p / "addr_adrfam"), _read(p / "addr_traddr"),
-                    _read(p / "addr_trsvcid")) == key:
+                    _read(p / "addr_trsvcid"), _read(p / "addr_tsas") == "tls1.3") == key:
                 self.ports[key] = pid
                 return pid
         pid = next(i for i in range(1, 65535) if i not in used)
         path = self._port(pid)
         _mkdir(path)
-        trtype, adrfam, traddr, trsvcid = key
+        trtype, adrfam, traddr, trsvcid, tls = key
         try:
             _write(path / "addr_trtype", trtype)
             _write(path / "addr_adrfam", adrfam)
             _write(path / "addr_traddr", traddr)
             _write(path / "addr_trsvcid", trsvcid)
+            if tls:
+                if not (path / "addr_tsas").exists():
+                    raise NvmetError("this kernel's nvmet has no TLS "
+                                     "(CONFIG_NVME_TARGET_TCP_TLS)")
+                _write(path / "addr_tsas", "tls1.3")
+                _write(path / "addr_treq", "required")
         except NvmetError:
             _rmdir(path)
             raise

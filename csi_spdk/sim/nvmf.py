@@ -12,7 +12,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .dataplane import ListenerInfo, NamespaceInfo
+from .dataplane import HostAuth, ListenerInfo, NamespaceInfo
 from .state import ENODEV, RpcError, errno_error
 
 if TYPE_CHECKING:
@@ -69,6 +69,12 @@ class Host:
     dhchap_key: Key | None = None
     dhchap_ctrlr_key: Key | None = None
     psk: Key | None = None
+
+    def auth(self) -> HostAuth:
+        """The secrets behind the key names (what a real data plane enforces)."""
+        def secret(key: Key | None) -> str | None:
+            return key.secret() or None if key is not None else None
+        return HostAuth(secret(self.dhchap_key), secret(self.dhchap_ctrlr_key), secret(self.psk))
 
     def json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"nqn": self.nqn}
@@ -175,7 +181,8 @@ class Nvmf:
 
     @staticmethod
     def listener_info(sub: Subsystem, lst: Listener) -> ListenerInfo:
-        return ListenerInfo(sub.nqn, lst.trtype, lst.adrfam, lst.traddr, lst.trsvcid)
+        return ListenerInfo(sub.nqn, lst.trtype, lst.adrfam, lst.traddr, lst.trsvcid,
+                            lst.secure_channel)
 
     # --- transports --------------------------------------------------
     def create_transport(self, p: dict[str, Any]) -> bool:
@@ -394,6 +401,9 @@ class Nvmf:
         keyring = self.state.keyring
         host = Host(host_nqn, *(keyring.acquire(k.name) if k else None for k in (dh, dhc, psk)))
         sub.hosts.insert(0, host)
+        # keys before the allow-list entry: never allowed without them
+        if host.auth():
+            self.state.dataplane.host_auth_changed(sub.nqn, host_nqn, host.auth())
         self.state.dataplane.host_added(sub.nqn, host_nqn)
         return True
 
@@ -422,6 +432,7 @@ class Nvmf:
         keyring.put(host.dhchap_ctrlr_key)
         host.dhchap_key = keyring.acquire(dh.name) if dh else None
         host.dhchap_ctrlr_key = keyring.acquire(dhc.name) if dhc else None
+        self.state.dataplane.host_auth_changed(sub.nqn, host.nqn, host.auth())
         return True
 
     # --- config dump ------------------------------------------------

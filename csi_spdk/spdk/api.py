@@ -159,14 +159,38 @@ class SpdkApi:
         adrfam = "IPv6" if ":" in traddr else "IPv4"
         return {"trtype": trtype, "adrfam": adrfam, "traddr": traddr, "trsvcid": str(trsvcid)}
 
-    def listener_add(self, nqn: str, address: dict) -> None:
-        self.call("nvmf_subsystem_add_listener", {"nqn": nqn, "listen_address": address})
+    def listener_add(self, nqn: str, address: dict, secure_channel: bool = False) -> None:
+        """``secure_channel``: TLS required on this listener (SPDK does not
+        combine it with DH-HMAC-CHAP on one listener)."""
+        params: dict[str, Any] = {"nqn": nqn, "listen_address": address}
+        if secure_channel:
+            params["secure_channel"] = True
+        self.call("nvmf_subsystem_add_listener", params)
 
     def listener_remove(self, nqn: str, address: dict) -> None:
         self.call("nvmf_subsystem_remove_listener", {"nqn": nqn, "listen_address": address})
 
     def host_add(self, nqn: str, host: str, **keys: str) -> None:
+        """``keys``: dhchap_key / dhchap_ctrlr_key / psk = keyring key NAMES
+        (not paths, whatever rpc.py's help says)."""
         self.call("nvmf_subsystem_add_host", {"nqn": nqn, "host": host, **keys})
+
+    def host_set_keys(self, nqn: str, host: str, **keys: str) -> None:
+        """Rotate a host entry's DH-HMAC-CHAP keys (key names); connected
+        hosts keep their connection and use the new keys when they
+        re-authenticate."""
+        self.call("nvmf_subsystem_set_keys", {"nqn": nqn, "host": host, **keys})
+
+    # --- keyring ----------------------------------------------------------
+    def keyring_keys(self) -> list[dict]:
+        return self.call("keyring_get_keys")
+
+    def key_file_add(self, name: str, path: str) -> None:
+        """keyring_file: ``path`` is absolute, owner-only (0600) on the target host."""
+        self.call("keyring_file_add_key", {"name": name, "path": path})
+
+    def key_file_remove(self, name: str) -> None:
+        self.call("keyring_file_remove_key", {"name": name})
 
     def host_remove(self, nqn: str, host: str) -> None:
         self.call("nvmf_subsystem_remove_host", {"nqn": nqn, "host": host})

@@ -371,6 +371,10 @@ def test_every_image_is_pinned():
 # rbac-csi-snapshotter.yaml). node-driver-registrar v2.17.0's README: "does not
 # interact with the Kubernetes API, so no RBAC"; livenessprobe neither.
 # (group, resource) -> verbs.
+# The driver itself (and external-attacher, which reads the controller-publish
+# secret): the per-volume key Secrets, in the release namespace only.
+DRIVER_RBAC_NS = {("", "secrets"): {"get", "list", "create", "delete"}}
+
 SIDECAR_RBAC = {
     "provisioner": {
         "cluster": {
@@ -476,7 +480,7 @@ def test_rbac_covers_each_sidecar_and_nothing_more():
     namespaced = _subject_grants(objs, sa, ns, cluster=False)
     sidecars = set(containers(dep)) - {"csi-spdk", "liveness-probe"}
     assert sidecars == {f"csi-{s}" for s in SIDECAR_RBAC}
-    wanted_ns: dict = {}
+    wanted_ns: dict = {k: set(v) for k, v in DRIVER_RBAC_NS.items()}
     for sidecar, need in SIDECAR_RBAC.items():
         role = [name for name in cluster if name.endswith("-" + sidecar)]
         assert len(role) == 1, f"no ClusterRole for {sidecar}"
@@ -496,7 +500,7 @@ def test_rbac_follows_switched_off_features():
     names = {r["metadata"]["name"] for r in by_kind(objs, "ClusterRole")}
     assert not any(n.endswith(("-resizer", "-snapshotter")) for n in names)
     (role,) = by_kind(objs, "Role")
-    assert set(_grants(role["rules"])) == {("coordination.k8s.io", "leases")}
+    assert set(_grants(role["rules"])) == {("coordination.k8s.io", "leases"), ("", "secrets")}
     node_sa = [s for s in by_kind(objs, "ServiceAccount")
                if s["metadata"]["name"].endswith("-node")]
     assert node_sa and node_sa[0]["automountServiceAccountToken"] is False

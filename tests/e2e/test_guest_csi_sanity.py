@@ -29,6 +29,7 @@ csi-sanity \
   --csi.testvolumeexpandsize=134217728 \
   --csi.testvolumemutableparameters=/root/mutable.yaml \
   --csi.junitfile=/tmp/junit.xml \
+  --csi.secrets=$CSI_RUN/csi-sanity-secrets.yaml \
   --ginkgo.no-color --ginkgo.timeout=15m ${SANITY_SKIP:+"--ginkgo.skip=$SANITY_SKIP"} \
   > /tmp/sanity.log 2>&1 || rc=$?
 tail -n 60 /tmp/sanity.log

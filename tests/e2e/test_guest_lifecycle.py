@@ -25,6 +25,8 @@ from csi_spdk.proto import csi_pb2_grpc as csi_grpc
 
 MiB = 1 << 20
 RUN = os.environ.get("CSI_RUN", "/run/csi")
+# node-stage secrets: csi_stack_start's generated keys (auth: dhchap default)
+SECRETS = __import__("json").loads(Path(RUN, "auth-keys.json").read_text())
 NVMET = Path("/sys/kernel/config/nvmet")
 SIM = not os.environ.get("GUEST_SPDK_RPC")
 ctrl = csi_grpc.ControllerStub(grpc.insecure_channel(f"unix://{RUN}/controller.sock"))
@@ -86,7 +88,7 @@ for fs in sys.argv[1:]:
     os.makedirs(os.path.dirname(target), exist_ok=True)
 
     def stage():
-        node.NodeStageVolume(csi.NodeStageVolumeRequest(
+        node.NodeStageVolume(csi.NodeStageVolumeRequest(secrets=SECRETS,
             volume_id=vid, publish_context=pctx, staging_target_path=staging,
             volume_capability=cap, volume_context=vctx))
         assert nqn in connected(), connected()
@@ -143,7 +145,7 @@ for fs in sys.argv[1:]:
     ctarget = f"/var/lib/kubelet/pods/p2/volumes/{fs}-clone/mount"
     os.makedirs(cstaging, exist_ok=True)
     os.makedirs(os.path.dirname(ctarget), exist_ok=True)
-    node.NodeStageVolume(csi.NodeStageVolumeRequest(
+    node.NodeStageVolume(csi.NodeStageVolumeRequest(secrets=SECRETS,
         volume_id=clone.volume_id, publish_context=cctx, staging_target_path=cstaging,
         volume_capability=ccap, volume_context=dict(clone.volume_context)))
     node.NodePublishVolume(csi.NodePublishVolumeRequest(

@@ -20,6 +20,8 @@ from csi_spdk.proto import csi_pb2_grpc as csi_grpc
 
 MiB = 1 << 20
 RUN = os.environ.get("CSI_RUN", "/run/csi")
+# node-stage secrets: csi_stack_start's generated keys (auth: dhchap default)
+SECRETS = __import__("json").loads(Path(RUN, "auth-keys.json").read_text())
 ctrl = csi_grpc.ControllerStub(grpc.insecure_channel(f"unix://{RUN}/controller.sock"))
 node = csi_grpc.NodeStub(grpc.insecure_channel(f"unix://{RUN}/node.sock"))
 AM = csi.VolumeCapability.AccessMode
@@ -72,7 +74,7 @@ for t in (rw, ro):
 before = loops()
 
 step("stage, publish writable, write data")
-node.NodeStageVolume(csi.NodeStageVolumeRequest(
+node.NodeStageVolume(csi.NodeStageVolumeRequest(secrets=SECRETS,
     volume_id=vid, publish_context=pctx, staging_target_path=staging, volume_capability=cap))
 
 

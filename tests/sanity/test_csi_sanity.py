@@ -105,6 +105,9 @@ def run_sanity(binary: str, sock_dir: Path, work: Path, skip: str) -> str:
         "--csi.testvolumeexpandsize=134217728",
         f"--csi.testvolumemutableparameters={mutable}",
         f"--csi.junitfile={junit}",
+        # auth: dhchap is the default: dev's generated keys as node-stage and
+        # controller-publish secrets
+        f"--csi.secrets={sock_dir}/dev-state/csi-sanity-secrets.yaml",
         "--ginkgo.timeout=15m",
     ]
     if skip:

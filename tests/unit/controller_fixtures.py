@@ -25,6 +25,7 @@ from pathlib import Path
 
 from csi_spdk import contract
 from csi_spdk.controller import config as cfgmod
+from csi_spdk.controller.auth import VolumeKeys
 from csi_spdk.controller.service import ControllerServicer
 from csi_spdk.proto import csi_pb2
 from csi_spdk.spdk.api import SpdkApi
@@ -106,6 +107,8 @@ class Env:
     config: cfgmod.Config
     targets: dict[str, TargetEnv]
     cleanups: list = field(default_factory=list)
+    secrets: MemorySecrets | None = None
+    through_agent: bool = False   # the controller reaches the targets through agents
 
     @property
     def t0(self) -> TargetEnv:
@@ -161,6 +164,7 @@ def make_env(tmp: Path, n_targets: int = 1, lvs_mib: int = 256, cluster_mib: int
              n_lvstores: int = 1, agent: bool | None = None) -> Env:
     env = Env(servicer=None, config=None, targets={})  # type: ignore[arg-type]
     agent = THROUGH_AGENT if agent is None else agent
+    env.through_agent = agent
     raw_targets = []
     suffix = uuidlib.uuid4().hex[:8]
     for i in range(n_targets):
@@ -197,10 +201,31 @@ def make_env(tmp: Path, n_targets: int = 1, lvs_mib: int = 256, cluster_mib: int
             t["topology"] = topology[i]
         raw_targets.append(t)
     env.config = cfgmod.parse({"targets": raw_targets, "thinOvercommitRatio": ratio,
-                               "defaultVolumeSize": default_size})
+                               "defaultVolumeSize": default_size,
+                               "auth": {"keyDir": str(tmp / "keys")}})
+    env.secrets = MemorySecrets()
     env.servicer = ControllerServicer(env.config, "csi-spdk.io",
-                                      apis={n: t.api for n, t in env.targets.items()})
+                                      apis={n: t.api for n, t in env.targets.items()},
+                                      secret_store=env.secrets)
     return env
+
+
+class MemorySecrets:
+    """A SecretStore (controller/auth.py) in a dict: what KubernetesSecrets
+    keeps in the API server, for tests without one."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, tuple[str, VolumeKeys]] = {}   # lvol uuid -> (name, keys)
+
+    def create(self, lvol_uuid: str, volume_name: str, keys: VolumeKeys) -> VolumeKeys:
+        return self.data.setdefault(lvol_uuid, (volume_name, keys))[1]
+
+    def get(self, lvol_uuid: str) -> VolumeKeys | None:
+        found = self.data.get(lvol_uuid)
+        return found[1] if found else None
+
+    def delete(self, lvol_uuid: str) -> None:
+        self.data.pop(lvol_uuid, None)
 
 
 def _wipe_lvstore(raw: SpdkApi, lvs: str) -> None:

@@ -48,8 +48,9 @@ def test_unreachable_agent_is_unavailable_naming_it(short_tmp):
                                      "nvmf": {"listenAddress": "127.0.0.1"}}]})
     servicer = ControllerServicer(cfg, "csi-spdk.io")
     try:
-        msg = expect_code(grpc.StatusCode.UNAVAILABLE, servicer, "CreateVolume",
-                          create_req("pvc-x", 16 << 20))
+        req = create_req("pvc-x", 16 << 20)
+        req.parameters["auth"] = "none"   # no key store here: reach the agent first
+        msg = expect_code(grpc.StatusCode.UNAVAILABLE, servicer, "CreateVolume", req)
         assert "no-agent.sock" in msg and "'far'" in msg
         # Probe is about the process (docs/DESIGN.md "Health"); the target's
         # health check says the agent is down

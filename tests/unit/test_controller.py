@@ -59,7 +59,9 @@ def test_create_thick_volume_in_spdk(env):
     assert b["num_blocks"] * b["block_size"] == 10 * MiB == vol.capacity_bytes
     assert b["driver_specific"]["lvol"]["thin_provision"] is False
     assert dict(vol.volume_context) == {"target": env.t0.name, "lvstore": env.t0.lvs,
-                                        "lvolUuid": oid.lvol_uuid, "thinProvision": "false"}
+                                        "lvolUuid": oid.lvol_uuid, "thinProvision": "false",
+                                        "auth": "dhchap"}
+    assert env.secrets.get(oid.lvol_uuid) is not None   # the default: per-volume keys
     # NVMe/TCP: reachable from every node, so no topology constraint
     assert list(vol.accessible_topology) == []
     # idempotent
@@ -286,9 +288,11 @@ def test_publish_unpublish_spdk_state(env):
     vol = create(env)
     uuid = uuid_of(vol.volume_id)
     ctx = call(s, "ControllerPublishVolume", publish_req(vol.volume_id, "node-1")).publish_context
+    # no volume_context in the request: the volume's keys in the store make it dhchap
     assert dict(ctx) == {"nqn": contract.subsystem_nqn(uuid), "trtype": "tcp",
                          "traddr": "10.0.2.2", "trsvcid": "4420", "adrfam": "ipv4",
-                         "nsUuid": uuid, "serial": contract.serial_number(uuid)}
+                         "nsUuid": uuid, "serial": contract.serial_number(uuid),
+                         "auth": "dhchap"}
     sub = env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid))
     assert [h["nqn"] for h in sub["hosts"]] == [contract.host_nqn("node-1")]
     assert sub["allow_any_host"] is False and sub["max_namespaces"] == 1

@@ -32,6 +32,7 @@ from controller_fixtures import REAL_RPC, MiB, block_cap, call, create_req, publ
 from csi_spdk import contract
 from csi_spdk.controller import config as cfgmod
 from csi_spdk.controller.service import ControllerServicer
+from csi_spdk.dev import write_dev_secrets
 from csi_spdk.proto import csi_pb2, csi_pb2_grpc
 from csi_spdk.spdk.api import SpdkApi
 from csi_spdk.spdk.client import CRASH_ENV, CRASH_MARKER_ENV, SpdkClient
@@ -116,9 +117,11 @@ def rig(tmp_path):
     raw = SpdkApi(SpdkClient(str(sock), timeout=30))
     raw.malloc_create("m0", 256 * MiB)
     raw.lvstore_create("m0", "lvs0", cluster_sz=MiB)
+    static_keys, _ = write_dev_secrets(tmp_path)   # auth: dhchap (the default) on publish
     cfg = {"targets": [{"name": "target-a", "rpc": f"unix://{sock}", "lvstores": ["lvs0"],
                         "nvmf": {"listenAddress": "127.0.0.1", "port": 4420}}],
-           "thinOvercommitRatio": 2.0}
+           "thinOvercommitRatio": 2.0,
+           "auth": {"staticSecretsFile": str(static_keys), "keyDir": str(tmp_path / "keys")}}
     path = tmp_path / "controller.yaml"
     path.write_text(yaml.safe_dump(cfg))
     r = Rig(tmp_path, sim, raw, path,
@@ -351,5 +354,6 @@ def test_sigkill_at_spdk_boundary_then_retry_converges(rig, name, spdk_method, n
     case.check(rig, ctx, resp)
     teardown_everything(rig)
     assert rig.lvols() == [] and rig.subsystems() == []      # nothing leaked
+    assert [k["name"] for k in rig.raw.keyring_keys()] == []  # no key either
     with contextlib.suppress(Exception):
         proc2.send_signal(signal.SIGTERM)

@@ -50,7 +50,7 @@ class FakeInitiator:
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
 
-    def connect(self, pc, timeout=30.0):
+    def connect(self, pc, timeout=30.0, secrets=None):
         self.calls.append(("connect", pc[contract.PC_NQN]))
         self.entered.set()
         if self.gate is not None:

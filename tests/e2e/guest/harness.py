@@ -1,19 +1,24 @@
-"""Boot a small QEMU guest (TCG, Debian cloud kernel, busybox initramfs) and run
-a shell script in it: the real NVMe/TCP data path that the host kernel lacks.
+"""Boot a small QEMU guest (TCG, Debian 13 cloud kernel, busybox initramfs) and
+run a shell script in it: the real NVMe/TCP data path that the host kernel lacks,
+with in-band authentication (DH-HMAC-CHAP) and TLS, which Debian 12's lacks.
 
 The initramfs has two layers, concatenated into one file per run (the kernel
 unpacks concatenated cpio archives in order):
 
-* base (cached in ``.cache/guest/base-<hash>.cpio``, rebuilt when any input
-  file changes): busybox, nvme-cli, e2fsprogs, xfsprogs, util-linux, kmod,
-  socat, the kernel modules, the Python interpreter of the host (same prefix
-  path, pruned stdlib) with the distributions csi-spdk depends on, their
-  shared libraries (``ldd``), csi-sanity when installed;
+* base (cached in ``.cache/guest/base13-<hash>.cpio``, rebuilt when any input
+  file changes): from the Debian 13 (trixie) userland that
+  scripts/install-guest-deps.sh unpacks into ``.cache/guest/trixie/root``:
+  busybox, nvme-cli 2.13, tlshd, keyutils, cryptsetup, e2fsprogs, xfsprogs,
+  util-linux, kmod, socat; the kernel modules; the Python interpreter of the
+  host (same prefix path, pruned stdlib) with the distributions csi-spdk
+  depends on; the shared libraries of all of these, resolved with trixie's
+  dynamic loader against trixie's libraries (the host's glibc is older, and
+  glibc is backward compatible); csi-sanity when installed;
 * run: the repository's ``csi_spdk`` package at the same absolute path as on
   the host, ``/etc/guest/test.sh`` (the script), ``/etc/guest/env`` and extra
   files.
 
-The cloud kernel has no 9p, and virtiofs needs virtiofsd (not in Debian 12),
+The cloud kernel has no 9p, and virtiofs needs virtiofsd (not on the host),
 so files are copied, not shared. Results come back on the second serial port
 (ttyS1, a file on the host); the guest powers off with sysrq.
 
@@ -50,18 +55,23 @@ except ImportError:          # run as a script: python3 tests/e2e/guest/harness.
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 CACHE = Path(os.environ.get("CSI_SPDK_GUEST_CACHE", REPO / ".cache" / "guest"))
+DISTRO = "trixie"   # CACHE/trixie/{kernel,root}: see scripts/install-guest-deps.sh
 INSTALL_SCRIPT = REPO / "scripts" / "install-guest-deps.sh"
 QEMU = "qemu-system-x86_64"
 
 # Modules copied into the guest (with their dependencies); loaded on demand by
 # modprobe (kmod, with the kernel's modules.dep), /proc/sys/kernel/modprobe set.
 MODULES = ("configfs", "nvme-fabrics", "nvme-tcp", "nvmet", "nvmet-tcp", "loop", "xfs",
-           "virtio_pci", "virtio_net", "dm-mod")
+           "virtio_pci", "virtio_net", "dm-mod", "dm-crypt", "tls",
+           # kTLS's AES-GCM (NVMe/TCP TLS; the kernel loads them by alias)
+           "gcm", "ghash-generic", "aesni-intel", "ghash-clmulni-intel")
 DEFAULT_PRELOAD = ("nvme-tcp", "nvmet-tcp", "loop")
 
-# Host programs copied into the guest (absent ones are skipped), with their libraries.
+# Programs of the trixie userland copied into the guest (absent ones are
+# skipped), with their libraries.
 PROGRAMS = (
-    "nvme", "mkfs.ext4", "mke2fs", "e2fsck", "fsck.ext4", "resize2fs", "tune2fs", "dumpe2fs",
+    "nvme", "tlshd", "keyctl", "cryptsetup", "ip",
+    "mkfs.ext4", "mke2fs", "e2fsck", "fsck.ext4", "resize2fs", "tune2fs", "dumpe2fs",
     "mkfs.xfs", "xfs_repair", "xfs_growfs", "xfs_db", "xfs_io", "xfs_admin", "xfs_info",
     "xfs_spaceman", "blkid", "findmnt", "lsblk", "mount", "umount", "losetup", "blockdev",
     "wipefs", "fsck", "fstrim", "mountpoint", "kmod", "socat", "nsenter", "unshare",
@@ -108,18 +118,27 @@ class Kernel:
 
     @property
     def moddir(self) -> Path:
-        return self.root / "lib" / "modules" / self.version
+        return self.root / "usr" / "lib" / "modules" / self.version
+
+
+def _distro_dir(cache: Path) -> Path:
+    return cache / DISTRO
 
 
 def find_kernel(cache: Path = CACHE) -> Kernel | None:
-    root = cache / "kernel"
-    if not (root / ".done").exists():
+    if not (_distro_dir(cache) / ".done").exists():
         return None
-    for d in sorted((root / "lib" / "modules").glob("*")):
+    root = _distro_dir(cache) / "kernel"
+    for d in sorted((root / "usr" / "lib" / "modules").glob("*")):
         k = Kernel(root, d.name)
         if k.vmlinuz.exists():
             return k
     return None
+
+
+def userland_root(cache: Path = CACHE) -> Path:
+    """The unpacked trixie packages the guest's programs and libraries come from."""
+    return _distro_dir(cache) / "root"
 
 
 def missing_prerequisites(cache: Path = CACHE) -> list[str]:
@@ -127,15 +146,35 @@ def missing_prerequisites(cache: Path = CACHE) -> list[str]:
     if not shutil.which(QEMU):
         missing.append(QEMU)
     if find_kernel(cache) is None:
-        missing.append(f"Debian cloud kernel in {cache}/kernel")
-    for tool in ("busybox", "nvme", "mkfs.ext4", "mkfs.xfs", "kmod"):
-        if not shutil.which(tool, path=_sbin_path()):
-            missing.append(tool)
+        missing.append(f"Debian 13 cloud kernel in {_distro_dir(cache)}/kernel")
+    root = userland_root(cache)
+    for tool in ("busybox", "nvme", "tlshd", "keyctl", "mkfs.ext4", "mkfs.xfs", "kmod"):
+        if _find_program(root, tool) is None:
+            missing.append(f"{tool} (Debian 13, in {root})")
     return missing
 
 
-def _sbin_path() -> str:
-    return os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+def _resolve_in(root: Path, path: Path) -> Path:
+    """Follow symlinks of ``path`` (inside ``root``) without leaving ``root``:
+    an absolute link target is relative to ``root``, not to the host's /."""
+    for _ in range(40):
+        if not path.is_symlink():
+            return path
+        target = os.readlink(path)
+        path = Path(os.path.normpath(root / target.lstrip("/") if target.startswith("/")
+                                     else path.parent / target))
+    raise GuestUnavailable(f"symlink loop at {path}")
+
+
+def _find_program(root: Path, name: str) -> Path | None:
+    """The guest path (relative to ``root``) of program ``name``, or None."""
+    for d in ("usr/sbin", "usr/bin", "sbin", "bin"):
+        cand = root / d / name
+        if cand.is_symlink() or cand.exists():
+            real = _resolve_in(root, cand)
+            if real.is_file():
+                return cand.relative_to(root)
+    return None
 
 
 def install(cache: Path = CACHE) -> None:
@@ -217,11 +256,17 @@ class Cpio:
 
 
 # --- collecting the base layer ----------------------------------------------------------------
-def _ldd(paths: Iterable[str]) -> set[str]:
+def _ldd(root: Path, paths: Iterable[str]) -> set[str]:
+    """The shared libraries of ``paths`` as the guest's (trixie's) dynamic
+    loader resolves them: from ``root`` first, the host's only for a library
+    trixie does not have. One loader run per file (``--list`` takes one)."""
+    libdir = root / "usr" / "lib" / "x86_64-linux-gnu"
+    loader = libdir / "ld-linux-x86-64.so.2"
+    search = f"{libdir}:{root / 'usr' / 'lib'}"
     libs: set[str] = set()
-    paths = list(paths)
-    for i in range(0, len(paths), 200):
-        out = subprocess.run(["ldd", *paths[i:i + 200]], capture_output=True, text=True).stdout
+    for path in paths:
+        out = subprocess.run([str(loader), "--library-path", search, "--list", path],
+                             capture_output=True, text=True).stdout
         for line in out.splitlines():
             m = re.search(r"=>\s*(/\S+)", line) or re.match(r"\s*(/\S+)\s+\(", line)
             if m:
@@ -258,9 +303,15 @@ def _dist_closure(roots: Iterable[str]) -> list[md.Distribution]:
     return list(seen.values())
 
 
+# Dependencies only the controller needs in a cluster (its Secret store): not
+# copied into the guest, whose controller keeps its keys in a file.
+GUEST_SKIP_DISTS = ("kubernetes",)
+
+
 def _project_dependencies() -> list[str]:
     with open(REPO / "pyproject.toml", "rb") as f:
-        return list(tomllib.load(f)["project"]["dependencies"])
+        deps = list(tomllib.load(f)["project"]["dependencies"])
+    return [d for d in deps if not d.startswith(GUEST_SKIP_DISTS)]
 
 
 @dataclasses.dataclass
@@ -282,7 +333,8 @@ class BaseSpec:
         return h.hexdigest()[:16]
 
 
-def collect_base(kernel: Kernel, extra_dists: Iterable[str] = ()) -> BaseSpec:
+def collect_base(kernel: Kernel, extra_dists: Iterable[str] = (),
+                 cache: Path = CACHE) -> BaseSpec:
     files: dict[str, str] = {}
     links: dict[str, str] = {}
     elves: list[str] = []
@@ -293,30 +345,31 @@ def collect_base(kernel: Kernel, extra_dists: Iterable[str] = ()) -> BaseSpec:
             elves.append(host)
 
     # busybox provides /bin, kmod /sbin; util-linux & co. live in /usr/{s,}bin.
-    busybox = shutil.which("busybox")
-    if not busybox:
-        raise GuestUnavailable("busybox not installed")
-    add("/bin/busybox", busybox)
-    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True).stdout.split()
+    root = userland_root(cache)
+    busybox = _find_program(root, "busybox")
+    if busybox is None:
+        raise GuestUnavailable(f"busybox missing in {root}")
+    add("/bin/busybox", str(_resolve_in(root, root / busybox)))
+    applets = subprocess.run([files["/bin/busybox"], "--list"], capture_output=True,
+                             text=True).stdout.split()
     for a in applets:
         if a != "busybox":
             links[f"/bin/{a}"] = "busybox"
     for prog in PROGRAMS:
-        host = shutil.which(prog, path=_sbin_path())
-        if not host:
+        rel = _find_program(root, prog)
+        if rel is None:
             continue
-        real = os.path.realpath(host)
-        guest = "/usr/sbin/" + prog if "/sbin/" in host else "/usr/bin/" + prog
-        add(guest, real)
+        guest = "/usr/sbin/" + prog if "sbin" in rel.parts[-2] else "/usr/bin/" + prog
+        add(guest, str(_resolve_in(root, root / rel)))
     if "/usr/bin/kmod" in files:
         for name in KMOD_LINKS:
             links[f"/sbin/{name}"] = "/usr/bin/kmod"
     sanity = _csi_sanity()
     if sanity:
         add("/usr/local/bin/csi-sanity", sanity)
-    for conf in ("/etc/mke2fs.conf", "/etc/e2scrub.conf"):
-        if os.path.exists(conf):
-            files[conf] = conf
+    for conf in ("etc/mke2fs.conf", "etc/e2scrub.conf"):
+        if (root / conf).is_file():
+            files["/" + conf] = str(root / conf)
 
     # kernel modules + index files
     mod_files: set[str] = set()
@@ -361,13 +414,21 @@ def collect_base(kernel: Kernel, extra_dists: Iterable[str] = ()) -> BaseSpec:
                 continue
             add(str(p), str(p))
 
-    # pyudev loads libudev with ctypes: not visible to ldd.
-    for lib in ("/lib/x86_64-linux-gnu/libudev.so.1",):
-        if os.path.exists(lib):
-            elves.append(lib)
-    for lib in sorted(_ldd(sorted(set(elves)))):
-        guest = os.path.join(os.path.realpath(os.path.dirname(lib)), os.path.basename(lib))
-        files[guest] = os.path.realpath(lib)
+    # pyudev loads libudev with ctypes: not visible to the loader.
+    udev = root / "usr" / "lib" / "x86_64-linux-gnu" / "libudev.so.1"
+    if udev.exists():
+        elves.append(str(udev))
+    for lib in sorted(_ldd(root, sorted(set(elves)))):
+        real = Path(lib)
+        if root in real.parents:
+            guest = "/" + str(real.relative_to(root))
+            real = _resolve_in(root, real)
+        else:   # a host library trixie lacks (e.g. the host's libpython)
+            guest = os.path.join(os.path.realpath(os.path.dirname(lib)), os.path.basename(lib))
+            real = Path(os.path.realpath(lib))
+        files[guest] = str(real)
+    # the ELF interpreter every program names (PT_INTERP)
+    links["/usr/lib64/ld-linux-x86-64.so.2"] = "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
     return BaseSpec(files=files, symlinks=links, kernel=kernel)
 
 
@@ -388,8 +449,8 @@ def _csi_sanity() -> str | None:
 
 def build_base(kernel: Kernel, cache: Path = CACHE, extra_dists: Iterable[str] = ()) -> Path:
     """The cached base layer, built when missing or outdated."""
-    spec = collect_base(kernel, extra_dists)
-    out = cache / f"base-{spec.digest()}.cpio"
+    spec = collect_base(kernel, extra_dists, cache)
+    out = cache / f"base13-{spec.digest()}.cpio"
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
@@ -418,7 +479,7 @@ def build_base(kernel: Kernel, cache: Path = CACHE, extra_dists: Iterable[str] =
                 c.symlink(guest, target)
         c.close()
     tmp.rename(out)
-    for old in cache.glob("base-*.cpio"):
+    for old in cache.glob("base13-*.cpio"):
         if old != out:
             old.unlink()
     return out
@@ -526,7 +587,9 @@ def _qemu_cmd(kernel: Kernel, initrd: Path, out_log: Path, con_log: Path,
         QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(opts.cpus),
         "-m", str(opts.memory_mib), "-nodefaults", "-no-reboot", "-display", "none",
         "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
-        "-append", "console=ttyS0 loglevel=4 panic=-1 rdinit=/init",
+        # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer
+        # check can fail and panic ("IO-APIC + timer doesn't work!", seen with 6.12)
+        "-append", "console=ttyS0 loglevel=4 panic=-1 rdinit=/init no_timer_check",
         "-serial", f"file:{con_log}",
         "-chardev", f"file,id=results,path={out_log}",
         "-device", "isa-serial,chardev=results",

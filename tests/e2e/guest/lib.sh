@@ -86,8 +86,11 @@ csi_stack_start() {
   mkdir -p "$CSI_RUN" /var/lib/csi-spdk
   if [ -n "$GUEST_SPDK_RPC" ]; then
     SPDK_RPC=$GUEST_SPDK_RPC; _listen=${GUEST_TARGET_LISTEN:-127.0.0.1}; _dial=10.0.2.2
+    # the key files would be written in the guest, the host's spdk_tgt cannot
+    # read them: keys on a remote target need the target agent (not yet here)
+    _auth=none
   else
-    SPDK_RPC=$CSI_RUN/spdk.sock; _listen=127.0.0.1; _dial=127.0.0.1
+    SPDK_RPC=$CSI_RUN/spdk.sock; _listen=127.0.0.1; _dial=127.0.0.1; _auth=dhchap
     mountpoint -q /tmp/sim || data_dir /tmp/sim || return 1
     csi-spdk sim --rpc-socket "$SPDK_RPC" --data-dir /tmp/sim --nvmet \
       > "$CSI_RUN/sim.log" 2>&1 &
@@ -100,11 +103,18 @@ print(json.dumps(ensure_lvstore(sys.argv[1])[0]))' "$SPDK_RPC") || return 1
     --state-dir /var/lib/csi-spdk-agent ${CSI_LOG_LEVEL:+--log-level $CSI_LOG_LEVEL} \
     > "$CSI_RUN/agent.log" 2>&1 &
   echo $! > "$CSI_RUN/agent.pid"
+  # auth: dhchap (the default) without Kubernetes: one generated key pair for
+  # every volume ($CSI_RUN/auth-keys.json, the node-stage secrets the drivers
+  # pass) and csi-sanity's --csi.secrets file ($CSI_RUN/csi-sanity-secrets.yaml).
+  python3 -c 'import sys; from pathlib import Path; from csi_spdk.dev import write_dev_secrets
+write_dev_secrets(Path(sys.argv[1]))' "$CSI_RUN" || return 1
   cat > "$CSI_RUN/controller.json" <<JSON
 {"targets": [{"name": "guest", "agent": {"address": "unix://$CSI_RUN/agent.sock"},
   "nvmf": {"listenAddress": "$_listen", "port": 4420, "dialAddress": "$_dial"},
   "lvstores": $_lvs, "node": "$NODE_ID"}],
- "nodes": ["$NODE_ID"]}
+ "nodes": ["$NODE_ID"],
+ "auth": {"staticSecretsFile": "$CSI_RUN/auth-keys.json", "keyDir": "$CSI_RUN/keys",
+          "defaultMode": "$_auth"}}
 JSON
   csi-spdk controller --endpoint "unix://$CSI_RUN/controller.sock" \
     --config "$CSI_RUN/controller.json" ${CSI_LOG_LEVEL:+--log-level $CSI_LOG_LEVEL} \
@@ -147,7 +157,23 @@ csi_stack_stop() {
     [ "$_e" = 0 ] || { echo "csi_stack_stop: $_c exited $_e" >&2; _rc=1; }
     rm -f "$CSI_RUN/$_c.pid"
   done
+  csi_stack_no_keys_in_logs || _rc=1
   return $_rc
+}
+
+# csi_stack_no_keys_in_logs: no key of $CSI_RUN/auth-keys.json (base64 part)
+# appears in any component's log or in /tmp/*.log (csi-sanity's output).
+csi_stack_no_keys_in_logs() {
+  [ -e "$CSI_RUN/auth-keys.json" ] || return 0
+  python3 - "$CSI_RUN/auth-keys.json" "$CSI_RUN"/*.log /tmp/*.log <<'PY'
+import json, os, sys
+keys = [v.split(":")[2] for v in json.load(open(sys.argv[1])).values()]
+logs = [p for p in sys.argv[2:] if os.path.isfile(p)]
+bad = sorted({p for p in logs for k in keys if k in open(p, errors="replace").read()})
+if bad:
+    sys.exit(f"csi_stack: key material found in {bad}")
+print(f"csi_stack: no key material in {len(logs)} log files")
+PY
 }
 
 # csi_stack_logs [LINES]: the tail of every component's log.

@@ -127,8 +127,10 @@ def chart_values(targets: list[dict], guest: bool) -> dict:
     ]
     if guest:
         scs.append({**base, "name": SC_GUEST, "volumeBindingMode": "Immediate",
+                    # auth none: the guest's SPDK reads key files in the guest, and
+                    # putting them there is the target agent's job (not here yet)
                     "parameters": {"target": GUEST_TARGET[0], "fsType": "ext4",
-                                   "thinProvision": "true"}})
+                                   "thinProvision": "true", "auth": "none"}})
     return {
         "controller": {"replicas": 1},
         "capacityTracking": {"enabled": True, "pollInterval": "5s"},
@@ -195,6 +197,7 @@ class Rig:
         self.objects = render_chart(chart_values(targets, self.guest is not None), self.dir)
         self._apply_chart()
         self._register_nodes()
+        self._make_sa_kubeconfig()
         self._start_driver()
         self._start_sidecars()
         self.timings["ready"] = round(time.monotonic() - t0, 1)
@@ -330,7 +333,10 @@ class Rig:
             args.append(a)
         if not args or args[0] != "controller":
             raise RigError(f"unexpected driver args in the chart: {args}")
-        self.cp.start_proc("csi-spdk-controller", [*python_csi_spdk(), *args], env=python_env())
+        # the driver keeps each volume's keys in a Secret (auth: dhchap, the
+        # default), with the chart's ServiceAccount and RBAC, like in a Pod
+        env = {**python_env(), "KUBECONFIG": str(self.sa_kubeconfig), "POD_NAMESPACE": NAMESPACE}
+        self.cp.start_proc("csi-spdk-controller", [*python_csi_spdk(), *args], env=env)
         wait_until("the driver's controller socket", lambda: (
             self.cp._check_alive("csi-spdk-controller"), self._probe())[-1], 60, 0.3, self.logs)
 
@@ -340,15 +346,18 @@ class Rig:
         ident = csi_pb2_grpc.IdentityStub(grpc.insecure_channel(f"unix://{self.csi_socket}"))
         return ident.Probe(csi_pb2.ProbeRequest(), timeout=5) is not None
 
-    def _start_sidecars(self) -> None:
-        k = self.kubectl
-        specs = sidecar_specs(self.objects)
+    def _make_sa_kubeconfig(self) -> None:
         sa = next(o for o in self.objects if o["kind"] == "Deployment"
                   and o["metadata"]["name"].endswith("-controller")
                   )["spec"]["template"]["spec"]["serviceAccountName"]
-        token = k.run("create", "token", sa, "-n", NAMESPACE, "--duration=6h").stdout.strip()
+        token = self.kubectl.run("create", "token", sa, "-n", NAMESPACE,
+                                 "--duration=6h").stdout.strip()
         self.sa_kubeconfig = kubeconfig(self.dir / "controller-sa.kubeconfig", self.cp.server,
                                         self.cp.ca, token=token, user=sa)
+
+    def _start_sidecars(self) -> None:
+        k = self.kubectl
+        specs = sidecar_specs(self.objects)
         env = {"NAMESPACE": NAMESPACE, "POD_NAME": RIG_POD}
         for name in SIDECARS:
             if name not in specs:

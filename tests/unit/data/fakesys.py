@@ -161,6 +161,8 @@ with open(env["FAKE_NVME_LOG"], "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
 cmd = sys.argv[1] if len(sys.argv) > 1 else ""
 if env.get("FAKE_NVME_FAIL") == cmd:
+    if env.get("FAKE_NVME_ECHO"):   # like nvme-cli -v: the options string it wrote
+        sys.stderr.write("options: " + ",".join(sys.argv[2:]) + "\\n")
     sys.stderr.write("Failed to write to /dev/nvme-fabrics: Connection refused\\n")
     sys.exit(1)
 args = sys.argv[2:]
