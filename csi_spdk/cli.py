@@ -30,6 +30,64 @@ def _csi(p: argparse.ArgumentParser) -> None:
     _common(p)
 
 
+def _inspect_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=os.environ.get("CSI_SPDK_CONFIG",
+                                                      "/etc/csi-spdk/config.yaml"),
+                   help="the controller's config file (default: $CSI_SPDK_CONFIG, else the "
+                        "chart's /etc/csi-spdk/config.yaml)")
+    p.add_argument("-o", "--output", choices=["table", "wide", "json"], default="table",
+                   help="table (default), wide table, or JSON")
+    p.add_argument("--kube", choices=["auto", "on", "off"], default="auto",
+                   help="PV/PVC and node names from the Kubernetes API (service account in "
+                        "a Pod, else kubectl): auto = when it answers, on = say why not")
+    p.add_argument("--node", action="append", default=[], metavar="NAME",
+                   help="a node name to recognise in allow-lists (repeatable; Kubernetes "
+                        "nodes and the config's are known already)")
+    p.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME,
+                   help=f"CSI driver name of the PVs (default {DEFAULT_DRIVER_NAME})")
+    p.set_defaults(impl="csi_spdk.controller.inspect:main")
+
+
+def _inspection(sub) -> None:
+    """volumes list|get, snapshots list, targets list (controller/inspect.py)."""
+    for noun, verbs, what in (
+            ("volumes", ("list", "get"), "the driver's volumes with their exports and nodes"),
+            ("snapshots", ("list",), "the driver's snapshots and the volumes on them"),
+            ("targets", ("list",), "the configured SPDK targets, reachability and pools")):
+        p = sub.add_parser(noun, help=f"inspect {what} (reads the config and SPDK)")
+        verbs_p = p.add_subparsers(dest="action", required=True)
+        for verb in verbs:
+            v = verbs_p.add_parser(verb, help=f"{verb} {noun}")
+            if verb == "get":
+                v.add_argument("volume_id", help="a CSI volume id (<target>:<lvol uuid>)")
+            _inspect_options(v)
+
+
+def _doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="preflight checks for a node or a storage host")
+    roles = p.add_subparsers(dest="role", required=True)
+    for role, what in (("node", "a Kubernetes node that runs the node plugin"),
+                       ("storage", "a storage host that runs spdk_tgt")):
+        r = roles.add_parser(role, help=f"check {what}")
+        r.add_argument("--format", choices=["table", "json"], default="table")
+        r.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake tree, in tests
+        if role == "node":
+            r.add_argument("--node-id", default="",
+                           help="the node's name (default: the host name)")
+            r.add_argument("--state-dir", default="/var/lib/csi-spdk",
+                           help="the node plugin's --state-dir")
+            r.add_argument("--kubelet-dir", default="/var/lib/kubelet",
+                           help="kubelet's root directory")
+        else:
+            r.add_argument("--hugepages-mib", type=int, default=2048,
+                           help="huge page memory spdk_tgt needs (its -s; default 2048)")
+            r.add_argument("--ssd", action="append", default=[], metavar="PCI_ADDRESS",
+                           help="an NVMe SSD meant for SPDK, e.g. 0000:01:00.0 (repeatable)")
+            r.add_argument("--spdk-rpc", default="",
+                           help="also check that spdk_tgt answers on this RPC socket")
+    p.set_defaults(impl="csi_spdk.doctor:main")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csi-spdk", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"csi-spdk {__version__}")
@@ -121,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(impl="csi_spdk.dev:run_dev")
 
+    _inspection(sub)
+    _doctor(sub)
+
     p = sub.add_parser("discover", help="print this node's NVMe SSD inventory")
     p.add_argument("--format", choices=["json", "table"], default="table")
     p.add_argument("--spdk-rpc", default="", help="also list SSDs owned by this spdk_tgt")
@@ -130,10 +191,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_ERROR, EXIT_PIPE, EXIT_INTERRUPTED = 1, 141, 130
+
+
+def fail(command: str, message: str, fix: str = "") -> int:
+    """Print ``csi-spdk <command>: <message>[; <fix>]`` on stderr; the exit code."""
+    line = f"csi-spdk {command}: {message}"
+    if fix and fix not in message:
+        line += f"; {fix}"
+    print(line.replace("\n", " "), file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE: point stdout at /dev/null so the interpreter's final flush
+    does not raise again (https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Expected failures (a bad config or flag, an
+    unreachable socket, a missing file) are one line with the fix, not a
+    traceback; a closed stdout (``| head``) ends quietly like other tools."""
     args = build_parser().parse_args(argv)
     module, _, func = args.impl.partition(":")
-    return int(getattr(importlib.import_module(module), func)(args) or 0)
+    try:
+        code = int(getattr(importlib.import_module(module), func)(args) or 0)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_PIPE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        line = explain(err)
+        if line is None:
+            raise  # a bug: the traceback is what a report needs
+        return fail(args.command, *line)
+
+
+def explain(err: Exception) -> tuple[str, str] | None:
+    """(message, fix) for an error a person can fix; None for a bug.
+    (Imported here: ``errors`` loads gRPC, which ``csi-spdk sim`` never needs.)"""
+    from .errors import CsiError, InvalidArgument, Unavailable
+
+    if isinstance(err, Unavailable):
+        return err.message, ("check that spdk_tgt (or `csi-spdk sim`) is running and that the "
+                             "RPC address (--spdk-rpc, or the config's targets[].rpc) is its "
+                             "socket")
+    if isinstance(err, InvalidArgument):
+        return err.message, "correct it and run the command again"
+    if isinstance(err, CsiError):
+        return err.message, ""
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror or err}", ""
+    if isinstance(err, ValueError):  # a malformed flag value (--topology, --spdk-rpc)
+        return str(err), "correct it and run the command again"
+    return None
 
 
 if __name__ == "__main__":

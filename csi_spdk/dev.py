@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -25,13 +27,14 @@ import sys
 import time
 from pathlib import Path
 
+from . import contract
 from . import log as logsetup
-from .errors import CsiError
+from .errors import CsiError, FailedPrecondition
 from .server import serve
 from .spdk.agent_client import AgentClient
 from .spdk.api import SpdkApi
 from .spdk.client import SpdkClient
-from .spdk.errors import SpdkError, SpdkNoSpace
+from .spdk.errors import SpdkError, SpdkNoSpace, SpdkNotFound
 
 log = logging.getLogger("csi_spdk.dev")
 
@@ -142,14 +145,113 @@ def drop_dev_lvstore(rpc: str) -> None:
         api.client.close()
 
 
+LOCK_NAME = "dev.lock"
+
+
+def lock_socket_dir(sock_dir: Path) -> int:
+    """Take ``<sock_dir>/dev.lock`` (flock) for this process; return its fd.
+
+    A second ``dev`` on the same directory would unlink the first one's
+    sockets and delete its state, so it is refused naming the holder's pid.
+    The file is unlinked by ``unlock_socket_dir`` while still locked; a
+    process that opened the old file before that finds it unlinked after
+    getting the lock and tries again on the new one."""
+    path = sock_dir / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FailedPrecondition(
+                f"{sock_dir} is in use by another csi-spdk dev (pid {holder}); stop it "
+                f"(kill {holder}) or give this one another --socket-dir") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)  # the holder removed it between our open and flock
+
+
+def unlock_socket_dir(sock_dir: Path, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_dir / LOCK_NAME)
+    os.close(fd)
+
+
+def target_objects(rpc: str) -> tuple[set[str], set[str]]:
+    """The driver's NVMe-oF subsystems (NQNs) and lvols (uuids) on a target."""
+    api = SpdkApi(SpdkClient(rpc))
+    try:
+        nqns = {s["nqn"] for s in api.subsystems() if s["nqn"].startswith(contract.NQN_PREFIX)}
+        lvols = {lv["uuid"] for lv in api.lvols() if contract.is_driver_lvol(lv["name"])}
+        return nqns, lvols
+    finally:
+        api.client.close()
+
+
+def drop_made_objects(rpc: str, before: tuple[set[str], set[str]]) -> None:
+    """Delete the subsystems and lvols the driver made during this dev run
+    (present now, absent at start); what was on the target before is kept.
+
+    Subsystems go first (they hold the lvols as namespaces); lvols in passes,
+    clones and volumes before snapshots, until a pass deletes nothing (a
+    snapshot with clones left is refused by SPDK until they are gone)."""
+    nqns, lvols = target_objects(rpc)
+    api = SpdkApi(SpdkClient(rpc))
+    try:
+        for nqn in sorted(nqns - before[0]):
+            try:
+                api.subsystem_delete(nqn)
+            except SpdkError as err:
+                log.warning("could not remove a subsystem dev made", extra={"f": {
+                    "nqn": nqn, "error": err.message}})
+        todo = {lv["uuid"]: lv for lv in api.lvols() if lv["uuid"] in lvols - before[1]}
+        while todo:
+            progress = False
+            for uuid, _lv in sorted(todo.items(),
+                                   key=lambda kv: bool(kv[1].get("is_snapshot"))):
+                try:
+                    api.lvol_delete(uuid)
+                except SpdkNotFound:
+                    pass  # went with its parent
+                except SpdkError:
+                    continue
+                del todo[uuid]
+                progress = True
+            if not progress:
+                log.warning("could not remove lvols dev made", extra={"f": {
+                    "lvols": sorted(lv["name"] for lv in todo.values())}})
+                break
+    finally:
+        api.client.close()
+
+
 def run_dev(args: argparse.Namespace) -> int:
     """Simulator (or --spdk-rpc) + agent + controller + node, until Ctrl-C/SIGTERM."""
-    from .controller.main import controller_server
-    from .node.main import node_server
 
     logsetup.setup(args.log_level)
     sock_dir = Path(args.socket_dir).resolve()
     sock_dir.mkdir(parents=True, exist_ok=True)
+    lock_fd = lock_socket_dir(sock_dir)
+    try:
+        return _run_locked(args, sock_dir)
+    finally:
+        unlock_socket_dir(sock_dir, lock_fd)
+
+
+def _run_locked(args: argparse.Namespace, sock_dir: Path) -> int:
+    from .controller.main import controller_server
+    from .node.main import node_server
+
     work = sock_dir / "dev-state"
     if work.exists():
         shutil.rmtree(work)  # ours, from an earlier run that was killed hard
@@ -160,7 +262,9 @@ def run_dev(args: argparse.Namespace) -> int:
     if not rpc:
         rpc = str(sock_dir / "spdk.sock")
         sim = start_simulator(rpc, work / "sim-data", args.log_level)
+    made_lvstore = False
     try:
+        before = target_objects(rpc)
         lvstores, made_lvstore = ensure_lvstore(rpc)
         agent = start_agent(agent_address, rpc, work / "agent-state", args.log_level)
         static_keys, sanity_secrets = write_dev_secrets(work)
@@ -193,6 +297,9 @@ def run_dev(args: argparse.Namespace) -> int:
         for proc in (agent, sim):
             if proc:
                 stop_child(proc)
+        if not sim and made_lvstore:
+            drop_dev_lvstore(rpc)
+        shutil.rmtree(work, ignore_errors=True)
         raise
     print(_dev_banner(sock_dir, rpc, lvstores, sim is not None, sanity_secrets), flush=True)
 
@@ -200,8 +307,10 @@ def run_dev(args: argparse.Namespace) -> int:
         stop_child(agent)
         if sim:
             stop_child(sim)
-        elif made_lvstore:
-            drop_dev_lvstore(rpc)
+        else:
+            drop_made_objects(rpc, before)
+            if made_lvstore:
+                drop_dev_lvstore(rpc)
         shutil.rmtree(work, ignore_errors=True)
 
     return serve(servers, args.metrics_address, cleanup)

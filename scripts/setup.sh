@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the driver and its tests need on a fresh Debian 12
 # machine (idempotent, quick when already done):
-#   - the package itself (editable) with its test extras, into this python3
+#   - the package itself (editable) with its test extras, into the project
+#     venv .venv (scripts/venv.sh; never into the system python)
 #   - csi-sanity (Go module proxy)
 #   - Debian tools the node plugin tests use (mkfs, blkid, losetup)
 #   - the QEMU guest rig, the deploy check tools and the Kubernetes PVC rig
@@ -9,6 +10,8 @@
 # Usage: scripts/setup.sh [--no-guest] [--no-deploy] [--no-k8s]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# mkfs, losetup, blkid live in /sbin and /usr/sbin, which a bare PATH lacks.
+case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="$PATH:/usr/sbin:/sbin" ;; esac
 guest=1 deploy=1 k8s=1
 for a in "$@"; do
   case "$a" in
@@ -34,13 +37,17 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-echo "setup: python package and test dependencies"
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+echo "setup: python package and test dependencies (venv .venv)"
+. scripts/venv.sh
+csi_spdk_venv test   # exports PATH, VIRTUAL_ENV and PYTHON for the scripts below
 
 if ! csi-sanity --ginkgo.dry-run >/dev/null 2>&1 || \
    [ "$(cat "$(go env GOPATH)/bin/.csi-sanity-version" 2>/dev/null)" != "$CSI_SANITY_VERSION" ]; then
-  echo "setup: go install csi-sanity@$CSI_SANITY_VERSION"
+  echo "setup: go install csi-sanity@$CSI_SANITY_VERSION (compiles from the module proxy:" \
+    "a minute or two cold)"
+  start=$SECONDS
   (cd /tmp && go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_SANITY_VERSION")
+  echo "setup: csi-sanity built in $((SECONDS - start))s"
   echo "$CSI_SANITY_VERSION" > "$(go env GOPATH)/bin/.csi-sanity-version"
 fi
 
@@ -51,6 +58,8 @@ if [ "$deploy" = 1 ] && [ -x scripts/install-deploy-tools.sh ]; then
   scripts/install-deploy-tools.sh
 fi
 if [ "$k8s" = 1 ] && [ -x scripts/install-k8s.sh ]; then
+  echo "setup: the Kubernetes PVC rig (scripts/install-k8s.sh; ~24 min the first time," \
+    "skip with --no-k8s)"
   scripts/install-k8s.sh
 fi
 echo "setup: done"

@@ -6,10 +6,16 @@
 # that real spdk_tgt instead of the simulator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# mkfs, losetup, blkid live in /sbin and /usr/sbin, which a bare PATH lacks.
+case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="$PATH:/usr/sbin:/sbin" ;; esac
 scripts/setup.sh
+# Everything below runs from the project venv setup.sh made (.venv): pytest's
+# interpreter, the `csi-spdk` and `python3` the tests spawn.
+. scripts/venv.sh
+csi_spdk_venv test
 [ -d /usr/local/go/bin ] && export PATH="/usr/local/go/bin:$PATH"
 export PATH="$(go env GOPATH)/bin:$PATH"
 echo "== ruff"
 ruff check .
 echo "== pytest"
-exec python3 -m pytest -ra "${@:-tests}"
+exec "$PYTHON" -m pytest -ra "${@:-tests}"

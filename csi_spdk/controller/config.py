@@ -38,8 +38,9 @@ DEFAULT_OVERCOMMIT = 1.0
 DEFAULT_PORT = 4420
 
 
-class ConfigError(ValueError):
-    """The config file is unusable; the message says where and why."""
+class ConfigError(InvalidArgument, ValueError):
+    """The config file is unusable; the message says where and why (an
+    InvalidArgument so the command line prints it as one line)."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ SCHEMAS_DIR = Path(__file__).resolve().parent / "schemas"
 
 # Pinned with scripts/install-deploy-tools.sh.
 SNAPSHOTTER_CLIENT_MODULE = "github.com/kubernetes-csi/external-snapshotter/client/v8@v8.7.0"
+PROMETHEUS_OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
 # Kubernetes versions every rendering is validated against (kubernetes-validate).
 KUBE_VERSIONS = ["1.30", "1.31", "1.32", "1.33", "1.34"]
 # The version `helm template` renders for (the chart needs >= 1.30).
@@ -42,6 +43,7 @@ VALUE_SETS = {
     "multi-target": VALUES_DIR / "multi-target.yaml",
     "metrics-off": VALUES_DIR / "metrics-off.yaml",
     "no-huge": VALUES_DIR / "no-huge.yaml",
+    "monitoring": VALUES_DIR / "monitoring.yaml",
 }
 
 
@@ -128,6 +130,20 @@ def containers(workload: dict) -> dict[str, dict]:
 
 
 @functools.cache
+def prometheus_crd_dir() -> Path | None:
+    """Directory of the Prometheus Operator's CRD YAMLs (Go module cache)."""
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    if not Path(go).exists() and not shutil.which("go"):
+        return None
+    out = run([go, "mod", "download", "-json", PROMETHEUS_OPERATOR_MODULE], cwd="/",
+              env={**os.environ, "GOFLAGS": "-mod=mod"})
+    if out.returncode != 0:
+        return None
+    d = Path(json.loads(out.stdout)["Dir"]) / "example" / "prometheus-operator-crd"
+    return d if d.is_dir() else None
+
+
+@functools.cache
 def snapshot_crd_dir() -> Path | None:
     """Directory of the external-snapshotter CRD YAMLs (Go module cache)."""
     go = shutil.which("go") or "/usr/local/go/bin/go"
@@ -154,6 +170,11 @@ def kubeconform_schemas(tmp_path_factory):
     written = crd_schema.convert(sorted(crd_dir.glob("snapshot.storage.k8s.io_*.yaml")), out)
     names = {p.name for p in written}
     assert {"volumesnapshotclass_v1.json", "volumesnapshot_v1.json"} <= names, names
+    prom = prometheus_crd_dir()
+    if prom is None:
+        missing("Go module cache copy of prometheus-operator (the PrometheusRule CRD)")
+    written = crd_schema.convert([prom / "monitoring.coreos.com_prometheusrules.yaml"], out)
+    assert "prometheusrule_v1.json" in {p.name for p in written}
     for hand_written in SCHEMAS_DIR.glob("*.json"):
         (out / hand_written.name).write_text(hand_written.read_text())
     return out

@@ -37,7 +37,7 @@ from .conftest import (
     tool,
 )
 
-CRD_KINDS = {"VolumeSnapshotClass", "VolumeSnapshot", "ServiceMonitor"}
+CRD_KINDS = {"VolumeSnapshotClass", "VolumeSnapshot", "ServiceMonitor", "PrometheusRule"}
 
 
 # --- lint and render ---------------------------------------------------------------

@@ -560,7 +560,10 @@ def _write_initrd(work: Path, base: Path, script: str, timeout: int,
             "GUEST_TIMEOUT": str(int(timeout)),
             "GUEST_MODULES": " ".join(opts.preload_modules),
             "GUEST_NET": "1" if (opts.network or opts.host_rpc or opts.hostfwd) else "0",
-            "PYTHONPATH": str(REPO),
+            # The distributions were copied from this interpreter's purelib; in
+            # a venv (.venv, scripts/venv.sh) that is not the base python's
+            # own site dir, so the guest's python3 is told where it is.
+            "PYTHONPATH": f"{REPO}:{sysconfig.get_paths()['purelib']}",
             "CSI_SPDK_REPO": str(REPO),
             "PYTHONUNBUFFERED": "1",
         }
