@@ -23,7 +23,7 @@ from ..errors import CsiError, NotFound
 from .config import Config, load
 from .kube import KubeView
 from .kube import load as load_kube
-from .target import Lvol, Target
+from .target import Lvol, Target, volumes_below
 
 
 @dataclass
@@ -92,19 +92,6 @@ def _qos(bdev: dict) -> dict[str, int]:
     return {k: int(v) for k, v in (bdev.get("assigned_rate_limits") or {}).items() if v}
 
 
-def _dependents(snap: Lvol, by_name: dict[str, Lvol], target: str) -> list[str]:
-    """Volume ids below ``snap`` through its snapshot children (as ListSnapshots)."""
-    out, todo, seen = [], list(snap.clones), set()
-    while todo:
-        child = by_name.get(todo.pop())
-        if child is None or child.uuid in seen:
-            continue
-        seen.add(child.uuid)
-        if child.snapshot:
-            todo.extend(child.clones)
-        elif contract.is_volume_lvol(child.name):
-            out.append(str(contract.ObjectId(target, child.uuid)))
-    return sorted(out)
 
 
 def _scan_target(target: Target, inv: Inventory, host_names: dict[str, str]) -> None:
@@ -141,7 +128,7 @@ def _scan_target(target: Target, inv: Inventory, host_names: dict[str, str]) -> 
         if lv.snapshot and contract.is_snapshot_lvol(lv.name) and lv.uuid not in marked:
             inv.snapshots.append(SnapshotRow(
                 id=oid, target=cfg.name, lvol=lv.alias, size=lv.size, allocated=allocated,
-                volumes=_dependents(lv, by_name, cfg.name), clones=len(lv.clones)))
+                volumes=volumes_below(cfg.name, lv, by_name), clones=len(lv.clones)))
             row.snapshots += 1
             continue
         if lv.snapshot or not contract.is_volume_lvol(lv.name):

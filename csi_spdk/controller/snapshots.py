@@ -48,7 +48,7 @@ from ..rpc import rpc
 from ..spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
 from . import placement
 from .config import Config
-from .target import Lvol, Target, Targets
+from .target import Lvol, Target, Targets, volumes_below
 
 
 def paginate(entries: list, starting_token: str, max_entries: int) -> tuple[list, str]:
@@ -134,21 +134,6 @@ class SnapshotService:
             nxt = target.lvol_by_name(lv.lvstore, parent)
             parent, seen = (nxt.base_snapshot if nxt else None), seen + 1
         return False
-
-    @staticmethod
-    def _sources(target: Target, snap: Lvol, by_name: dict[str, Lvol]) -> list[str]:
-        """Volume ids below ``snap`` through its chain of snapshot children."""
-        out, todo, seen = [], list(snap.clones), set()
-        while todo:
-            child = by_name.get(todo.pop())
-            if child is None or child.uuid in seen:
-                continue
-            seen.add(child.uuid)
-            if child.snapshot:
-                todo.extend(child.clones)
-            elif contract.is_volume_lvol(child.name):
-                out.append(str(contract.ObjectId(target.name, child.uuid)))
-        return sorted(out)
 
     # --- RPCs --------------------------------------------------------------------
     @rpc(lock=("name", "source_volume_id"))
@@ -288,7 +273,7 @@ class SnapshotService:
                     continue
                 meta = metas.get(snap.uuid)
                 sources = [str(contract.ObjectId(target.name, meta[0]))] if meta else \
-                    self._sources(target, snap, by_lvs[snap.lvstore])
+                    volumes_below(target.name, snap, by_lvs[snap.lvstore])
                 if request.source_volume_id and request.source_volume_id not in sources:
                     continue
                 source = request.source_volume_id or (sources[0] if sources else "")

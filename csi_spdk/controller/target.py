@@ -78,6 +78,23 @@ class Lvol:
         return self.snapshot or self.name.startswith(contract.MARKER_PREFIXES)
 
 
+
+def volumes_below(target_name: str, snap: Lvol, by_name: dict[str, Lvol]) -> list[str]:
+    """Volume ids below ``snap`` through its chain of snapshot children (the
+    candidates for a snapshot's source; ``by_name``: the lvstore's lvols)."""
+    out, todo, seen = [], list(snap.clones), set()
+    while todo:
+        child = by_name.get(todo.pop())
+        if child is None or child.uuid in seen:
+            continue
+        seen.add(child.uuid)
+        if child.snapshot:
+            todo.extend(child.clones)
+        elif contract.is_volume_lvol(child.name):
+            out.append(str(contract.ObjectId(target_name, child.uuid)))
+    return sorted(out)
+
+
 class Target:
     """One configured SPDK target with its API client and NVMe/TCP exporter."""
 
