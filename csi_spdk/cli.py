@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default seconds per spdk_tgt call")
     p.add_argument("--metrics-address", default="",
                    help="serve Prometheus metrics on HOST:PORT (default: off)")
-    # the storage side (agent/storage.py add_arguments declares the same set)
+    # the storage side (agent/storage.py StorageSide.from_args reads them)
     g = p.add_argument_group("storage (pools, spdk_tgt supervision, export recovery)")
     g.add_argument("--pools", default="",
                    help="pool file (YAML): devices to attach and lvstores to load or create")

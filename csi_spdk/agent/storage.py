@@ -11,8 +11,7 @@
 Its flags (``--pools``, ``--spdk-tgt-cmd``, ``--spdk-tgt-log``,
 ``--spdk-poll-interval``, ``--no-hugepage-check``, plus the server's
 ``--spdk-rpc`` and ``--state-dir``) are declared in ``cli.py`` (the root may
-not import a wing); ``add_arguments`` declares the same set for a parser built
-elsewhere (tests), and ``from_args`` takes the defaults for any that is missing.
+not import a wing); ``from_args`` takes the defaults for any that is missing.
 """
 
 from __future__ import annotations
@@ -34,28 +33,6 @@ from .supervisor import Supervisor, SupervisorConfig
 
 log = logging.getLogger("csi_spdk.agent.storage")
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The storage side's flags of ``csi-spdk agent`` (``--state-dir`` and
-    ``--spdk-rpc`` are shared with the server's and added only when missing)."""
-    g = p.add_argument_group("storage (pools, spdk_tgt supervision, export recovery)")
-    have = set(p._option_string_actions)
-    if "--spdk-rpc" not in have:
-        g.add_argument("--spdk-rpc", default="unix:///var/tmp/spdk.sock",
-                       help="spdk_tgt's local JSON-RPC socket")
-    if "--state-dir" not in have:
-        g.add_argument("--state-dir", default="/var/lib/csi-spdk-agent",
-                       help="0700 directory for the agent's state (desired.json)")
-    g.add_argument("--pools", default="",
-                   help="pool file (YAML): devices to attach and lvstores to load or create")
-    g.add_argument("--spdk-tgt-cmd", default="",
-                   help="start and supervise spdk_tgt with this command line; empty: attach "
-                        "to one something else runs on --spdk-rpc")
-    g.add_argument("--spdk-tgt-log", default="", help="file for spdk_tgt's output")
-    g.add_argument("--spdk-poll-interval", type=float, default=0.5,
-                   help="seconds between spdk_get_version health checks")
-    g.add_argument("--no-hugepage-check", action="store_true",
-                   help="start spdk_tgt without checking huge pages first")
 
 
 @dataclass

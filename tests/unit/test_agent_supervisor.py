@@ -264,7 +264,6 @@ def test_wait_ready_helper_times_out(short_tmp: Path) -> None:
 
 def test_storage_side_from_agent_flags(short_tmp: Path) -> None:
     """The wiring ``csi-spdk agent`` uses: its flags, then start/record/report/stop."""
-    import argparse
     import shlex
 
     from csi_spdk.agent import storage
@@ -275,11 +274,10 @@ def test_storage_side_from_agent_flags(short_tmp: Path) -> None:
     (short_tmp / "pools.yaml").write_text(
         f"pools:\n  - name: pool0\n    devices:\n      - path: {pool}\n")
     sock = str(short_tmp / "spdk.sock")
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--spdk-rpc", default="unix:///var/tmp/spdk.sock")   # the server's
-    parser.add_argument("--state-dir", default="/nonexistent")
-    storage.add_arguments(parser)
-    args = parser.parse_args([
+    from csi_spdk.cli import build_parser
+
+    args = build_parser().parse_args([          # the agent's own flags, as the CLI has them
+        "agent", "--listen", f"unix://{short_tmp}/agent.sock",
         "--spdk-rpc", f"unix://{sock}", "--state-dir", str(short_tmp / "st"),
         "--pools", str(short_tmp / "pools.yaml"), "--spdk-poll-interval", "0.1",
         "--no-hugepage-check",
