@@ -118,9 +118,11 @@ def chart_values(targets: list[dict], guest: bool) -> dict:
     scs = [
         {**base, "name": SC_IMMEDIATE, "volumeBindingMode": "Immediate",
          "allowedTopologies": host_zones,
-         "parameters": {"thinProvision": "false", "fsType": "ext4"}},
+         # thick by default; no explicit thinProvision, so restores and clones
+         # from this class are accepted (thin: README "Capacity")
+         "parameters": {"fsType": "ext4"}},
         {**base, "name": SC_WFFC, "volumeBindingMode": "WaitForFirstConsumer",
-         "parameters": {"thinProvision": "false"}},
+         "parameters": {}},
         {**base, "name": SC_BLOCK, "volumeBindingMode": "Immediate",
          "allowedTopologies": host_zones,
          "parameters": {"thinProvision": "true", "clearMethod": "unmap"}},
