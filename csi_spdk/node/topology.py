@@ -187,7 +187,7 @@ def _namespaces(ctrl: str) -> list[Namespace]:
         out.append(Namespace(f"nvme{m.group(1)}n{m.group(3)}",
                              int(nsid) if nsid.isdigit() else int(m.group(3)),
                              int(sectors) * 512 if sectors.isdigit() else 0))
-    return out
+    return sorted(out, key=lambda n: n.nsid)   # sysfs lists them in no fixed order
 
 
 def _kernel_ssd(name: str, ctrl: str) -> Ssd | None:

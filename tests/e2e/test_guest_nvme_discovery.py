@@ -51,6 +51,8 @@ from csi_spdk.proto import csi_pb2 as csi
 from csi_spdk.proto import csi_pb2_grpc as csi_grpc
 
 RUN = "/run/csi"
+# node-stage secrets: csi_stack_start's generated keys (auth: dhchap default)
+SECRETS = json.loads(Path(RUN, "auth-keys.json").read_text())
 ctrl = csi_grpc.ControllerStub(grpc.insecure_channel(f"unix://{RUN}/controller.sock"))
 node = csi_grpc.NodeStub(grpc.insecure_channel(f"unix://{RUN}/node.sock"))
 AM = csi.VolumeCapability.AccessMode
@@ -112,6 +114,7 @@ def stage():
     staging = "/var/lib/kubelet/plugins/csi/nvme-discovery/staging"
     os.makedirs(staging, exist_ok=True)
     node.NodeStageVolume(csi.NodeStageVolumeRequest(
+        secrets=SECRETS,
         volume_id=vol.volume_id, publish_context=pctx, staging_target_path=staging,
         volume_capability=CAP, volume_context=dict(vol.volume_context)))
     data = os.urandom(1 << 20)
