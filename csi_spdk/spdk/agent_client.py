@@ -106,6 +106,7 @@ class AgentClient:
         self._label = f"the storage agent {address}" + (f" of target {name!r}" if name else "")
         self._tls, self._server_name = tls, server_name
         self._tls_version: tuple | None = None
+        self._renew_error = ""
         if is_unix(address):
             if tls is not None:
                 raise InvalidArgument(f"agent {address}: TLS files are for a host:port agent")
@@ -155,11 +156,15 @@ class AgentClient:
                 channel = self._secure_channel(tls)
             except (OSError, ssl.SSLError, InvalidArgument) as err:
                 # mid-renewal (a file missing, a key for another certificate):
-                # keep the current channel and look again at the next check
-                log.warning("agent TLS files changed but are not usable yet; keeping the "
-                            "current ones", extra={"f": {"agent": self.address,
-                                                         "error": str(err)[:200]}})
+                # keep the current channel and look again at the next check;
+                # said once per distinct problem, not once a second
+                if str(err) != self._renew_error:
+                    self._renew_error = str(err)
+                    log.warning("agent TLS files changed but are not usable yet; keeping "
+                                "the current ones", extra={"f": {
+                                    "agent": self.address, "error": str(err)[:200]}})
                 return
+            self._renew_error = ""
             old, self._channel = self._channel, channel
             self._current = agent_pb2_grpc.AgentStub(channel)
             self._tls_version = version
