@@ -171,7 +171,7 @@ class AgentClient:
             timer = threading.Timer(RETIRED_CHANNEL_GRACE, old.close)
             timer.daemon = True
             timer.start()
-            self._retired.append(timer)
+            self._retired = [t for t in self._retired if t.is_alive()] + [timer]
             log.info("agent TLS certificates renewed; new connections use them",
                      extra={"f": {"agent": self.address, "cert": tls.cert_file}})
 
