@@ -67,7 +67,9 @@ def _doctor(sub) -> None:
     p = sub.add_parser("doctor", help="preflight checks for a node or a storage host")
     roles = p.add_subparsers(dest="role", required=True)
     for role, what in (("node", "a Kubernetes node that runs the node plugin"),
-                       ("storage", "a storage host that runs spdk_tgt")):
+                       ("storage", "a storage host that runs spdk_tgt"),
+                       ("agent", "the storage agents as the controller reaches them "
+                                 "(run where the controller runs)")):
         r = roles.add_parser(role, help=f"check {what}")
         r.add_argument("--format", choices=["table", "json"], default="table")
         r.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a fake tree, in tests
@@ -78,6 +80,22 @@ def _doctor(sub) -> None:
                            help="the node plugin's --state-dir")
             r.add_argument("--kubelet-dir", default="/var/lib/kubelet",
                            help="kubelet's root directory")
+        elif role == "agent":
+            r.add_argument("--config", default="",
+                           help="the controller's config file: check every target's agent")
+            r.add_argument("--address", default="",
+                           help="one agent: HOST:PORT (mutual TLS) or unix:///path")
+            r.add_argument("--ca-file", default="", help="CA of the agent's certificate")
+            r.add_argument("--cert-file", default="", help="the controller's client certificate")
+            r.add_argument("--key-file", default="", help="its key")
+            r.add_argument("--server-name", default="",
+                           help="the name the agent's certificate must carry "
+                                "(default: the address's host)")
+            r.add_argument("--lvstore", action="append", default=[], metavar="NAME",
+                           help="an lvstore (pool) the target must have (repeatable)")
+            r.add_argument("--expiry-warn-days", type=int, default=14,
+                           help="warn when a certificate expires within this many days")
+            r.add_argument("--timeout", type=float, default=5.0, help="seconds per check")
         else:
             r.add_argument("--hugepages-mib", type=int, default=2048,
                            help="huge page memory spdk_tgt needs (its -s; default 2048)")

@@ -13,11 +13,23 @@ TLS: ``host:port`` addresses always use mutual TLS (CA, client certificate
 and key); the agent's certificate is verified against ``server_name`` when
 given, else against the address's host. ``unix://`` addresses are plaintext
 on the same host.
+
+Renewal without a restart: cert-manager (through the kubelet's Secret volume)
+replaces the CA, certificate and key files in place. Before handing out its
+stub the client looks at the files (at most once a second, a ``stat`` each);
+when they changed and the new set is usable (the key matches the certificate,
+checked with the standard ``ssl`` module, so a half-written renewal is
+skipped until it is whole) it opens a new channel with them. Calls already
+in flight finish on the old channel, which is closed once no call can still
+be using it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +47,13 @@ from .errors import SpdkTransportError, from_response
 # Extra seconds the gRPC deadline gives the agent beyond the SPDK timeout it
 # passes on, so spdk_tgt's timeout (a clear message from the agent) fires first.
 DEADLINE_MARGIN = 2.0
+# How often the TLS files are looked at for a renewal (seconds).
+TLS_RECHECK_INTERVAL = 1.0
+# A retired channel is closed this long after a renewal: longer than any call's
+# deadline (the agent caps a call at 600 s), so no call in flight is cut.
+RETIRED_CHANNEL_GRACE = 600.0 + 2 * DEADLINE_MARGIN
+
+log = logging.getLogger("csi_spdk.agent_client")
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,22 @@ class ClientTls:
             private_key=read("keyFile", self.key_file),
             certificate_chain=read("certFile", self.cert_file))
 
+    def version(self) -> tuple[tuple[int, int, int], ...]:
+        """What identifies this content of the files: (inode, size, mtime) each,
+        following symlinks (a Secret volume swaps its ``..data`` link)."""
+        out = []
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            st = os.stat(path)
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def check(self) -> None:
+        """Raise ``ssl.SSLError``/``OSError`` unless the set is usable: the CA
+        and the certificate parse and the key matches the certificate."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=self.ca_file)
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+
 
 def is_unix(address: str) -> bool:
     return address.startswith("unix:")
@@ -69,6 +104,9 @@ class AgentClient:
         self.timeout = timeout
         self.name = name
         self._label = f"the storage agent {address}" + (f" of target {name!r}" if name else "")
+        self._tls, self._server_name = tls, server_name
+        self._tls_version: tuple | None = None
+        self._renew_error = ""
         if is_unix(address):
             if tls is not None:
                 raise InvalidArgument(f"agent {address}: TLS files are for a host:port agent")
@@ -77,10 +115,65 @@ class AgentClient:
             if tls is None:
                 raise InvalidArgument(f"agent {address}: a host:port agent needs tls "
                                       "(caFile, certFile, keyFile)")
-            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-            self._channel = grpc.secure_channel(address, tls.credentials(), options=options)
-        self._stub = agent_pb2_grpc.AgentStub(self._channel)
+            self._channel = self._secure_channel(tls)   # raises naming a missing file
+            self._tls_version = tls.version()           # (a renewal meanwhile: seen later)
+        self._current = agent_pb2_grpc.AgentStub(self._channel)
+        self._channel_lock = threading.Lock()
+        self._checked_at = time.monotonic()
+        self._retired: list[threading.Timer] = []
         self._closed = threading.Event()
+
+    # --- channel and credentials -------------------------------------------------
+    def _secure_channel(self, tls: ClientTls) -> grpc.Channel:
+        # A subchannel pool of its own: a renewed channel must not reuse the
+        # old one's connection (made with the old certificate).
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        if self._server_name:
+            options.append(("grpc.ssl_target_name_override", self._server_name))
+        return grpc.secure_channel(self.address, tls.credentials(), options=options)
+
+    @property
+    def _stub(self) -> agent_pb2_grpc.AgentStub:
+        """The stub for the next call, on a new channel when the TLS files were
+        renewed since the last look."""
+        if self._tls is not None and \
+                time.monotonic() - self._checked_at >= TLS_RECHECK_INTERVAL:
+            self._maybe_renew()
+        return self._current
+
+    def _maybe_renew(self) -> None:
+        with self._channel_lock:
+            if time.monotonic() - self._checked_at < TLS_RECHECK_INTERVAL:
+                return
+            self._checked_at = time.monotonic()
+            tls = self._tls
+            assert tls is not None
+            try:
+                version = tls.version()
+                if version == self._tls_version:
+                    return
+                tls.check()
+                channel = self._secure_channel(tls)
+            except (OSError, ssl.SSLError, InvalidArgument) as err:
+                # mid-renewal (a file missing, a key for another certificate):
+                # keep the current channel and look again at the next check;
+                # said once per distinct problem, not once a second
+                if str(err) != self._renew_error:
+                    self._renew_error = str(err)
+                    log.warning("agent TLS files changed but are not usable yet; keeping "
+                                "the current ones", extra={"f": {
+                                    "agent": self.address, "error": str(err)[:200]}})
+                return
+            self._renew_error = ""
+            old, self._channel = self._channel, channel
+            self._current = agent_pb2_grpc.AgentStub(channel)
+            self._tls_version = version
+            timer = threading.Timer(RETIRED_CHANNEL_GRACE, old.close)
+            timer.daemon = True
+            timer.start()
+            self._retired = [t for t in self._retired if t.is_alive()] + [timer]
+            log.info("agent TLS certificates renewed; new connections use them",
+                     extra={"f": {"agent": self.address, "cert": tls.cert_file}})
 
     # --- errors -------------------------------------------------------------------
     def _error(self, what: str, err: grpc.RpcError) -> CsiError:
@@ -124,7 +217,12 @@ class AgentClient:
     def close(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
-            self._channel.close()
+            with self._channel_lock:
+                for timer in self._retired:      # close retired channels now
+                    timer.cancel()
+                    timer.function(*timer.args)
+                self._retired.clear()
+                self._channel.close()
 
     def __enter__(self) -> AgentClient:
         return self

@@ -44,6 +44,7 @@ VALUE_SETS = {
     "metrics-off": VALUES_DIR / "metrics-off.yaml",
     "no-huge": VALUES_DIR / "no-huge.yaml",
     "monitoring": VALUES_DIR / "monitoring.yaml",
+    "agent-pools": VALUES_DIR / "agent-pools.yaml",
 }
 
 

@@ -164,3 +164,120 @@ def test_generated_certificates_work_for_the_agent_channel(tmp_path):
     finally:
         agent.stop()
         sim.stop()
+
+
+# --- pools ------------------------------------------------------------------------------
+
+POOL_FILE = "/etc/csi-spdk/pools/pools.yaml"
+
+
+def _pool_file(objs, tmp_path: Path) -> Path:
+    (cm,) = [o for o in by_kind(objs, "ConfigMap")
+             if o["metadata"]["name"] == "csi-spdk-agent-pools"]
+    path = tmp_path / "pools.yaml"
+    path.write_text(cm["data"]["pools.yaml"])
+    return path
+
+
+def test_pools_render_into_the_agents_pool_file(tmp_path):
+    """The values become the file the agent reads with --pools, parsed here by
+    the agent's own parser: every field arrives, in the agent's units."""
+    from csi_spdk.agent.pools import Device, PoolSpec, load_spec
+
+    objs = render_docs("agent-pools")
+    ds = one(objs, "DaemonSet", "-spdk-tgt")
+    cs = containers(ds)
+    agent, tgt = cs["agent"], cs["spdk-tgt"]
+    assert f"--pools={POOL_FILE}" in agent["args"]
+    assert _mounts(agent)["agent-pools"] == str(Path(POOL_FILE).parent)
+    assert _volumes(ds)["agent-pools"]["configMap"]["name"] == "csi-spdk-agent-pools"
+    assert load_spec(_pool_file(objs, tmp_path)) == [
+        PoolSpec("nvme0", Device("nvme", "0000:01:00.0", initialize=True),
+                 cluster_size=4 << 20, metadata_ratio=100),
+        PoolSpec("disk1", Device("aio", "/dev/disk/by-id/nvme-Example_SSD_1234"),
+                 cluster_size=1 << 20),
+        PoolSpec("file2", Device("uring", "/var/lib/spdk-pools/file2.img")),
+    ]
+    # the file's directory is the same path in spdk_tgt (which opens it) and
+    # the agent (which probes it first); /dev is in both for the block device
+    assert _mounts(tgt)["pool-dir-0"] == _mounts(agent)["pool-dir-0"] == "/var/lib/spdk-pools"
+    assert _volumes(ds)["pool-dir-0"]["hostPath"] == {"path": "/var/lib/spdk-pools",
+                                                      "type": "Directory"}
+    assert _mounts(agent)["dev"] == _mounts(tgt)["dev"] == "/dev"
+    assert [m for m in agent["volumeMounts"] if m["name"] == "dev"][0]["readOnly"] is True
+    # probing a block device takes a privileged container; nothing else does
+    assert agent["securityContext"]["privileged"] is True
+
+
+def test_no_pools_no_pool_file_and_an_unprivileged_agent():
+    objs = render_docs("spdk-tgt")
+    agent = containers(one(objs, "DaemonSet", "-spdk-tgt"))["agent"]
+    assert not [a for a in agent["args"] if a.startswith("--pools")]
+    assert not [o for o in by_kind(objs, "ConfigMap") if "pools" in o["metadata"]["name"]]
+    assert "dev" not in _mounts(agent)
+    assert agent["securityContext"].get("privileged") is not True
+
+
+def test_file_pools_keep_the_agent_unprivileged(tmp_path):
+    from csi_spdk.agent.pools import load_spec
+
+    from .conftest import CHART, RENDER_KUBE_VERSION, docs, tool
+    values = yaml.safe_load((ROOT / "tests/deploy/values/agent-pools.yaml").read_text())
+    values["agent"]["pools"] = [values["agent"]["pools"][2]]
+    f = tmp_path / "v.yaml"
+    f.write_text(yaml.safe_dump(values))
+    out = run([tool("helm"), "template", "csi-spdk", str(CHART), "--namespace", "csi-spdk",
+               "--kube-version", RENDER_KUBE_VERSION, "-f", str(f)])
+    assert out.returncode == 0, out.stderr
+    objs = docs(out.stdout)
+    agent = containers(one(objs, "DaemonSet", "-spdk-tgt"))["agent"]
+    assert agent["securityContext"].get("privileged") is not True
+    assert agent["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "dev" not in _mounts(agent)
+    assert [s.name for s in load_spec(_pool_file(objs, tmp_path))] == ["file2"]
+
+
+def _pools(*pools) -> dict:
+    return {"spdkTgt": {"enabled": True, "image": {"repository": "r", "tag": "t"}},
+            "agent": {"pools": list(pools)}}
+
+
+NVME = {"pci": "0000:01:00.0"}
+
+
+@pytest.mark.parametrize("values,error", [
+    (_pools({"name": "p", "devices": [{"pci": "01:00.0"}]}), "pci"),
+    (_pools({"name": "p", "devices": [NVME, {"pci": "0000:02:00.0"}]}), "devices"),
+    (_pools({"name": "p", "devices": []}), "devices"),
+    (_pools({"name": "p", "devices": [{"pci": "0000:01:00.0", "path": "/x"}]}), "devices"),
+    (_pools({"name": "p", "devices": [{"path": "relative.img"}]}), "path"),
+    (_pools({"name": "p", "devices": [{"path": "/x.img", "io": "spdk"}]}), "io"),
+    (_pools({"name": "p", "devices": [NVME], "clusterSize": "big"}), "clusterSize"),
+    (_pools({"name": "p", "devices": [NVME], "clusterSize": 512}), "clusterSize"),
+    (_pools({"name": "p", "devices": [NVME], "metadataRatio": 0}), "metadataRatio"),
+    (_pools({"name": "p/q", "devices": [NVME]}), "name"),
+    (_pools({"devices": [NVME]}), "name"),
+    (_pools({"name": "p", "devices": [NVME], "cluster_size": "4MiB"}), "cluster_size"),
+])
+def test_schema_rejects_wrong_pools(values, error, tmp_path):
+    from .conftest import CHART, RENDER_KUBE_VERSION, tool
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(values))
+    out = run([tool("helm"), "template", "x", str(CHART), "--kube-version", RENDER_KUBE_VERSION,
+               "-f", str(f)])
+    assert out.returncode != 0, f"schema accepted {values}"
+    assert "schema" in out.stderr and error in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("values,error", [
+    (_pools({"name": "p", "devices": [NVME]}, {"name": "p", "devices": [{"path": "/a.img"}]}),
+     'pool "p" is defined twice'),
+    ({"agent": {"pools": [{"name": "p", "devices": [NVME]}]}}, "spdkTgt.enabled"),
+])
+def test_chart_refuses_pools_the_agent_would_refuse(values, error, tmp_path):
+    from .conftest import CHART, RENDER_KUBE_VERSION, tool
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(values))
+    out = run([tool("helm"), "template", "x", str(CHART), "--kube-version", RENDER_KUBE_VERSION,
+               "-f", str(f)])
+    assert out.returncode != 0 and error in out.stderr, out.stderr

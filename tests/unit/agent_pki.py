@@ -75,12 +75,12 @@ class Pki:
 
     def _leaf(self, name: str, cn: str, ca_key, ca_cert, server: bool = False,
               names: list[str] | None = None, ips: list[str] | None = None,
-              expired: bool = False) -> Cert:
+              expired: bool = False, not_after: dt.datetime | None = None) -> Cert:
         key = ec.generate_private_key(ec.SECP256R1())
         if expired:
             start, end = _NOW - dt.timedelta(days=10), _NOW - dt.timedelta(days=1)
         else:
-            start, end = _NOW - dt.timedelta(days=1), _NOW + dt.timedelta(days=30)
+            start, end = _NOW - dt.timedelta(days=1), not_after or _NOW + dt.timedelta(days=30)
         builder = (x509.CertificateBuilder().subject_name(_name(cn))
                    .issuer_name(ca_cert.subject).public_key(key.public_key())
                    .serial_number(x509.random_serial_number())
@@ -96,6 +96,10 @@ class Pki:
             builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
         return Cert(self._write_cert(name, cert), self._write_key(name, key))
+
+    def client_cert(self, name: str, cn: str, not_after: dt.datetime | None = None) -> Cert:
+        """Another client certificate from the CA (a renewal), valid until ``not_after``."""
+        return self._leaf(name, cn, self.ca_key, self.ca_cert, not_after=not_after)
 
     def client_tls(self, cert: Cert | None = None, ca: Path | None = None) -> ClientTls:
         cert = cert or self.client

@@ -176,15 +176,17 @@ def test_fast_restart_is_seen_by_the_pid_behind_the_socket(short_tmp: Path) -> N
     state.record("nvmf_create_subsystem", {"nqn": "nqn.2016-06.io.spdk:fast",
                                            "allow_any_host": False})
     try:
-        sup = Supervisor(SupervisorConfig(str(sock), poll_interval=3.0), None, state).start()
+        # a wait long enough that kill + restart of the simulator (a Python start,
+        # slow on a loaded machine) fits inside it: no poll sees the target down
+        sup = Supervisor(SupervisorConfig(str(sock), poll_interval=10.0), None, state).start()
         try:
             assert sup.wait_recoveries(1, 30)[0].replay["created"]["subsystems"] == [
                 "nqn.2016-06.io.spdk:fast"]
-            time.sleep(0.3)              # the loop is now in its 3 s wait
+            time.sleep(0.3)              # the loop is now in its 10 s wait
             sim.kill9()
             sim.start()
-            recs = sup.wait_recoveries(2, 30)
-            assert len(recs) == 2 and recs[1].reason.startswith("pid changed")
+            recs = sup.wait_recoveries(2, 40)
+            assert len(recs) == 2 and recs[1].reason.startswith("pid changed"), recs
             with SpdkClient(str(sock)) as c:
                 assert SpdkApi(c).subsystem_get("nqn.2016-06.io.spdk:fast") is not None
         finally:

@@ -112,3 +112,62 @@ controller then mounts the client certificate). */}}
 {{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
+
+{{/* The agent's pool file (agent/pools.py) from agent.pools: camelCase values,
+snake_case file, as JSON (a YAML subset the agent reads) so that a PCI address
+such as 0000:01:00.0 stays a string (YAML 1.1 reads it as a base-60 number). Fails on a pool name given twice, and on pools without the
+spdkTgt DaemonSet (the chart runs no agent then: give the file to yours). */}}
+{{- define "csi-spdk.agentPoolFile" -}}
+{{- $pools := list }}
+{{- $seen := dict }}
+{{- range $p := .Values.agent.pools }}
+{{- if hasKey $seen $p.name }}
+{{- fail (printf "agent.pools: pool %q is defined twice (a pool is one lvstore)" $p.name) }}
+{{- end }}
+{{- $_ := set $seen $p.name true }}
+{{- $devs := list }}
+{{- range $d := $p.devices }}
+{{- $dev := dict }}
+{{- if hasKey $d "pci" }}
+{{- $_ := set $dev "pci" $d.pci }}
+{{- if hasKey $d "initialize" }}{{ $_ := set $dev "initialize" $d.initialize }}{{ end }}
+{{- else }}
+{{- $_ := set $dev "path" $d.path }}
+{{- $_ := set $dev "io" ($d.io | default "aio") }}
+{{- end }}
+{{- $devs = append $devs $dev }}
+{{- end }}
+{{- $pool := dict "name" $p.name "devices" $devs }}
+{{- with $p.clusterSize }}{{ $_ := set $pool "cluster_size" . }}{{ end }}
+{{- with $p.metadataRatio }}{{ $_ := set $pool "metadata_ratio" (int .) }}{{ end }}
+{{- $pools = append $pools $pool }}
+{{- end }}
+{{- toPrettyJson (dict "pools" $pools) }}
+{{- end -}}
+
+{{/* Host directories of the pools' file devices outside /dev (each mounted
+into spdk_tgt and the agent at the same path), one per line. */}}
+{{- define "csi-spdk.agentPoolDirs" -}}
+{{- $dirs := dict }}
+{{- range $p := .Values.agent.pools }}
+{{- range $d := $p.devices }}
+{{- if and (hasKey $d "path") (not (hasPrefix "/dev/" $d.path)) }}
+{{- $_ := set $dirs (dir $d.path) true }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $k, $_ := $dirs }}
+{{ $k }}
+{{- end }}
+{{- end -}}
+
+{{/* "true" when a pool names a block device under /dev: the agent probes it
+for signatures (never reformat), which the device cgroup allows only a
+privileged container. */}}
+{{- define "csi-spdk.agentProbesDevices" -}}
+{{- range $p := .Values.agent.pools }}
+{{- range $d := $p.devices }}
+{{- if and (hasKey $d "path") (hasPrefix "/dev/" $d.path) }}true{{ end }}
+{{- end }}
+{{- end }}
+{{- end -}}
