@@ -94,6 +94,11 @@ class KubernetesSecrets:
                                                      "namespace": self.namespace}})
         return keys
 
+    def where(self, lvol_uuid: str, volume_name: str = "") -> str:
+        """Where the volume's keys should be, for error messages."""
+        name = secret_name(volume_name) if volume_name else "csi-spdk-auth-<PV name>"
+        return (f"Secret {self.namespace}/{name} (labelled {LABEL_VOLUME}={lvol_uuid})")
+
     def get(self, lvol_uuid: str) -> VolumeKeys | None:
         for secret in self._find(lvol_uuid):
             data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}

@@ -312,7 +312,10 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
                 f"volume {request.volume_id} has a single-node access mode and is already "
                 f"published to {', '.join(self._node_names(others))}")
         mode = self.auth.mode_of(lv.uuid, request.volume_context.get(contract.VC_AUTH, ""))
-        keys = self.auth.keys_for_publish(target.name, lv.uuid, mode, dict(request.secrets))
+        csi_name = lv.name[len(contract.VOLUME_PREFIX):] \
+            if lv.name.startswith(contract.VOLUME_PREFIX) else ""
+        keys = self.auth.keys_for_publish(target.name, lv.uuid, mode, dict(request.secrets),
+                                          csi_name)
         ctx = target.exporter.export(
             lv.uuid, host, sub=sub,
             model=contract.model_number(host, signature, request.readonly), keys=keys)

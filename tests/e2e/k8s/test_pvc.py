@@ -16,9 +16,9 @@ import pytest
 
 from csi_spdk import contract
 
-from . import qos_scenarios, scenarios, scheduling
+from . import auth_scenarios, qos_scenarios, scenarios, scheduling
 from .cluster import Kubectl
-from .rig import GUEST_TARGET, SC_GUEST, SC_WFFC
+from .rig import GUEST_TARGET, HOST_TARGETS, SC_GUEST, SC_RETAIN, SC_WFFC
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -61,7 +61,32 @@ def test_expand_with_node_expansion_in_guest(env, rig):
     if rig.guest is None:
         pytest.skip("no QEMU guest (scripts/install-guest-deps.sh, or CSI_SPDK_K8S_GUEST=0)")
     scenarios.expand(env, SC_GUEST, GUEST_TARGET[4],
-                     scenarios.FakeKubelet(rig.node_stub()))
+                     scenarios.FakeKubelet(rig.node_stub(), rig.kubectl))
+
+
+def test_guest_dhchap_node_stage_secret_from_api_server(env, rig):
+    """The guest class is auth: dhchap (the default): the test, as kubelet,
+    stages with the Secret the PV names, read from the API server; the guest
+    kernel refuses no key and other keys."""
+    if rig.guest is None:
+        pytest.skip("no QEMU guest (scripts/install-guest-deps.sh, or CSI_SPDK_K8S_GUEST=0)")
+    auth_scenarios.guest_stage_with_secret(
+        env, SC_GUEST, GUEST_TARGET[4], scenarios.FakeKubelet(rig.node_stub(), rig.kubectl),
+        GUEST_TARGET[0])
+
+
+def test_secret_rbac_own_namespace_only(env, rig):
+    auth_scenarios.rbac_limits_secrets(env, Kubectl(rig.kubectl.binary, rig.sa_kubeconfig))
+
+
+def test_retain_keeps_volume_and_secret(env, rig):
+    auth_scenarios.retain_keeps_secret(env, SC_RETAIN, rig.controller_stub(),
+                                       HOST_TARGETS["target-a"][3])
+
+
+def test_secret_deleted_by_hand(env, rig):
+    auth_scenarios.secret_deleted_by_hand(env, env.sc_immediate, rig.controller_stub(),
+                                          HOST_TARGETS["target-a"][3])
 
 
 def test_bad_storageclass_parameter(env):
