@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-subsystems", type=int, default=1024,
                    help="NVMe-oF subsystems the target takes, discovery included (spdk_tgt's "
                         "nvmf_set_max_subsystems before init; default 1024 as in SPDK)")
+    p.add_argument("--dhchap-digests", default="",
+                   help="comma-separated DH-HMAC-CHAP digests the target allows (spdk_tgt's "
+                        "nvmf_set_config dhchap_digests at start-up; default: all)")
+    p.add_argument("--dhchap-dhgroups", default="",
+                   help="comma-separated DH groups the target allows (nvmf_set_config "
+                        "dhchap_dhgroups; default: all)")
     _common(p)
     p.set_defaults(impl="csi_spdk.sim.server:main")
 

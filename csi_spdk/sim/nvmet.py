@@ -145,6 +145,13 @@ class NvmetDataPlane(DataPlane):
         self.dhchap_hash = os.environ.get(DHCHAP_HASH_ENV, DEFAULT_DHCHAP_HASH)
         self.dhchap_dhgroup = os.environ.get(DHCHAP_DHGROUP_ENV, DEFAULT_DHCHAP_DHGROUP)
 
+    def dhchap_negotiation(self, digest: str, dhgroup: str) -> None:
+        """The hash and DH group nvmet offers (one of each per host): the
+        strongest of the simulator's lists, what SPDK picks for a Linux host.
+        $CSI_SPDK_NVMET_DHCHAP_HASH / _DHGROUP still win."""
+        self.dhchap_hash = os.environ.get(DHCHAP_HASH_ENV, f"hmac({digest})")
+        self.dhchap_dhgroup = os.environ.get(DHCHAP_DHGROUP_ENV, dhgroup)
+
     @classmethod
     def from_env(cls) -> NvmetDataPlane:
         """The ``--nvmet`` data plane: kernel ports on $CSI_SPDK_NVMET_TRADDR

@@ -149,6 +149,10 @@ def _bdev_path(bdev: Bdev) -> str | None:
     return getattr(bdev, "filename", None)
 
 
+DHCHAP_DIGESTS = ("sha256", "sha384", "sha512")
+DHCHAP_DHGROUPS = ("null", "ffdhe2048", "ffdhe3072", "ffdhe4096", "ffdhe6144", "ffdhe8192")
+
+
 class Nvmf:
     def __init__(self, state: SimState) -> None:
         self.state = state
@@ -156,6 +160,10 @@ class Nvmf:
         self.subsystems: list[Subsystem] = [Subsystem(DISCOVERY_NQN, subtype="Discovery",
                                                       allow_any_host=True)]
         self.max_subsystems = 1024   # spdk_tgt's default (nvmf_set_max_subsystems)
+        # nvmf_set_config's DH-HMAC-CHAP lists (start-up only in SPDK; the
+        # simulator's --dhchap-digests/--dhchap-dhgroups); SPDK's defaults: all
+        self.dhchap_digests = list(DHCHAP_DIGESTS)
+        self.dhchap_dhgroups = list(DHCHAP_DHGROUPS)
 
     # --- lookups -----------------------------------------------------
     def by_nqn(self) -> list[Subsystem]:
@@ -441,9 +449,8 @@ class Nvmf:
             {"method": "nvmf_set_config", "params": {
                 "discovery_filter": "match_any",
                 "admin_cmd_passthru": {"identify_ctrlr": False, "vendor_specific": False},
-                "dhchap_digests": ["sha256", "sha384", "sha512"],
-                "dhchap_dhgroups": ["null", "ffdhe2048", "ffdhe3072", "ffdhe4096",
-                                    "ffdhe6144", "ffdhe8192"]}},
+                "dhchap_digests": list(self.dhchap_digests),
+                "dhchap_dhgroups": list(self.dhchap_dhgroups)}},
             {"method": "nvmf_set_max_subsystems", "params": {"max_subsystems": 1024}},
             {"method": "nvmf_set_crdt", "params": {"crdt1": 0, "crdt2": 0, "crdt3": 0}},
         ]
