@@ -7,11 +7,12 @@ namespace), labelled with the volume's lvol uuid so DeleteVolume (which
 gets only the volume id) finds it. kubelet hands a Secret only to the node
 whose Pod uses the volume: node isolation comes from Kubernetes.
 
-Ownership: the PV does not exist yet while CreateVolume runs, so the Secret
-cannot carry an ownerReference to it; it is labelled
-``app.kubernetes.io/managed-by: csi-spdk`` and ``csi-spdk.io/volume: <lvol
-uuid>`` and annotated with the volume id, and the controller deletes it
-with the volume. RBAC: get/list/create/delete on Secrets in this namespace
+Ownership: no ownerReference to the PV, on purpose (docs/DESIGN.md,
+"Secret lifetime"): with reclaimPolicy Retain an admin deletes the PV by
+hand while the volume and its data stay, and a garbage-collected key would
+lock that data out. The Secret is labelled ``app.kubernetes.io/managed-by:
+csi-spdk`` and ``csi-spdk.io/volume: <lvol uuid>``, annotated with the
+volume name, and deleted by DeleteVolume only. RBAC: get/list/create/delete on Secrets in this namespace
 only (deploy/helm/csi-spdk/templates/rbac.yaml).
 
 The ``kubernetes`` client is imported on first use: dev, csi-sanity and the
