@@ -12,8 +12,8 @@ Ownership: no ownerReference to the PV, on purpose (docs/DESIGN.md,
 hand while the volume and its data stay, and a garbage-collected key would
 lock that data out. The Secret is labelled ``app.kubernetes.io/managed-by:
 csi-spdk`` and ``csi-spdk.io/volume: <lvol uuid>``, annotated with the
-volume name, and deleted by DeleteVolume only. RBAC: get/list/create/delete on Secrets in this namespace
-only (deploy/helm/csi-spdk/templates/rbac.yaml).
+volume name, and deleted by DeleteVolume only. RBAC: get/list/create/delete
+on Secrets in this namespace only (deploy/helm/csi-spdk/templates/rbac.yaml).
 
 The ``kubernetes`` client is imported on first use: dev, csi-sanity and the
 node never need it.

@@ -7,12 +7,13 @@ change is forwarded to the ``DataPlane`` hooks.
 
 from __future__ import annotations
 
+import errno
 import re
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .dataplane import HostAuth, ListenerInfo, NamespaceInfo
+from .dataplane import DataPlaneLimit, HostAuth, ListenerInfo, NamespaceInfo
 from .state import ENODEV, RpcError, errno_error
 
 if TYPE_CHECKING:
@@ -406,6 +407,7 @@ class Nvmf:
         if not nqn_is_valid(host_nqn) or any(h.nqn == host_nqn for h in sub.hosts):
             raise internal_error()
         dh, dhc, psk = self._keys(p)
+        self._check_dataplane(sub.nqn, host_nqn, Host(host_nqn, dh, dhc, psk).auth())
         keyring = self.state.keyring
         host = Host(host_nqn, *(keyring.acquire(k.name) if k else None for k in (dh, dhc, psk)))
         sub.hosts.insert(0, host)
@@ -414,6 +416,15 @@ class Nvmf:
             self.state.dataplane.host_auth_changed(sub.nqn, host_nqn, host.auth())
         self.state.dataplane.host_added(sub.nqn, host_nqn)
         return True
+
+    def _check_dataplane(self, nqn: str, host_nqn: str, auth: HostAuth) -> None:
+        """Before anything changes: a data plane that cannot mirror these keys
+        (kernel nvmet: one key pair per host NQN) refuses with EPERM and says
+        why, instead of the simulator diverging from what it enforces."""
+        try:
+            self.state.dataplane.check_host_auth(nqn, host_nqn, auth)
+        except DataPlaneLimit as err:
+            raise RpcError(-errno.EPERM, f"simulator data plane: {err}") from None
 
     def _drop_host(self, sub: Subsystem, host: Host) -> None:
         sub.hosts.remove(host)
@@ -435,6 +446,7 @@ class Nvmf:
         if host is None:
             raise invalid_params()
         dh, dhc, _ = self._keys({k: v for k, v in p.items() if k != "psk"})
+        self._check_dataplane(sub.nqn, host.nqn, Host(host.nqn, dh, dhc, host.psk).auth())
         keyring = self.state.keyring
         keyring.put(host.dhchap_key)
         keyring.put(host.dhchap_ctrlr_key)
