@@ -206,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     _inspection(sub)
     _doctor(sub)
 
+    p = sub.add_parser("rotate-keys", help="new DH-HMAC-CHAP keys for volumes, keeping their "
+                       "connections (resumable: run it again after a failure)")
+    p.add_argument("--config", required=True, help="the controller's config file")
+    p.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
+    p.add_argument("--volume", action="append", default=[], help="a volume id (repeatable)")
+    p.add_argument("--all", action="store_true", help="every volume of every target")
+    p.add_argument("--node", action="append", default=[], metavar="NODE=ENDPOINT",
+                   help="a node plugin's CSI endpoint, for nodes with a live connection")
+    p.add_argument("--access-type", choices=["mount", "block"], default="mount",
+                   help="how the volumes are staged on the nodes (their capability)")
+    p.add_argument("--fs-type", default="", help="their filesystem (mount)")
+    _common(p)
+    p.set_defaults(impl="csi_spdk.controller.rotate_cli:main")
+
     p = sub.add_parser("discover", help="print this node's NVMe SSD inventory")
     p.add_argument("--format", choices=["json", "table"], default="table")
     p.add_argument("--spdk-rpc", default="", help="also list SSDs owned by this spdk_tgt")

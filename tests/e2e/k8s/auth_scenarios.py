@@ -67,7 +67,7 @@ def rbac_limits_secrets(env: Env, sa_kubectl) -> None:
     def can(verb: str, ns: str) -> str:
         return sa_kubectl.run("auth", "can-i", verb, "secrets", "-n", ns,
                               check=False).stdout.strip()
-    for verb in ("get", "list", "create", "delete"):
+    for verb in ("get", "list", "create", "delete", "patch"):
         assert can(verb, env.driver_namespace) == "yes", verb
         assert can(verb, env.namespace) == "no", verb
         assert can(verb, "kube-system") == "no", verb
