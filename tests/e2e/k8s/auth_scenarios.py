@@ -219,3 +219,64 @@ def secret_deleted_by_hand(env: Env, sc: str, controller, node: str) -> None:
     env.delete_pvc(name)
     env.wait_gone("pv", pv_name)
     env.wait_lvol_gone(lv["uuid"])
+
+
+def rotate_keys_command(env: Env, sc: str, node: str, kubelet: FakeKubelet,
+                        target: str, run_cli, node_endpoint: str) -> None:
+    """``csi-spdk rotate-keys`` (the operator's command, with the controller's
+    config, ServiceAccount and Secret store) on a volume staged and mounted
+    in the guest: the connection stays, the Secret holds new keys (nothing
+    pending), the target only those; the guest kernel refuses the old keys
+    on a re-authentication and accepts the Secret's."""
+    from csi_spdk.controller.auth import VolumeKeys
+    name = unique("rot")
+    env.pvc(name, sc, "48Mi")
+    _, pv = env.wait_bound(name)
+    pv_name = pv["metadata"]["name"]
+    lv = env.lvol_of(pv)
+    ref = secret_ref(env, pv)
+    old = check_secret(env, ref, lv["uuid"])
+    pod = env.pod(name, node, [name])
+    va = env.wait(f"VolumeAttachment of {pv_name} attached",
+                  lambda: (lambda v: v if v and v.get("status", {}).get("attached") else None)(
+                      env.attachment(pv_name, node)))
+    staging, target_path = kubelet.mount(pv, va, pod)
+    before = kubelet.fs_total(pv, target_path)
+    handle = pv["spec"]["csi"]["volumeHandle"]
+    node_id = env.nodes[node]["node_id"]
+    res = run_cli(["rotate-keys", "--volume", handle, "--node", f"{node_id}={node_endpoint}",
+                   "--fs-type", "ext4"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{handle}: keys rotated ({node_id})" in res.stdout, res.stdout
+    new = check_secret(env, ref, lv["uuid"])       # two keys only: nothing pending
+    assert_no_keys({**old, **new}, res.stdout + res.stderr)
+    for k in old:
+        assert new[k] != old[k], k
+    names = VolumeKeys.from_secrets(new, "new").names(lv["uuid"])
+    nqn = contract.subsystem_nqn(lv["uuid"])
+    (host,) = env.spdk.subsystem(nqn)["hosts"]
+    assert {k: host[k] for k in names} == names, host
+    prefix = f"csik-{lv['uuid']}-"
+    ring = sorted(k["name"] for k in env.spdk.apis[target].keyring_keys()
+                  if k["name"].startswith(prefix))
+    assert ring == sorted(names.values()), ring
+    # the live connection was kept: the same mount answers
+    assert kubelet.fs_total(pv, target_path) == before
+    # the guest kernel re-authenticates the live controller: old keys refused ...
+    try:
+        kubelet.stage(pv, va, secrets=old)
+        raise AssertionError("the guest kernel re-authenticated with the old keys")
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        assert "does not hold that key pair" in err.details(), err.details()
+    # ... the Secret's (what kubelet passes) accepted, and the mount still there
+    kubelet.stage(pv, va)
+    assert kubelet.fs_total(pv, target_path) == before
+    kubelet.unmount(pv, staging, target_path)
+    env.delete_pod(name)
+    env.wait(f"VolumeAttachment {va['metadata']['name']} deleted",
+             lambda: env.kubectl.get("volumeattachment", va["metadata"]["name"]) is None)
+    env.delete_pvc(name)
+    env.wait_gone("pv", pv_name)
+    env.wait_lvol_gone(lv["uuid"])
+    env.wait_gone("secret", ref["name"], ref["namespace"])
