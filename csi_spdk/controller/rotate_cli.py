@@ -109,6 +109,12 @@ def main(args: argparse.Namespace) -> int:
         for vid in ids:
             try:
                 target, lv = servicer.targets.volume(vid)
+                if args.all and servicer.auth.store is not None and hasattr(
+                        servicer.auth.store, "pending"):
+                    keys = servicer.auth.store.get(lv.uuid)
+                    if keys is None or not keys.dhchap_key:
+                        print(f"{vid}: skipped (no DH-HMAC-CHAP keys: auth none or tls)")
+                        continue
                 out: Outcome = rotate(target, lv, servicer.auth, sync, node_of)
                 print(out.line())
             except CsiError as err:
