@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-subsystems", type=int, default=1024,
                    help="NVMe-oF subsystems the target takes, discovery included (spdk_tgt's "
                         "nvmf_set_max_subsystems before init; default 1024 as in SPDK)")
+    p.add_argument("--dhchap-digests", default="",
+                   help="comma-separated DH-HMAC-CHAP digests the target allows (spdk_tgt's "
+                        "nvmf_set_config dhchap_digests at start-up; default: all)")
+    p.add_argument("--dhchap-dhgroups", default="",
+                   help="comma-separated DH groups the target allows (nvmf_set_config "
+                        "dhchap_dhgroups; default: all)")
     _common(p)
     p.set_defaults(impl="csi_spdk.sim.server:main")
 
@@ -199,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _inspection(sub)
     _doctor(sub)
+
+    p = sub.add_parser("rotate-keys", help="new DH-HMAC-CHAP keys for volumes, keeping their "
+                       "connections (resumable: run it again after a failure)")
+    p.add_argument("--config", required=True, help="the controller's config file")
+    p.add_argument("--driver-name", default=DEFAULT_DRIVER_NAME)
+    p.add_argument("--volume", action="append", default=[], help="a volume id (repeatable)")
+    p.add_argument("--all", action="store_true", help="every volume of every target")
+    p.add_argument("--node", action="append", default=[], metavar="NODE=ENDPOINT",
+                   help="a node plugin's CSI endpoint, for nodes with a live connection")
+    p.add_argument("--access-type", choices=["mount", "block"], default="mount",
+                   help="how the volumes are staged on the nodes (their capability)")
+    p.add_argument("--fs-type", default="", help="their filesystem (mount)")
+    _common(p)
+    p.set_defaults(impl="csi_spdk.controller.rotate_cli:main")
 
     p = sub.add_parser("discover", help="print this node's NVMe SSD inventory")
     p.add_argument("--format", choices=["json", "table"], default="table")

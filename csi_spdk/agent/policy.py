@@ -33,7 +33,7 @@ Lookup = Callable[[str], "dict | None"]   # bdev_get_bdevs by name/uuid/alias, N
 READS = frozenset({
     "spdk_get_version", "rpc_get_methods", "bdev_get_bdevs", "bdev_get_iostat",
     "bdev_lvol_get_lvstores", "bdev_lvol_get_lvols", "nvmf_get_transports",
-    "nvmf_get_subsystems", "keyring_get_keys",
+    "nvmf_get_subsystems", "keyring_get_keys", "framework_get_config",
 })
 
 
@@ -192,6 +192,9 @@ def check(method: str, params: Any, lookup: Lookup) -> None:
     if method in READS:
         if params is not None and not isinstance(params, dict):
             raise InvalidArgument(f"{method}: params must be an object")
+        if method == "framework_get_config" and (params or {}).get("name") != "nvmf":
+            # the nvmf subsystem only (its DH-HMAC-CHAP lists); not keyring (paths)
+            raise Refused(method, "wrong_subsystem", "only name 'nvmf' may be read")
         return
     if not isinstance(params, dict):
         raise InvalidArgument(f"{method}: params must be an object")

@@ -316,18 +316,24 @@ class VolumeAuth:
         return contract.AUTH_NONE
 
     def keys_for_publish(self, target_name: str, lvol_uuid: str, mode: str,
-                         secrets: dict[str, str]) -> dict[str, str]:
-        """The keyring key names for the host entry (keys put on the target)."""
+                         secrets: dict[str, str], volume_name: str = "") -> dict[str, str]:
+        """The keyring key names for the host entry (keys put on the target).
+        ``volume_name`` (the CSI name, when the lvol name gives it) only
+        makes the error name the missing Secret."""
         if mode == contract.AUTH_NONE:
             return {}
         keys = VolumeKeys.from_secrets(secrets, "controller-publish secret") if secrets else None
         if (keys is None or not keys.has(mode)) and self.store is not None:
             keys = self.store.get(lvol_uuid)
         if keys is None or not keys.has(mode):
+            where = getattr(self.store, "where", None)
+            kept = where(lvol_uuid, volume_name) if where is not None else \
+                "the controller's Secret store"
             raise FailedPrecondition(
                 f"volume {lvol_uuid} uses auth: {mode} but its keys are not available: "
-                "neither a controller-publish secret nor the controller's Secret store has "
-                "them (was the volume's Secret deleted?)")
+                f"neither a controller-publish secret nor {kept} has them (was that "
+                "Secret deleted? Without it no node can authenticate: restore it from a "
+                "backup, or rotate the volume's keys with csi-spdk rotate-keys)")
         custody = self.custody(target_name)
         for name, material in keys.material(lvol_uuid, mode).items():
             custody.put(name, material)

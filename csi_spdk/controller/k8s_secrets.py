@@ -7,12 +7,13 @@ namespace), labelled with the volume's lvol uuid so DeleteVolume (which
 gets only the volume id) finds it. kubelet hands a Secret only to the node
 whose Pod uses the volume: node isolation comes from Kubernetes.
 
-Ownership: the PV does not exist yet while CreateVolume runs, so the Secret
-cannot carry an ownerReference to it; it is labelled
-``app.kubernetes.io/managed-by: csi-spdk`` and ``csi-spdk.io/volume: <lvol
-uuid>`` and annotated with the volume id, and the controller deletes it
-with the volume. RBAC: get/list/create/delete on Secrets in this namespace
-only (deploy/helm/csi-spdk/templates/rbac.yaml).
+Ownership: no ownerReference to the PV, on purpose (docs/DESIGN.md,
+"Secret lifetime"): with reclaimPolicy Retain an admin deletes the PV by
+hand while the volume and its data stay, and a garbage-collected key would
+lock that data out. The Secret is labelled ``app.kubernetes.io/managed-by:
+csi-spdk`` and ``csi-spdk.io/volume: <lvol uuid>``, annotated with the
+volume name, and deleted by DeleteVolume only. RBAC: get/list/create/delete
+on Secrets in this namespace only (deploy/helm/csi-spdk/templates/rbac.yaml).
 
 The ``kubernetes`` client is imported on first use: dev, csi-sanity and the
 node never need it.
@@ -29,6 +30,7 @@ from ..errors import Unavailable
 from .auth import LABEL_MANAGED, LABEL_VOLUME, VolumeKeys, secret_name
 
 log = logging.getLogger("csi_spdk.auth")
+NEXT = "next."   # data key prefix of keys a rotation has not committed yet
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -94,6 +96,11 @@ class KubernetesSecrets:
                                                      "namespace": self.namespace}})
         return keys
 
+    def where(self, lvol_uuid: str, volume_name: str = "") -> str:
+        """Where the volume's keys should be, for error messages."""
+        name = secret_name(volume_name) if volume_name else "csi-spdk-auth-<PV name>"
+        return (f"Secret {self.namespace}/{name} (labelled {LABEL_VOLUME}={lvol_uuid})")
+
     def get(self, lvol_uuid: str) -> VolumeKeys | None:
         for secret in self._find(lvol_uuid):
             data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
@@ -101,6 +108,44 @@ class KubernetesSecrets:
             if keys is not None:
                 return keys
         return None
+
+    # --- rotation (controller/rotate.py): the next keys, kept until committed ---
+    def pending(self, lvol_uuid: str) -> VolumeKeys | None:
+        for secret in self._find(lvol_uuid):
+            data = {k[len(NEXT):]: base64.b64decode(v).decode()
+                    for k, v in (secret.data or {}).items() if k.startswith(NEXT)}
+            if data:
+                return VolumeKeys.from_secrets(data, f"Secret {secret.metadata.name} (next)")
+        return None
+
+    def set_pending(self, lvol_uuid: str, keys: VolumeKeys) -> VolumeKeys:
+        """Store the next keys unless some are pending already (they win: a
+        resumed rotation keeps its keys); returns the pending keys."""
+        existing = self.pending(lvol_uuid)
+        if existing is not None:
+            return existing
+        (secret,) = self._find(lvol_uuid)[:1] or (None,)
+        if secret is None:
+            raise Unavailable(f"no Secret labelled {LABEL_VOLUME}={lvol_uuid} in namespace "
+                              f"{self.namespace}")
+        self._call("patching a Secret", self.api.patch_namespaced_secret,
+                   secret.metadata.name, self.namespace,
+                   {"stringData": {NEXT + k: v for k, v in keys.secrets().items()}})
+        return keys
+
+    def commit(self, lvol_uuid: str) -> None:
+        """The pending keys become the volume's keys (one patch: current keys
+        replaced and the next ones removed together)."""
+        for secret in self._find(lvol_uuid):
+            data = dict(secret.data or {})
+            nxt = {k[len(NEXT):]: v for k, v in data.items() if k.startswith(NEXT)}
+            if not nxt:
+                continue
+            patch = {k: None for k in data if k.startswith(NEXT) or k not in nxt}
+            patch.update(nxt)
+            self._call("patching a Secret", self.api.patch_namespaced_secret,
+                       secret.metadata.name, self.namespace, {"data": patch})
+            log.info("volume keys rotated", extra={"f": {"secret": secret.metadata.name}})
 
     def delete(self, lvol_uuid: str) -> None:
         for secret in self._find(lvol_uuid):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .. import contract
 from ..errors import InvalidArgument, OutOfRange, echo, require
 from ..proto import csi_pb2
-from . import qos
+from . import dhchap_strength, qos
 from .auth import parse_auth
 from .config import Config
 
@@ -23,7 +23,8 @@ FS_TYPES = ("ext4", "xfs")
 # NodeStageVolume cannot fail on a size the controller chose.
 FS_MIN_BYTES = {"xfs": 300 * 1024 * 1024}
 CLEAR_METHODS = ("none", "unmap", "write_zeroes")
-IMMUTABLE_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType", "auth")
+IMMUTABLE_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType", "auth",
+                  *dhchap_strength.PARAM_KEYS)
 PARAM_KEYS = IMMUTABLE_KEYS + qos.MUTABLE_KEYS
 K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
 
@@ -85,6 +86,8 @@ class VolumeParams:
     qos: qos.Limits = field(default_factory=dict)   # the four limits, SPDK keys (qos.py)
     thin_set: bool = False   # thinProvision was given explicitly
     auth: str = contract.AUTH_DHCHAP   # data-path auth (controller/auth.py)
+    # weakest DH-HMAC-CHAP digest / DH group (controller/dhchap_strength.py)
+    dhchap: dhchap_strength.Strength = field(default_factory=dhchap_strength.Strength)
 
 
 def parse_params(params: Mapping[str, str], config: Config,
@@ -112,9 +115,10 @@ def parse_params(params: Mapping[str, str], config: Config,
     if fs and fs not in FS_TYPES:
         raise InvalidArgument(f"parameter fsType={echo(fs)} must be one of {', '.join(FS_TYPES)}")
     limits = qos.parse(params) | qos.parse_mutable(mutable or {}, IMMUTABLE_KEYS)
+    auth = parse_auth(dict(params), config.auth.default_mode)
     return VolumeParams(target, params.get("lvstore", ""), thin == "true", clear, fs,
-                        qos.full(limits), thin_set="thinProvision" in params,
-                        auth=parse_auth(dict(params), config.auth.default_mode))
+                        qos.full(limits), thin_set="thinProvision" in params, auth=auth,
+                        dhchap=dhchap_strength.parse(dict(params), auth))
 
 
 def capacity_range(req) -> tuple[int, int]:

@@ -45,7 +45,7 @@ from ..proto import csi_pb2, csi_pb2_grpc
 from ..rpc import rpc
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkNoSpace, SpdkNotFound, SpdkTransportError
-from . import placement, qos
+from . import dhchap_strength, placement, qos
 from .auth import AgentKeyCustody, SameHostKeyCustody, SecretStore, StaticSecrets, VolumeAuth
 from .config import Config
 from .create import CreateRequest, create_empty, create_from_snapshot, create_from_volume
@@ -191,6 +191,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         """The answer; a clone is thin (its volume_context says so from SPDK)."""
         vol = self._volume_msg(target, lv, params.fs_type)
         vol.volume_context.update(self.auth.created(lv.uuid, name, params.auth))
+        vol.volume_context.update(params.dhchap.context())
         if source is not None:
             vol.content_source.CopyFrom(source)
         return csi_pb2.CreateVolumeResponse(volume=vol)
@@ -228,6 +229,8 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         # same parameters), so another, unreachable target does not matter
         req.found_target, req.found, req.lvstores = self.targets.find(
             req.lvol_name, only=params.target)
+        if params.dhchap and req.found is None:
+            dhchap_strength.restrict(self.targets, req, source, kind)
         if kind == "volume":
             with self.locks.hold([source.volume.volume_id],
                                  what="CreateVolume from this source"):
@@ -311,8 +314,13 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             raise FailedPrecondition(
                 f"volume {request.volume_id} has a single-node access mode and is already "
                 f"published to {', '.join(self._node_names(others))}")
+        dhchap_strength.check_target(target.name, target.api,
+                                     dhchap_strength.from_context(dict(request.volume_context)))
         mode = self.auth.mode_of(lv.uuid, request.volume_context.get(contract.VC_AUTH, ""))
-        keys = self.auth.keys_for_publish(target.name, lv.uuid, mode, dict(request.secrets))
+        csi_name = lv.name[len(contract.VOLUME_PREFIX):] \
+            if lv.name.startswith(contract.VOLUME_PREFIX) else ""
+        keys = self.auth.keys_for_publish(target.name, lv.uuid, mode, dict(request.secrets),
+                                          csi_name)
         ctx = target.exporter.export(
             lv.uuid, host, sub=sub,
             model=contract.model_number(host, signature, request.readonly), keys=keys)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from .. import contract
 from ..errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from . import reauth
 from .auth import ConnectAuth, KernelFeatures, redact
 from .sysfs import read_attr as _read
 
@@ -95,6 +96,8 @@ class NvmeTcpInitiator:
         """``features``: what the kernel offers for auth/TLS (probed on first
         need when None)."""
         self._features = features
+        self.kmsg = reauth.KMSG if os.path.realpath(sysfs_root) == "/sys" else \
+            os.path.join(sysfs_root, "kmsg")   # a test's fake kernel log
         self.host_nqn = host_nqn
         self.host_id = host_id
         self.ctrl_loss_tmo = ctrl_loss_tmo
@@ -322,6 +325,11 @@ class NvmeTcpInitiator:
         self._require_fabrics()
         if auth.mode != contract.AUTH_NONE:
             auth.require(self.features())
+        if auth.mode == contract.AUTH_DHCHAP and \
+                self._connected_to(nqn, pc[contract.PC_TRADDR], pc[contract.PC_TRSVCID]):
+            # a repeated stage with other keys: rotation (node/reauth.py)
+            reauth.converge(self.sysfs_root, [c.name for c in self.controllers(nqn)],
+                            auth.dhchap_key, auth.dhchap_ctrl_key, self.kmsg)
         if not self._connected_to(nqn, pc[contract.PC_TRADDR], pc[contract.PC_TRSVCID]):
             auth.prepare(self.nvme, self.host_nqn, nqn)
             res = self._run(self.connect_command(pc) + auth.connect_args())

@@ -43,6 +43,11 @@ class ListenerInfo:
     secure_channel: bool = False   # TLS required (nvmf_subsystem_add_listener --secure-channel)
 
 
+class DataPlaneLimit(RuntimeError):
+    """Something SPDK does that this data plane cannot mirror (the simulator
+    answers the RPC with EPERM and this message instead of diverging)."""
+
+
 @dataclass(frozen=True)
 class HostAuth:
     """What a host must prove on one subsystem: the secrets themselves (read
@@ -101,6 +106,10 @@ class DataPlane:
 
     def host_removed(self, nqn: str, host_nqn: str) -> None:
         """``host_nqn`` may no longer connect to ``nqn``."""
+
+    def check_host_auth(self, nqn: str, host_nqn: str, auth: HostAuth) -> None:
+        """Raise ``DataPlaneLimit`` when this data plane cannot enforce ``auth``
+        for ``host_nqn`` on ``nqn`` (asked before anything changes)."""
 
     def host_auth_changed(self, nqn: str, host_nqn: str, auth: HostAuth) -> None:
         """The keys ``host_nqn`` must use on ``nqn``: called right before

@@ -57,7 +57,7 @@ import threading
 from pathlib import Path
 
 from . import kernel_keyring, nvmet_leftovers
-from .dataplane import DataPlane, HostAuth, ListenerInfo, NamespaceInfo
+from .dataplane import DataPlane, DataPlaneLimit, HostAuth, ListenerInfo, NamespaceInfo
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ PortKey = tuple[str, str, str, str, bool]
 
 class NvmetError(RuntimeError):
     pass
+
+
+class OneKeyPairPerHost(NvmetError, DataPlaneLimit):
+    """nvmet's hosts/<nqn> holds one key pair for every subsystem."""
 
 
 def _write(path: Path, value: str) -> None:
@@ -144,6 +148,13 @@ class NvmetDataPlane(DataPlane):
         self.host_auth: dict[str, dict[str, HostAuth]] = {}
         self.dhchap_hash = os.environ.get(DHCHAP_HASH_ENV, DEFAULT_DHCHAP_HASH)
         self.dhchap_dhgroup = os.environ.get(DHCHAP_DHGROUP_ENV, DEFAULT_DHCHAP_DHGROUP)
+
+    def dhchap_negotiation(self, digest: str, dhgroup: str) -> None:
+        """The hash and DH group nvmet offers (one of each per host): the
+        strongest of the simulator's lists, what SPDK picks for a Linux host.
+        $CSI_SPDK_NVMET_DHCHAP_HASH / _DHGROUP still win."""
+        self.dhchap_hash = os.environ.get(DHCHAP_HASH_ENV, f"hmac({digest})")
+        self.dhchap_dhgroup = os.environ.get(DHCHAP_DHGROUP_ENV, dhgroup)
 
     @classmethod
     def from_env(cls) -> NvmetDataPlane:
@@ -339,6 +350,10 @@ class NvmetDataPlane(DataPlane):
                 self._insert_psk(nqn, host_nqn, auth.psk)
             self._save_owned()
 
+    def check_host_auth(self, nqn: str, host_nqn: str, auth: HostAuth) -> None:
+        with self.lock:
+            self._check_one_key_pair(nqn, host_nqn, (auth.dhchap_key, auth.dhchap_ctrlr_key))
+
     def _pair(self, nqn: str, host_nqn: str) -> tuple[str | None, str | None]:
         auth = self.host_auth.get(host_nqn, {}).get(nqn, HostAuth())
         return auth.dhchap_key, auth.dhchap_ctrlr_key
@@ -351,9 +366,12 @@ class NvmetDataPlane(DataPlane):
             if other == nqn or state["any"] or host_nqn not in state["hosts"]:
                 continue
             if self._pair(other, host_nqn) != pair:
-                raise NvmetError(
-                    f"kernel nvmet keeps one DH-HMAC-CHAP key pair per host NQN: {host_nqn} "
-                    f"is allowed on {other} with different keys (or none)")
+                raise OneKeyPairPerHost(
+                    f"kernel nvmet keeps one DH-HMAC-CHAP key pair per host NQN (configfs "
+                    f"hosts/<nqn> is shared by all subsystems; SPDK keeps one per subsystem "
+                    f"and host): {host_nqn} is allowed on {other} with different keys (or "
+                    "none), so this simulator cannot also give it other keys on "
+                    f"{nqn}; use the same keys, or a real spdk_tgt")
 
     def _write_host_keys(self, host_nqn: str, auth: HostAuth) -> None:
         """hosts/<nqn>/dhchap_*. Removing keys means a fresh host entry (the

@@ -7,12 +7,13 @@ change is forwarded to the ``DataPlane`` hooks.
 
 from __future__ import annotations
 
+import errno
 import re
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .dataplane import HostAuth, ListenerInfo, NamespaceInfo
+from .dataplane import DataPlaneLimit, HostAuth, ListenerInfo, NamespaceInfo
 from .state import ENODEV, RpcError, errno_error
 
 if TYPE_CHECKING:
@@ -149,6 +150,10 @@ def _bdev_path(bdev: Bdev) -> str | None:
     return getattr(bdev, "filename", None)
 
 
+DHCHAP_DIGESTS = ("sha256", "sha384", "sha512")
+DHCHAP_DHGROUPS = ("null", "ffdhe2048", "ffdhe3072", "ffdhe4096", "ffdhe6144", "ffdhe8192")
+
+
 class Nvmf:
     def __init__(self, state: SimState) -> None:
         self.state = state
@@ -156,6 +161,10 @@ class Nvmf:
         self.subsystems: list[Subsystem] = [Subsystem(DISCOVERY_NQN, subtype="Discovery",
                                                       allow_any_host=True)]
         self.max_subsystems = 1024   # spdk_tgt's default (nvmf_set_max_subsystems)
+        # nvmf_set_config's DH-HMAC-CHAP lists (start-up only in SPDK; the
+        # simulator's --dhchap-digests/--dhchap-dhgroups); SPDK's defaults: all
+        self.dhchap_digests = list(DHCHAP_DIGESTS)
+        self.dhchap_dhgroups = list(DHCHAP_DHGROUPS)
 
     # --- lookups -----------------------------------------------------
     def by_nqn(self) -> list[Subsystem]:
@@ -398,6 +407,7 @@ class Nvmf:
         if not nqn_is_valid(host_nqn) or any(h.nqn == host_nqn for h in sub.hosts):
             raise internal_error()
         dh, dhc, psk = self._keys(p)
+        self._check_dataplane(sub.nqn, host_nqn, Host(host_nqn, dh, dhc, psk).auth())
         keyring = self.state.keyring
         host = Host(host_nqn, *(keyring.acquire(k.name) if k else None for k in (dh, dhc, psk)))
         sub.hosts.insert(0, host)
@@ -406,6 +416,15 @@ class Nvmf:
             self.state.dataplane.host_auth_changed(sub.nqn, host_nqn, host.auth())
         self.state.dataplane.host_added(sub.nqn, host_nqn)
         return True
+
+    def _check_dataplane(self, nqn: str, host_nqn: str, auth: HostAuth) -> None:
+        """Before anything changes: a data plane that cannot mirror these keys
+        (kernel nvmet: one key pair per host NQN) refuses with EPERM and says
+        why, instead of the simulator diverging from what it enforces."""
+        try:
+            self.state.dataplane.check_host_auth(nqn, host_nqn, auth)
+        except DataPlaneLimit as err:
+            raise RpcError(-errno.EPERM, f"simulator data plane: {err}") from None
 
     def _drop_host(self, sub: Subsystem, host: Host) -> None:
         sub.hosts.remove(host)
@@ -427,6 +446,7 @@ class Nvmf:
         if host is None:
             raise invalid_params()
         dh, dhc, _ = self._keys({k: v for k, v in p.items() if k != "psk"})
+        self._check_dataplane(sub.nqn, host.nqn, Host(host.nqn, dh, dhc, host.psk).auth())
         keyring = self.state.keyring
         keyring.put(host.dhchap_key)
         keyring.put(host.dhchap_ctrlr_key)
@@ -441,9 +461,8 @@ class Nvmf:
             {"method": "nvmf_set_config", "params": {
                 "discovery_filter": "match_any",
                 "admin_cmd_passthru": {"identify_ctrlr": False, "vendor_specific": False},
-                "dhchap_digests": ["sha256", "sha384", "sha512"],
-                "dhchap_dhgroups": ["null", "ffdhe2048", "ffdhe3072", "ffdhe4096",
-                                    "ffdhe6144", "ffdhe8192"]}},
+                "dhchap_digests": list(self.dhchap_digests),
+                "dhchap_dhgroups": list(self.dhchap_dhgroups)}},
             {"method": "nvmf_set_max_subsystems", "params": {"max_subsystems": 1024}},
             {"method": "nvmf_set_crdt", "params": {"crdt1": 0, "crdt2": 0, "crdt3": 0}},
         ]

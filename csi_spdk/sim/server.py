@@ -264,6 +264,27 @@ def _make_dataplane(args: argparse.Namespace) -> DataPlane | None:
     return factory()
 
 
+def _dhchap_lists(state: SimState, args: argparse.Namespace) -> None:
+    """--dhchap-digests/--dhchap-dhgroups: spdk_tgt's start-up nvmf_set_config
+    lists; a kernel data plane offers the strongest of each, as SPDK picks
+    the strongest a (Linux) host offers."""
+    from .nvmf import DHCHAP_DHGROUPS, DHCHAP_DIGESTS
+    for flag, attr, known in (("digests", "dhchap_digests", DHCHAP_DIGESTS),
+                              ("dhgroups", "dhchap_dhgroups", DHCHAP_DHGROUPS)):
+        raw = getattr(args, f"dhchap_{flag}", "") or ""
+        if not raw:
+            continue
+        wanted = [v.strip() for v in raw.split(",") if v.strip()]
+        bad = [v for v in wanted if v not in known]
+        if bad or not wanted:
+            raise SystemExit(f"csi-spdk sim: --dhchap-{flag}: {', '.join(bad) or 'empty'} "
+                             f"(one or more of {', '.join(known)})")
+        setattr(state.nvmf, attr, [v for v in known if v in wanted])
+    negotiate = getattr(state.dataplane, "dhchap_negotiation", None)
+    if negotiate is not None and (args.dhchap_digests or args.dhchap_dhgroups):
+        negotiate(state.nvmf.dhchap_digests[-1], state.nvmf.dhchap_dhgroups[-1])
+
+
 def main(args: argparse.Namespace) -> int:
     """``csi-spdk sim``: serve until SIGTERM/SIGINT, then clean up and exit 0."""
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -272,6 +293,7 @@ def main(args: argparse.Namespace) -> int:
     server = SimServer(args.rpc_socket, args.data_dir or None, tcp=args.tcp or None,
                        dataplane=dataplane)
     server.state.nvmf.max_subsystems = args.max_subsystems
+    _dhchap_lists(server.state, args)
     done = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:

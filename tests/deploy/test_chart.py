@@ -373,7 +373,7 @@ def test_every_image_is_pinned():
 # (group, resource) -> verbs.
 # The driver itself (and external-attacher, which reads the controller-publish
 # secret): the per-volume key Secrets, in the release namespace only.
-DRIVER_RBAC_NS = {("", "secrets"): {"get", "list", "create", "delete"}}
+DRIVER_RBAC_NS = {("", "secrets"): {"get", "list", "create", "delete", "patch"}}
 
 SIDECAR_RBAC = {
     "provisioner": {

@@ -226,6 +226,23 @@ class MemorySecrets:
 
     def delete(self, lvol_uuid: str) -> None:
         self.data.pop(lvol_uuid, None)
+        self.next.pop(lvol_uuid, None)
+
+    # rotation (controller/rotate.py), as KubernetesSecrets keeps next.* keys
+    @property
+    def next(self) -> dict[str, VolumeKeys]:
+        return self.__dict__.setdefault("_next", {})
+
+    def pending(self, lvol_uuid: str) -> VolumeKeys | None:
+        return self.next.get(lvol_uuid)
+
+    def set_pending(self, lvol_uuid: str, keys: VolumeKeys) -> VolumeKeys:
+        return self.next.setdefault(lvol_uuid, keys)
+
+    def commit(self, lvol_uuid: str) -> None:
+        if lvol_uuid in self.next:
+            name = self.data[lvol_uuid][0]
+            self.data[lvol_uuid] = (name, self.next.pop(lvol_uuid))
 
 
 def _wipe_lvstore(raw: SpdkApi, lvs: str) -> None:

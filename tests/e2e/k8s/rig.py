@@ -60,6 +60,7 @@ HOST_TARGETS = {   # name -> (lvstore, size, zone, node)
 GUEST_TARGET = ("guest", "lvs-g", 2 * GiB, "guest", "k8s-guest-node")
 SC_IMMEDIATE, SC_WFFC, SC_GUEST, SC_BLOCK = ("csi-spdk-immediate", "csi-spdk-wffc",
                                              "csi-spdk-guest", "csi-spdk-thin")
+SC_RETAIN = "csi-spdk-retain"
 SNAPSHOT_CLASS = "csi-spdk"
 RIG_POD = "csi-spdk-controller-rig-0"
 # The chart objects the rig applies (not the workloads: no kubelet runs them).
@@ -126,13 +127,17 @@ def chart_values(targets: list[dict], guest: bool) -> dict:
         {**base, "name": SC_BLOCK, "volumeBindingMode": "Immediate",
          "allowedTopologies": host_zones,
          "parameters": {"thinProvision": "true", "clearMethod": "unmap"}},
+        # reclaimPolicy Retain: the volume (and its key Secret) outlive the PV
+        {**base, "name": SC_RETAIN, "reclaimPolicy": "Retain",
+         "volumeBindingMode": "Immediate", "allowedTopologies": host_zones,
+         "parameters": {"thinProvision": "true"}},
     ]
     if guest:
         scs.append({**base, "name": SC_GUEST, "volumeBindingMode": "Immediate",
-                    # auth none: the guest's SPDK reads key files in the guest, and
-                    # putting them there is the target agent's job (not here yet)
+                    # auth: dhchap, the default: the chart adds the templated
+                    # node-stage/controller-publish secret references
                     "parameters": {"target": GUEST_TARGET[0], "fsType": "ext4",
-                                   "thinProvision": "true", "auth": "none"}})
+                                   "thinProvision": "true"}})
     return {
         "controller": {"replicas": 1},
         "capacityTracking": {"enabled": True, "pollInterval": "5s"},
@@ -190,8 +195,11 @@ class Rig:
                                                            timeout=60)
             ssd = {k: v for k, v in self.guest_info.accessible_topology.segments.items()
                    if k.startswith(contract.TOPOLOGY_SSD_PREFIX)}
-            # the guest's kernel target listens and is dialled inside the guest
-            targets.append({"name": name, "agent": {"address": agents[name]},
+            # the guest's kernel target listens and is dialled inside the guest;
+            # its agent runs in the guest beside the simulator (guestnode.py),
+            # reached over mutual TLS, so the volume keys land on its host
+            targets.append({"name": name, "agent": {"address": self.guest.agent_address,
+                                                    "tls": self.guest.pki.client_tls()},
                             "nvmf": {"listenAddress": "127.0.0.1", "port": 4420},
                             "lvstores": [lvs], "node": node,
                             "topology": {ZONE_KEY: zone, **ssd}})
@@ -227,6 +235,8 @@ class Rig:
         """One agent per target on a Unix socket; returns target -> agent address."""
         agents = {}
         for name, rpc in rpcs.items():
+            if name == GUEST_TARGET[0]:
+                continue   # the guest's agent runs in the guest (guestnode.py)
             sock = self.dir / f"agent-{name}.sock"
             self.cp.start_proc(f"agent-{name}", [
                 *python_csi_spdk(), "agent", "--listen", f"unix://{sock}", "--spdk-rpc", rpc,

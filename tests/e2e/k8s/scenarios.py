@@ -10,6 +10,7 @@ it made; ``leftovers`` asserts nothing of the driver's is left in SPDK.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import re
@@ -512,8 +513,37 @@ class FakeKubelet:
     """kubelet's CSI calls against a node plugin's gRPC endpoint, with the
     arguments kubelet derives from the PV, the VolumeAttachment and the Pod."""
 
-    def __init__(self, node_stub) -> None:
+    def __init__(self, node_stub, kubectl: Kubectl | None = None) -> None:
+        """``kubectl``: how kubelet reads the node-stage Secret the PV names
+        (None: no secrets are passed)."""
         self.node = node_stub
+        self.kubectl = kubectl
+
+    def stage_secrets(self, pv: dict) -> dict[str, str]:
+        """What kubelet passes to NodeStageVolume: the data of the Secret named
+        by the PV's ``nodeStageSecretRef`` ({} without a reference). A
+        reference to a missing Secret fails, as it fails kubelet's MountDevice."""
+        ref = pv["spec"]["csi"].get("nodeStageSecretRef")
+        if not ref or self.kubectl is None:
+            return {}
+        secret = self.kubectl.get("secret", ref["name"], ref["namespace"])
+        if secret is None:
+            raise RigError(f"node-stage Secret {ref['namespace']}/{ref['name']} not found")
+        return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+    def stage(self, pv: dict, va: dict, secrets: dict[str, str] | None = None,
+              timeout: float = 120) -> str:
+        """NodeStageVolume as kubelet calls it; ``secrets`` overrides the
+        PV's Secret (the tests' wrong and missing keys). Returns the staging path."""
+        from csi_spdk.proto import csi_pb2 as csi
+        handle = pv["spec"]["csi"]["volumeHandle"]
+        staging = staging_path(handle)
+        self.node.NodeStageVolume(csi.NodeStageVolumeRequest(
+            volume_id=handle, publish_context=va["status"].get("attachmentMetadata", {}),
+            staging_target_path=staging, volume_capability=self.capability(pv),
+            volume_context=pv["spec"]["csi"].get("volumeAttributes", {}),
+            secrets=self.stage_secrets(pv) if secrets is None else secrets), timeout=timeout)
+        return staging
 
     @staticmethod
     def capability(pv: dict):
@@ -536,9 +566,7 @@ class FakeKubelet:
         pctx = va["status"].get("attachmentMetadata", {})
         vctx = pv["spec"]["csi"].get("volumeAttributes", {})
         cap = self.capability(pv)
-        self.node.NodeStageVolume(csi.NodeStageVolumeRequest(
-            volume_id=handle, publish_context=pctx, staging_target_path=staging,
-            volume_capability=cap, volume_context=vctx), timeout=120)
+        self.stage(pv, va)
         self.node.NodePublishVolume(csi.NodePublishVolumeRequest(
             volume_id=handle, publish_context=pctx, staging_target_path=staging,
             target_path=target, volume_capability=cap, volume_context=vctx), timeout=120)

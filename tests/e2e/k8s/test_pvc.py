@@ -12,13 +12,16 @@ needed for that); the test never creates a VolumeAttachment itself.
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
 from csi_spdk import contract
 
-from . import qos_scenarios, scenarios, scheduling
-from .cluster import Kubectl
-from .rig import GUEST_TARGET, SC_GUEST, SC_WFFC
+from . import auth_scenarios, qos_scenarios, scenarios, scheduling
+from .cluster import NAMESPACE, Kubectl, python_csi_spdk, python_env
+from .rig import GUEST_TARGET, HOST_TARGETS, SC_GUEST, SC_RETAIN, SC_WFFC
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -61,7 +64,49 @@ def test_expand_with_node_expansion_in_guest(env, rig):
     if rig.guest is None:
         pytest.skip("no QEMU guest (scripts/install-guest-deps.sh, or CSI_SPDK_K8S_GUEST=0)")
     scenarios.expand(env, SC_GUEST, GUEST_TARGET[4],
-                     scenarios.FakeKubelet(rig.node_stub()))
+                     scenarios.FakeKubelet(rig.node_stub(), rig.kubectl))
+
+
+def test_guest_dhchap_node_stage_secret_from_api_server(env, rig):
+    """The guest class is auth: dhchap (the default): the test, as kubelet,
+    stages with the Secret the PV names, read from the API server; the guest
+    kernel refuses no key and other keys."""
+    if rig.guest is None:
+        pytest.skip("no QEMU guest (scripts/install-guest-deps.sh, or CSI_SPDK_K8S_GUEST=0)")
+    auth_scenarios.guest_stage_with_secret(
+        env, SC_GUEST, GUEST_TARGET[4], scenarios.FakeKubelet(rig.node_stub(), rig.kubectl),
+        GUEST_TARGET[0])
+
+
+def test_rotate_keys_command_keeps_the_guest_connection(env, rig):
+    """csi-spdk rotate-keys as an operator runs it (the controller's config and
+    ServiceAccount), re-keying the guest node's live connection."""
+    if rig.guest is None:
+        pytest.skip("no QEMU guest (scripts/install-guest-deps.sh, or CSI_SPDK_K8S_GUEST=0)")
+
+    def run_cli(args):
+        env_vars = {**os.environ, **python_env(), "KUBECONFIG": str(rig.sa_kubeconfig),
+                    "POD_NAMESPACE": NAMESPACE}
+        return subprocess.run([*python_csi_spdk(), *args, "--config",
+                               str(rig.dir / "config.yaml")], env=env_vars,
+                              capture_output=True, text=True, timeout=300)
+    auth_scenarios.rotate_keys_command(
+        env, SC_GUEST, GUEST_TARGET[4], scenarios.FakeKubelet(rig.node_stub(), rig.kubectl),
+        GUEST_TARGET[0], run_cli, rig.guest.node_endpoint)
+
+
+def test_secret_rbac_own_namespace_only(env, rig):
+    auth_scenarios.rbac_limits_secrets(env, Kubectl(rig.kubectl.binary, rig.sa_kubeconfig))
+
+
+def test_retain_keeps_volume_and_secret(env, rig):
+    auth_scenarios.retain_keeps_secret(env, SC_RETAIN, rig.controller_stub(),
+                                       HOST_TARGETS["target-a"][3])
+
+
+def test_secret_deleted_by_hand(env, rig):
+    auth_scenarios.secret_deleted_by_hand(env, env.sc_immediate, rig.controller_stub(),
+                                          HOST_TARGETS["target-a"][3])
 
 
 def test_bad_storageclass_parameter(env):
