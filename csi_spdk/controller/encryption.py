@@ -274,8 +274,13 @@ class VolumeEncryption:
         secret), else the store's; FAILED_PRECONDITION naming where it should be."""
         key = VolumeKey.from_secrets(dict(secrets), "the controller-publish secret") \
             if secrets else None
-        if key is None and self.store is not None:
-            key = self.store.get(uuid)
+        kept = self.store.get(uuid) if self.store is not None else None
+        if key is not None and kept is not None and key.material != kept.material:
+            raise FailedPrecondition(
+                f"the controller-publish secret's {contract.SECRET_ENCRYPTION_KEY!r} is not "
+                f"the key of volume {uuid} kept in {self.store.where(uuid, name)}; refusing "
+                "to open the volume with another key (its data would read as garbage)")
+        key = key or kept
         if key is None:
             where = self.store.where(uuid, name) if self.store is not None else \
                 "the controller-publish secret"

@@ -252,6 +252,16 @@ def test_missing_or_wrong_key_is_failed_precondition_naming_where(env):
     # the controller-publish secret can carry it instead
     _publish(env, vol, secrets=key.secrets())
     assert env.t0.raw.bdev_get(contract.crypto_bdev_name(uuid)) is not None
+    _unpublish(env, vol)
+    # a key that is not the one kept for the volume is refused before SPDK sees it
+    env.servicer.encryption.store.put(uuid, "v-miss", key)
+    wrong = _pub_req(vol)
+    wrong.secrets.update(VolumeKey.generate("target").secrets())
+    msg = expect_code(C.FAILED_PRECONDITION, env.servicer, "ControllerPublishVolume", wrong)
+    assert "not the key of volume" in msg and path in msg
+    assert env.t0.raw.bdev_get(contract.crypto_bdev_name(uuid)) is None and _sim_keys(env) == []
+    os.unlink(path)
+    _publish(env, vol, secrets=key.secrets())
     # another key while it is open: refused, naming no key
     other = VolumeKey.generate("target")
     req = _pub_req(vol, node="node-b")
