@@ -557,8 +557,10 @@ class FakeKubelet:
             fs_type=pv["spec"]["csi"].get("fsType", ""),
             mount_flags=pv["spec"].get("mountOptions", [])), access_mode=access)
 
-    def mount(self, pv: dict, va: dict, pod: dict) -> tuple[str, str]:
-        """NodeStageVolume + NodePublishVolume; returns (staging, target)."""
+    def mount(self, pv: dict, va: dict, pod: dict, secrets: dict[str, str] | None = None
+              ) -> tuple[str, str]:
+        """NodeStageVolume + NodePublishVolume; returns (staging, target).
+        ``secrets``: the data of the PV's nodeStageSecretRef Secret."""
         from csi_spdk.proto import csi_pb2 as csi
         handle = pv["spec"]["csi"]["volumeHandle"]
         staging = staging_path(handle)
@@ -566,7 +568,13 @@ class FakeKubelet:
         pctx = va["status"].get("attachmentMetadata", {})
         vctx = pv["spec"]["csi"].get("volumeAttributes", {})
         cap = self.capability(pv)
+<<<<<<< HEAD
         self.stage(pv, va)
+=======
+        self.node.NodeStageVolume(csi.NodeStageVolumeRequest(
+            volume_id=handle, publish_context=pctx, staging_target_path=staging,
+            volume_capability=cap, volume_context=vctx, secrets=secrets or {}), timeout=120)
+>>>>>>> e151972 (guest test of every encryption mode (tests/e2e/test_guest_encryption.py, one boot), k8s rig scenario (an encrypted PVC's key in the PV's Secret, deleted with the PVC), benchmarks/encryption.py, chart: an encrypted StorageClass names the volume's Secret even with auth: none; docs)
         self.node.NodePublishVolume(csi.NodePublishVolumeRequest(
             volume_id=handle, publish_context=pctx, staging_target_path=staging,
             target_path=target, volume_capability=cap, volume_context=vctx), timeout=120)
