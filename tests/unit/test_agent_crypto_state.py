@@ -90,3 +90,63 @@ def test_crypto_record_holds_no_material_and_replay_restacks(short_tmp: Path) ->
             assert again["failed"] == [] and "crypto_bdevs" not in again["created"]
     finally:
         sim.stop()
+
+
+def _denied(fn, *args) -> str:
+    import grpc
+    import pytest
+
+    from csi_spdk.errors import CsiError
+    with pytest.raises(CsiError) as err:
+        fn(*args)
+    assert err.value.code == grpc.StatusCode.PERMISSION_DENIED, err.value
+    return err.value.message
+
+
+def test_agent_forwards_only_the_drivers_crypto_calls(agent_env) -> None:
+    """Driver names only, each crypto bdev on its own lvol with its own key, no
+    inline key on bdev_crypto_create, no accel_crypto_keys_get (it lists
+    material); what it refused is checked on SPDK itself."""
+    key = VolumeKey.generate("target")
+    lvol = agent_env.raw.lvol_create(agent_env.lvs, "csi-agentcrypt", 4 * MiB, thin=True)
+    other = agent_env.raw.lvol_create(agent_env.lvs, "csi-agentother", 4 * MiB, thin=True)
+    foreign = agent_env.raw.lvol_create(agent_env.lvs, "precious", 4 * MiB, thin=True)
+    kname = contract.crypto_key_name(lvol, key.material)
+    create = {"cipher": "AES_XTS", "key": key.key, "key2": key.key2}
+    api = agent_env.api
+    try:
+        _denied(api.call, "accel_crypto_key_create", {**create, "name": "mykey"})
+        _denied(api.call, "accel_crypto_key_create", {**create, "name": kname,
+                                                      "cipher": "AES_CBC"})
+        _denied(api.call, "accel_crypto_keys_get", {})
+        assert agent_env.raw.call("accel_crypto_keys_get", {}) == []
+        api.call("accel_crypto_key_create", {**create, "name": kname})
+        # another lvol, a foreign lvol, another volume's key, an inline key
+        _denied(api.call, "bdev_crypto_create", {"base_bdev_name": other, "name":
+                                                 contract.crypto_bdev_name(lvol),
+                                                 "key_name": kname})
+        _denied(api.call, "bdev_crypto_create", {"base_bdev_name": foreign, "name":
+                                                 contract.crypto_bdev_name(foreign),
+                                                 "key_name": kname})
+        _denied(api.call, "bdev_crypto_create", {"base_bdev_name": other, "name":
+                                                 contract.crypto_bdev_name(other),
+                                                 "key_name": kname})
+        _denied(api.call, "bdev_crypto_create", {"base_bdev_name": lvol, "name":
+                                                 contract.crypto_bdev_name(lvol),
+                                                 "key_name": kname, "key": key.key})
+        for base in (lvol, other, foreign):
+            assert agent_env.raw.bdev_get(base)["claimed"] is False
+        name = contract.crypto_bdev_name(lvol)
+        api.call("bdev_crypto_create", {"base_bdev_name": lvol, "name": name,
+                                        "key_name": kname})
+        # exported only in its own volume's subsystem
+        _denied(api.call, "nvmf_subsystem_add_ns", {
+            "nqn": contract.subsystem_nqn(other), "namespace": {"bdev_name": name}})
+        _denied(api.call, "bdev_crypto_delete", {"name": "crypt0"})
+        _denied(api.call, "accel_crypto_key_destroy", {"key_name": "k0"})
+        api.call("bdev_crypto_delete", {"name": name})
+        api.call("accel_crypto_key_destroy", {"key_name": kname})
+        assert agent_env.raw.call("accel_crypto_keys_get", {}) == []
+    finally:
+        for lv in (lvol, other, foreign):
+            agent_env.raw.lvol_delete(lv)
