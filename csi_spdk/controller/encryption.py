@@ -158,7 +158,16 @@ class SecretKeyStore:
         self.api, self.namespace = self._k8s.api, self._k8s.namespace
 
     def where(self, uuid: str, name: str = "") -> str:
-        return f"Secret {self.namespace}/{secret_name(name) if name else '(volume ' + uuid + ')'}"
+        if name:
+            return f"Secret {self.namespace}/{secret_name(name)}"
+        try:
+            found = [x.metadata.name for x in self._found(uuid)]
+        except Unavailable:
+            found = []
+        if found:
+            return f"Secret {self.namespace}/{found[0]}"
+        return (f"the Secret labelled {LABEL_VOLUME}={uuid} in namespace {self.namespace} "
+                "(there is none)")
 
     def _found(self, uuid: str) -> list:
         return self._k8s._find(uuid)
