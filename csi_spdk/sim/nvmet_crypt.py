@@ -65,7 +65,10 @@ class CryptMappings:
         loop = _run(["losetup", "--find", "--show", ns.path])
         name = self.name(ns.nqn, ns.nsid)
         try:
-            _run(["cryptsetup", "open", "--type", "plain", "--cipher", "aes-xts-plain64",
+            # --hash plain: cryptsetup hashes a plain-mode key read from stdin
+            # like a typed passphrase; the material must be the XTS key itself
+            _run(["cryptsetup", "open", "--type", "plain", "--hash", "plain",
+                  "--cipher", "aes-xts-plain64",
                   "--key-size", str(len(material) * 8), "--sector-size", "512",
                   "--key-file", "-", "--keyfile-size", str(len(material)), loop, name],
                  material)

@@ -293,6 +293,7 @@ def _xts(key: bytes, data: bytes, tweak) -> bytes:
     return out
 
 
+@pytest.mark.timeout(1500)
 def test_guest_encryption_modes(guest):
     user_key = secrets.token_hex(32) + secrets.token_hex(32)
     data = pattern()
