@@ -568,13 +568,7 @@ class FakeKubelet:
         pctx = va["status"].get("attachmentMetadata", {})
         vctx = pv["spec"]["csi"].get("volumeAttributes", {})
         cap = self.capability(pv)
-<<<<<<< HEAD
-        self.stage(pv, va)
-=======
-        self.node.NodeStageVolume(csi.NodeStageVolumeRequest(
-            volume_id=handle, publish_context=pctx, staging_target_path=staging,
-            volume_capability=cap, volume_context=vctx, secrets=secrets or {}), timeout=120)
->>>>>>> e151972 (guest test of every encryption mode (tests/e2e/test_guest_encryption.py, one boot), k8s rig scenario (an encrypted PVC's key in the PV's Secret, deleted with the PVC), benchmarks/encryption.py, chart: an encrypted StorageClass names the volume's Secret even with auth: none; docs)
+        self.stage(pv, va, secrets)
         self.node.NodePublishVolume(csi.NodePublishVolumeRequest(
             volume_id=handle, publish_context=pctx, staging_target_path=staging,
             target_path=target, volume_capability=cap, volume_context=vctx), timeout=120)

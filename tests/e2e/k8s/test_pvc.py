@@ -19,15 +19,9 @@ import pytest
 
 from csi_spdk import contract
 
-<<<<<<< HEAD
-from . import auth_scenarios, qos_scenarios, scenarios, scheduling
+from . import auth_scenarios, encryption_scenarios, qos_scenarios, scenarios, scheduling
 from .cluster import NAMESPACE, Kubectl, python_csi_spdk, python_env
 from .rig import GUEST_TARGET, HOST_TARGETS, SC_GUEST, SC_RETAIN, SC_WFFC
-=======
-from . import encryption_scenarios, qos_scenarios, scenarios, scheduling
-from .cluster import Kubectl
-from .rig import GUEST_TARGET, SC_GUEST, SC_WFFC
->>>>>>> e151972 (guest test of every encryption mode (tests/e2e/test_guest_encryption.py, one boot), k8s rig scenario (an encrypted PVC's key in the PV's Secret, deleted with the PVC), benchmarks/encryption.py, chart: an encrypted StorageClass names the volume's Secret even with auth: none; docs)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -168,4 +162,5 @@ def test_encrypted_pvc_staged_in_guest_with_the_pvs_secret(env, rig, mode):
     if rig.guest is None:
         pytest.skip("no QEMU guest (scripts/install-guest-deps.sh, or CSI_SPDK_K8S_GUEST=0)")
     encryption_scenarios.encrypted_pvc(env, SC_GUEST, mode,
-                                       scenarios.FakeKubelet(rig.node_stub()), GUEST_TARGET[4])
+                                       scenarios.FakeKubelet(rig.node_stub(), env.kubectl),
+                                       GUEST_TARGET[4])
