@@ -33,6 +33,7 @@ LABEL org.opencontainers.image.title="csi-spdk" \
 #   xfsprogs     mkfs.xfs, xfs_growfs
 #   util-linux   blkid; mount provides mount/umount
 #   libudev1     for pyudev (block device discovery)
+#   cryptsetup-bin  cryptsetup: LUKS2 of encryption: node volumes (node)
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
@@ -42,6 +43,7 @@ RUN apt-get update \
       util-linux=2.38.1-5+deb12u3 \
       mount=2.38.1-5+deb12u3 \
       libudev1=252.39-1~deb12u2 \
+      cryptsetup-bin=2:2.6.1-4~deb12u2 \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 

@@ -254,6 +254,37 @@ SECRET_DHCHAP_CTRL_KEY = "dhchapCtrlKey"  # DHHC-1:... the controller's (bidirec
 SECRET_TLS_PSK = "tlsPsk"                # NVMeTLSkey-1:... configured PSK
 SECRET_KEYS = (SECRET_DHCHAP_KEY, SECRET_DHCHAP_CTRL_KEY, SECRET_TLS_PSK)
 
+# Encryption at rest (StorageClass parameter ``encryption``, issue #16):
+# ``node`` = LUKS2 on the node between the namespace and the filesystem/block
+# device; ``target`` = SPDK's AES-XTS crypto bdev stacked on the lvol and
+# exported instead of it. One key per volume, 64 random bytes as 128 hex
+# digits (AES-XTS-256: key = first half, key2 = second half; for LUKS2 the
+# text is the passphrase), in the volume's Secret under SECRET_ENCRYPTION_KEY
+# (never in a context). The Secret also says the volume's mode.
+ENCRYPTION_NONE, ENCRYPTION_NODE, ENCRYPTION_TARGET = "none", "node", "target"
+ENCRYPTION_MODES = (ENCRYPTION_NONE, ENCRYPTION_NODE, ENCRYPTION_TARGET)
+SECRET_ENCRYPTION_KEY = "encryptionKey"
+SECRET_ENCRYPTION_MODE = "encryptionMode"
+ENCRYPTION_KEY_HEX = 128
+# SPDK objects of target mode: the crypto bdev "csie-<lvol uuid>" and its
+# accel key "csie-<lvol uuid>-<8 hex of the key's SHA-256>".
+CRYPTO_PREFIX = "csie-"
+
+
+def crypto_bdev_name(lvol_uuid: str) -> str:
+    return CRYPTO_PREFIX + lvol_uuid
+
+
+def crypto_key_name(lvol_uuid: str, material: str) -> str:
+    return f"{CRYPTO_PREFIX}{lvol_uuid}-{hashlib.sha256(material.encode()).hexdigest()[:8]}"
+
+
+def lvol_of_crypto_bdev(name: str) -> str | None:
+    """The lvol uuid a crypto bdev or key name is for, else None."""
+    rest = name[len(CRYPTO_PREFIX):len(CRYPTO_PREFIX) + 36]
+    return rest if name.startswith(CRYPTO_PREFIX) and _UUID.match(rest) else None
+
+
 # volume_context keys (CreateVolume -> everything after it).
 VC_TARGET = "target"
 VC_LVSTORE = "lvstore"
@@ -261,6 +292,7 @@ VC_LVOL_UUID = "lvolUuid"
 VC_THIN = "thinProvision"
 VC_AUTH = "auth"            # StorageClass auth: dhchap / tls / none
 VC_FS_TYPE = "fsType"       # StorageClass fsType; used when the capability names none
+VC_ENCRYPTION = "encryption"   # none / node / target (absent: none)
 # The rate limits SPDK enforces on the volume (bdev_get_bdevs
 # assigned_rate_limits, read when the answer is built: CreateVolume,
 # ControllerGetVolume, ListVolumes), by SPDK key; present only when that limit

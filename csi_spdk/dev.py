@@ -281,6 +281,8 @@ def _run_locked(args: argparse.Namespace, sock_dir: Path) -> int:
             # no Kubernetes to keep per-volume Secrets: one generated key pair
             # for every volume, also written for csi-sanity's --csi.secrets
             "auth": {"staticSecretsFile": str(static_keys), "keyDir": str(work / "keys")},
+            # encryption at rest: per-volume key files (no Kubernetes Secrets here)
+            "encryption": {"keyDir": str(work / "volume-keys")},
         }
         config_path = work / "controller.json"
         config_path.write_text(json.dumps(config, indent=2))

@@ -21,6 +21,7 @@ does not exist the call is forwarded anyway: SPDK then answers with its own
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -158,17 +159,58 @@ class Checks:
         ns = p.get("namespace")
         if not isinstance(ns, dict):
             raise InvalidArgument(f"{m}: parameter 'namespace' must be an object")
-        bdev = self.driver_lvol(m, _str(m, ns, "bdev_name"))
+        name = _str(m, ns, "bdev_name")
+        if name.startswith(contract.CRYPTO_PREFIX):   # a volume's crypto bdev
+            if not _CRYPTO_BDEV.match(name) or \
+                    nqn != contract.subsystem_nqn(contract.lvol_of_crypto_bdev(name) or ""):
+                raise Refused(m, "wrong_subsystem", f"crypto bdev {name!r} may only be "
+                              "exported in its volume's own subsystem")
+            return
+        bdev = self.driver_lvol(m, name)
         if bdev is not None and nqn != contract.subsystem_nqn(bdev.get("uuid") or ""):
             raise Refused(m, "wrong_subsystem",
                           f"lvol {bdev.get('uuid')!r} may only be exported in its own "
                           f"subsystem {contract.subsystem_nqn(bdev.get('uuid') or '')!r}")
+
+    # --- target-mode encryption (controller/crypto.py) ------------------------------
+    @staticmethod
+    def _crypto_name(m: str, name: str, pattern: re.Pattern[str], what: str) -> None:
+        if not pattern.match(name):
+            raise Refused(m, "foreign_crypto", f"{what} {name[:80]!r} is not a csi-spdk "
+                          f"one ({contract.CRYPTO_PREFIX}<lvol uuid>...)")
+
+    def accel_crypto_key_create(self, m: str, p: dict) -> None:
+        self._crypto_name(m, _str(m, p, "name"), _CRYPTO_KEY, "accel crypto key")
+        if p.get("cipher") != "AES_XTS" or p.get("tweak_mode", "SIMPLE_LBA") != "SIMPLE_LBA":
+            raise Refused(m, "cipher", "csi-spdk uses AES_XTS with SIMPLE_LBA only")
+
+    def accel_crypto_key_destroy(self, m: str, p: dict) -> None:
+        self._crypto_name(m, _str(m, p, "key_name"), _CRYPTO_KEY, "accel crypto key")
+
+    def bdev_crypto_create(self, m: str, p: dict) -> None:
+        name = _str(m, p, "name")
+        self._crypto_name(m, name, _CRYPTO_BDEV, "crypto bdev")
+        self._crypto_name(m, _str(m, p, "key_name"), _CRYPTO_KEY, "accel crypto key")
+        base = _str(m, p, "base_bdev_name")
+        if contract.crypto_bdev_name(base) != name or \
+                not p["key_name"].startswith(name + "-"):
+            raise Refused(m, "wrong_base", f"crypto bdev {name!r} may only be stacked on "
+                          "its own lvol with its own key")
+        if set(p) - {"name", "base_bdev_name", "key_name"}:
+            raise Refused(m, "inline_key", "keys go through accel_crypto_key_create")
+        self.driver_lvol(m, base)
+
+    def bdev_crypto_delete(self, m: str, p: dict) -> None:
+        self._crypto_name(m, _str(m, p, "name"), _CRYPTO_BDEV, "crypto bdev")
 
     def nvmf_subsystem(self, m: str, p: dict) -> None:
         """Calls on an existing subsystem: it must be the driver's."""
         self.nqn(m, p)
 
 
+_UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_CRYPTO_BDEV = re.compile(rf"^{re.escape(contract.CRYPTO_PREFIX)}{_UUID_RE}$")
+_CRYPTO_KEY = re.compile(rf"^{re.escape(contract.CRYPTO_PREFIX)}{_UUID_RE}-[0-9a-f]{{8}}$")
 _NQN_ONLY = ("nvmf_delete_subsystem", "nvmf_subsystem_add_listener",
              "nvmf_subsystem_remove_listener", "nvmf_subsystem_add_host",
              "nvmf_subsystem_remove_host", "nvmf_subsystem_remove_ns",
@@ -177,7 +219,9 @@ _NQN_ONLY = ("nvmf_delete_subsystem", "nvmf_subsystem_add_listener",
 _OWN = ("bdev_lvol_create", "bdev_lvol_delete", "bdev_lvol_resize", "bdev_lvol_inflate",
         "bdev_set_qos_limit",
         "bdev_lvol_rename", "bdev_lvol_snapshot", "bdev_lvol_clone", "nvmf_create_transport",
-        "nvmf_create_subsystem", "nvmf_subsystem_add_ns")
+        "nvmf_create_subsystem", "nvmf_subsystem_add_ns",
+        "accel_crypto_key_create", "accel_crypto_key_destroy", "bdev_crypto_create",
+        "bdev_crypto_delete")
 CHECKED = frozenset(_OWN + _NQN_ONLY)
 ALLOWED = READS | CHECKED
 # What changes spdk_tgt's state: the calls the desired-state store hears about.

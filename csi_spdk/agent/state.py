@@ -25,6 +25,7 @@ from typing import Any
 from .. import atomicfile
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkError, SpdkExists
+from . import crypto_state
 
 log = logging.getLogger("csi_spdk.agent.state")
 
@@ -38,7 +39,7 @@ RECORDED = frozenset({
     "nvmf_subsystem_allow_any_host",
     "keyring_file_add_key", "keyring_file_remove_key",
     "bdev_set_qos_limit", "bdev_lvol_delete",
-})
+}) | crypto_state.METHODS
 
 
 class StateError(Exception):
@@ -106,7 +107,10 @@ class DesiredState:
         p = dict(params or {})
         with self._lock:
             before = copy.deepcopy(self._data)
-            getattr(self, "_on_" + method)(p, result)
+            if method in crypto_state.METHODS:   # key material to a 0600 file, not here
+                crypto_state.record(self._data, self.path, method, p)
+            else:
+                getattr(self, "_on_" + method)(p, result)
             if self._data == before:
                 return False
             atomicfile.write_json(self.path, self._data, 0o600)
@@ -214,6 +218,7 @@ class DesiredState:
 
     def _on_bdev_lvol_delete(self, p: dict[str, Any], _r: Any) -> None:
         self._data["qos"].pop(p["name"], None)
+        crypto_state.forget_base(self._data, p["name"])
 
     # --- replay ------------------------------------------------------------------
     def replay(self, api: SpdkApi) -> dict[str, Any]:
@@ -250,6 +255,7 @@ class _Replay:
 
     def run(self) -> dict[str, Any]:
         self._keys()
+        crypto_state.replay(self.api, self.data, self.created, self.failed)
         self._transports()
         existing = {s["nqn"]: s for s in self.api.subsystems()}
         for nqn, sub in self.data["subsystems"].items():

@@ -119,6 +119,14 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class EncryptionConfig:
+    """``encryption:`` of the config file (controller/encryption.py)."""
+
+    # dev/tests: per-volume key files here instead of Kubernetes Secrets
+    key_dir: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     targets: tuple[TargetConfig, ...]
     thin_overcommit_ratio: float = DEFAULT_OVERCOMMIT
@@ -128,6 +136,7 @@ class Config:
     # so that publishing to a node that does not exist is NOT_FOUND.
     nodes: frozenset[str] | None = None
     auth: AuthConfig = field(default_factory=lambda: AuthConfig())
+    encryption: EncryptionConfig = field(default_factory=lambda: EncryptionConfig())
 
     def target(self, name: str) -> TargetConfig | None:
         for t in self.targets:
@@ -140,7 +149,8 @@ class Config:
         return [t.name for t in self.targets]
 
 
-_TOP_KEYS = {"targets", "thinOvercommitRatio", "defaultVolumeSize", "nodes", "auth"}
+_TOP_KEYS = {"targets", "thinOvercommitRatio", "defaultVolumeSize", "nodes", "auth",
+             "encryption"}
 _AUTH_KEYS = {"keyDir", "secretNamespace", "staticSecretsFile", "defaultMode"}
 _TARGET_KEYS = {"name", "rpc", "agent", "rpcTimeout", "nvmf", "lvstores", "node", "topology"}
 _NVMF_KEYS = {"listenAddress", "port", "dialAddress", "tlsPort"}
@@ -325,7 +335,18 @@ def _parse(data: Any) -> Config:
     return Config(targets=targets, thin_overcommit_ratio=ratio,
                   default_volume_size=int(default_size),
                   nodes=frozenset(nodes) if nodes is not None else None,
-                  auth=_auth(data.get("auth") or {}))
+                  auth=_auth(data.get("auth") or {}),
+                  encryption=_encryption(data.get("encryption") or {}))
+
+
+def _encryption(raw: Any) -> EncryptionConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("encryption: must be a mapping")
+    _unknown("encryption", raw, {"keyDir"})
+    key_dir = raw.get("keyDir", "")
+    if not isinstance(key_dir, str) or (key_dir and not key_dir.startswith("/")):
+        raise ConfigError(f"encryption.keyDir: must be an absolute path, got {key_dir!r}")
+    return EncryptionConfig(key_dir=key_dir)
 
 
 def _auth(raw: Any) -> AuthConfig:

@@ -124,7 +124,8 @@ class NvmfExporter:
 
     def export(self, lvol_uuid: str, host_nqn: str, sub: dict | None | object = ...,
                model: str = contract.MODEL_NUMBER,
-               keys: dict[str, str] | None = None) -> dict[str, str]:
+               keys: dict[str, str] | None = None,
+               bdev: str | None = None) -> dict[str, str]:
         """Make the volume reachable by ``host_nqn``; return the publish_context.
 
         ``sub`` is the subsystem as the caller just read it (None: missing),
@@ -132,7 +133,8 @@ class NvmfExporter:
         number a new subsystem gets (``contract.model_number``). ``keys``:
         keyring key NAMES for the host entry (``dhchap_key``,
         ``dhchap_ctrlr_key``); an entry with other names gets these
-        (``nvmf_subsystem_set_keys``)."""
+        (``nvmf_subsystem_set_keys``). ``bdev``: the bdev to export under the
+        lvol's uuid instead of the lvol (target-mode encryption: controller/crypto.py)."""
         nqn = contract.subsystem_nqn(lvol_uuid)
         try:
             self.ensure_transport()
@@ -154,7 +156,7 @@ class NvmfExporter:
                 sub = {"namespaces": [], "listen_addresses": [], "hosts": []}
             if not self._has_namespace(sub, lvol_uuid):
                 self._step(nqn, lambda s: self._has_namespace(s, lvol_uuid),
-                           lambda: self.api.ns_add(nqn, lvol_uuid, uuid=lvol_uuid))
+                           lambda: self.api.ns_add(nqn, bdev or lvol_uuid, uuid=lvol_uuid))
             keys = keys or {}
             tls = "psk" in keys
             if not self._has_listener(sub, tls):

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from .. import contract
 from ..errors import CsiError, NotFound
 from .config import Config, load
+from .encryption import FileKeyStore
 from .kube import KubeView
 from .kube import load as load_kube
 from .target import Lvol, Target, volumes_below
@@ -42,6 +43,9 @@ class VolumeRow:
     listeners: list[str] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)     # host NQNs in the allow-list
     nodes: list[str] = field(default_factory=list)     # the same as node names, where known
+    # none / node / target: the PV's volumeAttributes, else the dev key store;
+    # "target" also when its crypto bdev is stacked; "-" when nothing can tell
+    encryption: str = ""
 
 
 @dataclass
@@ -119,6 +123,8 @@ def _scan_target(target: Target, inv: Inventory, host_names: dict[str, str]) -> 
         if lv is not None and lv.lvs_uuid in clusters:
             lvols.append((lv, bdev))
     by_name = {lv.name: lv for lv, _ in lvols}
+    stacked = {contract.lvol_of_crypto_bdev(b.get("name", "")) for b in bdevs
+               if b.get("product_name") == "crypto"}
     marked = {lv.name[len(contract.DELETED_MARK_PREFIX):] for lv, _ in lvols
               if lv.name.startswith(contract.DELETED_MARK_PREFIX)}
     for lv, bdev in lvols:
@@ -140,6 +146,8 @@ def _scan_target(target: Target, inv: Inventory, host_names: dict[str, str]) -> 
                 if contract.is_snapshot_lvol(parent.name) else parent.alias
         vol = VolumeRow(id=oid, target=cfg.name, lvol=lv.alias, size=lv.size,
                         allocated=allocated, thin=lv.thin, source=source, qos=_qos(bdev))
+        if lv.uuid in stacked:
+            vol.encryption = contract.ENCRYPTION_TARGET
         sub = subsystems.get(contract.subsystem_nqn(lv.uuid))
         if sub is not None:
             row.exports += 1
@@ -164,12 +172,26 @@ def collect(config: Config, kube: KubeView, nodes: list[str] = ()) -> Inventory:
             _scan_target(target, inv, host_names)
         finally:
             target.api.client.close()
+    keys = FileKeyStore(config.encryption.key_dir) if config.encryption.key_dir else None
     for vol in inv.volumes:
         vol.pv = kube.pvs.get(vol.id, "")
         vol.pvc = kube.claims.get(vol.pv, "")
+        vol.encryption = kube.encryption.get(vol.id) or _kept_mode(keys, vol.id) or \
+            vol.encryption or "-"
     inv.volumes.sort(key=lambda v: v.id)
     inv.snapshots.sort(key=lambda s: s.id)
     return inv
+
+
+def _kept_mode(keys: FileKeyStore | None, volume_id: str) -> str:
+    """The mode the dev key store holds for the volume ("none" without a key)."""
+    if keys is None:
+        return ""
+    try:
+        key = keys.get(contract.parse_id(volume_id).lvol_uuid)
+    except CsiError:
+        return ""
+    return key.mode if key is not None else contract.ENCRYPTION_NONE
 
 
 # --- output ------------------------------------------------------------------------------
@@ -196,15 +218,15 @@ def _csv(items: list[str]) -> str:
 def volume_table(vols: list[VolumeRow], wide: bool) -> str:
     header = ["VOLUME", "PVC", "SIZE", "ALLOCATED", "TYPE", "NODES"]
     if wide:
-        header += ["PV", "TARGET", "LVOL", "SOURCE", "QOS", "NQN", "LISTENERS"]
+        header += ["PV", "TARGET", "LVOL", "SOURCE", "QOS", "ENCRYPTION", "NQN", "LISTENERS"]
     rows = []
     for v in vols:
         r = [v.id, v.pvc or "-", size(v.size), size(v.allocated), "thin" if v.thin else "thick",
              _csv(v.nodes)]
         if wide:
             r += [v.pv or "-", v.target, v.lvol, v.source or "-",
-                  _csv([f"{k}={n}" for k, n in sorted(v.qos.items())]), v.nqn or "-",
-                  _csv(v.listeners)]
+                  _csv([f"{k}={n}" for k, n in sorted(v.qos.items())]), v.encryption or "-",
+                  v.nqn or "-", _csv(v.listeners)]
         rows.append(r)
     return table(rows, header)
 
@@ -246,6 +268,7 @@ def describe(v: VolumeRow) -> str:
               ("Allocated", f"{size(v.allocated)} ({v.allocated})"),
               ("Type", "thin" if v.thin else "thick"), ("Source", v.source or "-"),
               ("QoS", _csv([f"{k}={n}" for k, n in sorted(v.qos.items())])),
+              ("Encryption", v.encryption or "-"),
               ("NQN", v.nqn or "- (not exported)"), ("Listeners", _csv(v.listeners)),
               ("Hosts", _csv(v.hosts)), ("Nodes", _csv(v.nodes))]
     width = max(len(k) for k, _ in fields) + 1

@@ -27,6 +27,7 @@ class KubeView:
     """PV names by (driver, volume handle), claims by PV, node names."""
 
     pvs: dict[str, str] = field(default_factory=dict)      # volume handle -> PV name
+    encryption: dict[str, str] = field(default_factory=dict)  # handle -> PV's encryption
     claims: dict[str, str] = field(default_factory=dict)   # PV name -> "namespace/name"
     nodes: list[str] = field(default_factory=list)
     source: str = ""                                       # "in-cluster", "kubectl", ""
@@ -83,6 +84,8 @@ def load(driver_name: str, mode: str = "auto") -> KubeView:
             continue
         name = pv["metadata"]["name"]
         view.pvs[csi["volumeHandle"]] = name
+        view.encryption[csi["volumeHandle"]] = \
+            (csi.get("volumeAttributes") or {}).get("encryption") or "none"
         ref = (pv.get("spec") or {}).get("claimRef") or {}
         if ref.get("name"):
             view.claims[name] = f"{ref.get('namespace', '')}/{ref['name']}"

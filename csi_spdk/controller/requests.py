@@ -13,6 +13,7 @@ from ..proto import csi_pb2
 from . import dhchap_strength, qos
 from .auth import parse_auth
 from .config import Config
+from .encryption import parse_mode
 
 _Mode = csi_pb2.VolumeCapability.AccessMode
 SINGLE_NODE_MODES = frozenset({_Mode.SINGLE_NODE_WRITER, _Mode.SINGLE_NODE_READER_ONLY,
@@ -24,7 +25,7 @@ FS_TYPES = ("ext4", "xfs")
 FS_MIN_BYTES = {"xfs": 300 * 1024 * 1024}
 CLEAR_METHODS = ("none", "unmap", "write_zeroes")
 IMMUTABLE_KEYS = ("target", "lvstore", "thinProvision", "clearMethod", "fsType", "auth",
-                  *dhchap_strength.PARAM_KEYS)
+                  *dhchap_strength.PARAM_KEYS, "encryption")
 PARAM_KEYS = IMMUTABLE_KEYS + qos.MUTABLE_KEYS
 K8S_PARAM_PREFIX = "csi.storage.k8s.io/"
 
@@ -88,6 +89,7 @@ class VolumeParams:
     auth: str = contract.AUTH_DHCHAP   # data-path auth (controller/auth.py)
     # weakest DH-HMAC-CHAP digest / DH group (controller/dhchap_strength.py)
     dhchap: dhchap_strength.Strength = field(default_factory=dhchap_strength.Strength)
+    encryption: str = contract.ENCRYPTION_NONE   # at rest (controller/encryption.py)
 
 
 def parse_params(params: Mapping[str, str], config: Config,
@@ -118,7 +120,8 @@ def parse_params(params: Mapping[str, str], config: Config,
     auth = parse_auth(dict(params), config.auth.default_mode)
     return VolumeParams(target, params.get("lvstore", ""), thin == "true", clear, fs,
                         qos.full(limits), thin_set="thinProvision" in params, auth=auth,
-                        dhchap=dhchap_strength.parse(dict(params), auth))
+                        dhchap=dhchap_strength.parse(dict(params), auth),
+                        encryption=parse_mode(dict(params)))
 
 
 def capacity_range(req) -> tuple[int, int]:

@@ -49,6 +49,7 @@ from . import dhchap_strength, placement, qos
 from .auth import AgentKeyCustody, SameHostKeyCustody, SecretStore, StaticSecrets, VolumeAuth
 from .config import Config
 from .create import CreateRequest, create_empty, create_from_snapshot, create_from_volume
+from .encryption import FileKeyStore, KeyStore, SecretKeyStore, VolumeEncryption
 from .health import TargetHealth
 from .requests import (
     IMMUTABLE_KEYS,
@@ -92,6 +93,32 @@ def _default_store(config: Config) -> SecretStore | None:
     return None
 
 
+def _default_key_store(config: Config) -> KeyStore | None:
+    """Per-volume key files (dev/tests) when configured, the volumes' Secrets
+    in a cluster (or with $KUBECONFIG), else none (encrypted volumes are then
+    FAILED_PRECONDITION)."""
+    if config.encryption.key_dir:
+        return FileKeyStore(config.encryption.key_dir)
+    from .k8s_secrets import in_cluster
+    if in_cluster() or os.environ.get("KUBECONFIG"):
+        return SecretKeyStore(config.auth.secret_namespace)
+    return None
+
+
+def _source_uuid(source: csi_pb2.VolumeContentSource | None) -> str:
+    """The lvol uuid of a content source ("" without one or for a malformed id,
+    which the create path reports)."""
+    if source is None:
+        return ""
+    kind = source.WhichOneof("type")
+    ident = source.snapshot.snapshot_id if kind == "snapshot" else \
+        source.volume.volume_id if kind == "volume" else ""
+    try:
+        return contract.parse_id(ident).lvol_uuid if ident else ""
+    except CsiError:
+        return ""
+
+
 def _topology(target: Target) -> list[csi_pb2.Topology]:
     """No constraint unless the target has labels (then nodes must carry them)."""
     segment = target.cfg.segment()
@@ -103,7 +130,8 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
 
     def __init__(self, config: Config, driver_name: str,
                  apis: Mapping[str, SpdkApi] | None = None,
-                 secret_store: SecretStore | None = None, key_custody=None) -> None:
+                 secret_store: SecretStore | None = None, key_custody=None,
+                 key_store: KeyStore | None = None) -> None:
         """``secret_store``/``key_custody`` (target name -> KeyCustody): the
         auth strategies (controller/auth.py); defaults from ``config.auth``."""
         self.locks = KeyedLocks()
@@ -119,6 +147,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         self._custodies: dict[str, SameHostKeyCustody | AgentKeyCustody] = {}
         self.auth = VolumeAuth(secret_store or _default_store(config),
                                key_custody or self._key_custody)
+        self.encryption = VolumeEncryption(key_store or _default_key_store(config))
         self.health = TargetHealth(self.targets)
         self._reconciler: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -186,12 +215,16 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
                               accessible_topology=_topology(target))
 
     def _volume_response(self, target: Target, lv: Lvol, params: VolumeParams,
-                         source: csi_pb2.VolumeContentSource | None, name: str
+                         source: csi_pb2.VolumeContentSource | None, name: str,
+                         secrets: Mapping[str, str] | None = None
                          ) -> csi_pb2.CreateVolumeResponse:
         """The answer; a clone is thin (its volume_context says so from SPDK)."""
         vol = self._volume_msg(target, lv, params.fs_type)
         vol.volume_context.update(self.auth.created(lv.uuid, name, params.auth))
         vol.volume_context.update(params.dhchap.context())
+        # after auth: its Secret (if any) is made first and gets the key added
+        vol.volume_context.update(self.encryption.created(
+            lv.uuid, name, params.encryption, dict(secrets or {}), _source_uuid(source)))
         if source is not None:
             vol.content_source.CopyFrom(source)
         return csi_pb2.CreateVolumeResponse(volume=vol)
@@ -203,6 +236,9 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         check_capabilities(request.volume_capabilities)
         params = parse_params(request.parameters, self.config, request.mutable_parameters)
         self.auth.check(params.auth)   # before anything is made
+        source_uuid = _source_uuid(request.volume_content_source
+                                   if request.HasField("volume_content_source") else None)
+        self.encryption.check(params.encryption, source_uuid)
         required, limit = capacity_range(request)
         fs, floor = filesystem_floor(request.volume_capabilities, params.fs_type)
         if floor and limit and limit < floor:
@@ -242,7 +278,8 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         # Clones and restores too: SPDK does not copy QoS to a clone, and the new
         # volume gets its own request's limits, not its source's.
         lv.qos = qos.apply(target, lv.uuid, params.qos, lv.qos)
-        return self._volume_response(target, lv, params, source, request.name)
+        return self._volume_response(target, lv, params, source, request.name,
+                                     request.secrets)
 
     # --- DeleteVolume ----------------------------------------------------------
     @rpc(lock=("volume_id",))
@@ -263,6 +300,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             # the volume's internal parent snapshot (or of its keys): finish that.
             target.sweep(self.targets.busy())
             self.auth.deleted(target.name, oid.lvol_uuid)
+            self.encryption.deleted(target.api, oid.lvol_uuid)
             return csi_pb2.DeleteVolumeResponse()
         if not contract.is_driver_lvol(lv.name):
             raise FailedPrecondition(f"lvol {lv.alias} was not created by csi-spdk; "
@@ -278,6 +316,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         if sub is not None:
             target.exporter.delete(lv.uuid)
         self.auth.deleted(target.name, lv.uuid)
+        self.encryption.deleted(target.api, lv.uuid)
         target.delete_lvol(lv)   # under the target's lineage lock
         return csi_pb2.DeleteVolumeResponse()
 
@@ -321,9 +360,13 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             if lv.name.startswith(contract.VOLUME_PREFIX) else ""
         keys = self.auth.keys_for_publish(target.name, lv.uuid, mode, dict(request.secrets),
                                           csi_name)
+        bdev = self.encryption.publish_bdev(
+            target.api, lv.uuid, request.volume_context.get(contract.VC_ENCRYPTION, ""),
+            dict(request.secrets))
         ctx = target.exporter.export(
             lv.uuid, host, sub=sub,
-            model=contract.model_number(host, signature, request.readonly), keys=keys)
+            model=contract.model_number(host, signature, request.readonly), keys=keys,
+            bdev=bdev)
         if keys:
             ctx[contract.PC_AUTH] = mode
         with self._hints:
@@ -359,6 +402,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         if exporter.subsystem(oid.lvol_uuid) is None:
             # the last host is gone: so are the volume's keys on the target
             self.auth.drop_target_keys(target.name, oid.lvol_uuid)
+            self.encryption.unexported(target.api, oid.lvol_uuid)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     # --- queries -----------------------------------------------------------------

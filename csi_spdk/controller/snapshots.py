@@ -169,6 +169,7 @@ class SnapshotService:
                     target.write_snapshot_meta(snap.lvstore, snap.uuid, *meta)
                 if src is not None:
                     target.keep_thick(src, snap)   # a crash may have come before it
+                    self.encryption.snapshot_taken(src.uuid, snap.uuid, request.name)
                 return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot_msg(
                     target, snap, request.source_volume_id, meta[1]))
         target, src = self.targets.volume(request.source_volume_id)
@@ -187,6 +188,7 @@ class SnapshotService:
         created = _now_ms()
         target.write_snapshot_meta(snap.lvstore, snap.uuid, src.uuid, created)
         target.keep_thick(src, snap)
+        self.encryption.snapshot_taken(src.uuid, snap.uuid, request.name)
         return csi_pb2.CreateSnapshotResponse(
             snapshot=self._snapshot_msg(target, snap, request.source_volume_id, created))
 
@@ -211,6 +213,7 @@ class SnapshotService:
         if snap is None:
             # maybe a retry after a crash between the delete and the clean-up
             target.drop_snapshot_leftovers(oid.lvol_uuid)
+            self.encryption.deleted(None, oid.lvol_uuid)
             self._forget(oid.lvol_uuid)
             return csi_pb2.DeleteSnapshotResponse()
         if not contract.is_driver_lvol(snap.name):
@@ -224,6 +227,7 @@ class SnapshotService:
             pass
         except SpdkNotPermitted:
             target.mark_deleted(snap)   # also the answer to a retry of this call
+            self.encryption.deleted(None, snap.uuid)   # its clones have their own copies
             self._forget(snap.uuid)
             return csi_pb2.DeleteSnapshotResponse()
         # deleted: a marker left by an earlier call (2+ clones then) goes too,
@@ -231,6 +235,7 @@ class SnapshotService:
         target.forget_provisioned()
         target.drop_deleted_mark(snap)
         target.drop_snapshot_meta(snap.lvstore, snap.uuid)
+        self.encryption.deleted(None, snap.uuid)   # a snapshot is never stacked
         self._forget(snap.uuid)
         target.reclaim(snap.lvstore, snap.base_snapshot)
         return csi_pb2.DeleteSnapshotResponse()

@@ -41,6 +41,8 @@ from ..errors import (
 from ..locks import KeyedLocks
 from ..proto import csi_pb2, csi_pb2_grpc
 from ..rpc import rpc
+from . import luks
+from .luks import Luks
 from .mount import SUPPORTED_FS, Mounter
 from .readonly_block import ReadOnlyLoops
 
@@ -80,6 +82,7 @@ class StageRecord:
     state: str = "connecting"   # "connecting" until the stage completed, then "staged"
     traddr: str = ""            # where to reconnect when the kernel dropped the controller
     trsvcid: str = ""
+    mapper: str = ""            # encryption: node: the LUKS mapping over ``device``
 
 
 class StateStore:
@@ -193,6 +196,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.locks = KeyedLocks()
         self.store = StateStore(state_dir)
         self.ro_loops = ReadOnlyLoops(state_dir, run=self.mounter.run)
+        self.luks = Luks(self.mounter.probe)
         persist_host_identity(state_dir, node_id)
 
     # --- helpers ------------------------------------------------------------------
@@ -200,6 +204,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         """The namespace's device now (names can change across reconnects)."""
         dev = self.initiator.find_device(rec.nqn, rec.ns_uuid, 0) if rec.nqn else None
         return dev or rec.device
+
+    def _volume_device(self, rec: StageRecord) -> str:
+        """What holds the volume's data: the LUKS mapping (encryption: node), else
+        the namespace."""
+        return self.luks.path(rec.mapper) if rec.mapper else self._current_device(rec)
 
     def _same_device(self, mount_major_minor: str, device: str) -> bool:
         try:
@@ -246,13 +255,20 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                           staging, kind, rec.fstype if rec else "", rec.device if rec else "",
                           readonly, rec.state if rec else "connecting",
                           pc[contract.PC_TRADDR], pc[contract.PC_TRSVCID])
+        encrypted = request.volume_context.get(contract.VC_ENCRYPTION) == \
+            contract.ENCRYPTION_NODE
+        key = luks.key_from_secrets(dict(request.secrets)) if encrypted else ""
         was_connected = self.initiator.is_connected(rec.nqn)
         self.store.save(rec)
         try:
             device = self.initiator.connect(pc, self.connect_timeout,
                                             secrets=request.secrets)
+            data = device
+            if encrypted:
+                rec.mapper = luks.mapper_name(request.volume_id)
+                data = self.luks.open(device, rec.mapper, key, readonly)
             if kind == "mount":
-                rec.fstype = self._stage_mount(device, staging, want_fs, cap, readonly,
+                rec.fstype = self._stage_mount(data, staging, want_fs, cap, readonly,
                                                previous)
         except CsiError as err:
             if err.code not in _RETRIED_CODES and (previous is None or
@@ -260,6 +276,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 # final: kubelet will not unstage, so undo what this call made
                 log.warning("stage failed for good; cleaning up", extra={"f": {
                     "volume": request.volume_id, "error": err.message}})
+                if rec.mapper:
+                    with contextlib.suppress(CsiError):
+                        self.luks.close(rec.mapper)
                 if not was_connected:
                     with contextlib.suppress(CsiError):
                         self.initiator.disconnect(rec.nqn)
@@ -277,8 +296,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if existing is not None:
             if self._same_device(existing.major_minor, device) and existing.root == "/":
                 return existing.fstype
-            if previous is not None and previous.state == "staged" and previous.device \
-                    and previous.device != device and existing.source == previous.device:
+            old = self.luks.path(previous.mapper) if previous is not None and \
+                previous.mapper else previous.device if previous is not None else ""
+            if previous is not None and previous.state == "staged" and old \
+                    and old != device and existing.source == old:
                 # Our own stage, but the kernel dropped that controller and the
                 # namespace came back as another device: the old mount is dead.
                 log.warning("staged volume's device was replaced; remounting", extra={"f": {
@@ -329,7 +350,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if rec is not None and rec.staging_path != request.staging_target_path:
             self.mounter.unmount(rec.staging_path)
         if rec is not None:
-            self.ro_loops.detach_volume(rec.volume_id, rec.device)
+            self.ro_loops.detach_volume(rec.volume_id, self._volume_device(rec))
+            if rec.mapper:
+                self.luks.close(rec.mapper)
         if nqn:
             self.initiator.disconnect(nqn)
         self.store.delete(request.volume_id)
@@ -378,7 +401,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         return True
 
     def _publish_block(self, rec: StageRecord, target: str, readonly: bool) -> None:
-        device = self._current_device(rec)
+        device = self._volume_device(rec)
         if not device or not os.path.exists(device):
             raise FailedPrecondition(f"the block device of {rec.volume_id} is gone; "
                                      "restage the volume")
@@ -508,6 +531,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.initiator.rescan(rec.nqn)
         device = self._current_device(rec)
         size = self._wait_size(device, required)
+        if rec.mapper:   # the LUKS mapping grows first, then the filesystem on it
+            key = luks.key_from_secrets(dict(request.secrets)) \
+                if request.secrets.get(contract.SECRET_ENCRYPTION_KEY) else None
+            self.luks.resize(rec.mapper, key)
+            device = self.luks.path(rec.mapper)
         if kind == "mount":
             mount_point = path if self.mounter.mounted_at(path) else rec.staging_path
             fstype = rec.fstype or self.mounter.probe(device).fstype

@@ -19,6 +19,16 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class CryptoInfo:
+    """A namespace on a crypto bdev (``sim/crypto.py``): what a data plane needs
+    to encrypt like it (AES-XTS, hex halves; the material stays out of ``repr``)."""
+
+    cipher: str
+    key: str = field(repr=False)
+    key2: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class NamespaceInfo:
     """A namespace as the data plane needs it."""
 
@@ -31,6 +41,7 @@ class NamespaceInfo:
     uuid: str               # namespace uuid (lower-case, dashed)
     nguid: str              # namespace nguid (32 upper-case hex digits)
     read_only: bool
+    crypto: CryptoInfo | None = None   # set: ``path`` holds ciphertext, encrypt with it
 
 
 @dataclass(frozen=True)

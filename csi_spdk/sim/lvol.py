@@ -364,6 +364,7 @@ def lvstore_from(state: SimState, p: dict[str, Any], name_key: str = "lvs_name",
 
 def notify_resized(state: SimState, lv: Lvol) -> None:
     state.nvmf.bdev_resized(lv.bdev)
+    state.crypto.base_resized(lv.bdev)
 
 
 # --- lvstore RPCs ------------------------------------------------------------

@@ -21,7 +21,7 @@ from . import qos as qosmod
 from .method_names import ALIASES, ALL_METHODS, STARTUP_ONLY
 from .state import EINVAL, ENODEV, ETIMEDOUT, NoParams, RpcError, SimState, errno_error
 
-BDEV, NVMF, KEYRING, NONE = "bdev", "nvmf", "keyring", "none"
+BDEV, NVMF, KEYRING, NONE, ACCEL = "bdev", "nvmf", "keyring", "none", "accel"
 # Handlers that decode with spdk_json_decode_object_relaxed: unknown keys are ignored.
 RELAXED = {"nvmf_subsystem_add_listener", "nvmf_subsystem_add_ns", "nvmf_subsystem_add_host",
            "nvmf_create_transport", "keyring_file_add_key"}
@@ -83,7 +83,8 @@ def decode(name: str, m: Method, params: Any) -> dict[str, Any]:
             raise RpcError(-32602, f"{name} method requires no parameters")
         return {}
     fail = {NVMF: RpcError(-32602, "Invalid parameters"),
-            KEYRING: RpcError(-32602, "Invalid argument")}.get(
+            KEYRING: RpcError(-32602, "Invalid argument"),
+            ACCEL: RpcError(-32700, "spdk_json_decode_object failed")}.get(
         m.family, RpcError(-32603, "spdk_json_decode_object failed"))
     if params is None:
         if any(req for _, req in m.spec.values()):
@@ -345,5 +346,5 @@ def _sim_read(state: SimState, p: dict[str, Any]) -> Any:
     return base64.b64encode(data).decode()
 
 
-# nvmf and keyring methods register themselves on import.
-from . import methods_nvmf  # noqa: E402,F401
+# nvmf, keyring and crypto methods register themselves on import.
+from . import methods_crypto, methods_nvmf  # noqa: E402,F401

@@ -58,6 +58,7 @@ from pathlib import Path
 
 from . import kernel_keyring, nvmet_leftovers
 from .dataplane import DataPlane, DataPlaneLimit, HostAuth, ListenerInfo, NamespaceInfo
+from .nvmet_crypt import CryptError, CryptMappings
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class NvmetDataPlane(DataPlane):
         self.root = Path(root)
         self.load_modules = load_modules
         self.lock = threading.RLock()
+        self.crypt = CryptMappings()   # namespaces on crypto bdevs: dm-crypt (nvmet_crypt.py)
         # nqn -> {"any": bool, "hosts": set[str]}
         self.subsystems: dict[str, dict] = {}
         self.hosts_created: set[str] = set()
@@ -202,6 +204,7 @@ class NvmetDataPlane(DataPlane):
                 self.subsystem_deleted(nqn)
             for key in list(self.ports):
                 self._drop_port(key, force=True)
+            self.crypt.close_all()
             for host in list(self.hosts_created):
                 self._gc_host(host)
             with contextlib.suppress(FileNotFoundError):
@@ -242,6 +245,7 @@ class NvmetDataPlane(DataPlane):
                 for ns in (path / "namespaces").iterdir():
                     self._remove_ns_dir(ns)
                 _rmdir(path)
+            self.crypt.close_subsystem(nqn)
             for host in state["hosts"]:
                 self._gc_host(host)
             self._save_owned()
@@ -275,7 +279,13 @@ class NvmetDataPlane(DataPlane):
             _mkdir(path)
             if _read(path / "enable") == "1":
                 return  # idempotent repeat
-            _write(path / "device_path", ns.path)
+            device = ns.path
+            if ns.crypto is not None:
+                try:
+                    device = self.crypt.open(ns)
+                except CryptError as err:
+                    raise NvmetError(str(err)) from err
+            _write(path / "device_path", device)
             _write(path / "device_uuid", ns.uuid)
             if ns.nguid:
                 _write(path / "device_nguid", ns.nguid)
@@ -289,9 +299,14 @@ class NvmetDataPlane(DataPlane):
     def namespace_removed(self, nqn: str, nsid: int) -> None:
         with self.lock:
             self._remove_ns_dir(self._subsys(nqn) / "namespaces" / str(nsid))
+            self.crypt.close(nqn, nsid)
 
     def namespace_resized(self, ns: NamespaceInfo) -> None:
         with self.lock:
+            try:
+                self.crypt.resize(ns)
+            except CryptError as err:
+                raise NvmetError(str(err)) from err
             attr = self._subsys(ns.nqn) / "namespaces" / str(ns.nsid) / "revalidate_size"
             if attr.exists():
                 _write(attr, "1")

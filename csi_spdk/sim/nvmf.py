@@ -144,6 +144,9 @@ class Subsystem:
 
 
 def _bdev_path(bdev: Bdev) -> str | None:
+    base = getattr(bdev, "base", None)      # a crypto bdev: its base's file (ciphertext)
+    if base is not None:
+        return _bdev_path(base)
     lvol = getattr(bdev, "lvol", None)
     if lvol is not None:
         return str(lvol.path)
@@ -186,7 +189,8 @@ class Nvmf:
         return NamespaceInfo(nqn=sub.nqn, nsid=ns.nsid, bdev_name=bdev.name,
                              path=_bdev_path(bdev), size=bdev.size, block_size=bdev.block_size,
                              uuid=ns.uuid, nguid=ns.nguid,
-                             read_only=bool(lvol is not None and lvol.read_only))
+                             read_only=bool(lvol is not None and lvol.read_only),
+                             crypto=bdev.crypto_info() if hasattr(bdev, "crypto_info") else None)
 
     @staticmethod
     def listener_info(sub: Subsystem, lst: Listener) -> ListenerInfo:

@@ -19,6 +19,7 @@ from .dataplane import DataPlane, NullDataPlane
 
 if TYPE_CHECKING:
     from .bdev import Bdev
+    from .crypto import Crypto
     from .keyring import Keyring
     from .lvol import Lvstore
     from .nvmf import Nvmf
@@ -73,6 +74,7 @@ class SimState:
 
     def __init__(self, data_dir: str | os.PathLike[str],
                  dataplane: DataPlane | None = None) -> None:
+        from .crypto import Crypto
         from .keyring import Keyring
         from .nvmf import Nvmf
         from .persist import Persister
@@ -86,6 +88,7 @@ class SimState:
         self.lvstores: list[Lvstore] = []
         self.nvmf: Nvmf = Nvmf(self)
         self.keyring: Keyring = Keyring(self)
+        self.crypto: Crypto = Crypto(self)
         self.malloc_counter = 0
         self.persist = Persister(self)      # lvstores on aio bdevs survive a restart
         self.persist.start()
@@ -127,6 +130,7 @@ class SimState:
         for lvs in list(self.lvstores):
             if lvs.base_bdev is bdev:
                 lvs.hot_remove()
+        self.crypto.base_removed(bdev)
         self.nvmf.bdev_removed(bdev)
         self.bdevs.remove(bdev)
         self.changed.notify_all()

@@ -23,6 +23,8 @@ import yaml
 from .conftest import (
     CHART,
     KUBE_VERSIONS,
+    NAMESPACE,
+    RELEASE,
     RENDER_KUBE_VERSION,
     ROOT,
     VALUE_SETS,
@@ -547,3 +549,23 @@ def test_one_controller_at_a_time_by_default():
     dep = one(render_docs("defaults"), "Deployment", "-controller")
     assert dep["spec"]["replicas"] == 1
     assert dep["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_encrypted_storageclass_without_auth_still_names_the_volume_secret(tmp_path):
+    """encryption needs the volume's Secret as node-stage/controller-publish
+    secret even with auth: none (the key travels in it); a class with neither
+    gets no secret references."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"storageClasses": [
+        {"name": "enc", "parameters": {"auth": "none", "encryption": "node"}},
+        {"name": "plain", "parameters": {"auth": "none"}}]}))
+    out = run([tool("helm"), "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+               "--kube-version", RENDER_KUBE_VERSION, "-f", str(values)])
+    assert out.returncode == 0, out.stderr
+    scs = {sc["metadata"]["name"]: sc for sc in by_kind(
+        [d for d in yaml.safe_load_all(out.stdout) if d], "StorageClass")}
+    enc, plain = scs["enc"]["parameters"], scs["plain"]["parameters"]
+    for kind in ("node-stage", "controller-publish"):
+        assert enc[f"csi.storage.k8s.io/{kind}-secret-name"] == "csi-spdk-auth-${pv.name}"
+        assert enc[f"csi.storage.k8s.io/{kind}-secret-namespace"] == NAMESPACE
+    assert not [k for k in plain if k.endswith("-secret-name")], plain

@@ -134,6 +134,7 @@ def test_the_dockerfiles_packages_at_its_versions(rootfs):
     (["blkid", "-V"], "blkid from util-linux"),
     (["losetup", "--version"], "losetup from util-linux"),
     (["mount", "--version"], "mount from util-linux"),
+    (["cryptsetup", "--version"], "cryptsetup 2."),
 ])
 def test_node_tools(rootfs, argv, expect):
     res = in_image(rootfs, *argv)

@@ -202,7 +202,8 @@ def make_env(tmp: Path, n_targets: int = 1, lvs_mib: int = 256, cluster_mib: int
         raw_targets.append(t)
     env.config = cfgmod.parse({"targets": raw_targets, "thinOvercommitRatio": ratio,
                                "defaultVolumeSize": default_size,
-                               "auth": {"keyDir": str(tmp / "keys")}})
+                               "auth": {"keyDir": str(tmp / "keys")},
+                               "encryption": {"keyDir": str(tmp / "volume-keys")}})
     env.secrets = MemorySecrets()
     env.servicer = ControllerServicer(env.config, "csi-spdk.io",
                                       apis={n: t.api for n, t in env.targets.items()},

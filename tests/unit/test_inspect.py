@@ -287,3 +287,34 @@ def test_grpc_server_reflection_on_the_csi_sockets(lived):
                 "grpc.reflection.v1alpha.ServerReflection"}
             svc = DescriptorPool(db).FindServiceByName(csi_service)
             assert method in [m.name for m in svc.methods]
+
+
+def test_encryption_column(lived):
+    """The mode of each volume: the dev key store says none/node/target; a
+    published target-mode volume has its crypto bdev stacked."""
+    dev, made, config = lived
+    from controller_fixtures import block_cap, create_req, publish_req
+    with grpc.insecure_channel(dev.controller.replace("unix://", "unix:")) as ch:
+        stub = csi_pb2_grpc.ControllerStub(ch)
+        enc = stub.CreateVolume(create_req("insp-enc", 16 * MiB, caps=[block_cap()],
+                                           params={"encryption": "target"})).volume
+        node = stub.CreateVolume(create_req("insp-node", 16 * MiB, caps=[block_cap()],
+                                            params={"encryption": "node"})).volume
+        req = publish_req(enc.volume_id, "dev-node", cap=block_cap())
+        req.volume_context.update(enc.volume_context)
+        stub.ControllerPublishVolume(req)
+        try:
+            rows = {v["id"]: v for v in as_json("volumes", "list", "--config", config,
+                                                "--kube", "off")["items"]}
+            assert rows[enc.volume_id]["encryption"] == "target"
+            assert rows[node.volume_id]["encryption"] == "node"
+            assert rows[made.volume]["encryption"] == "none"
+            wide = cli("volumes", "list", "--config", config, "--kube", "off", "-o", "wide")
+            assert wide.returncode == 0 and "ENCRYPTION" in wide.stdout.splitlines()[0]
+            uuid = contract.parse_id(enc.volume_id).lvol_uuid
+            assert spdk(dev).bdev_get(contract.crypto_bdev_name(uuid)) is not None
+        finally:
+            stub.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
+                volume_id=enc.volume_id, node_id="dev-node"))
+            for v in (enc, node):
+                stub.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v.volume_id))

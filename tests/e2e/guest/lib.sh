@@ -114,7 +114,8 @@ write_dev_secrets(Path(sys.argv[1]))' "$CSI_RUN" || return 1
   "lvstores": $_lvs, "node": "$NODE_ID"}],
  "nodes": ["$NODE_ID"],
  "auth": {"staticSecretsFile": "$CSI_RUN/auth-keys.json", "keyDir": "$CSI_RUN/keys",
-          "defaultMode": "$_auth"}}
+          "defaultMode": "$_auth"},
+ "encryption": {"keyDir": "$CSI_RUN/volume-keys"}}
 JSON
   csi-spdk controller --endpoint "unix://$CSI_RUN/controller.sock" \
     --config "$CSI_RUN/controller.json" ${CSI_LOG_LEVEL:+--log-level $CSI_LOG_LEVEL} \
@@ -162,12 +163,21 @@ csi_stack_stop() {
 }
 
 # csi_stack_no_keys_in_logs: no key of $CSI_RUN/auth-keys.json (base64 part)
-# appears in any component's log or in /tmp/*.log (csi-sanity's output).
+# and no volume encryption key the stack kept ($CSI_RUN/volume-keys, or
+# recorded in $CSI_RUN/encryption-keys.seen by a test before it deleted the
+# volume) appears in any component's log or in /tmp/*.log (csi-sanity's output).
 csi_stack_no_keys_in_logs() {
   [ -e "$CSI_RUN/auth-keys.json" ] || return 0
   python3 - "$CSI_RUN/auth-keys.json" "$CSI_RUN"/*.log /tmp/*.log <<'PY'
-import json, os, sys
+import glob, json, os, sys
 keys = [v.split(":")[2] for v in json.load(open(sys.argv[1])).values()]
+run = os.path.dirname(sys.argv[1])
+for f in glob.glob(os.path.join(run, "volume-keys", "*.json")):
+    m = json.load(open(f))["encryptionKey"]
+    keys += [m, m[:64], m[64:]]
+if os.path.exists(os.path.join(run, "encryption-keys.seen")):
+    for m in open(os.path.join(run, "encryption-keys.seen")).read().split():
+        keys += [m, m[:64], m[64:]]
 logs = [p for p in sys.argv[2:] if os.path.isfile(p)]
 bad = sorted({p for p in logs for k in keys if k in open(p, errors="replace").read()})
 if bad:

@@ -557,8 +557,10 @@ class FakeKubelet:
             fs_type=pv["spec"]["csi"].get("fsType", ""),
             mount_flags=pv["spec"].get("mountOptions", [])), access_mode=access)
 
-    def mount(self, pv: dict, va: dict, pod: dict) -> tuple[str, str]:
-        """NodeStageVolume + NodePublishVolume; returns (staging, target)."""
+    def mount(self, pv: dict, va: dict, pod: dict, secrets: dict[str, str] | None = None
+              ) -> tuple[str, str]:
+        """NodeStageVolume + NodePublishVolume; returns (staging, target).
+        ``secrets``: the data of the PV's nodeStageSecretRef Secret."""
         from csi_spdk.proto import csi_pb2 as csi
         handle = pv["spec"]["csi"]["volumeHandle"]
         staging = staging_path(handle)
@@ -566,7 +568,7 @@ class FakeKubelet:
         pctx = va["status"].get("attachmentMetadata", {})
         vctx = pv["spec"]["csi"].get("volumeAttributes", {})
         cap = self.capability(pv)
-        self.stage(pv, va)
+        self.stage(pv, va, secrets)
         self.node.NodePublishVolume(csi.NodePublishVolumeRequest(
             volume_id=handle, publish_context=pctx, staging_target_path=staging,
             target_path=target, volume_capability=cap, volume_context=vctx), timeout=120)

@@ -19,7 +19,7 @@ import pytest
 
 from csi_spdk import contract
 
-from . import auth_scenarios, qos_scenarios, scenarios, scheduling
+from . import auth_scenarios, encryption_scenarios, qos_scenarios, scenarios, scheduling
 from .cluster import NAMESPACE, Kubectl, python_csi_spdk, python_env
 from .rig import GUEST_TARGET, HOST_TARGETS, SC_GUEST, SC_RETAIN, SC_WFFC
 
@@ -145,3 +145,22 @@ def test_ssd_class_no_node_has_stays_pending(env):
 
 def test_volume_attributes_class_qos(env):
     qos_scenarios.volume_attributes_classes(env)
+
+
+@pytest.mark.parametrize("mode", ["target", "node"])
+def test_encrypted_pvc_keeps_its_key_in_the_pvs_secret(env, mode):
+    """Bound; the PV's Secret has the key, the PV and contexts do not; the
+    attach exports the crypto bdev (target) or the lvol (node); deleting the
+    PVC deletes the Secret."""
+    encryption_scenarios.encrypted_pvc(env, env.sc_block, mode)
+
+
+@pytest.mark.parametrize("mode", ["node", "target"])
+def test_encrypted_pvc_staged_in_guest_with_the_pvs_secret(env, rig, mode):
+    """As kubelet: NodeStage in the guest with the data of the PV's
+    nodeStageSecretRef Secret (node mode: LUKS2 opens with its key)."""
+    if rig.guest is None:
+        pytest.skip("no QEMU guest (scripts/install-guest-deps.sh, or CSI_SPDK_K8S_GUEST=0)")
+    encryption_scenarios.encrypted_pvc(env, SC_GUEST, mode,
+                                       scenarios.FakeKubelet(rig.node_stub(), env.kubectl),
+                                       GUEST_TARGET[4])
