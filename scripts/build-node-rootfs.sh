@@ -59,6 +59,9 @@ mmdebstrap --mode=root --variant=minbase --quiet \
   "$SUITE" "$root" "$MIRROR"
 
 install -m 0755 "$kubelet" "$root/usr/local/bin/kubelet"
+# containerd's version: the image disk (containerd's store) is cached by it
+mkdir -p "$dst.tmp"
+chroot "$root" dpkg-query -W -f='${Version}' containerd > "$dst.tmp/containerd.version"
 install -m 0755 "$init_script" "$root/sbin/node-init"
 mkdir -p "$root/usr/lib/modules"
 cp -a "$kroot/usr/lib/modules/$kver" "$root/usr/lib/modules/"
@@ -81,7 +84,6 @@ version = 2
     conf_dir = "/etc/cni/net.d"
 EOF
 # the rootfs image: sparse, 3 GiB (containerd's images live on their own disk)
-mkdir -p "$dst.tmp"
 rm -f "$dst.tmp/rootfs.ext4"
 mke2fs -q -t ext4 -L noderoot -d "$root" "$dst.tmp/rootfs.ext4" 3G
 

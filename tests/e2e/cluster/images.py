@@ -93,8 +93,11 @@ def _version_of(binary: Path) -> str:
 
 
 def driver_image(out_root: Path) -> Path:
-    """The driver's OCI layout (scripts/build-image.sh), cached by its inputs."""
-    out = out_root / f"driver-{_tree_key(DRIVER_INPUTS)}"
+    """The driver's OCI layout (scripts/build-image.sh), cached by its inputs;
+    in $CSI_SPDK_IMAGE_DIR when set (scripts/test.sh sets it, keyed the same
+    way, so tests/image reuses this build instead of making its own)."""
+    given = os.environ.get("CSI_SPDK_IMAGE_DIR")
+    out = Path(given) if given else out_root / f"driver-{_tree_key(DRIVER_INPUTS)}"
     if not (out / "digest").exists():
         shutil.rmtree(out, ignore_errors=True)
         _run("bash", str(REPO / "scripts" / "build-image.sh"), str(out), timeout=1800,

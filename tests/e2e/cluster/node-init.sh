@@ -81,18 +81,26 @@ cat > /etc/cni/net.d/10-ptp.conflist <<EOF
 EOF
 mkdir -p /etc/kubernetes/manifests /var/lib/kubelet /var/log/pods
 cp -a /etc/node/manifests/. /etc/kubernetes/manifests/ 2>/dev/null
-kubelet --config=/etc/node/kubelet-config.yaml --kubeconfig=/etc/node/kubelet.kubeconfig \
-  --hostname-override="$NODE_NAME" --node-ip=10.0.2.15 --cloud-provider=external \
-  --node-labels="$NODE_LABELS" --v=1 > /var/log/kubelet.log 2>&1 &
-echo $! > /run/kubelet.pid
+start_kubelet() {
+  kubelet --config=/etc/node/kubelet-config.yaml --kubeconfig=/etc/node/kubelet.kubeconfig \
+    --hostname-override="$NODE_NAME" --node-ip=10.0.2.15 --cloud-provider=external \
+    --node-labels="$NODE_LABELS" --v=1 >> /var/log/kubelet.log 2>&1 &
+  echo $! > /run/kubelet.pid
+}
+start_kubelet
 status "NODE-KUBELET-STARTED"
-# Serve: show kubelet's errors on the console; the rig powers the guest off
-# (or asks for a kubelet restart through /etc/node/control, see below).
-tail -n +1 -F /var/log/kubelet.log 2>/dev/null | grep --line-buffered -E '^E|error' > /dev/console &
+# Serve: show kubelet's errors on the console; restart kubelet when it exits
+# (what systemd's Restart=always does on a real node; the kubelet-restart
+# scenario kills it). The rig powers the guest off.
+tail -n +1 -F /var/log/kubelet.log 2>/dev/null | grep --line-buffered -E '^E' > /dev/console &
+restarts=0
 while true; do
   if ! kill -0 "$(cat /run/kubelet.pid)" 2>/dev/null; then
-    status "NODE-KUBELET-EXITED"
-    sleep 5
+    restarts=$((restarts+1))
+    status "NODE-KUBELET-EXITED $restarts"
+    sleep 1
+    start_kubelet
+    status "NODE-KUBELET-RESTARTED $restarts"
   fi
-  sleep 2
+  sleep 1
 done

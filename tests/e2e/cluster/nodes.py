@@ -161,7 +161,8 @@ class _Guest:
 def image_disk(m: Media, archive: Path, digest: str, timeout: float = 900) -> Path:
     """containerd's store with ``archive`` imported, cached by content: one
     boot of a node guest in import mode."""
-    key = hashlib.sha256(f"{m.dir.name} {digest}".encode()).hexdigest()[:16]
+    containerd = (m.dir / "containerd.version").read_text().strip()
+    key = hashlib.sha256(f"containerd {containerd} {digest}".encode()).hexdigest()[:16]
     disk = CACHE / "node" / f"images-{key}.ext4"
     if disk.exists():
         return disk

@@ -106,15 +106,18 @@ def chart_values(imgs: images_mod.Images, agent_port: int, nvme_port: int) -> di
             "name": TARGET,
             "agent": {"address": f"10.0.2.2:{agent_port}", "serverName": "csi-spdk-agent"},
             "nvmf": {"listenAddress": "10.0.2.15", "port": nvme_port, "dialAddress": "10.0.2.2"},
-            "lvstores": [POOL], "node": STORAGE_NODE,
-            "topology": {ZONE_KEY: "a"}}]},
+            # no topology labels: every node reaches the target over NVMe/TCP
+            "lvstores": [POOL], "node": STORAGE_NODE}]},
         "storageClasses": [
             # the default class: DH-HMAC-CHAP (auth unset = dhchap), thick, ext4
             {**base, "name": SC_FS, "default": True, "volumeBindingMode": "Immediate",
              "parameters": {"fsType": "ext4"}},
             {**base, "name": SC_BLOCK, "volumeBindingMode": "Immediate",
              "parameters": {"thinProvision": "true"}},
+            # only zone a's nodes may use it: the scheduler must pick one of them
             {**base, "name": SC_WFFC, "volumeBindingMode": "WaitForFirstConsumer",
+             "allowedTopologies": [{"matchLabelExpressions": [
+                 {"key": ZONE_KEY, "values": ["a"]}]}],
              "parameters": {"fsType": "ext4", "thinProvision": "true"}},
         ],
         "volumeSnapshotClasses": [{"name": SNAPSHOT_CLASS, "deletionPolicy": "Delete"}],
