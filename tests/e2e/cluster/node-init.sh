@@ -1,12 +1,11 @@
 #!/bin/bash
 # PID 1 of a cluster node guest (installed as /sbin/node-init by
 # scripts/build-node-rootfs.sh). The rig's per-boot files are in /etc/node
-# (copied there by the initramfs): env (NODE_NAME, MODE, API_HOST, API_PORT,
+# (copied there by the initramfs): env (NODE_NAME, API_HOST, API_PORT,
 # KUBELET_PORT, POD_CIDR, NODE_LABELS), ca.crt, kubelet.kubeconfig,
-# kubelet-config.yaml, manifests/ (static Pods).
-# MODE=import: containerd's store on /dev/vdb gets the image archives of
-# /dev/vdc imported, then the guest powers off (the rig caches that disk).
-# MODE=node: containerd on /dev/vdb, kubelet; runs until powered off.
+# kubelet-config.yaml, manifests/ (static Pods), agent/ (the storage Pod's).
+# containerd's store is /dev/vdb (images imported by import-images.sh),
+# then kubelet; runs until powered off.
 # Status lines go to the second serial port (ttyS1), logs to the console.
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -51,23 +50,6 @@ mkdir -p /var/lib/containerd
 mount /dev/vdb /var/lib/containerd || die "cannot mount the image disk /dev/vdb"
 containerd > /var/log/containerd.log 2>&1 &
 i=0; until ctr version >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 120 ] || die "containerd"; sleep 0.5; done
-
-if [ "$MODE" = import ]; then
-  mkdir -p /mnt/images
-  mount -o ro /dev/vdc /mnt/images || die "cannot mount the archive disk /dev/vdc"
-  for t in /mnt/images/*.tar; do
-    ctr -n k8s.io images import --no-unpack=false "$t" > /dev/console 2>&1 || die "import $t"
-    status "IMPORTED $(basename "$t")"
-  done
-  ctr -n k8s.io images ls -q | while read -r ref; do status "IMAGE $ref"; done
-  kill %1; wait
-  umount /var/lib/containerd
-  sync
-  status "IMPORT-DONE"
-  trap - EXIT
-  echo o > /proc/sysrq-trigger
-  sleep 30
-fi
 
 # The kubernetes Service without kube-proxy: one DNAT to the host's apiserver.
 iptables -t nat -A OUTPUT -d 10.0.0.1/32 -p tcp --dport 443 -j DNAT --to-destination "$API_HOST:$API_PORT" \

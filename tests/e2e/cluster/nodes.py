@@ -87,7 +87,7 @@ def missing_prerequisites() -> list[str]:
 
 
 def _qemu(m: Media, *, memory_mib: int, initrd: Path, disks: list[Path], workdir: Path,
-          forwards: list[tuple[int, int]], readonly_last: bool = False) -> list[str]:
+          forwards: list[tuple[int, int]]) -> list[str]:
     fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in forwards)
     cmd = [harness.QEMU, "-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max", "-smp", "2",
            "-m", str(memory_mib), "-nodefaults", "-no-reboot", "-display", "none",
@@ -97,9 +97,8 @@ def _qemu(m: Media, *, memory_mib: int, initrd: Path, disks: list[Path], workdir
            "-chardev", f"file,id=status,path={workdir / 'status.log'}",
            "-device", "isa-serial,chardev=status",
            "-nic", f"user,model=virtio-net-pci{fwd}"]
-    for i, d in enumerate(disks):
-        ro = ",readonly=on" if readonly_last and i == len(disks) - 1 else ""
-        cmd += ["-drive", f"file={d},if=virtio,format=raw,cache=unsafe{ro}"]
+    for d in disks:
+        cmd += ["-drive", f"file={d},if=virtio,format=raw,cache=unsafe"]
     return cmd
 
 
@@ -158,42 +157,30 @@ class _Guest:
         self.log.close()
 
 
-def image_disk(m: Media, archive: Path, digest: str, timeout: float = 900) -> Path:
-    """containerd's store with ``archive`` imported, cached by content: one
-    boot of a node guest in import mode."""
+IMPORT_SCRIPT = HERE / "import-images.sh"
+
+
+def image_disk(m: Media, archive: Path, digest: str, refs, timeout: float = 900) -> Path:
+    """containerd's store with ``archive`` imported (import-images.sh, on the
+    host with the node disk's containerd), cached by containerd's version and
+    the archive's content."""
     containerd = (m.dir / "containerd.version").read_text().strip()
     key = hashlib.sha256(f"containerd {containerd} {digest}".encode()).hexdigest()[:16]
     disk = CACHE / "node" / f"images-{key}.ext4"
     if disk.exists():
         return disk
-    work = Path(k8s.make_tempdir())
-    try:
-        tmp = work / "images.ext4"
-        subprocess.run(["mke2fs", "-q", "-t", "ext4", "-L", "images", str(tmp), "4G"], check=True)
-        src = archive.parent          # holds only the archive (images.build)
-        size_mb = archive.stat().st_size // (1 << 20) + 64
-        arch_disk = work / "archives.ext4"
-        subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(src), str(arch_disk),
-                        f"{size_mb}M"], check=True)
-        root = work / "root.ext4"
-        subprocess.run(["cp", "--sparse=always", str(m.rootfs), str(root)], check=True)
-        initrd = work / "initrd.cpio"
-        _node_cpio({"env": "MODE=import\nNODE_NAME=image-import\n"}, work / "node.cpio")
-        initrd.write_bytes(m.initrd.read_bytes() + (work / "node.cpio").read_bytes())
-        g = _Guest(_qemu(m, memory_mib=1024, initrd=initrd, disks=[root, tmp, arch_disk],
-                         workdir=work, forwards=[], readonly_last=True), work)
-        try:
-            ok = g.wait_for("IMPORT-DONE", timeout)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                g.popen.wait(60)
-            if not ok:
-                raise NodeError(f"importing the images failed:\n{g.status()}\n{g.console(80)}")
-        finally:
-            g.kill()
-        os.replace(tmp, disk)
-        return disk
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    tmp = disk.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-L", "images", str(tmp), "4G"], check=True)
+    res = subprocess.run(["bash", str(IMPORT_SCRIPT), str(m.rootfs), str(tmp), str(archive)],
+                         capture_output=True, text=True, timeout=timeout)
+    listed = set(res.stdout.split())
+    if res.returncode != 0 or not set(refs) <= listed:
+        tmp.unlink(missing_ok=True)
+        raise NodeError(f"importing the images failed ({res.returncode}): {res.stderr[-3000:]}"
+                        f"\nlisted: {sorted(listed)}\nwanted: {sorted(refs)}")
+    os.replace(tmp, disk)
+    return disk
 
 
 @dataclasses.dataclass
@@ -257,7 +244,7 @@ class NodeGuest:
         }
         labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
         files = {
-            "env": (f"MODE=node\nNODE_NAME={s.name}\nAPI_HOST=10.0.2.2\nAPI_PORT={api_port}\n"
+            "env": (f"NODE_NAME={s.name}\nAPI_HOST=10.0.2.2\nAPI_PORT={api_port}\n"
                     f"KUBELET_PORT={self.kubelet_port}\nPOD_CIDR=10.88.{s.index}.0/24\n"
                     f"NODE_LABELS='{labels}'\n"),
             "ca.crt": cp.ca.read_bytes(),

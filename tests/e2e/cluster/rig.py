@@ -155,7 +155,7 @@ class Cluster:
         imgs = images_mod.build()
         self.images = imgs
         self._mark("images", t0)
-        disk = nodes.image_disk(media, imgs.archive, imgs.digest)
+        disk = nodes.image_disk(media, imgs.archive, imgs.digest, imgs.refs.values())
         self._mark("image-disk", t0)
         self.cp.start()
         self._mark("control-plane", t0)
