@@ -241,6 +241,9 @@ class NodeGuest:
             "syncFrequency": "10s", "fileCheckFrequency": "5s",
             "volumeStatsAggPeriod": "10s",
             "shutdownGracePeriod": "0s",
+            # a TCG guest on a busy machine needs minutes to start a shim:
+            # the default 2 min fails container starts with "context canceled"
+            "runtimeRequestTimeout": "10m",
         }
         labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
         files = {
