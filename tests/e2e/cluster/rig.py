@@ -205,9 +205,9 @@ class Cluster:
         if res.returncode != 0:
             raise k8s.RigError(f"helm install failed: {res.stderr}")
         # the storage Pod (static, mirror Pod in kube-system), then the chart's Pods
-        self.wait_pods("kube-system", "app=csi-spdk-storage", 1, 600)
-        self.wait_pods(ns, "app.kubernetes.io/component=node", len(self.nodes), 600)
-        self.wait_pods(ns, "app.kubernetes.io/component=controller", 1, 600)
+        self.wait_pods("kube-system", "app=csi-spdk-storage", 1, 1500)
+        self.wait_pods(ns, "app.kubernetes.io/component=node", len(self.nodes), 1200)
+        self.wait_pods(ns, "app.kubernetes.io/component=controller", 1, 1200)
         # kubelet registered the node plugin (node-driver-registrar -> CSINode)
         for name in self.nodes:
             self.wait_csinode(name, 300)

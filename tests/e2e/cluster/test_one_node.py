@@ -15,7 +15,7 @@ import pytest
 
 from . import rig
 
-pytestmark = [pytest.mark.guest, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.guest, pytest.mark.timeout(4800)]
 NODE = rig.STORAGE_NODE
 
 

@@ -14,7 +14,7 @@ import pytest
 from . import rig
 from .conftest import node_count
 
-pytestmark = [pytest.mark.guest, pytest.mark.timeout(2400),
+pytestmark = [pytest.mark.guest, pytest.mark.timeout(4800),
               pytest.mark.skipif(node_count() < 2, reason="CSI_SPDK_CLUSTER_NODES=1")]
 A, B = rig.STORAGE_NODE, "node-b"
 
