@@ -6,7 +6,8 @@ Prerequisites come from scripts/setup.sh (install-k8s.sh: kubelet,
 kube-scheduler; install-guest-deps.sh: the Debian 13 kernel; mmdebstrap and
 umoci for the node disk and the images). Missing ones skip, except under
 CI=true, where they fail.
-Env: CSI_SPDK_CLUSTER_NODES=1 runs the one-node scenarios only (default 2);
+Env: CSI_SPDK_CLUSTER_NODES=2 adds node-b and the two-node scenarios
+(default 1: the one-node scenarios, what CI runs);
 CSI_SPDK_CLUSTER_KEEP=1 keeps the work dir (logs, disks) for debugging.
 """
 
@@ -34,7 +35,7 @@ def in_ci() -> bool:
 
 
 def node_count() -> int:
-    return int(os.environ.get("CSI_SPDK_CLUSTER_NODES", "2"))
+    return int(os.environ.get("CSI_SPDK_CLUSTER_NODES", "1"))
 
 
 @pytest.fixture(scope="session")

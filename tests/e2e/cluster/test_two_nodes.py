@@ -1,6 +1,6 @@
 """Scenarios with two nodes: node-a (the storage node, also the
 controller's) and node-b (zone b), which the scenarios move volumes to,
-kill and restart. Skipped when CSI_SPDK_CLUSTER_NODES=1.
+kill and restart. Run with CSI_SPDK_CLUSTER_NODES=2 (skipped otherwise).
 
 One DH-HMAC-CHAP volume per node at a time (the simulator's nvmet keeps one
 key pair per host NQN): each scenario detaches what it attached."""
@@ -15,7 +15,8 @@ from . import rig
 from .conftest import node_count
 
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(4800),
-              pytest.mark.skipif(node_count() < 2, reason="CSI_SPDK_CLUSTER_NODES=1")]
+              pytest.mark.skipif(node_count() < 2,
+                                 reason="two-node scenarios: CSI_SPDK_CLUSTER_NODES=2")]
 A, B = rig.STORAGE_NODE, "node-b"
 
 
