@@ -4,9 +4,9 @@
 #   docker build -t ghcr.io/csi-spdk/csi-spdk:0.1.0 .
 #
 # Stage 1 builds the driver and every Python dependency as wheels; stage 2 is a
-# slim Debian bookworm with the node tools (nvme-cli, mkfs/resize for ext4 and
+# slim Debian 13 (trixie, the node guests' release) with the node tools (nvme-cli, mkfs/resize for ext4 and
 # xfs, mount/blkid) and installs only those wheels, offline.
-ARG BASE_IMAGE=python:3.11-slim-bookworm
+ARG BASE_IMAGE=python:3.13-slim-trixie
 
 FROM ${BASE_IMAGE} AS build
 WORKDIR /src
@@ -25,9 +25,9 @@ LABEL org.opencontainers.image.title="csi-spdk" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.11-slim-bookworm"
+      org.opencontainers.image.base.name="docker.io/library/python:3.13-slim-trixie"
 
-# Debian bookworm package versions, pinned (apt-cache policy on bookworm):
+# Debian 13 (trixie) package versions, pinned (apt-cache policy on trixie):
 #   nvme-cli     NVMe/TCP connect/disconnect (node)
 #   e2fsprogs    mkfs.ext4, resize2fs
 #   xfsprogs     mkfs.xfs, xfs_growfs
@@ -37,13 +37,13 @@ LABEL org.opencontainers.image.title="csi-spdk" \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      nvme-cli=2.4+really2.3-3 \
-      e2fsprogs=1.47.0-2+b2 \
-      xfsprogs=6.1.0-1 \
-      util-linux=2.38.1-5+deb12u3 \
-      mount=2.38.1-5+deb12u3 \
-      libudev1=252.39-1~deb12u2 \
-      cryptsetup-bin=2:2.6.1-4~deb12u2 \
+      nvme-cli=2.13-2 \
+      e2fsprogs=1.47.2-3+b12 \
+      xfsprogs=6.13.0-2+deb13u1 \
+      util-linux=2.41.5-0+deb13u1 \
+      mount=2.41.5-0+deb13u1 \
+      libudev1=257.13-1~deb13u1 \
+      cryptsetup-bin=2:2.7.5-2 \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 

@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _inspection(sub)
     _doctor(sub)
+    from .kubelet_plugin import add_parsers as kubelet_plugin_parsers
+    kubelet_plugin_parsers(sub)
 
     p = sub.add_parser("rotate-keys", help="new DH-HMAC-CHAP keys for volumes, keeping their "
                        "connections (resumable: run it again after a failure)")

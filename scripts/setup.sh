@@ -6,7 +6,9 @@
 #   - csi-sanity (Go module proxy)
 #   - Debian tools the node plugin tests use (mkfs, blkid, losetup)
 #   - the QEMU guest rig, the deploy check tools and the Kubernetes PVC rig
-#     (tests/e2e/k8s: scripts/install-k8s.sh, a long cold build), via their own scripts
+#     (tests/e2e/k8s: scripts/install-k8s.sh, a long cold build), the cluster
+#     rig's node disk (tests/e2e/cluster, with CSI_SPDK_CLUSTER=1:
+#     scripts/build-node-rootfs.sh), via their own scripts
 # Usage: scripts/setup.sh [--no-guest] [--no-deploy] [--no-k8s]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,5 +63,10 @@ if [ "$k8s" = 1 ] && [ -x scripts/install-k8s.sh ]; then
   echo "setup: the Kubernetes PVC rig (scripts/install-k8s.sh; ~24 min the first time," \
     "skip with --no-k8s)"
   scripts/install-k8s.sh
+  if [ "$guest" = 1 ] && [ "${CSI_SPDK_CLUSTER:-}" = 1 ] && [ -x scripts/build-node-rootfs.sh ]; then
+    echo "setup: the cluster rig's Debian 13 node disk (scripts/build-node-rootfs.sh;" \
+      "~4 min the first time)"
+    scripts/build-node-rootfs.sh
+  fi
 fi
 echo "setup: done"

@@ -15,6 +15,14 @@ scripts/setup.sh
 csi_spdk_venv test
 [ -d /usr/local/go/bin ] && export PATH="/usr/local/go/bin:$PATH"
 export PATH="$(go env GOPATH)/bin:$PATH"
+# One driver image build for the session: tests/e2e/cluster (the images its
+# nodes import) and tests/image share it, keyed by the committed inputs of
+# scripts/build-image.sh (it builds HEAD).
+if [ -z "${CSI_SPDK_IMAGE_DIR:-}" ] && git rev-parse -q HEAD >/dev/null 2>&1; then
+  key="$(for p in csi_spdk pyproject.toml README.md Dockerfile scripts/build-image.sh; do
+           git rev-parse "HEAD:$p"; done | sha256sum | cut -c1-16)"
+  export CSI_SPDK_IMAGE_DIR="$PWD/.cache/image-$key"
+fi
 echo "== ruff"
 ruff check .
 echo "== pytest"

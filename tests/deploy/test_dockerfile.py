@@ -6,6 +6,7 @@ looked up in the apt lists (only where this machine is Debian 12 with apt lists)
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ def test_hadolint_clean():
 
 
 def test_dockerfile_shape():
-    assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in TEXT
+    assert "ARG BASE_IMAGE=python:3.13-slim-trixie" in TEXT
     assert len(re.findall(r"^FROM ", TEXT, re.M)) == 2, "multi-stage: build + runtime"
     assert 'ENTRYPOINT ["csi-spdk"]' in TEXT
     for label in ("title", "description", "version", "revision", "licenses"):
@@ -70,19 +71,25 @@ def test_wheel_builds_with_the_entry_point(tmp_path):
     assert whl.name.startswith(f"csi_spdk-{version}-"), "Dockerfile VERSION != package version"
 
 
-def _bookworm_with_apt_lists() -> bool:
-    osr = Path("/etc/os-release")
-    lists = Path("/var/lib/apt/lists")
-    return (shutil.which("apt-cache") is not None and osr.exists()
-            and "VERSION_CODENAME=bookworm" in osr.read_text()
-            and any(lists.glob("*bookworm*Packages*")))
+def _trixie_apt() -> list[str]:
+    """apt-cache options for the private Debian 13 apt state that
+    scripts/install-guest-deps.sh keeps (the host is Debian 12: its own lists
+    are bookworm's); [] when it is not there."""
+    cache = Path(os.environ.get("CSI_SPDK_GUEST_CACHE", ROOT / ".cache" / "guest"))
+    t = cache / "trixie" / "apt"
+    if shutil.which("apt-cache") is None or not any((t / "lists").glob("*trixie*Packages*")):
+        return []
+    return ["-o", f"Dir::State::Lists={t / 'lists'}", "-o", f"Dir::State::status={t / 'status'}",
+            "-o", f"Dir::Etc::sourcelist={t / 'sources.list'}",
+            "-o", f"Dir::Etc::sourceparts={t / 'parts'}", "-o", f"Dir::Cache={t / 'cache'}"]
 
 
-def test_pinned_apt_packages_exist_in_bookworm():
-    if not _bookworm_with_apt_lists():
-        pytest.skip("not Debian 12 with apt lists (run apt-get update): cannot check the "
+def test_pinned_apt_packages_exist_in_trixie():
+    opts = _trixie_apt()
+    if not opts:
+        pytest.skip("no Debian 13 apt lists (scripts/install-guest-deps.sh): cannot check the "
                     "Dockerfile's package pins here")
     for pkg, version in _apt_packages().items():
-        out = run(["apt-cache", "show", f"{pkg}={version}"])
+        out = run(["apt-cache", *opts, "show", f"{pkg}={version}"])
         assert out.returncode == 0 and f"Version: {version}" in out.stdout, \
-            f"{pkg}={version} is not in this machine's bookworm apt lists"
+            f"{pkg}={version} is not in Debian 13's apt lists"

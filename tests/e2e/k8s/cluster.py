@@ -162,8 +162,9 @@ def wait_until(what: str, check: Callable[[], object], timeout: float,
 
 
 # --- certificates ------------------------------------------------------------------------------
-def _certs(d: Path) -> dict[str, Path]:
-    """CA, apiserver serving cert, admin client cert, service-account key pair."""
+def _certs(d: Path, extra_ips: tuple[str, ...] = ()) -> dict[str, Path]:
+    """CA, apiserver serving cert (also for ``extra_ips``), admin client cert,
+    service-account key pair."""
     import ipaddress
 
     from cryptography import x509
@@ -213,7 +214,9 @@ def _certs(d: Path) -> dict[str, Path]:
                 x509.DNSName("localhost"), x509.DNSName("kubernetes"),
                 x509.DNSName("kubernetes.default"), x509.DNSName("kubernetes.default.svc"),
                 x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                x509.IPAddress(ipaddress.ip_address("10.0.0.1"))]), critical=False)
+                x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
+                *[x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips]]),
+                critical=False)
         return k, b.sign(ca_key, hashes.SHA256())
 
     out = {}
@@ -226,10 +229,51 @@ def _certs(d: Path) -> dict[str, Path]:
         out[label + "-key"] = d / f"{label}.key"
     sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     write_key(sa, d / "sa.key")
+    write_key(ca_key, d / "ca-signing.key")
     (d / "sa.pub").write_bytes(sa.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     out["sa-key"], out["sa-pub"] = d / "sa.key", d / "sa.pub"
     return out
+
+
+def client_cert(d: Path, label: str, cn: str, org: str | None = None, *,
+                server_names: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A certificate signed by the rig's CA in ``d`` (made by ``_certs``): a
+    client certificate for ``cn``/``org`` (kubelet: system:node:<name> in
+    system:nodes), or with ``server_names`` (DNS names or IPs) a server one."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca = x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((d / "ca-signing.key").read_bytes(), None)
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    k = ec.generate_private_key(ec.SECP256R1())
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
+    b = (x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(ca.subject)
+         .public_key(k.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=2))
+         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+    if server_names:
+        sans = []
+        for n in server_names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                sans.append(x509.DNSName(n))
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = b.sign(ca_key, hashes.SHA256())
+    (d / f"{label}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / f"{label}.key").write_bytes(k.private_bytes(serialization.Encoding.PEM,
+                                                     serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()))
+    return d / f"{label}.crt", d / f"{label}.key"
 
 
 def kubeconfig(path: Path, server: str, ca: Path, *, cert: Path | None = None,
@@ -344,10 +388,19 @@ def container_args(container: dict, env: dict[str, str]) -> list[str]:
 
 # --- the whole rig ------------------------------------------------------------------------------
 class ControlPlane:
-    """etcd + kube-apiserver + kube-controller-manager + snapshot-controller."""
+    """etcd + kube-apiserver + kube-controller-manager + snapshot-controller.
 
-    def __init__(self, workdir: Path) -> None:
+    ``kubelets``: real kubelets in QEMU guests join (tests/e2e/cluster): the
+    apiserver's certificate also names 10.0.2.2 (the host as a user-network
+    guest dials it), it allows privileged Pods, authorizes kubelets with the
+    Node authorizer and NodeRestriction and reaches them at their InternalIP
+    with the admin client certificate; every controller of
+    kube-controller-manager runs (node lifecycle, ReplicaSets, DaemonSets...)
+    and kube-scheduler runs too."""
+
+    def __init__(self, workdir: Path, kubelets: bool = False) -> None:
         self.dir = workdir
+        self.kubelets = kubelets
         self.procs: dict[str, Proc] = {}
         self.timings: dict[str, float] = {}
         self.api_port = free_port()
@@ -374,7 +427,8 @@ class ControlPlane:
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         pki = self.dir / "pki"
         pki.mkdir()
-        c = _certs(pki)
+        c = _certs(pki, ("10.0.2.2",) if self.kubelets else ())
+        self.pki = pki
         self.ca = c["ca"]
         self.admin_kubeconfig = kubeconfig(self.dir / "admin.kubeconfig", self.server, c["ca"],
                                            cert=c["admin"], key=c["admin-key"], user="admin")
@@ -416,6 +470,11 @@ class ControlPlane:
             "--authorization-mode=Node,RBAC",
             "--enable-priority-and-fairness=false", "--profiling=false",
             "--endpoint-reconciler-type=none", "--v=1",
+            *([] if not self.kubelets else [
+                "--allow-privileged=true", "--enable-admission-plugins=NodeRestriction",
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-client-certificate={c['admin']}",
+                f"--kubelet-client-key={c['admin-key']}"]),
         ])
         wait_until("kube-apiserver /readyz", lambda: (
             self._check_alive("kube-apiserver"),
@@ -430,7 +489,11 @@ class ControlPlane:
             f"--authorization-kubeconfig={self.admin_kubeconfig}",
             "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
             f"--cert-dir={self.dir / 'kcm-certs'}",
-            f"--controllers={','.join(KCM_CONTROLLERS)}",
+            f"--controllers={'*' if self.kubelets else ','.join(KCM_CONTROLLERS)}",
+            *([] if not self.kubelets else [
+                # a lost node is noticed in 20 s (the node-loss scenario)
+                "--node-monitor-grace-period=20s", "--node-monitor-period=2s",
+                "--allocate-node-cidrs=false"]),
             "--leader-elect=false", "--use-service-account-credentials=false",
             "--pvclaimbinder-sync-period=2s",
             "--attach-detach-reconcile-sync-period=5s",
@@ -453,8 +516,18 @@ class ControlPlane:
             str(BIN / "snapshot-controller"), f"--kubeconfig={self.admin_kubeconfig}",
             "--leader-election=false", "--v=2", "--resync-period=30s",
         ])
+        if self.kubelets:
+            self.start_proc("kube-scheduler", [
+                str(BIN / "kube-scheduler"), f"--kubeconfig={self.admin_kubeconfig}",
+                f"--authentication-kubeconfig={self.admin_kubeconfig}",
+                f"--authorization-kubeconfig={self.admin_kubeconfig}",
+                "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
+                "--leader-elect=false", "--v=1",
+            ])
+        names = ("kube-controller-manager", "snapshot-controller",
+                 *(("kube-scheduler",) if self.kubelets else ()))
         wait_until("kube-controller-manager and snapshot-controller", lambda: (
-            self._check_alive("kube-controller-manager", "snapshot-controller"),
+            self._check_alive(*names),
             self.kubectl.get("serviceaccount", "default", "default") is not None)[-1],
             60, 0.5, self.logs)
         self.timings["control-plane"] = round(time.monotonic() - t0, 1)
