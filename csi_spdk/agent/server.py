@@ -30,8 +30,9 @@ from .. import metrics
 from ..errors import CsiError, InvalidArgument
 from ..log import redact_mapping
 from ..proto import agent_pb2, agent_pb2_grpc
+from ..spdk import intents
 from ..spdk.api import SpdkApi
-from ..spdk.errors import SpdkError
+from ..spdk.errors import SpdkError, SpdkNotFound
 from . import policy
 from .keys import KeyStore
 
@@ -42,6 +43,37 @@ MAX_TIMEOUT = 600.0
 
 class State(Protocol):
     def record(self, method: str, params: dict | None, result: Any = None) -> Any: ...
+
+
+class CheckedApi(SpdkApi):
+    """What an intent running in the agent calls SPDK through: each call passes
+    ``policy.check`` exactly as a ``Call`` would, and each successful mutating
+    one is recorded in the desired state. The bdevs the intent has just read
+    answer the policy's look-ups, so a check costs no extra round trip."""
+
+    def __init__(self, api: SpdkApi, state: State, timeout: float) -> None:
+        super().__init__(api.client)
+        self.inner, self.state, self.timeout = api, state, timeout
+        self._seen: dict[str, dict | None] = {}
+
+    def _lookup(self, ref: str) -> dict | None:
+        if ref in self._seen:
+            return self._seen[ref]
+        return self.inner.bdev_get(ref)
+
+    def call(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
+        policy.check(method, params, self._lookup)
+        try:
+            result = self.inner.call(method, params, timeout=timeout or self.timeout)
+        except SpdkNotFound:
+            if method == "bdev_get_bdevs" and params and "name" in params:
+                self._seen[params["name"]] = None
+            raise
+        if method == "bdev_get_bdevs" and params and "name" in params:
+            self._seen[params["name"]] = result[0] if result else None
+        if method in policy.MUTATING:
+            self.state.record(method, params, result)
+        return result
 
 
 class NullState:
@@ -146,6 +178,44 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         if method in policy.MUTATING:
             self._record(method, params, result)
         return agent_pb2.CallReply(result_json=json.dumps(result)), "ok"
+
+    # --- intents (spdk/intents.py) -------------------------------------------------
+    def _intent(self, name: str, request, context):
+        def run() -> tuple[agent_pb2.IntentReply, str]:
+            try:
+                spec = json.loads(request.spec_json or "{}")
+            except ValueError:
+                raise InvalidArgument(f"{name}: spec_json is not JSON") from None
+            if not isinstance(spec, dict):
+                raise InvalidArgument(f"{name}: spec_json must be an object")
+            timeout = request.timeout if 0 < request.timeout <= MAX_TIMEOUT \
+                else self.default_timeout
+            try:
+                result = intents.run(CheckedApi(self.api, self.state, timeout), name, spec)
+            except intents.IntentError as err:
+                return agent_pb2.IntentReply(refusal=agent_pb2.IntentRefusal(
+                    reason=err.reason, message=err.message,
+                    details_json=json.dumps(err.details))), "declined"
+            except SpdkError as err:
+                return agent_pb2.IntentReply(error=agent_pb2.SpdkError(
+                    code=err.spdk_code, message=err.spdk_message)), "spdk_error"
+            except (KeyError, TypeError, ValueError) as err:
+                raise InvalidArgument(f"{name}: malformed spec ({type(err).__name__}: "
+                                      f"{str(err)[:80]})") from None
+            return agent_pb2.IntentReply(result_json=json.dumps(result)), "ok"
+        return self._serve(context, name, name, run)
+
+    def CreateLvol(self, request, context):  # noqa: N802
+        return self._intent("create_lvol", request, context)
+
+    def Export(self, request, context):  # noqa: N802
+        return self._intent("export", request, context)
+
+    def Unexport(self, request, context):  # noqa: N802
+        return self._intent("unexport", request, context)
+
+    def DeleteVolume(self, request, context):  # noqa: N802
+        return self._intent("delete_volume", request, context)
 
     # --- keys ---------------------------------------------------------------------
     def PutKey(self, request, context):  # noqa: N802

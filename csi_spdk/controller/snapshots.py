@@ -181,7 +181,7 @@ class SnapshotService:
                 uuid = None
             except SpdkNotFound as err:
                 raise NotFound(f"volume {request.source_volume_id} does not exist") from err
-            target.forget_provisioned()
+            target.forget_provisioned(src.lvstore, held=src.size)
         snap = target.lvol(uuid) if uuid else target.lvol_by_name(src.lvstore, snap_name)
         if snap is None:
             raise NotFound(f"snapshot {snap_name} vanished after creation; retry")

@@ -1,14 +1,18 @@
 """The controller's view of one SPDK target: lvol lookups, capacity, reclaim.
 
 Split out of ``controller.py`` so the volume and snapshot halves of the
-Controller service share one model of SPDK state. Nothing here is cached
-except the per-lvstore "provisioned bytes" (volume sizes plus the clusters
-snapshots hold, see ``placement``): one ``bdev_get_bdevs`` gives every
-lvstore of the target at once, at most every ``PROVISIONED_TTL`` seconds for
-CreateVolume (adjusted in between by the driver's own creates, resizes and
-deletes, and dropped after any snapshot change, whose effect on the sum only
-SPDK knows), fresh for GetCapacity. So the cost of a CreateVolume does not
-grow with the number of volumes and no call scans all bdevs once per lvstore.
+Controller service share one model of SPDK state. Two things are kept
+between calls, so that no CreateVolume waits on a scan (docs/DESIGN.md
+"Capacity"): the lvstores (free clusters taken off by the driver's thick
+creates) and the per-lvstore "provisioned bytes" (volume sizes plus the
+clusters snapshots hold, see ``placement``), adjusted by the driver's own
+creates, resizes and deletes, over-counted by a new snapshot's source size,
+and re-read off the request path (one ``bdev_get_bdevs`` for every lvstore of
+the target) every ``PROVISIONED_TTL`` seconds or right after a snapshot
+change. Thin admission therefore never under-counts what the driver did;
+thick admission may see more free clusters than SPDK has (thin volumes fill
+up by writes), and then SPDK itself refuses the create with ENOSPC, which is
+RESOURCE_EXHAUSTED with nothing created. GetCapacity reads fresh figures.
 
 Concurrency: safe to share between threads; callers hold the per-volume locks.
 """
@@ -16,6 +20,7 @@ Concurrency: safe to share between threads; callers hold the per-volume locks.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,10 +29,13 @@ from .. import contract, metrics
 from ..errors import NotFound
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
+from ..spdk.intents import parallel
 from . import qos
 from .config import TargetConfig
 from .export import NvmfExporter
 from .placement import Pool
+
+log = logging.getLogger("csi_spdk.controller")
 
 PROVISIONED_TTL = 30.0
 MARK_BYTES = 1024 * 1024  # a deleted-snapshot marker's size (thin: no cluster is used)
@@ -109,7 +117,14 @@ class Target:
         self.lineage = threading.RLock()
         # lvstore name -> (time, bytes of volumes, clusters held by snapshots)
         self._prov: dict[str, tuple[float, int, int]] = {}
+        self._prov_known = False       # a scan filled _prov once
+        self._scan_deltas: dict[str, int] | None = None   # changes during a scan
+        self._lvs_cache: list[dict] | None = None
         self._prov_lock = threading.Lock()
+        self._scan_lock = threading.Lock()
+        self._refresh = threading.Event()
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
 
     @property
     def name(self) -> str:
@@ -126,6 +141,8 @@ class Target:
             found = [s for s in found if s["name"] in self.cfg.lvstores]
         for s in found:
             self.observe(s)
+        with self._prov_lock:
+            self._lvs_cache = [dict(s) for s in found]
         return found
 
     def lvol(self, ref: str) -> Lvol | None:
@@ -158,7 +175,17 @@ class Target:
         metrics.LVSTORE_FREE.labels(self.name, lvs["name"]).set(free)
 
     def _scan_provisioned(self) -> None:
-        """One bdev_get_bdevs: the provisioned parts of every lvstore."""
+        """One bdev_get_bdevs: the provisioned parts of every lvstore.
+
+        Changes the driver made while the scan ran may or may not be in it:
+        growths are added again and shrinks are not applied, so the result
+        can only over-count (refuse early), never admit beyond the ratio."""
+        with self._scan_lock:
+            self._scan_provisioned_locked()
+
+    def _scan_provisioned_locked(self) -> None:
+        with self._prov_lock:
+            self._scan_deltas = {}
         now = time.monotonic()
         parts: dict[str, list[int]] = {}
         for bdev in self.api.bdevs():
@@ -171,17 +198,55 @@ class Target:
             else:
                 part[0] += lv.size
         with self._prov_lock:
-            self._prov = {name: (now, b, c) for name, (b, c) in parts.items()}
+            deltas, self._scan_deltas = self._scan_deltas or {}, None
+            self._prov = {name: (now, b + max(0, deltas.get(name, 0)), c)
+                          for name, (b, c) in parts.items()}
+            for name, d in deltas.items():
+                if name not in self._prov and d > 0:
+                    self._prov[name] = (now, d, 0)
+
+    def _refresh_loop(self) -> None:
+        """Off the request path: rescan when asked (a snapshot changed what
+        SPDK holds) or when the figures are PROVISIONED_TTL old."""
+        while not self._stop.is_set():
+            self._refresh.wait(PROVISIONED_TTL)
+            self._refresh.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._scan_provisioned()
+                self.lvstores()
+            except Exception as err:  # noqa: BLE001 - the next pass tries again
+                log.debug("capacity refresh failed: %s", err)
+
+    def _kick_refresh(self) -> None:
+        with self._prov_lock:
+            if self._refresher is None and not self._stop.is_set():
+                self._refresher = threading.Thread(target=self._refresh_loop, daemon=True,
+                                                   name=f"capacity-{self.name}")
+                self._refresher.start()
+        self._refresh.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._refresh.set()
 
     def provisioned(self, lvs: dict, max_age: float = PROVISIONED_TTL) -> int:
-        """Volume sizes + bytes held by snapshots (and markers) of an lvstore."""
+        """Volume sizes + bytes held by snapshots (and markers) of an lvstore.
+
+        ``max_age=0`` (GetCapacity) scans now. Otherwise the incrementally kept
+        figure is used and an old one is refreshed in the background; only the
+        first call after start, with no figure at all, waits for a scan."""
         name = lvs["name"]
         with self._prov_lock:
-            hit = self._prov.get(name)
-        if hit is None or time.monotonic() - hit[0] >= max_age:
+            hit = self._prov.get(name) if self._prov_known else None
+        if hit is None or max_age <= 0:
             self._scan_provisioned()
             with self._prov_lock:
+                self._prov_known = True
                 hit = self._prov.setdefault(name, (time.monotonic(), 0, 0))
+        elif time.monotonic() - hit[0] >= max_age:
+            self._kick_refresh()
         total = hit[1] + hit[2] * int(lvs["cluster_size"])
         metrics.LVSTORE_PROVISIONED.labels(self.name, name).set(total)
         return total
@@ -192,11 +257,38 @@ class Target:
             hit = self._prov.get(lvstore)
             if hit:
                 self._prov[lvstore] = (hit[0], max(0, hit[1] + delta), hit[2])
+            if self._scan_deltas is not None:
+                self._scan_deltas[lvstore] = self._scan_deltas.get(lvstore, 0) + delta
 
-    def forget_provisioned(self) -> None:
-        """A snapshot was taken, deleted, merged or inflated: rescan next time."""
+    def forget_provisioned(self, lvstore: str = "", held: int = 0) -> None:
+        """A snapshot was taken, deleted, merged or inflated: what SPDK holds
+        changed by an amount only SPDK knows. ``held``: an upper bound of what
+        a new snapshot holds (its source's size), counted until the
+        background rescan (started now) replaces the figure."""
+        if lvstore and held:
+            self.adjust_provisioned(lvstore, held)
+        self._kick_refresh()
+
+    # --- the lvstores, kept between calls ---------------------------------------------
+    def cached_lvstores(self) -> list[dict]:
+        """The driver's lvstores as last read (one RPC when never read).
+
+        Free clusters are taken off as the driver makes thick lvols and
+        re-read in the background; a stale figure can only let a create reach
+        SPDK, which refuses it (ENOSPC) when the room is not there."""
         with self._prov_lock:
-            self._prov.clear()
+            cached = self._lvs_cache
+        if cached is None:
+            return self.lvstores()
+        return [dict(s) for s in cached]
+
+    def took_clusters(self, lvstore: str, size: int) -> None:
+        """A thick lvol of ``size`` bytes took its clusters in ``lvstore``."""
+        with self._prov_lock:
+            for s in self._lvs_cache or []:
+                if s["name"] == lvstore:
+                    cluster = int(s["cluster_size"]) or 1
+                    s["free_clusters"] = max(0, int(s["free_clusters"]) - -(-size // cluster))
 
     def pool(self, lvs: dict, with_provisioned: bool = True,
              max_age: float = PROVISIONED_TTL) -> Pool:
@@ -306,6 +398,7 @@ class Target:
     def _sweep(self, busy: frozenset[str]) -> None:
         lvols = self.lvols_with_bdevs()
         by_uuid = {lv.uuid: lv for lv in lvols}
+        self._sweep_subsystems(by_uuid)
         for lv in lvols:
             meta = contract.parse_snapshot_meta(lv.name)
             if meta is not None and meta[0] not in by_uuid:
@@ -324,6 +417,27 @@ class Target:
                     lv.name.startswith(contract.CLONE_SOURCE_PREFIX):
                 self.reclaim(lv.lvstore, lv.name)
 
+    def _sweep_subsystems(self, by_uuid: dict[str, Lvol]) -> None:
+        """A publish creates the subsystem while it looks the lvol up
+        (``intents.export``); a crash right there after finding no volume
+        leaves a host-less subsystem of a uuid that is no volume: delete it."""
+        for sub in self.api.subsystems():
+            nqn = sub.get("nqn", "")
+            if not nqn.startswith(contract.NQN_PREFIX) or sub.get("hosts"):
+                continue
+            uuid = nqn[len(contract.NQN_PREFIX):]
+            lv = by_uuid.get(uuid)
+            if lv is not None and contract.is_volume_lvol(lv.name) and not lv.snapshot:
+                continue
+            if lv is None:
+                lv = self.lvol(uuid)   # maybe in an lvstore the driver does not use
+                if lv is not None and not lv.snapshot:
+                    continue
+                if lv is None and self.api.bdev_get(uuid) is not None:
+                    continue   # some other bdev: not the driver's to judge
+            with contextlib.suppress(SpdkNotFound):
+                self.api.subsystem_delete(nqn)
+
     def delete_lvol(self, lv: Lvol) -> None:
         """Delete an lvol (missing is success) and reclaim its hidden parents."""
         with self.lineage:
@@ -332,6 +446,11 @@ class Target:
     def _delete_lvol(self, lv: Lvol) -> None:
         with contextlib.suppress(SpdkNotFound):
             self.api.lvol_delete(lv.uuid)
+        self.deleted_lvol(lv)
+
+    def deleted_lvol(self, lv: Lvol) -> None:
+        """``lv`` was just deleted (the caller holds ``lineage``): account for it
+        and reclaim its hidden parents."""
         if lv.snapshot:
             self.forget_provisioned()
         else:
@@ -406,21 +525,32 @@ class Targets(dict[str, Target]):
             raise NotFound(f"volume {volume_id} does not exist")
         return target, lv
 
-    def find(self, lvol_name: str, only: str = ""
+    def find(self, lvol_name: str, only: str = "", lvstore: str = "", always: bool = True
              ) -> tuple[Target | None, Lvol | None, dict[str, list[dict]]]:
-        """Look the lvol name up in every target/lvstore (one bdev_get each), or
-        in target ``only``.
+        """Look the lvol name up in every target/lvstore, or in target ``only``
+        (and lvstore ``lvstore``): the look-ups run together, one round.
 
-        Returns the hit (or None) and each target's lvstores for placement. An
+        Returns the hit (or None) and each target's lvstores (as kept between
+        calls) for placement. Without ``always``, a single candidate lvstore
+        is not looked in: the create itself tells (EEXIST) when the name is
+        there, so a steady-state CreateVolume is one SPDK call. An
         unreachable target is an error: the name might exist there.
         """
         lvstores: dict[str, list[dict]] = {}
+        where: list[tuple[Target, str]] = []
         for target in self.values():
             if only and target.name != only:
                 continue
-            lvstores[target.name] = target.lvstores()
-            for lvs in lvstores[target.name]:
-                lv = target.lvol_by_name(lvs["name"], lvol_name)
-                if lv is not None:
-                    return target, lv, lvstores
+            lvstores[target.name] = target.cached_lvstores()
+            where += [(target, s["name"]) for s in lvstores[target.name]
+                      if not lvstore or s["name"] == lvstore]
+        if len(where) <= 1 and not always:
+            return None, None, lvstores
+        for (target, _), (lv, err) in zip(where, parallel(
+                *(lambda t=t, n=n: t.lvol_by_name(n, lvol_name) for t, n in where)),
+                strict=True):
+            if err is not None:
+                raise err
+            if lv is not None:
+                return target, lv, lvstores
         return None, None, lvstores
