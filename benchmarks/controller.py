@@ -19,8 +19,9 @@ Unpublish, Delete):
 - p50/p99 over N volumes (the timing pass: no proxy), first-10% vs last-10%
   p50;
 - the floor: rounds x the measured SPDK RPC period (p50 of a serial
-  spdk_get_version on one connection, in the same run) + agent hops x the
-  gRPC floor (a no-op call to the same controller);
+  spdk_get_version on its own connection after each timed CSI call, so under
+  the same load) + the gRPC hops x the gRPC floor (a no-op call to the same
+  controller; through the agent, one more hop per agent round trip);
 - volumes/s for the whole lifecycle with 1, 8 and 32 CSI calls in flight;
 - ListVolumes and GetCapacity latency with N volumes, RSS of controller and
   agent.
@@ -227,18 +228,6 @@ class Volumes:
             s.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=self.ids[i]))
 
 
-def rpc_period(spdk: str, calls: int = 200) -> float:
-    """p50 ms of a serial spdk_get_version on one connection: one SPDK round."""
-    with SpdkClient(spdk, timeout=30, pool_size=1) as c:
-        c.call("spdk_get_version")
-        out = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            c.call("spdk_get_version")
-            out.append(time.perf_counter() - t)
-    return pct(out, .5)
-
-
 def grpc_floor(sock: str, calls: int = 300) -> float:
     with grpc.insecure_channel(f"unix://{sock}") as ch:
         ident = csi_pb2_grpc.IdentityStub(ch)
@@ -273,14 +262,22 @@ def count_pass(tmp: Path, spdk: str, lvs: str, agent: bool, k: int = 12) -> dict
             for op, v in out.items()}
 
 
-def timing_pass(stack: Stack, n: int, tag: str) -> dict[str, list[float]]:
+def timing_pass(stack: Stack, n: int, tag: str, spdk: str) -> dict[str, list[float]]:
+    """Each CSI call is followed by one serial spdk_get_version on its own
+    connection: the RPC period under the same load (``times["_period"]``)."""
     vols = Volumes(stack.stub, tag)
     times: dict[str, list[float]] = {op: [] for op in OPS}
+    times["_period"] = []
+    probe = SpdkClient(spdk, timeout=30, pool_size=1)
+    probe.call("spdk_get_version")
     for op in OPS:
         for i in range(n):
             t = time.perf_counter()
             vols.step(op, i)
             times[op].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            probe.call("spdk_get_version")
+            times["_period"].append(time.perf_counter() - t)
         if op == "ControllerPublishVolume":
             times["_rss"] = [rss_mib(stack.ctl.pid)] + (
                 [rss_mib(stack.agent.pid)] if stack.agent_metrics else [])
@@ -291,6 +288,7 @@ def timing_pass(stack: Stack, n: int, tag: str) -> dict[str, list[float]]:
             stack.stub.GetCapacity(csi_pb2.GetCapacityRequest(parameters={
                 "thinProvision": "true"}))
             times["_cap"] = [time.perf_counter() - t]
+    probe.close()
     return times
 
 
@@ -328,16 +326,17 @@ def bench(n: int, real_rpc: str, agent: bool, tmp: Path) -> None:
                                               "cluster_sz": MiB,
                                               "num_md_pages_per_cluster_ratio": 300})
         counts = count_pass(tmp, spdk, lvs, agent)
-        period = rpc_period(spdk)
         stack = Stack(tmp, tag, spdk, lvs, agent)
         hop = grpc_floor(stack.sock)
-        times = timing_pass(stack, n, tag)
+        times = timing_pass(stack, n, tag, spdk)
+        period = pct(times["_period"], .5)
         rates = {k: throughput(stack, min(n, max(64, 4 * k)), k, f"{tag}t{k}")
                  for k in (1, 8, 32)}
         where = "real spdk_tgt" if real_rpc else "simulator"
         how = "through the agent" if agent else "on the SPDK socket"
         print(f"\n== N={n} volumes, {where}, controller {how} ==")
-        print(f"SPDK RPC period (serial spdk_get_version p50): {period:.2f} ms; "
+        print(f"SPDK RPC period (a serial spdk_get_version after each CSI call, p50): "
+              f"{period:.2f} ms; "
               f"gRPC floor (no-op call p50): {hop:.2f} ms")
         print(f"{'CSI call':<28}{'SPDK calls':>11}{'rounds':>8}{'agent RTs':>10}"
               f"{'p50':>9}{'p99':>9}{'floor':>9}{'first10%':>10}{'last10%':>9}")
@@ -345,7 +344,7 @@ def bench(n: int, real_rpc: str, agent: bool, tmp: Path) -> None:
         for op in OPS:
             calls, rounds, hops = counts[op]
             t = times[op]
-            floor = rounds * period + (hops if agent else 1) * hop
+            floor = rounds * period + (1 + (hops if agent else 0)) * hop
             print(f"{op:<28}{calls:>11.0f}{rounds:>8.0f}{hops if agent else 0:>10.0f}"
                   f"{pct(t, .5):>7.2f}ms{pct(t, .99):>7.2f}ms{floor:>7.2f}ms"
                   f"{statistics.median(t[:k]) * 1000:>8.2f}ms"
