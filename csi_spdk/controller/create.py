@@ -40,9 +40,10 @@ from ..errors import (
 from ..proto import csi_pb2
 from ..spdk.errors import SpdkExists, SpdkNoSpace
 from . import placement
+from .capacity import PROVISIONED_TTL
 from .config import Config
 from .requests import VolumeParams
-from .target import PROVISIONED_TTL, Lvol, Target, Targets
+from .target import Lvol, Target, Targets
 
 MiB = 1024 * 1024
 

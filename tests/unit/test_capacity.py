@@ -268,12 +268,11 @@ def test_request_path_never_scans(tmp_path, monkeypatch):
     calling thread: the refresh runs in the background."""
     import threading
 
-    from csi_spdk.controller import target as target_mod
     env = make_env(tmp_path, lvs_mib=256, ratio=2.0, agent=False)
     try:
         call(env.servicer, "CreateVolume", create_req("warm", 8 * MiB, params=THIN))
-        monkeypatch.setattr(target_mod, "PROVISIONED_TTL", 0.0001)
-        api = env.servicer.targets[env.t0.name].api
+        target = env.servicer.targets[env.t0.name]
+        api = target.api
         scans: list[str] = []
         real_bdevs = api.bdevs
 
@@ -283,6 +282,8 @@ def test_request_path_never_scans(tmp_path, monkeypatch):
         monkeypatch.setattr(api, "bdevs", counting_bdevs)
         main = threading.current_thread().name
         for i in range(6):
+            with target._prov_lock:   # every kept figure as old as can be
+                target._prov = {k: (0.0, b, c) for k, (_, b, c) in target._prov.items()}
             params = THIN if i % 2 else {"thinProvision": "false"}
             vol = call(env.servicer, "CreateVolume", create_req(f"v{i}", 8 * MiB,
                                                                 params=params)).volume
@@ -297,6 +298,7 @@ def test_request_path_never_scans(tmp_path, monkeypatch):
                  csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
             assert env.t0.raw.bdev_get(uuid_of(vol.volume_id)) is None
         assert main not in scans
+        assert scans   # the background refresh did run
     finally:
         env.close()
 
