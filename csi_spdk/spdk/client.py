@@ -210,9 +210,11 @@ class SpdkClient:
                 reply = conn.call(payload, deadline)
             except (BrokenPipeError, ConnectionResetError, ConnectionError) as err:
                 conn.close()
-                # A pooled connection may have died with a restarted target; a
-                # fresh one gets one more try. A fresh connection failing is real.
+                # A pooled connection may have died with a restarted target; so
+                # have the other idle ones then: they are dropped and a fresh
+                # connection gets one more try. A fresh connection failing is real.
                 if reused and attempt == 0:
+                    self._drop_idle()
                     continue
                 raise SpdkTransportError(self.address, method, str(err)) from err
             except (OSError, TimeoutError) as err:
@@ -238,11 +240,14 @@ class SpdkClient:
         except OSError as err:
             raise SpdkTransportError(self.address, method, str(err)) from err
 
-    def close(self) -> None:
+    def _drop_idle(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+    def close(self) -> None:
+        self._drop_idle()
 
     def __enter__(self) -> SpdkClient:
         return self
