@@ -321,10 +321,14 @@ def bench(n: int, real_rpc: str, agent: bool, tmp: Path) -> None:
     malloc, lvs = f"bench{tag}m", f"bench{tag}l"
     stack = None
     try:
-        api.malloc_create(malloc, (2 * n + 256) * MiB)
+        # thin 1 MiB volumes take no cluster, one metadata page each (and a
+        # few for the lvstore): size the metadata for 3N lvols
+        mib = min(2 * n + 256, 2048)
+        ratio = max(300, -(-3 * n * 100 // mib))
+        api.malloc_create(malloc, mib * MiB)
         api.call("bdev_lvol_create_lvstore", {"bdev_name": malloc, "lvs_name": lvs,
                                               "cluster_sz": MiB,
-                                              "num_md_pages_per_cluster_ratio": 300})
+                                              "num_md_pages_per_cluster_ratio": ratio})
         counts = count_pass(tmp, spdk, lvs, agent)
         stack = Stack(tmp, tag, spdk, lvs, agent)
         hop = grpc_floor(stack.sock)

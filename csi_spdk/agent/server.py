@@ -18,8 +18,10 @@ at debug level, redacted, and key material never.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -49,12 +51,22 @@ class CheckedApi(SpdkApi):
     """What an intent running in the agent calls SPDK through: each call passes
     ``policy.check`` exactly as a ``Call`` would, and each successful mutating
     one is recorded in the desired state. The bdevs the intent has just read
-    answer the policy's look-ups, so a check costs no extra round trip."""
+    answer the policy's look-ups, so a check costs no extra round trip. The
+    records are kept until ``flush`` (the intent's end: one state write)."""
 
     def __init__(self, api: SpdkApi, state: State, timeout: float) -> None:
         super().__init__(api.client)
         self.inner, self.state, self.timeout = api, state, timeout
         self._seen: dict[str, dict | None] = {}
+        self._applied: list[tuple[str, dict | None, Any]] = []
+        self._mutex = threading.Lock()
+
+    def flush(self) -> None:
+        """Record the mutating calls SPDK applied, in the order they returned."""
+        with self._mutex:
+            applied, self._applied = self._applied, []
+        for method, params, result in applied:
+            self.state.record(method, params, result)
 
     def _lookup(self, ref: str) -> dict | None:
         if ref in self._seen:
@@ -72,7 +84,8 @@ class CheckedApi(SpdkApi):
         if method == "bdev_get_bdevs" and params and "name" in params:
             self._seen[params["name"]] = result[0] if result else None
         if method in policy.MUTATING:
-            self.state.record(method, params, result)
+            with self._mutex:
+                self._applied.append((method, params, result))
         return result
 
 
@@ -190,8 +203,20 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 raise InvalidArgument(f"{name}: spec_json must be an object")
             timeout = request.timeout if 0 < request.timeout <= MAX_TIMEOUT \
                 else self.default_timeout
+            store = getattr(self.state, "state", self.state)   # StorageSide -> its record
+            batch = getattr(store, "batch", contextlib.nullcontext)
+            checked = CheckedApi(self.api, self.state, timeout)
+            result = None
             try:
-                result = intents.run(CheckedApi(self.api, self.state, timeout), name, spec)
+                try:
+                    result = intents.run(checked, name, spec)
+                finally:
+                    # what SPDK applied is recorded, failed intent or not, in
+                    # one atomic write (the parallel steps ran on other threads)
+                    with batch():
+                        checked.flush()
+                        if result is not None:
+                            self._settle(store, name, spec, result)
             except intents.IntentError as err:
                 return agent_pb2.IntentReply(refusal=agent_pb2.IntentRefusal(
                     reason=err.reason, message=err.message,
@@ -204,6 +229,17 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                                       f"{str(err)[:80]})") from None
             return agent_pb2.IntentReply(result_json=json.dumps(result)), "ok"
         return self._serve(context, name, name, run)
+
+    @staticmethod
+    def _settle(store: Any, name: str, spec: dict, result: dict) -> None:
+        """The record states what the intent made, whichever calls it needed."""
+        if name == "export" and hasattr(store, "settle_export"):
+            store.settle_export(spec)
+        elif name == "unexport" and hasattr(store, "settle_unexport"):
+            store.settle_unexport(spec, bool(result.get("gone")) or bool(spec.get("all")))
+        elif name == "delete_volume" and hasattr(store, "settle_unexport"):
+            store.settle_unexport(spec, gone=True)            # its subsystem went first
+            store.record("bdev_lvol_delete", {"name": spec["uuid"]})   # and its QoS
 
     def CreateLvol(self, request, context):  # noqa: N802
         return self._intent("create_lvol", request, context)
