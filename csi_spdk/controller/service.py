@@ -49,6 +49,7 @@ from ..spdk.errors import SpdkError, SpdkNoSpace, SpdkNotFound, SpdkTransportErr
 from ..spdk.intents import IntentError
 from . import dhchap_strength, placement, qos
 from .auth import AgentKeyCustody, SameHostKeyCustody, SecretStore, StaticSecrets, VolumeAuth
+from .capacity import PROVISIONED_TTL
 from .config import Config
 from .create import CreateRequest, create_empty, create_from_snapshot, create_from_volume
 from .encryption import FileKeyStore, KeyStore, SecretKeyStore, VolumeEncryption
@@ -596,10 +597,13 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             raise OutOfRange(f"{required} bytes rounded to whole clusters ({size}) exceeds "
                              f"limit_bytes {limit}")
         with self.targets.admission:
-            pool = target.pool(lvs)
             grow = size - lv.size
-            why = placement.shortfall(pool, self.config.thin_overcommit_ratio,
-                                      grow if lv.thin else 0, 0 if lv.thin else grow)
+            for max_age in (PROVISIONED_TTL, 0.0):   # a refusal is decided on fresh figures
+                why = placement.shortfall(target.pool(lvs, max_age=max_age),
+                                          self.config.thin_overcommit_ratio,
+                                          grow if lv.thin else 0, 0 if lv.thin else grow)
+                if not why:
+                    break
             if why:
                 raise ResourceExhausted(f"cannot grow volume {request.volume_id} to {size} "
                                         f"bytes: {why}")

@@ -318,3 +318,24 @@ def test_kept_provisioned_counts_own_creates_without_a_rescan(tmp_path, monkeypa
         call(env.servicer, "CreateVolume", create_req("c", 40 * MiB, params=THIN))  # 120
     finally:
         env.close()
+
+
+def test_over_counted_snapshot_never_refuses_what_fits(env1, monkeypatch):
+    """A new snapshot is counted at its source's full size until the rescan
+    (an upper bound of what it holds): a create that fits SPDK's real figures
+    is still admitted, because a refusal is decided on fresh ones."""
+    src = call(env1.servicer, "CreateVolume", create_req("src", 16 * MiB, params=THIN)).volume
+    fill(env1, src.volume_id, 4 * MiB)
+    target = env1.servicer.targets[env1.t0.name]
+    monkeypatch.setattr(target, "_kick_refresh", lambda: None)   # no rescan in between
+    call(env1.servicer, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
+        name="s", source_volume_id=src.volume_id))
+    lvs = env1.t0.raw.lvstores(env1.t0.lvs)[0]
+    total = int(lvs["total_data_clusters"]) * MiB
+    kept = target.provisioned(lvs)                 # 16 (volume) + 16 (snapshot, bound)
+    real = 16 * MiB + 4 * MiB                      # the snapshot holds 4 clusters
+    assert kept >= 32 * MiB
+    size = (total - real) // MiB * MiB             # fits only on the real figures
+    assert size > total - kept
+    vol = call(env1.servicer, "CreateVolume", create_req("big", size)).volume
+    assert env1.t0.raw.bdev_get(uuid_of(vol.volume_id)) is not None
