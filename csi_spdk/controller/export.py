@@ -160,3 +160,36 @@ class NvmfExporter:
                     "spdk_tgt allows 1023 unless started with nvmf_set_max_subsystems)"
                 ) from None
             raise
+        except SpdkError:
+            # The target may have restarted without its transport: check again next time.
+            with self._mutex:
+                self._transport_ready = False
+            raise
+        return self.publish_context(uuid, tls)
+
+    def hold_open(self, lvol_uuid: str, sub: dict | None) -> None:
+        """The volume's subsystem with its namespace only (no listener, no host):
+        SPDK then holds the lvol bdev open with I/O channels, which a QoS change
+        on an unpublished volume needs (``qos.py``). ``sub`` as just read."""
+        nqn = contract.subsystem_nqn(lvol_uuid)
+        if sub is None:
+            self._step(nqn, lambda s: True, lambda: self.api.subsystem_create(
+                nqn, contract.serial_number(lvol_uuid), contract.MODEL_NUMBER,
+                max_namespaces=1))
+            sub = {"namespaces": []}
+        if not self._has_namespace(sub, lvol_uuid):
+            self._step(nqn, lambda s: self._has_namespace(s, lvol_uuid),
+                       lambda: self.api.ns_add(nqn, lvol_uuid, uuid=lvol_uuid))
+
+    def unexport(self, lvol_uuid: str, hosts: str | list[str]) -> bool:
+        """Remove ``hosts`` from the allow-list; delete the subsystem when no
+        host is left. Missing subsystem or host is success. True when the
+        subsystem is gone (one intent: 2 SPDK rounds)."""
+        hosts = [hosts] if isinstance(hosts, str) else list(hosts)
+        return bool(self.api.intent("unexport", {"uuid": lvol_uuid, "hosts": hosts})["gone"])
+
+    def delete(self, lvol_uuid: str) -> None:
+        """Delete the volume's subsystem whatever its hosts; missing is success."""
+        self.api.intent("unexport", {"uuid": lvol_uuid, "hosts": [], "all": True})
+        log.debug("subsystem deleted",
+                  extra={"f": {"nqn": contract.subsystem_nqn(lvol_uuid)}})

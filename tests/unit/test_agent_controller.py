@@ -56,8 +56,10 @@ def test_controller_suites_run_through_the_agent(tmp_path):
         assert env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid)) is None
         env.servicer.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id), None)
         assert env.t0.raw.bdev_get(uuid) is None
-        # each: the intent, plus the key-name read that finds no key to drop
-        assert agent_total() - mid <= 4
+        # each: the intent, the key-name read (once per controller), and the
+        # encryption's look-up of a crypto bdev left over (crypto.bdev_of: a
+        # bdev_get_bdevs beside the intent; not folded into the intents yet)
+        assert agent_total() - mid <= 6
         assert agent_count("unexport") >= 1 and agent_count("delete_volume") >= 1
     finally:
         env.close()
