@@ -14,9 +14,12 @@ call so drift hits all of them alike:
 Operations: ``bdev_get_bdevs`` of one lvol (a read: forwarded unchecked) and a
 ``bdev_lvol_create`` + ``bdev_lvol_delete`` pair (both checked; the delete
 resolves the uuid to the lvol's name first, one more SPDK call inside the
-agent). Reports p50/p99 per way, the p50 the agent adds over direct, and the
-gRPC floor: a no-op call (grpc.health.v1 Check) to the same agent process, so
-added ~= floor + the agent's own work (checks, JSON, metrics).
+agent); and per CSI call, publish and unpublish (the export/unexport intents)
+run over the direct socket, in the controller passing each SPDK call through
+the agent, and in the agent itself (one round trip). Reports p50/p99 per
+way, the p50 the agent adds over direct, and the gRPC floor: a no-op call
+(grpc.health.v1 Check) to the same agent process, so added ~= floor + the
+agent's own work (checks, JSON, metrics).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ sys.path.insert(0, str(ROOT / "tests" / "unit"))
 from agent_fixtures import SERVER_NAME  # noqa: E402
 from agent_pki import Pki  # noqa: E402
 
+from csi_spdk import contract  # noqa: E402
+from csi_spdk.spdk import intents  # noqa: E402
 from csi_spdk.spdk.agent_client import AgentClient  # noqa: E402
 from csi_spdk.spdk.api import SpdkApi  # noqa: E402
 from csi_spdk.spdk.client import SpdkClient  # noqa: E402
@@ -76,6 +81,35 @@ def timed(fn) -> float:
     return (time.perf_counter() - t) * 1000
 
 
+def csi_call_hop(ways: dict[str, SpdkApi], probe: str, calls: int) -> None:
+    """Per CSI call: a publish (the export intent) and its unpublish (the
+    unexport intent) of one volume, run in the controller over the direct
+    socket, in the controller with each SPDK call passed through the agent
+    (the design before the intents), and in the agent (one round trip)."""
+    listen = SpdkApi.listen_address("127.0.0.1", 4420)
+    if not ways["direct"].transports():
+        ways["direct"].transport_create("TCP")
+    spec = {"uuid": probe, "host": contract.host_nqn("bench-node"), "model": "csi-spdk bench",
+            "signature": "s", "listen": listen, "keys": {}}
+    runs = {"direct": lambda n, s: intents.run(ways["direct"], n, s),
+            "agent, per SPDK call": lambda n, s: intents.run(ways["agent/unix"], n, s),
+            "agent, intent": lambda n, s: ways["agent/unix"].intent(n, s)}
+    pub: dict[str, list[float]] = {w: [] for w in runs}
+    unpub: dict[str, list[float]] = {w: [] for w in runs}
+    for _ in range(max(20, calls // 10)):
+        for way, run in runs.items():
+            pub[way].append(timed(lambda r=run: r("export", spec)))
+            unpub[way].append(timed(lambda r=run: r("unexport", {"uuid": probe,
+                                                                 "hosts": [spec["host"]]})))
+    print("per CSI call (the export / unexport intents of one volume), ms:")
+    for op, table in (("ControllerPublish", pub), ("ControllerUnpublish", unpub)):
+        base = statistics.median(table["direct"])
+        for way, values in table.items():
+            print(f"{op if way == 'direct' else '':20}  {way:22}"
+                  f"{statistics.median(values):9.3f}{pct(values, 0.99):9.3f}"
+                  f"{'' if way == 'direct' else f'{statistics.median(values) - base:9.3f}'}")
+
+
 def bench(calls: int, rpc: str, tmp: Path) -> int:
     procs: list[subprocess.Popen] = []
     try:
@@ -103,7 +137,8 @@ def bench(calls: int, rpc: str, tmp: Path) -> int:
         malloc, lvs = f"agentbench{suffix}", f"agentbench{suffix}"
         direct.malloc_create(malloc, 256 * MiB)
         direct.lvstore_create(malloc, lvs, cluster_sz=MiB)
-        probe = direct.lvol_create(lvs, f"csi-probe-{suffix}", MiB, True)
+        probe = direct.lvol_create(lvs, contract.volume_lvol_name(f"probe-{suffix}"), MiB,
+                                   True)
         ways = {"direct": direct, "agent/unix": unix, "agent/mTLS": tls}
         read: dict[str, list[float]] = {w: [] for w in ways}
         pair: dict[str, list[float]] = {w: [] for w in ways}
@@ -136,6 +171,7 @@ def bench(calls: int, rpc: str, tmp: Path) -> int:
                       f"{'' if way == 'direct' else f'{added:9.3f}'}")
                 if way != "direct":
                     worst = max(worst, added / per)
+        csi_call_hop(ways, probe, calls)
         print(f"{'gRPC floor':20}  {'agent/unix':10}{statistics.median(floor):9.3f}"
               f"{pct(floor, 0.99):9.3f}{statistics.fmean(floor):9.3f}")
         print(f"worst p50 added per SPDK call: {worst:.3f} ms (target < {TARGET_ADDED_P50_MS}); "

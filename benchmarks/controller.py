@@ -1,22 +1,30 @@
-"""Controller benchmark: create + publish + unpublish + delete N volumes through the
-controller's gRPC (controller in a subprocess: ``python -m csi_spdk controller``),
-and the same SPDK JSON-RPC sequence the driver issues, sent bare, in the same run.
+"""Controller benchmark: SPDK round trips, latency and throughput per CSI call.
 
-    python3 benchmarks/controller.py --volumes 100 1000
+    python3 benchmarks/controller.py --volumes 100 1000 [--agent] [--rpc SOCK]
 
-Uses the simulator (a ``csi-spdk sim`` subprocess) unless CSI_SPDK_TEST_RPC names
-a real spdk_tgt socket (then a uniquely named malloc lvstore is used and removed).
-A real target needs memory for a (2N + 64) MiB malloc bdev and, because driver
-and bare volumes are published side by side, 2N NVMe-oF subsystems: for
-N = 1000 start it with ``-s 4096 --wait-for-rpc``, then send
-``nvmf_set_max_subsystems 2048`` and ``framework_start_init``.
-Reports p50/p99 per operation, volumes/s, driver/bare ratio, CreateVolume latency
-of the first vs last 10% of volumes, and the controller's RSS with N volumes.
+Runs the controller as a subprocess (``python -m csi_spdk controller``, info
+log level, as in production), directly on the SPDK socket or, with
+``--agent``, through a ``csi-spdk agent`` subprocess. SPDK is the simulator
+unless ``--rpc``/CSI_SPDK_TEST_RPC names a real spdk_tgt (start it with
+``--wait-for-rpc``, send ``nvmf_set_max_subsystems`` above 2N, then
+``framework_start_init``; a uniquely named malloc lvstore is used and
+removed). Each run prints, per CSI call (CreateVolume thin, Publish,
+Unpublish, Delete):
 
-The controller runs at its production log level (info, one JSON line per call,
-written to a file). A third figure splits the driver's overhead: the gRPC floor
-is the p50 of a no-op call (Identity.GetPluginInfo) to the same process, so
-driver p50 ~= bare p50 + gRPC floor + the driver's own work.
+- SPDK calls and serial SPDK rounds, counted by a proxy on the SPDK socket
+  in a separate counting pass (a round: a stretch with at least one SPDK call
+  in flight; calls sent together on several connections share one; the
+  proxy holds each call 3 ms, as spdk_tgt's 4 ms poller does);
+- controller->agent round trips (the agent's request counter), with --agent;
+- p50/p99 over N volumes (the timing pass: no proxy), first-10% vs last-10%
+  p50;
+- the floor: rounds x the measured SPDK RPC period (p50 of a serial
+  spdk_get_version on its own connection after each timed CSI call, so under
+  the same load) + the gRPC hops x the gRPC floor (a no-op call to the same
+  controller; through the agent, one more hop per agent round trip);
+- volumes/s for the whole lifecycle with 1, 8 and 32 CSI calls in flight;
+- ListVolumes and GetCapacity latency with N volumes, RSS of controller and
+  agent.
 """
 
 from __future__ import annotations
@@ -25,12 +33,16 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid as uuidlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -38,17 +50,15 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from csi_spdk import contract  # noqa: E402
 from csi_spdk.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
 from csi_spdk.spdk.api import SpdkApi  # noqa: E402
 from csi_spdk.spdk.client import SpdkClient  # noqa: E402
-from csi_spdk.spdk.errors import SpdkNotFound  # noqa: E402
 
 MiB = 1024 * 1024
 OPS = ("CreateVolume", "ControllerPublishVolume", "ControllerUnpublishVolume", "DeleteVolume")
 
 
-def wait_for(path: str, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+def wait_for(path: str, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
     end = time.monotonic() + timeout
     while not os.path.exists(path):
         if proc.poll() is not None or time.monotonic() > end:
@@ -58,7 +68,7 @@ def wait_for(path: str, proc: subprocess.Popen, what: str, timeout: float = 30) 
 
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] * 1000
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] * 1000 if s else 0.0
 
 
 def rss_mib(pid: int) -> float:
@@ -74,168 +84,293 @@ def cap() -> csi_pb2.VolumeCapability:
         access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
 
 
-def grpc_floor(endpoint: str, calls: int = 500) -> list[float]:
-    """Latency of a call that does no work, on the same server and channel type."""
-    with grpc.insecure_channel(endpoint) as ch:
+class CountingProxy:
+    """A Unix-socket proxy in front of SPDK that counts JSON-RPC calls and
+    serial rounds (stretches with >= 1 call in flight). Each call is held
+    ``delay`` seconds, like spdk_tgt's poller holds it, so calls sent together
+    overlap (and count as one round) even on the fast simulator."""
+
+    def __init__(self, listen: str, upstream: str, delay: float = 0.003) -> None:
+        self.listen, self.upstream, self.delay = listen, upstream, delay
+        self.calls = self.rounds = self._inflight = 0
+        self._lock = threading.Lock()
+        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._srv.bind(listen)
+        self._srv.listen(256)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self._srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        up.connect(self.upstream)
+        dec = json.JSONDecoder()
+        try:
+            while True:
+                data = c.recv(65536)
+                if not data:
+                    return
+                with self._lock:
+                    self.calls += 1
+                    if self._inflight == 0:
+                        self.rounds += 1
+                    self._inflight += 1
+                time.sleep(self.delay)
+                up.sendall(data)
+                buf = b""
+                while True:   # one request in flight per connection (SpdkClient)
+                    chunk = up.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                    if buf.endswith(b"\n"):
+                        with contextlib.suppress(ValueError):
+                            dec.raw_decode(buf.decode().strip())
+                            break
+                with self._lock:
+                    self._inflight -= 1
+                c.sendall(buf)
+        except OSError:
+            return
+        finally:
+            c.close()
+            up.close()
+
+    def read(self) -> tuple[int, int]:
+        with self._lock:
+            return self.calls, self.rounds
+
+
+class Stack:
+    """Controller (+ agent) subprocesses over one SPDK socket."""
+
+    def __init__(self, tmp: Path, tag: str, spdk: str, lvs: str, agent: bool) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.procs: list[subprocess.Popen] = []
+        self.agent_metrics = ""
+        target: dict = {"name": "bench", "nvmf": {"listenAddress": "127.0.0.1", "port": 4420},
+                        "lvstores": [lvs]}
+        if agent:
+            asock = f"/tmp/csi-bench-{tag}-agent.sock"
+            port = _free_port()
+            self.agent_metrics = f"http://127.0.0.1:{port}/metrics"
+            self.agent = subprocess.Popen(
+                [sys.executable, "-m", "csi_spdk", "agent", "--listen", f"unix://{asock}",
+                 "--spdk-rpc", spdk, "--state-dir", str(tmp / f"agent-{tag}"),
+                 "--metrics-address", f"127.0.0.1:{port}", "--log-level", "warning"],
+                env=env, cwd=ROOT, stderr=open(tmp / f"agent-{tag}.log", "w"))  # noqa: SIM115
+            self.procs.append(self.agent)
+            wait_for(asock, self.agent, "agent")
+            target["agent"] = {"address": f"unix://{asock}"}
+        else:
+            target["rpc"] = f"unix://{spdk}"
+        cfg = tmp / f"controller-{tag}.json"
+        cfg.write_text(json.dumps({"targets": [target], "thinOvercommitRatio": 100.0}))
+        self.sock = f"/tmp/csi-bench-{tag}.sock"
+        self.ctl = subprocess.Popen(
+            [sys.executable, "-m", "csi_spdk", "controller", "--endpoint",
+             f"unix://{self.sock}", "--config", str(cfg), "--log-level", "info"],
+            env=env, cwd=ROOT, stderr=open(tmp / f"controller-{tag}.log", "w"))  # noqa: SIM115
+        self.procs.append(self.ctl)
+        wait_for(self.sock, self.ctl, "controller")
+        self.channel = grpc.insecure_channel(f"unix://{self.sock}")
+        self.stub = csi_pb2_grpc.ControllerStub(self.channel)
+
+    def agent_requests(self) -> float:
+        if not self.agent_metrics:
+            return 0.0
+        total = 0.0
+        for line in urllib.request.urlopen(self.agent_metrics).read().decode().splitlines():
+            if line.startswith("csi_spdk_agent_requests_total{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> None:
+        self.channel.close()
+        for p in reversed(self.procs):
+            p.terminate()
+            with contextlib.suppress(Exception):
+                p.wait(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Volumes:
+    """The four CSI steps of one volume's lifecycle."""
+
+    def __init__(self, stub, tag: str) -> None:
+        self.stub, self.tag, self.ids = stub, tag, {}
+
+    def step(self, op: str, i: int) -> None:
+        s = self.stub
+        if op == "CreateVolume":
+            self.ids[i] = s.CreateVolume(csi_pb2.CreateVolumeRequest(
+                name=f"bench-{self.tag}-{i}", volume_capabilities=[cap()],
+                parameters={"thinProvision": "true", "auth": "none"},
+                capacity_range=csi_pb2.CapacityRange(required_bytes=MiB))).volume.volume_id
+        elif op == "ControllerPublishVolume":
+            s.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+                volume_id=self.ids[i], node_id=f"node-{i % 8}", volume_capability=cap()))
+        elif op == "ControllerUnpublishVolume":
+            s.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
+                volume_id=self.ids[i], node_id=f"node-{i % 8}"))
+        else:
+            s.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=self.ids[i]))
+
+
+def grpc_floor(sock: str, calls: int = 300) -> float:
+    with grpc.insecure_channel(f"unix://{sock}") as ch:
         ident = csi_pb2_grpc.IdentityStub(ch)
         out = []
         for _ in range(calls):
             t = time.perf_counter()
             ident.GetPluginInfo(csi_pb2.GetPluginInfoRequest())
             out.append(time.perf_counter() - t)
-    return out
+    return pct(out, .5)
 
 
-class Driver:
-    """One step per operation through the controller's gRPC API."""
-
-    def __init__(self, ctl: csi_pb2_grpc.ControllerStub, tag: str) -> None:
-        self.ctl, self.tag, self.ids = ctl, tag, []
-
-    def create(self, i: int) -> None:
-        self.ids.append(self.ctl.CreateVolume(csi_pb2.CreateVolumeRequest(
-            name=f"bench-{self.tag}-{i}", volume_capabilities=[cap()],
-            capacity_range=csi_pb2.CapacityRange(required_bytes=MiB))).volume.volume_id)
-
-    def publish(self, i: int) -> None:
-        self.ctl.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=self.ids[i], node_id=f"node-{i % 8}", volume_capability=cap()))
-
-    def unpublish(self, i: int) -> None:
-        self.ctl.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
-            volume_id=self.ids[i], node_id=f"node-{i % 8}"))
-
-    def delete(self, i: int) -> None:
-        self.ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=self.ids[i]))
-
-
-class Bare:
-    """The same SPDK JSON-RPC calls the driver issues per operation, sent
-    directly with the driver's SPDK client (no gRPC, no CSI logic)."""
-
-    def __init__(self, api: SpdkApi, lvs: str, tag: str, listen: dict) -> None:
-        self.api, self.lvs, self.tag, self.listen, self.uuids = api, lvs, tag, listen, []
-
-    def _get_or_none(self, method: str, params: dict) -> dict | None:
-        with contextlib.suppress(SpdkNotFound):
-            return self.api.call(method, params)
-        return None
-
-    def create(self, i: int) -> None:
-        name = contract.volume_lvol_name(f"bare-{self.tag}-{i}")
-        self.api.call("bdev_lvol_get_lvstores")
-        self._get_or_none("bdev_get_bdevs", {"name": f"{self.lvs}/{name}"})
-        self.uuids.append(self.api.lvol_create(self.lvs, name, MiB, False))
-
-    def publish(self, i: int) -> None:
-        u = self.uuids[i]
-        nqn, host = contract.subsystem_nqn(u), contract.host_nqn(f"node-{i % 8}")
-        self._get_or_none("bdev_get_bdevs", {"name": u})
-        self._get_or_none("nvmf_get_subsystems", {"nqn": nqn})
-        self.api.subsystem_create(nqn, contract.serial_number(u), contract.MODEL_NUMBER, 1)
-        self.api.ns_add(nqn, u, uuid=u)
-        self.api.listener_add(nqn, self.listen)
-        self.api.host_add(nqn, host)
-
-    def unpublish(self, i: int) -> None:
-        u = self.uuids[i]
-        nqn, host = contract.subsystem_nqn(u), contract.host_nqn(f"node-{i % 8}")
-        self._get_or_none("nvmf_get_subsystems", {"nqn": nqn})
-        self.api.host_remove(nqn, host)
-        self.api.subsystem_delete(nqn)
-
-    def delete(self, i: int) -> None:
-        u = self.uuids[i]
-        self._get_or_none("bdev_get_bdevs", {"name": u})
-        self._get_or_none("nvmf_get_subsystems", {"nqn": contract.subsystem_nqn(u)})
-        self.api.lvol_delete(u)
+def count_pass(tmp: Path, spdk: str, lvs: str, agent: bool, k: int = 12) -> dict:
+    """SPDK calls/rounds and agent hops per CSI call (medians over k volumes,
+    after one warm-up volume: the first calls read the lvstores and make the
+    TCP transport once)."""
+    proxy = CountingProxy(str(tmp / "count.sock"), spdk)
+    st = Stack(tmp, "count" + uuidlib.uuid4().hex[:4], str(tmp / "count.sock"), lvs, agent)
+    vols = Volumes(st.stub, "count")
+    out: dict[str, list[tuple[int, int, float]]] = {op: [] for op in OPS}
+    try:
+        for op in OPS:
+            for i in range(k + 1):
+                # (a scrape of the agent's metrics makes SPDK calls of its own,
+                # bdev_get_iostat: read them outside the counted window)
+                a0 = st.agent_requests()
+                c0, r0 = proxy.read()
+                vols.step(op, i)
+                c1, r1 = proxy.read()
+                if i:
+                    out[op].append((c1 - c0, r1 - r0, st.agent_requests() - a0))
+    finally:
+        st.stop()
+    return {op: tuple(statistics.median(x[j] for x in v) for j in range(3))
+            for op, v in out.items()}
 
 
-def run(n: int, driver: Driver, bare: Bare, on_full=lambda: None) -> dict[str, dict]:
-    """Each phase steps through the volumes; volume i's driver step and bare
-    step run back to back, so both see the same machine load (the order
-    alternates so neither always goes first)."""
-    times = {kind: {op: [] for op in OPS} for kind in ("driver", "bare")}
-    phases = zip(OPS, ("create", "publish", "unpublish", "delete"), strict=True)
-    for op, step in phases:
+def timing_pass(stack: Stack, n: int, tag: str, spdk: str) -> dict[str, list[float]]:
+    """Each CSI call is followed by one serial spdk_get_version on its own
+    connection: the RPC period under the same load (``times["_period"]``)."""
+    vols = Volumes(stack.stub, tag)
+    times: dict[str, list[float]] = {op: [] for op in OPS}
+    times["_period"] = []
+    probe = SpdkClient(spdk, timeout=30, pool_size=1)
+    probe.call("spdk_get_version")
+    for op in OPS:
         for i in range(n):
-            order = (("driver", driver), ("bare", bare))
-            for kind, impl in (order if i % 2 == 0 else order[::-1]):
-                t = time.perf_counter()
-                getattr(impl, step)(i)
-                times[kind][op].append(time.perf_counter() - t)
-        if step == "publish":
-            on_full()
+            t = time.perf_counter()
+            vols.step(op, i)
+            times[op].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            probe.call("spdk_get_version")
+            times["_period"].append(time.perf_counter() - t)
+        if op == "ControllerPublishVolume":
+            times["_rss"] = [rss_mib(stack.ctl.pid)] + (
+                [rss_mib(stack.agent.pid)] if stack.agent_metrics else [])
+            t = time.perf_counter()
+            stack.stub.ListVolumes(csi_pb2.ListVolumesRequest())
+            times["_list"] = [time.perf_counter() - t]
+            t = time.perf_counter()
+            stack.stub.GetCapacity(csi_pb2.GetCapacityRequest(parameters={
+                "thinProvision": "true"}))
+            times["_cap"] = [time.perf_counter() - t]
+    probe.close()
     return times
 
 
-def bench(n: int, real_rpc: str, tmp: Path) -> None:
-    procs: list[subprocess.Popen] = []
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def throughput(stack: Stack, n: int, inflight: int, tag: str) -> float:
+    """Whole lifecycles (create, publish, unpublish, delete) per second."""
+    vols = Volumes(stack.stub, tag)
+
+    def life(i: int) -> None:
+        for op in OPS:
+            vols.step(op, i)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(inflight) as pool:
+        list(pool.map(life, range(n)))
+    return n / (time.perf_counter() - t)
+
+
+def bench(n: int, real_rpc: str, agent: bool, tmp: Path) -> None:
     tag = uuidlib.uuid4().hex[:6]
+    sim = None
+    if real_rpc:
+        spdk = real_rpc
+    else:
+        spdk = str(tmp / "spdk.sock")
+        sim = subprocess.Popen([sys.executable, "-m", "csi_spdk", "sim", "--rpc-socket", spdk,
+                                "--data-dir", str(tmp / "data"), "--log-level", "warning",
+                                "--max-subsystems", str(2 * n + 64)],
+                               env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+        wait_for(spdk, sim, "simulator")
+    api = SpdkApi(SpdkClient(spdk, timeout=120))
+    malloc, lvs = f"bench{tag}m", f"bench{tag}l"
+    stack = None
     try:
-        if real_rpc:
-            rpc = real_rpc
-        else:
-            rpc = str(tmp / "spdk.sock")
-            sim = subprocess.Popen([sys.executable, "-m", "csi_spdk", "sim", "--rpc-socket", rpc,
-                                    "--data-dir", str(tmp / "data"), "--log-level", "warning",
-                                    "--max-subsystems", str(2 * n + 1)],
-                                   env=env, cwd=ROOT)
-            procs.append(sim)
-            wait_for(rpc, sim, "simulator")
-        api = SpdkApi(SpdkClient(rpc, timeout=60))
-        malloc, lvs = f"bench{tag}m", f"bench{tag}l"
-        api.malloc_create(malloc, (2 * n + 64) * MiB)
-        # 2 metadata pages per thick 1-cluster lvol (SPDK's default is 1 page per cluster)
+        # thin 1 MiB volumes take no cluster, one metadata page each (and a
+        # few for the lvstore): size the metadata for 3N lvols
+        mib = min(2 * n + 256, 2048)
+        ratio = max(300, -(-3 * n * 100 // mib))
+        api.malloc_create(malloc, mib * MiB)
         api.call("bdev_lvol_create_lvstore", {"bdev_name": malloc, "lvs_name": lvs,
                                               "cluster_sz": MiB,
-                                              "num_md_pages_per_cluster_ratio": 300})
-        cfg = tmp / "controller.json"
-        cfg.write_text(json.dumps({"targets": [{
-            "name": "bench", "rpc": rpc if rpc.startswith("unix") else f"unix://{rpc}",
-            "nvmf": {"listenAddress": "127.0.0.1", "port": 4420}, "lvstores": [lvs]}]}))
-        sock = tmp / f"csi-{n}.sock"
-        ctl_log = open(tmp / "controller.log", "w")  # noqa: SIM115 - closed with the tmp dir
-        ctl = subprocess.Popen([sys.executable, "-m", "csi_spdk", "controller", "--endpoint",
-                                f"unix://{sock}", "--config", str(cfg), "--log-level", "info"],
-                               env=env, cwd=ROOT, stderr=ctl_log)
-        procs.append(ctl)
-        wait_for(str(sock), ctl, "controller")
-        rss: list[float] = []
-        floor = pct(grpc_floor(f"unix://{sock}"), .5)
-        with grpc.insecure_channel(f"unix://{sock}") as ch:
-            times = run(n, Driver(csi_pb2_grpc.ControllerStub(ch), tag),
-                        Bare(api, lvs, tag, SpdkApi.listen_address("127.0.0.1", 4420)),
-                        on_full=lambda: rss.append(rss_mib(ctl.pid)))
-        drv, bare = times["driver"], times["bare"]
-        drv_s, bare_s = (sum(sum(v) for v in t.values()) for t in (drv, bare))
-        print(f"\n== N={n} volumes ({'real spdk_tgt' if real_rpc else 'simulator'}) ==")
-        print(f"{'operation':<28}{'driver p50':>11}{'p99':>9}{'bare p50':>10}{'p99':>9}"
-              f"{'ratio p50':>11}{'own work p50':>14}")
-        for op in OPS:
-            d50, d99, b50, b99 = (pct(drv[op], .5), pct(drv[op], .99), pct(bare[op], .5),
-                                  pct(bare[op], .99))
-            print(f"{op:<28}{d50:>9.2f}ms{d99:>7.2f}ms{b50:>8.2f}ms{b99:>7.2f}ms"
-                  f"{d50 / b50 if b50 else 0:>10.2f}x{d50 - b50 - floor:>12.2f}ms")
-        print(f"gRPC floor (no-op GetPluginInfo p50): {floor:.2f} ms per call")
-        print(f"{'lifecycle volumes/s':<28}{n / drv_s:>11.1f}{'':>9}{n / bare_s:>10.1f}"
-              f"{'':>9}{(n / bare_s) / (n / drv_s):>10.2f}x")
+                                              "num_md_pages_per_cluster_ratio": ratio})
+        counts = count_pass(tmp, spdk, lvs, agent)
+        stack = Stack(tmp, tag, spdk, lvs, agent)
+        hop = grpc_floor(stack.sock)
+        times = timing_pass(stack, n, tag, spdk)
+        period = pct(times["_period"], .5)
+        rates = {k: throughput(stack, min(n, max(64, 4 * k)), k, f"{tag}t{k}")
+                 for k in (1, 8, 32)}
+        where = "real spdk_tgt" if real_rpc else "simulator"
+        how = "through the agent" if agent else "on the SPDK socket"
+        print(f"\n== N={n} volumes, {where}, controller {how} ==")
+        print(f"SPDK RPC period (a serial spdk_get_version after each CSI call, p50): "
+              f"{period:.2f} ms; "
+              f"gRPC floor (no-op call p50): {hop:.2f} ms")
+        print(f"{'CSI call':<28}{'SPDK calls':>11}{'rounds':>8}{'agent RTs':>10}"
+              f"{'p50':>9}{'p99':>9}{'floor':>9}{'first10%':>10}{'last10%':>9}")
         k = max(1, n // 10)
-        for kind, t in (("driver", drv), ("bare", bare)):
-            first, last = t["CreateVolume"][:k], t["CreateVolume"][-k:]
-            print(f"CreateVolume p50 ({kind}) first 10%: {statistics.median(first) * 1000:.2f}"
-                  f" ms, last 10%: {statistics.median(last) * 1000:.2f} ms")
-        print(f"controller RSS with {n} volumes published: {rss[0]:.1f} MiB")
+        for op in OPS:
+            calls, rounds, hops = counts[op]
+            t = times[op]
+            floor = rounds * period + (1 + (hops if agent else 0)) * hop
+            print(f"{op:<28}{calls:>11.0f}{rounds:>8.0f}{hops if agent else 0:>10.0f}"
+                  f"{pct(t, .5):>7.2f}ms{pct(t, .99):>7.2f}ms{floor:>7.2f}ms"
+                  f"{statistics.median(t[:k]) * 1000:>8.2f}ms"
+                  f"{statistics.median(t[-k:]) * 1000:>7.2f}ms")
+        print("lifecycle volumes/s: " + ", ".join(f"{r:.1f} with {k} in flight"
+                                                  for k, r in rates.items()))
+        print(f"with {n} volumes published: ListVolumes {times['_list'][0] * 1000:.1f} ms, "
+              f"GetCapacity {times['_cap'][0] * 1000:.1f} ms, controller RSS "
+              f"{times['_rss'][0]:.1f} MiB"
+              + (f", agent RSS {times['_rss'][1]:.1f} MiB" if agent else ""))
+    finally:
+        if stack is not None:
+            stack.stop()
         with contextlib.suppress(Exception):
             api.call("bdev_lvol_delete_lvstore", {"lvs_name": lvs})
             api.call("bdev_malloc_delete", {"name": malloc})
         api.client.close()
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-            with contextlib.suppress(Exception):
-                p.wait(10)
+        if sim is not None:
+            sim.terminate()
+            sim.wait(10)
 
 
 def main() -> int:
@@ -243,10 +378,11 @@ def main() -> int:
     ap.add_argument("--volumes", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--rpc", default=os.environ.get("CSI_SPDK_TEST_RPC", ""),
                     help="a real spdk_tgt RPC socket (default: simulator)")
+    ap.add_argument("--agent", action="store_true", help="the controller goes through an agent")
     args = ap.parse_args()
     for n in args.volumes:
-        with tempfile.TemporaryDirectory(prefix="csi-bench-") as tmp:
-            bench(n, args.rpc, Path(tmp))
+        with tempfile.TemporaryDirectory(prefix="csi-bench-", dir="/tmp") as tmp:
+            bench(n, args.rpc.removeprefix("unix://"), args.agent, Path(tmp))
     return 0
 
 

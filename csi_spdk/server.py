@@ -61,7 +61,7 @@ class GrpcServer:
     """
 
     def __init__(self, endpoint: str, register: Iterable[Callable[[grpc.Server], None]],
-                 service_names: Iterable[str] = (), max_workers: int = 16,
+                 service_names: Iterable[str] = (), max_workers: int = 64,
                  credentials: grpc.ServerCredentials | None = None) -> None:
         self.address, self.socket_path = parse_endpoint(endpoint)
         self.credentials = credentials

@@ -18,8 +18,10 @@ at debug level, redacted, and key material never.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -30,8 +32,9 @@ from .. import metrics
 from ..errors import CsiError, InvalidArgument
 from ..log import redact_mapping
 from ..proto import agent_pb2, agent_pb2_grpc
+from ..spdk import intents
 from ..spdk.api import SpdkApi
-from ..spdk.errors import SpdkError
+from ..spdk.errors import SpdkError, SpdkNotFound
 from . import policy
 from .keys import KeyStore
 
@@ -42,6 +45,48 @@ MAX_TIMEOUT = 600.0
 
 class State(Protocol):
     def record(self, method: str, params: dict | None, result: Any = None) -> Any: ...
+
+
+class CheckedApi(SpdkApi):
+    """What an intent running in the agent calls SPDK through: each call passes
+    ``policy.check`` exactly as a ``Call`` would, and each successful mutating
+    one is recorded in the desired state. The bdevs the intent has just read
+    answer the policy's look-ups, so a check costs no extra round trip. The
+    records are kept until ``flush`` (the intent's end: one state write)."""
+
+    def __init__(self, api: SpdkApi, state: State, timeout: float) -> None:
+        super().__init__(api.client)
+        self.inner, self.state, self.timeout = api, state, timeout
+        self._seen: dict[str, dict | None] = {}
+        self._applied: list[tuple[str, dict | None, Any]] = []
+        self._mutex = threading.Lock()
+
+    def flush(self) -> None:
+        """Record the mutating calls SPDK applied, in the order they returned."""
+        with self._mutex:
+            applied, self._applied = self._applied, []
+        for method, params, result in applied:
+            self.state.record(method, params, result)
+
+    def _lookup(self, ref: str) -> dict | None:
+        if ref in self._seen:
+            return self._seen[ref]
+        return self.inner.bdev_get(ref)
+
+    def call(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
+        policy.check(method, params, self._lookup)
+        try:
+            result = self.inner.call(method, params, timeout=timeout or self.timeout)
+        except SpdkNotFound:
+            if method == "bdev_get_bdevs" and params and "name" in params:
+                self._seen[params["name"]] = None
+            raise
+        if method == "bdev_get_bdevs" and params and "name" in params:
+            self._seen[params["name"]] = result[0] if result else None
+        if method in policy.MUTATING:
+            with self._mutex:
+                self._applied.append((method, params, result))
+        return result
 
 
 class NullState:
@@ -146,6 +191,67 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         if method in policy.MUTATING:
             self._record(method, params, result)
         return agent_pb2.CallReply(result_json=json.dumps(result)), "ok"
+
+    # --- intents (spdk/intents.py) -------------------------------------------------
+    def _intent(self, name: str, request, context):
+        def run() -> tuple[agent_pb2.IntentReply, str]:
+            try:
+                spec = json.loads(request.spec_json or "{}")
+            except ValueError:
+                raise InvalidArgument(f"{name}: spec_json is not JSON") from None
+            if not isinstance(spec, dict):
+                raise InvalidArgument(f"{name}: spec_json must be an object")
+            timeout = request.timeout if 0 < request.timeout <= MAX_TIMEOUT \
+                else self.default_timeout
+            store = getattr(self.state, "state", self.state)   # StorageSide -> its record
+            batch = getattr(store, "batch", contextlib.nullcontext)
+            checked = CheckedApi(self.api, self.state, timeout)
+            result = None
+            try:
+                try:
+                    result = intents.run(checked, name, spec)
+                finally:
+                    # what SPDK applied is recorded, failed intent or not, in
+                    # one atomic write (the parallel steps ran on other threads)
+                    with batch():
+                        checked.flush()
+                        if result is not None:
+                            self._settle(store, name, spec, result)
+            except intents.IntentError as err:
+                return agent_pb2.IntentReply(refusal=agent_pb2.IntentRefusal(
+                    reason=err.reason, message=err.message,
+                    details_json=json.dumps(err.details))), "declined"
+            except SpdkError as err:
+                return agent_pb2.IntentReply(error=agent_pb2.SpdkError(
+                    code=err.spdk_code, message=err.spdk_message)), "spdk_error"
+            except (KeyError, TypeError, ValueError) as err:
+                raise InvalidArgument(f"{name}: malformed spec ({type(err).__name__}: "
+                                      f"{str(err)[:80]})") from None
+            return agent_pb2.IntentReply(result_json=json.dumps(result)), "ok"
+        return self._serve(context, name, name, run)
+
+    @staticmethod
+    def _settle(store: Any, name: str, spec: dict, result: dict) -> None:
+        """The record states what the intent made, whichever calls it needed."""
+        if name == "export" and hasattr(store, "settle_export"):
+            store.settle_export(spec)
+        elif name == "unexport" and hasattr(store, "settle_unexport"):
+            store.settle_unexport(spec, bool(result.get("gone")) or bool(spec.get("all")))
+        elif name == "delete_volume" and hasattr(store, "settle_unexport"):
+            store.settle_unexport(spec, gone=True)            # its subsystem went first
+            store.record("bdev_lvol_delete", {"name": spec["uuid"]})   # and its QoS
+
+    def CreateLvol(self, request, context):  # noqa: N802
+        return self._intent("create_lvol", request, context)
+
+    def Export(self, request, context):  # noqa: N802
+        return self._intent("export", request, context)
+
+    def Unexport(self, request, context):  # noqa: N802
+        return self._intent("unexport", request, context)
+
+    def DeleteVolume(self, request, context):  # noqa: N802
+        return self._intent("delete_volume", request, context)
 
     # --- keys ---------------------------------------------------------------------
     def PutKey(self, request, context):  # noqa: N802

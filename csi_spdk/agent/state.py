@@ -15,10 +15,12 @@ and key file *paths* only, never key material.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,7 @@ class DesiredState:
         os.chmod(self.path.parent, 0o700)
         atomicfile.remove_stale_temps(self.path.parent)
         self._lock = threading.RLock()
+        self._batch = threading.local()
         try:
             data = atomicfile.read_json(self.path)
         except (ValueError, OSError) as err:
@@ -106,15 +109,94 @@ class DesiredState:
             return False
         p = dict(params or {})
         with self._lock:
-            before = copy.deepcopy(self._data)
-            if method in crypto_state.METHODS:   # key material to a 0600 file, not here
-                crypto_state.record(self._data, self.path, method, p)
+            if method in crypto_state.METHODS or method == "bdev_lvol_delete":
+                # these touch the crypto part too (key material to a 0600 file)
+                before = copy.deepcopy(self._data)
+                if method in crypto_state.METHODS:
+                    crypto_state.record(self._data, self.path, method, p)
+                else:
+                    getattr(self, "_on_" + method)(p, result)
+                changed = self._data != before
             else:
+                before = self._part(method, p)     # only what the call can change
                 getattr(self, "_on_" + method)(p, result)
-            if self._data == before:
+                changed = self._part(method, p) != before
+            if not changed:
                 return False
-            atomicfile.write_json(self.path, self._data, 0o600)
+            if getattr(self._batch, "depth", 0):
+                self._batch.dirty = True       # written once, when the batch ends
+            else:
+                atomicfile.write_json(self.path, self._data, 0o600)
             return True
+
+    def _part(self, method: str, p: dict[str, Any]) -> Any:
+        """A copy of the part of the record ``method`` may change (one
+        subsystem, key, QoS entry or transport), so a change costs no copy of
+        the whole record at 10,000 exports."""
+        if method == "nvmf_create_transport":
+            section, key = "transports", str(p.get("trtype", "TCP")).upper()
+        elif method.startswith("keyring_"):
+            section, key = "keys", p.get("name")
+        elif method in ("bdev_set_qos_limit", "bdev_lvol_delete"):
+            section, key = "qos", p.get("name")
+        else:
+            section, key = "subsystems", p.get("nqn")
+        return copy.deepcopy(self._data[section].get(key))
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Record this thread's calls in memory and write the file once at the
+        end (one intent: one atomic write instead of one per SPDK call).
+        Other threads' records are written as usual (and with this one)."""
+        depth = getattr(self._batch, "depth", 0)
+        self._batch.depth = depth + 1
+        if not depth:
+            self._batch.dirty = False
+        try:
+            yield
+        finally:
+            self._batch.depth = depth
+            if not depth and self._batch.dirty:
+                with self._lock:
+                    atomicfile.write_json(self.path, self._data, 0o600)
+
+    # --- what an intent leaves, whichever of its calls it had to make -----------------
+    def settle_export(self, spec: dict[str, Any]) -> None:
+        """After a successful export intent: the record holds the export it
+        made, even where SPDK already had a part and no call was recorded (a
+        retry after the agent died between SPDK applying a call and the write)."""
+        from .. import contract
+        uuid, nqn = spec["uuid"], contract.subsystem_nqn(spec["uuid"])
+        with self._lock:
+            if self._sub(nqn) is None:
+                self.record("nvmf_create_subsystem", {
+                    "nqn": nqn, "serial_number": contract.serial_number(uuid),
+                    "model_number": spec["model"], "allow_any_host": False,
+                    "max_namespaces": 1})
+            sub = self._sub(nqn) or {"namespaces": {}}
+            bdev = spec.get("bdev") or uuid
+            if not any(ns["namespace"].get("bdev_name") == bdev
+                       for ns in sub["namespaces"].values()):
+                self.record("nvmf_subsystem_add_ns", {"nqn": nqn, "namespace": {
+                    "bdev_name": bdev, "uuid": uuid}})
+            listener: dict[str, Any] = {"nqn": nqn, "listen_address": spec["listen"]}
+            if spec.get("secure_channel"):
+                listener["secure_channel"] = True
+            self.record("nvmf_subsystem_add_listener", listener)
+            if spec["host"] not in (self._sub(nqn) or {}).get("hosts", {}):
+                self.record("nvmf_subsystem_add_host", {"nqn": nqn, "host": spec["host"],
+                                                        **(spec.get("keys") or {})})
+
+    def settle_unexport(self, spec: dict[str, Any], gone: bool) -> None:
+        """After a successful unexport intent: the record allows no host the
+        intent removed (a replay must never re-admit one)."""
+        from .. import contract
+        nqn = contract.subsystem_nqn(spec["uuid"])
+        if gone:
+            self.record("nvmf_delete_subsystem", {"nqn": nqn})
+            return
+        for host in spec.get("hosts", []):
+            self.record("nvmf_subsystem_remove_host", {"nqn": nqn, "host": host})
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy of the record (for reports and tests)."""

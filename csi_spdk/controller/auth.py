@@ -275,6 +275,21 @@ class VolumeAuth:
         self.custody = custody
         self._warned: set[str] = set()
         self._mutex = threading.Lock()
+        # target name -> key names its keyring may have: read once, then kept
+        # by this controller's own puts (so dropping the keys of a volume that
+        # has none costs no keyring_get_keys on every unpublish and delete)
+        self._maybe: dict[str, set[str]] = {}
+
+    def _may_have(self, target_name: str, lvol_uuid: str) -> bool:
+        with self._mutex:
+            known = self._maybe.get(target_name)
+        if known is None:
+            known = set(self.custody(target_name).names())
+            with self._mutex:
+                known = self._maybe.setdefault(target_name, known)
+        prefix = f"{KEY_PREFIX}{lvol_uuid}-"
+        with self._mutex:
+            return any(n.startswith(prefix) for n in known)
 
     def check(self, mode: str) -> None:
         """Before anything is created: can this controller keep the keys?"""
@@ -336,12 +351,17 @@ class VolumeAuth:
                 "backup, or rotate the volume's keys with csi-spdk rotate-keys)")
         custody = self.custody(target_name)
         for name, material in keys.material(lvol_uuid, mode).items():
+            with self._mutex:
+                if target_name in self._maybe:
+                    self._maybe[target_name].add(name)   # before: a crash keeps it known
             custody.put(name, material)
         return keys.names(lvol_uuid, mode)
 
     def drop_target_keys(self, target_name: str, lvol_uuid: str,
                          keep: tuple[str, ...] = ()) -> None:
         """Remove the volume's keys (but ``keep``) from the target."""
+        if not self._may_have(target_name, lvol_uuid):
+            return
         custody = self.custody(target_name)
         for name in volume_key_names(custody, lvol_uuid):
             if name not in keep:

@@ -30,7 +30,7 @@ from .. import contract
 from ..errors import InvalidArgument
 from ..spdk.agent_client import AgentClient, ClientTls
 from ..spdk.api import SpdkApi
-from ..spdk.client import DEFAULT_TIMEOUT, SpdkClient, parse_address
+from ..spdk.client import DEFAULT_CONNECTIONS, DEFAULT_TIMEOUT, SpdkClient, parse_address
 
 GiB = 1024 ** 3
 DEFAULT_VOLUME_SIZE = 1 * GiB
@@ -63,6 +63,7 @@ class TargetConfig:
     tls_port: int = 0          # the TLS (secure_channel) listener of auth: tls; 0 = port + 1
     dial_address: str = ""
     rpc_timeout: float = DEFAULT_TIMEOUT
+    rpc_connections: int = DEFAULT_CONNECTIONS   # SPDK calls in flight (direct socket)
     lvstores: tuple[str, ...] = ()   # empty: every lvstore of the target
     node: str = ""
     topology: dict[str, str] = field(default_factory=dict)
@@ -94,7 +95,8 @@ class TargetConfig:
 
         Unreadable TLS files are a ConfigError naming the target and file."""
         if self.agent is None:
-            return SpdkApi(SpdkClient(self.rpc, timeout=self.rpc_timeout))
+            return SpdkApi(SpdkClient(self.rpc, timeout=self.rpc_timeout,
+                                      pool_size=self.rpc_connections))
         try:
             return SpdkApi(AgentClient(self.agent.address, self.agent.tls,
                                        self.agent.server_name, timeout=self.rpc_timeout,
@@ -152,7 +154,8 @@ class Config:
 _TOP_KEYS = {"targets", "thinOvercommitRatio", "defaultVolumeSize", "nodes", "auth",
              "encryption"}
 _AUTH_KEYS = {"keyDir", "secretNamespace", "staticSecretsFile", "defaultMode"}
-_TARGET_KEYS = {"name", "rpc", "agent", "rpcTimeout", "nvmf", "lvstores", "node", "topology"}
+_TARGET_KEYS = {"name", "rpc", "agent", "rpcTimeout", "rpcConnections", "nvmf", "lvstores", "node",
+                "topology"}
 _NVMF_KEYS = {"listenAddress", "port", "dialAddress", "tlsPort"}
 _AGENT_KEYS = {"address", "serverName", "tls"}
 _TLS_KEYS = {"caFile", "certFile", "keyFile"}
@@ -204,6 +207,8 @@ def _target(where: str, raw: Any) -> TargetConfig:
     else:
         rpc = _local_rpc(f"{where}.rpc", raw.get("rpc"))
     timeout = float(_number(f"{where}.rpcTimeout", raw.get("rpcTimeout", DEFAULT_TIMEOUT), 0.1))
+    connections = int(_number(f"{where}.rpcConnections",
+                              raw.get("rpcConnections", DEFAULT_CONNECTIONS), 1, integer=True))
     nvmf = raw.get("nvmf")
     if not isinstance(nvmf, dict):
         raise ConfigError(f"{where}.nvmf: required mapping with listenAddress and port")
@@ -241,7 +246,8 @@ def _target(where: str, raw: Any) -> TargetConfig:
                           "driver (use 'node' to name the node hosting the target)")
     return TargetConfig(name=name, rpc=rpc, listen_address=listen, port=int(port),
                         tls_port=int(tls_port),
-                        dial_address=dial, rpc_timeout=timeout, lvstores=tuple(lvstores),
+                        dial_address=dial, rpc_timeout=timeout, rpc_connections=connections,
+                        lvstores=tuple(lvstores),
                         node=node, topology=topology, agent=agent)
 
 

@@ -40,9 +40,12 @@ from ..errors import (
 from ..proto import csi_pb2
 from ..spdk.errors import SpdkExists, SpdkNoSpace
 from . import placement
+from .capacity import PROVISIONED_TTL
 from .config import Config
 from .requests import VolumeParams
 from .target import Lvol, Target, Targets
+
+MiB = 1024 * 1024
 
 
 @dataclass
@@ -60,6 +63,7 @@ class CreateRequest:
     found_target: Target | None = None     # where an lvol of this name already is
     found: Lvol | None = None
     lvstores: dict[str, list[dict]] = field(default_factory=dict)  # per target, for placement
+    looked: bool = True   # the name was looked up (found is the answer)
 
     def check_size(self, lv: Lvol) -> None:
         """An existing volume of this name must satisfy the requested range."""
@@ -90,30 +94,20 @@ def create_empty(targets: Targets, config: Config, req: CreateRequest) -> tuple[
         req.check_size(req.found)
         return req.found_target, req.found  # type: ignore[return-value]
     params = req.params
-    ratio = config.thin_overcommit_ratio
     with targets.admission:
-        pools = []
-        for tname, stores in req.lvstores.items():
-            if params.target and tname != params.target:
-                continue
-            target = targets[tname]
-            for lvs in stores:
-                if params.lvstore and lvs["name"] != params.lvstore:
-                    continue
-                pools.append(target.pool(lvs, with_provisioned=params.thin or ratio <= 1.0))
-        if not pools:
-            where = f"target {echo(params.target)}" if params.target else "any configured target"
-            what = f"lvstore {echo(params.lvstore)}" if params.lvstore else "an lvstore"
-            raise InvalidArgument(f"{where} has no {what}")
-        sizes = {(p.target.name, p.lvstore): size_in(req, p.cluster_size,
-                                                     config.default_volume_size)
-                 for p in pools}
-        pools = [p for p in pools if sizes[(p.target.name, p.lvstore)] is not None]
-        if not pools:
-            raise OutOfRange(f"no lvstore can hold a volume in [{req.required}, {req.limit}] "
-                             "bytes (sizes are whole clusters)")
-        ranked = placement.rank(pools, lambda p: sizes[(p.target.name, p.lvstore)],
-                                params.thin, ratio, req.requisite, req.preferred)
+        ranked, sizes = _rank(targets, config, req, fresh=False)
+        if not ranked:
+            # refusals are decided on fresh figures, never on kept ones
+            ranked, sizes = _rank(targets, config, req, fresh=True)
+        if not ranked and not req.looked:
+            # the name was not looked up (one candidate lvstore): a retry of a
+            # volume that filled the room is answered with it, not refused
+            req.found_target, req.found, _ = targets.find(
+                req.lvol_name, only=params.target, lvstore=params.lvstore)
+            req.looked = True
+            if req.found is not None:
+                req.check_size(req.found)
+                return req.found_target, req.found  # type: ignore[return-value]
         if not ranked:
             raise ResourceExhausted(
                 f"no lvstore {'accessible from the requested topology ' if req.requisite else ''}"
@@ -123,21 +117,59 @@ def create_empty(targets: Targets, config: Config, req: CreateRequest) -> tuple[
             target = targets[pool.target.name]
             size = sizes[(pool.target.name, pool.lvstore)]
             try:
-                uuid = target.api.lvol_create(pool.lvstore, req.lvol_name, size, params.thin,
-                                              params.clear_method or None)
+                made = target.api.intent("create_lvol", {
+                    "lvs": pool.lvstore, "name": req.lvol_name, "size_mib": -(-size // MiB),
+                    "thin": params.thin, "clear_method": params.clear_method or None})
             except SpdkNoSpace:
+                target.lvstores()   # the kept free count was stale: re-read it
                 continue  # raced for the space: try the next pool
-            except SpdkExists:
-                lv = target.lvol_by_name(pool.lvstore, req.lvol_name)
+            if "bdev" in made:      # EEXIST: a previous attempt made it
+                lv = Lvol.from_bdev(made["bdev"])
                 if lv is None:
-                    raise
+                    raise AlreadyExists(f"the lvol name of volume {echo(req.name)} is taken "
+                                        f"in lvstore {pool.lvstore} by something else")
                 req.check_size(lv)
                 return target, lv
             target.adjust_provisioned(pool.lvstore, size)
-            return target, Lvol(uuid=uuid, name=req.lvol_name, lvstore=pool.lvstore,
+            if not params.thin:
+                target.took_clusters(pool.lvstore, size)
+            return target, Lvol(uuid=made["uuid"], name=req.lvol_name, lvstore=pool.lvstore,
                                 lvs_uuid="", size=size, thin=params.thin, snapshot=False,
                                 clone=False)
     raise ResourceExhausted("every suitable lvstore ran out of space; retry later")
+
+
+def _rank(targets: Targets, config: Config, req: CreateRequest, fresh: bool
+          ) -> tuple[list, dict[tuple[str, str], int]]:
+    """The pools that can take the volume, best first, and its size in each.
+    ``fresh``: re-read lvstores and provisioned bytes instead of the kept ones."""
+    params = req.params
+    ratio = config.thin_overcommit_ratio
+    pools = []
+    for tname, stores in req.lvstores.items():
+        if params.target and tname != params.target:
+            continue
+        target = targets[tname]
+        if fresh:
+            stores = target.lvstores()
+        for lvs in stores:
+            if params.lvstore and lvs["name"] != params.lvstore:
+                continue
+            pools.append(target.pool(lvs, with_provisioned=params.thin or ratio <= 1.0,
+                                     max_age=0.0 if fresh else PROVISIONED_TTL))
+    if not pools:
+        where = f"target {echo(params.target)}" if params.target else "any configured target"
+        what = f"lvstore {echo(params.lvstore)}" if params.lvstore else "an lvstore"
+        raise InvalidArgument(f"{where} has no {what}")
+    sizes = {(p.target.name, p.lvstore): size_in(req, p.cluster_size, config.default_volume_size)
+             for p in pools}
+    pools = [p for p in pools if sizes[(p.target.name, p.lvstore)] is not None]
+    if not pools:
+        raise OutOfRange(f"no lvstore can hold a volume in [{req.required}, {req.limit}] "
+                         "bytes (sizes are whole clusters)")
+    ranked = placement.rank(pools, lambda p: sizes[(p.target.name, p.lvstore)],
+                            params.thin, ratio, req.requisite, req.preferred)
+    return ranked, sizes  # type: ignore[return-value]
 
 
 # --- clones -------------------------------------------------------------------------
@@ -192,7 +224,7 @@ def _from_volume(targets: Targets, config: Config, req: CreateRequest, target: T
             plan.admit(target, config, thin_need, thick_need)
             with contextlib.suppress(SpdkExists):
                 target.api.snapshot(src.uuid, csic)
-            target.forget_provisioned()
+            target.forget_provisioned(src.lvstore, held=src.size)
             snap = target.lvol_by_name(src.lvstore, csic)
             if snap is None:
                 raise NotFound(f"clone source snapshot {csic} vanished; retry")
@@ -257,6 +289,10 @@ class _ClonePlan:
             return
         pool = target.pool_of(self.lvstore)
         why = placement.shortfall(pool, config.thin_overcommit_ratio, thin_bytes, thick_bytes)
+        if why:   # refusals are decided on fresh figures
+            pool = target.pool_of(self.lvstore, max_age=0.0)
+            why = placement.shortfall(pool, config.thin_overcommit_ratio, thin_bytes,
+                                      thick_bytes)
         if why:
             raise ResourceExhausted(f"no room for the clone: {why}")
 

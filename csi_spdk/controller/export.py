@@ -6,10 +6,11 @@ uuid (``contract``): NQN, serial, model, one namespace whose bdev and uuid are
 the lvol uuid, one TCP listener on the target's listen address, and an
 allow-list of host NQNs (``allow_any_host`` false).
 
-Idempotency: each step first reads the subsystem and only does what is
-missing, so a retry after a crash between any two steps converges. SPDK's
-nvmf errors are generic ("Invalid parameters", "Internal error"), so a failed
-step is re-checked against the subsystem before it is reported.
+Export, unexport and delete are intents (``spdk/intents.py``): run in the
+storage agent when the target has one, else here; their round trips and
+their idempotency (only what is missing is done, a failed step is re-checked
+against the subsystem, so a retry after a crash or a lost reply converges)
+are documented there.
 
 Concurrency: the caller holds the volume's lock; calls for different volumes
 may run in parallel (they touch different subsystems; the transport is
@@ -20,16 +21,34 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
+from typing import Any
 
 from .. import contract
 from ..errors import ResourceExhausted
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkError
+from ..spdk.intents import IntentError
 from .config import TargetConfig
 
 log = logging.getLogger("csi_spdk.nvmf")
 
 TRTYPE = "TCP"
+
+
+@dataclass
+class ExportSpec:
+    """One ControllerPublishVolume's export, as the service decided it."""
+
+    lvol_uuid: str
+    host: str
+    legacy: str = ""           # the node's older host NQN form (not another host)
+    model: str = contract.MODEL_NUMBER   # a new subsystem's model number
+    signature: str = ""        # this publish's capability + readonly signature
+    hint: str | None = None    # the signature remembered for a second host
+    single_node: bool = False
+    keys: dict[str, str] | None = None   # keyring key NAMES for the host entry
+    bdev: str | None = None    # the bdev to export instead of the lvol (target-mode crypto)
 
 
 class NvmfExporter:
@@ -79,18 +98,6 @@ class NvmfExporter:
         port = self.target.tls if tls else self.target.port
         return SpdkApi.listen_address(self.target.listen_address, port, TRTYPE)
 
-    def _has_listener(self, sub: dict, tls: bool = False) -> bool:
-        want = self._listen_address(tls)
-        return any(str(a.get("trtype", "")).upper() == TRTYPE
-                   and a.get("traddr") == want["traddr"]
-                   and str(a.get("trsvcid")) == want["trsvcid"]
-                   for a in sub.get("listen_addresses", []))
-
-    @staticmethod
-    def _host_has_keys(sub: dict, host_nqn: str, keys: dict[str, str]) -> bool:
-        entry = next((h for h in sub.get("hosts", []) if h.get("nqn") == host_nqn), {})
-        return all(entry.get(k) == v for k, v in keys.items())
-
     @staticmethod
     def _has_namespace(sub: dict, lvol_uuid: str) -> bool:
         return any(ns.get("bdev_name") == lvol_uuid or ns.get("uuid") == lvol_uuid
@@ -122,60 +129,43 @@ class NvmfExporter:
             return sub
         return None
 
-    def export(self, lvol_uuid: str, host_nqn: str, sub: dict | None | object = ...,
-               model: str = contract.MODEL_NUMBER,
-               keys: dict[str, str] | None = None,
-               bdev: str | None = None) -> dict[str, str]:
-        """Make the volume reachable by ``host_nqn``; return the publish_context.
+    def exported_bdev(self, lvol_uuid: str) -> str:
+        """The bdev a volume's namespace exports unless the caller stacked
+        another on it (``ExportSpec.bdev``: target-mode encryption, crypto.py)."""
+        return lvol_uuid
 
-        ``sub`` is the subsystem as the caller just read it (None: missing),
-        saving one RPC; by default it is read here. ``model`` is the model
-        number a new subsystem gets (``contract.model_number``). ``keys``:
-        keyring key NAMES for the host entry (``dhchap_key``,
-        ``dhchap_ctrlr_key``); an entry with other names gets these
-        (``nvmf_subsystem_set_keys``). ``bdev``: the bdev to export under the
-        lvol's uuid instead of the lvol (target-mode encryption: controller/crypto.py)."""
-        nqn = contract.subsystem_nqn(lvol_uuid)
+    def export(self, lvol_uuid: str, host_nqn: str, **options: Any) -> dict[str, str]:
+        """Make the volume reachable by the spec's host; return the publish_context.
+
+        One intent (``spdk/intents.export``): in the agent when the target has
+        one (one round trip), else here; 2 SPDK rounds for a new export. The
+        CSI decisions come back as ``IntentError`` reasons, mapped here and in
+        the service to their codes. ``options``: the other ``ExportSpec`` fields."""
+        spec = ExportSpec(lvol_uuid, host_nqn, **options)
+        uuid = spec.lvol_uuid
+        keys = spec.keys or {}
+        tls = "psk" in keys
         try:
             self.ensure_transport()
-            if sub is ...:
-                sub = self.api.subsystem_get(nqn)
-            if sub is None:
-                try:
-                    self._step(nqn, lambda s: True, lambda: self.api.subsystem_create(
-                        nqn, contract.serial_number(lvol_uuid), model,
-                        max_namespaces=1))
-                except SpdkError as err:
-                    if "Unable to create subsystem" not in err.spdk_message:
-                        raise
-                    raise ResourceExhausted(
-                        f"target {self.target.name!r} cannot export another volume: SPDK "
-                        "refused a new NVMe-oF subsystem (one per published volume; "
-                        "spdk_tgt allows 1023 unless started with nvmf_set_max_subsystems)"
-                    ) from err
-                sub = {"namespaces": [], "listen_addresses": [], "hosts": []}
-            if not self._has_namespace(sub, lvol_uuid):
-                self._step(nqn, lambda s: self._has_namespace(s, lvol_uuid),
-                           lambda: self.api.ns_add(nqn, bdev or lvol_uuid, uuid=lvol_uuid))
-            keys = keys or {}
-            tls = "psk" in keys
-            if not self._has_listener(sub, tls):
-                self._step(nqn, lambda s: self._has_listener(s, tls),
-                           lambda: self.api.listener_add(nqn, self._listen_address(tls),
-                                                         secure_channel=tls))
-            if host_nqn not in self.hosts_of(sub):
-                self._step(nqn, lambda s: host_nqn in self.hosts_of(s),
-                           lambda: self.api.host_add(nqn, host_nqn, **keys))
-            elif keys and not tls and not self._host_has_keys(sub, host_nqn, keys):
-                # (nvmf_get_subsystems does not show a host's psk, and set_keys
-                # rotates DH-HMAC-CHAP keys only: an existing tls entry stays)
-                self.api.host_set_keys(nqn, host_nqn, **keys)
+            self.api.intent("export", {
+                "uuid": uuid, "bdev": spec.bdev or self.exported_bdev(uuid), "host": spec.host,
+                "legacy": spec.legacy, "model": spec.model, "signature": spec.signature,
+                "hint": spec.hint or "", "single_node": spec.single_node, "keys": keys,
+                "listen": self._listen_address(tls), "secure_channel": tls})
+        except IntentError as err:
+            if err.reason == "exhausted":
+                raise ResourceExhausted(
+                    f"target {self.target.name!r} cannot export another volume: SPDK "
+                    "refused a new NVMe-oF subsystem (one per published volume; "
+                    "spdk_tgt allows 1023 unless started with nvmf_set_max_subsystems)"
+                ) from None
+            raise
         except SpdkError:
             # The target may have restarted without its transport: check again next time.
             with self._mutex:
                 self._transport_ready = False
             raise
-        return self.publish_context(lvol_uuid, tls)
+        return self.publish_context(uuid, tls)
 
     def hold_open(self, lvol_uuid: str, sub: dict | None) -> None:
         """The volume's subsystem with its namespace only (no listener, no host):
@@ -191,27 +181,15 @@ class NvmfExporter:
             self._step(nqn, lambda s: self._has_namespace(s, lvol_uuid),
                        lambda: self.api.ns_add(nqn, lvol_uuid, uuid=lvol_uuid))
 
-    def unexport(self, lvol_uuid: str, host_nqn: str) -> None:
-        """Remove ``host_nqn`` from the allow-list; delete the subsystem when no
-        host is left. Missing subsystem or host is success."""
-        nqn = contract.subsystem_nqn(lvol_uuid)
-        sub = self.api.subsystem_get(nqn)
-        if sub is None:
-            return
-        hosts = self.hosts_of(sub)
-        if host_nqn in hosts:
-            self._step(nqn, lambda s: host_nqn not in self.hosts_of(s),
-                       lambda: self.api.host_remove(nqn, host_nqn))
-            hosts.remove(host_nqn)
-        if not hosts:
-            self.delete(lvol_uuid)
+    def unexport(self, lvol_uuid: str, hosts: str | list[str]) -> bool:
+        """Remove ``hosts`` from the allow-list; delete the subsystem when no
+        host is left. Missing subsystem or host is success. True when the
+        subsystem is gone (one intent: 2 SPDK rounds)."""
+        hosts = [hosts] if isinstance(hosts, str) else list(hosts)
+        return bool(self.api.intent("unexport", {"uuid": lvol_uuid, "hosts": hosts})["gone"])
 
     def delete(self, lvol_uuid: str) -> None:
         """Delete the volume's subsystem whatever its hosts; missing is success."""
-        nqn = contract.subsystem_nqn(lvol_uuid)
-        try:
-            self.api.subsystem_delete(nqn)
-        except SpdkError:
-            if self.api.subsystem_get(nqn) is not None:
-                raise
-        log.debug("subsystem deleted", extra={"f": {"nqn": nqn}})
+        self.api.intent("unexport", {"uuid": lvol_uuid, "hosts": [], "all": True})
+        log.debug("subsystem deleted",
+                  extra={"f": {"nqn": contract.subsystem_nqn(lvol_uuid)}})

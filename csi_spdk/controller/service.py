@@ -32,6 +32,7 @@ from ..errors import (
     AlreadyExists,
     CsiError,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -44,9 +45,11 @@ from ..locks import KeyedLocks
 from ..proto import csi_pb2, csi_pb2_grpc
 from ..rpc import rpc
 from ..spdk.api import SpdkApi
-from ..spdk.errors import SpdkNoSpace, SpdkNotFound, SpdkTransportError
+from ..spdk.errors import SpdkError, SpdkNoSpace, SpdkNotFound, SpdkTransportError
+from ..spdk.intents import IntentError
 from . import dhchap_strength, placement, qos
 from .auth import AgentKeyCustody, SameHostKeyCustody, SecretStore, StaticSecrets, VolumeAuth
+from .capacity import PROVISIONED_TTL
 from .config import Config
 from .create import CreateRequest, create_empty, create_from_snapshot, create_from_volume
 from .encryption import FileKeyStore, KeyStore, SecretKeyStore, VolumeEncryption
@@ -198,6 +201,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         self._stopping.set()
         self.health.stop()
         for t in self.targets.values():
+            t.stop()
             with contextlib.suppress(Exception):
                 t.api.client.close()
 
@@ -264,7 +268,11 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         # pinned to a target: only that one can hold the name (a retry has the
         # same parameters), so another, unreachable target does not matter
         req.found_target, req.found, req.lvstores = self.targets.find(
-            req.lvol_name, only=params.target)
+            req.lvol_name, only=params.target, lvstore=params.lvstore,
+            always=source is not None or bool(params.dhchap))
+        req.looked = req.found is not None or source is not None or len(
+            [1 for stores in req.lvstores.values() for s in stores
+             if not params.lvstore or s["name"] == params.lvstore]) > 1
         if params.dhchap and req.found is None:
             dhchap_strength.restrict(self.targets, req, source, kind)
         if kind == "volume":
@@ -294,31 +302,44 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             target = self.targets.of(oid)
         except NotFound:
             return csi_pb2.DeleteVolumeResponse()
-        lv = target.lvol(oid.lvol_uuid)
-        if lv is None:
+        try:
+            try:
+                found = target.api.intent("delete_volume", {"uuid": oid.lvol_uuid})["bdev"]
+            except SpdkError:
+                # a target-mode crypto bdev holds the lvol open: the intent
+                # deleted the subsystem (no host was allowed), so it can go now
+                self.encryption.unexported(target.api, oid.lvol_uuid)
+                found = target.api.intent("delete_volume", {"uuid": oid.lvol_uuid})["bdev"]
+        except IntentError as err:
+            raise self._delete_error(request, err) from None
+        lv = Lvol.from_bdev(found)
+        if lv is not None:
+            # The reclaim of its hidden parents reads the lineage after the
+            # delete, under the lock DeleteSnapshot holds while it reads the
+            # clones: the two cannot interleave into an unreclaimed snapshot.
+            with target.lineage:
+                target.deleted_lvol(lv)
+        else:
             # Maybe a retry after a crash between the delete and the reclaim of
             # the volume's internal parent snapshot (or of its keys): finish that.
             target.sweep(self.targets.busy())
-            self.auth.deleted(target.name, oid.lvol_uuid)
-            self.encryption.deleted(target.api, oid.lvol_uuid)
-            return csi_pb2.DeleteVolumeResponse()
-        if not contract.is_driver_lvol(lv.name):
-            raise FailedPrecondition(f"lvol {lv.alias} was not created by csi-spdk; "
-                                     "refusing to delete it")
-        if not contract.is_volume_lvol(lv.name) or lv.snapshot:
-            raise FailedPrecondition(f"{request.volume_id} is a snapshot, not a volume; "
-                                     "use DeleteSnapshot")
-        sub = target.exporter.subsystem(lv.uuid)
-        hosts = target.exporter.hosts_of(sub)
-        if hosts:
-            raise FailedPrecondition(f"volume {request.volume_id} is still published to "
-                                     f"{', '.join(self._node_names(hosts))}; unpublish it first")
-        if sub is not None:
-            target.exporter.delete(lv.uuid)
-        self.auth.deleted(target.name, lv.uuid)
-        self.encryption.deleted(target.api, lv.uuid)
-        target.delete_lvol(lv)   # under the target's lineage lock
+        self.auth.deleted(target.name, oid.lvol_uuid)
+        self.encryption.deleted(target.api, oid.lvol_uuid)
         return csi_pb2.DeleteVolumeResponse()
+
+    def _delete_error(self, request, err: IntentError) -> CsiError:
+        if err.reason == "foreign":
+            return FailedPrecondition(f"lvol {err.details.get('alias', '?')} was not created "
+                                      "by csi-spdk; refusing to delete it")
+        if err.reason == "not_volume":
+            return FailedPrecondition(f"{request.volume_id} is a snapshot, not a volume; "
+                                      "use DeleteSnapshot")
+        if err.reason == "published":
+            return FailedPrecondition(
+                f"volume {request.volume_id} is still published to "
+                f"{', '.join(self._node_names(err.details.get('hosts', [])))}; "
+                "unpublish it first")
+        return Internal(f"delete of {request.volume_id}: {err.message}")
 
     # --- publish -----------------------------------------------------------------
     @rpc(lock=("volume_id",))
@@ -327,58 +348,67 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         require(request.node_id, "node_id")
         require(request.HasField("volume_capability"), "volume_capability")
         check_capabilities([request.volume_capability])
-        target, lv = self.targets.volume(request.volume_id)
+        oid = contract.parse_id(request.volume_id)
+        target = self.targets.of(oid)
         if self.config.nodes is not None and request.node_id not in self.config.nodes:
             raise NotFound(f"node {echo(request.node_id)} does not exist (known nodes: "
                            f"{', '.join(sorted(self.config.nodes)) or 'none'})")
         host = contract.host_nqn(request.node_id)
         legacy = contract.legacy_host_nqn(request.node_id)
         cap = request.volume_capability
-        sub = target.exporter.subsystem(lv.uuid)
-        hosts = target.exporter.hosts_of(sub)
         signature = contract.publish_signature(cap.SerializeToString(deterministic=True),
                                                request.readonly)
         with self._hints:
             self._node_ids[host] = self._node_ids[legacy] = request.node_id
-            previous = self._publishes.get((lv.uuid, host)) if host in hosts else None
-        if host in hosts and sub is not None:
-            # durable: the model number records the first host's publish
-            previous = contract.model_signature(sub.get("model_number", ""), host) or previous
-        if previous is not None and previous != signature:
-            raise AlreadyExists(f"volume {request.volume_id} is already published to node "
-                                f"{echo(request.node_id)} with a different capability or "
-                                "readonly flag")
-        others = [h for h in hosts if h not in (host, legacy)]
-        if others and is_single_node(cap):
-            raise FailedPrecondition(
-                f"volume {request.volume_id} has a single-node access mode and is already "
-                f"published to {', '.join(self._node_names(others))}")
+            hint = self._publishes.get((oid.lvol_uuid, host))
         dhchap_strength.check_target(target.name, target.api,
                                      dhchap_strength.from_context(dict(request.volume_context)))
-        mode = self.auth.mode_of(lv.uuid, request.volume_context.get(contract.VC_AUTH, ""))
-        csi_name = lv.name[len(contract.VOLUME_PREFIX):] \
-            if lv.name.startswith(contract.VOLUME_PREFIX) else ""
-        keys = self.auth.keys_for_publish(target.name, lv.uuid, mode, dict(request.secrets),
-                                          csi_name)
+        mode = self.auth.mode_of(oid.lvol_uuid,
+                                 request.volume_context.get(contract.VC_AUTH, ""))
+        csi_name = ""
+        if mode != contract.AUTH_NONE:
+            # keys go to the target only for a volume that exists
+            _, lv = self.targets.volume(request.volume_id)
+            csi_name = lv.name[len(contract.VOLUME_PREFIX):] \
+                if lv.name.startswith(contract.VOLUME_PREFIX) else ""
+        keys = self.auth.keys_for_publish(target.name, oid.lvol_uuid, mode,
+                                          dict(request.secrets), csi_name)
         bdev = self.encryption.publish_bdev(
-            target.api, lv.uuid, request.volume_context.get(contract.VC_ENCRYPTION, ""),
+            target.api, oid.lvol_uuid, request.volume_context.get(contract.VC_ENCRYPTION, ""),
             dict(request.secrets))
-        ctx = target.exporter.export(
-            lv.uuid, host, sub=sub,
-            model=contract.model_number(host, signature, request.readonly), keys=keys,
-            bdev=bdev)
+        try:
+            ctx = target.exporter.export(
+                oid.lvol_uuid, host, legacy=legacy, signature=signature, hint=hint,
+                model=contract.model_number(host, signature, request.readonly),
+                single_node=is_single_node(cap), keys=keys, bdev=bdev)
+        except IntentError as err:
+            raise self._publish_error(request, err) from None
         if keys:
             ctx[contract.PC_AUTH] = mode
         with self._hints:
-            self._publishes[(lv.uuid, host)] = signature
+            self._publishes[(oid.lvol_uuid, host)] = signature
         if request.readonly:
             ctx[contract.PC_READONLY] = "true"
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=ctx)
 
+    def _publish_error(self, request, err: IntentError) -> CsiError:
+        if err.reason == "not_volume":
+            return NotFound(f"volume {request.volume_id} does not exist")
+        if err.reason == "conflict":
+            return AlreadyExists(f"volume {request.volume_id} is already published to node "
+                                 f"{echo(request.node_id)} with a different capability or "
+                                 "readonly flag")
+        if err.reason == "single_node":
+            return FailedPrecondition(
+                f"volume {request.volume_id} has a single-node access mode and is already "
+                f"published to {', '.join(self._node_names(err.details.get('hosts', [])))}")
+        return Internal(f"publish of {request.volume_id}: {err.message}")
+
     @rpc(lock=("volume_id",))
     def ControllerUnpublishVolume(self, request, context):
         """Idempotent: a missing volume, subsystem or host is success. An empty
-        node_id unpublishes from every node."""
+        node_id unpublishes from every node. One intent: the subsystem read,
+        then the host removed, or the subsystem deleted with its last host."""
         require(request.volume_id, "volume_id")
         try:
             oid = contract.parse_id(request.volume_id)
@@ -388,20 +418,21 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         exporter = target.exporter
         if request.node_id:
             host = contract.host_nqn(request.node_id)
-            legacy = contract.legacy_host_nqn(request.node_id)
-            if legacy in exporter.hosts(oid.lvol_uuid):   # published by an older driver
-                exporter.unexport(oid.lvol_uuid, legacy)
-            exporter.unexport(oid.lvol_uuid, host)
+            # the node's older host NQN form too (published by an older driver)
+            gone = exporter.unexport(oid.lvol_uuid,
+                                     [host, contract.legacy_host_nqn(request.node_id)])
             with self._hints:
                 self._publishes.pop((oid.lvol_uuid, host), None)
         else:
             exporter.delete(oid.lvol_uuid)
+            gone = True
             with self._hints:
                 for key in [k for k in self._publishes if k[0] == oid.lvol_uuid]:
                     del self._publishes[key]
-        if exporter.subsystem(oid.lvol_uuid) is None:
+        if gone:
             # the last host is gone: so are the volume's keys on the target
             self.auth.drop_target_keys(target.name, oid.lvol_uuid)
+            self.encryption.unexported(target.api, oid.lvol_uuid)
             self.encryption.unexported(target.api, oid.lvol_uuid)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
@@ -566,10 +597,13 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             raise OutOfRange(f"{required} bytes rounded to whole clusters ({size}) exceeds "
                              f"limit_bytes {limit}")
         with self.targets.admission:
-            pool = target.pool(lvs)
             grow = size - lv.size
-            why = placement.shortfall(pool, self.config.thin_overcommit_ratio,
-                                      grow if lv.thin else 0, 0 if lv.thin else grow)
+            for max_age in (PROVISIONED_TTL, 0.0):   # a refusal is decided on fresh figures
+                why = placement.shortfall(target.pool(lvs, max_age=max_age),
+                                          self.config.thin_overcommit_ratio,
+                                          grow if lv.thin else 0, 0 if lv.thin else grow)
+                if not why:
+                    break
             if why:
                 raise ResourceExhausted(f"cannot grow volume {request.volume_id} to {size} "
                                         f"bytes: {why}")

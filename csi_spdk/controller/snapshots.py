@@ -47,6 +47,7 @@ from ..proto import csi_pb2
 from ..rpc import rpc
 from ..spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
 from . import placement
+from .capacity import PROVISIONED_TTL
 from .config import Config
 from .target import Lvol, Target, Targets, volumes_below
 
@@ -111,10 +112,13 @@ class SnapshotService:
         The snapshot keeps the clusters the volume has now. A thin volume's
         count against thin provisioning; a thick volume must stay thick, so it
         is re-inflated after the snapshot and needs its whole size free."""
-        pool = target.pool_of(src.lvstore)
-        held = src.allocated_clusters * pool.cluster_size
-        why = placement.shortfall(pool, self.ratio, held if src.thin else 0,
-                                  0 if src.thin else src.size)
+        for max_age in (PROVISIONED_TTL, 0.0):   # a refusal is decided on fresh figures
+            pool = target.pool_of(src.lvstore, max_age=max_age)
+            held = src.allocated_clusters * pool.cluster_size
+            why = placement.shortfall(pool, self.ratio, held if src.thin else 0,
+                                      0 if src.thin else src.size)
+            if not why:
+                break
         if why:
             kind = "thin" if src.thin else "thick"
             raise ResourceExhausted(
@@ -181,7 +185,7 @@ class SnapshotService:
                 uuid = None
             except SpdkNotFound as err:
                 raise NotFound(f"volume {request.source_volume_id} does not exist") from err
-            target.forget_provisioned()
+            target.forget_provisioned(src.lvstore, held=src.size)
         snap = target.lvol(uuid) if uuid else target.lvol_by_name(src.lvstore, snap_name)
         if snap is None:
             raise NotFound(f"snapshot {snap_name} vanished after creation; retry")

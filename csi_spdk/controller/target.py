@@ -1,14 +1,18 @@
 """The controller's view of one SPDK target: lvol lookups, capacity, reclaim.
 
 Split out of ``controller.py`` so the volume and snapshot halves of the
-Controller service share one model of SPDK state. Nothing here is cached
-except the per-lvstore "provisioned bytes" (volume sizes plus the clusters
-snapshots hold, see ``placement``): one ``bdev_get_bdevs`` gives every
-lvstore of the target at once, at most every ``PROVISIONED_TTL`` seconds for
-CreateVolume (adjusted in between by the driver's own creates, resizes and
-deletes, and dropped after any snapshot change, whose effect on the sum only
-SPDK knows), fresh for GetCapacity. So the cost of a CreateVolume does not
-grow with the number of volumes and no call scans all bdevs once per lvstore.
+Controller service share one model of SPDK state. Two things are kept
+between calls, so that no CreateVolume waits on a scan (docs/DESIGN.md
+"Capacity"): the lvstores (free clusters taken off by the driver's thick
+creates) and the per-lvstore "provisioned bytes" (volume sizes plus the
+clusters snapshots hold, see ``placement``), adjusted by the driver's own
+creates, resizes and deletes, over-counted by a new snapshot's source size,
+and re-read off the request path (one ``bdev_get_bdevs`` for every lvstore of
+the target) every ``PROVISIONED_TTL`` seconds or right after a snapshot
+change. Thin admission therefore never under-counts what the driver did;
+thick admission may see more free clusters than SPDK has (thin volumes fill
+up by writes), and then SPDK itself refuses the create with ENOSPC, which is
+RESOURCE_EXHAUSTED with nothing created. GetCapacity reads fresh figures.
 
 Concurrency: safe to share between threads; callers hold the per-volume locks.
 """
@@ -17,19 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from dataclasses import dataclass, field
 
-from .. import contract, metrics
+from .. import contract
 from ..errors import NotFound
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkExists, SpdkNotFound, SpdkNotPermitted
+from ..spdk.intents import parallel
 from . import qos
+from .capacity import KeptCapacity
 from .config import TargetConfig
 from .export import NvmfExporter
-from .placement import Pool
 
-PROVISIONED_TTL = 30.0
 MARK_BYTES = 1024 * 1024  # a deleted-snapshot marker's size (thin: no cluster is used)
 
 
@@ -95,8 +98,9 @@ def volumes_below(target_name: str, snap: Lvol, by_name: dict[str, Lvol]) -> lis
     return sorted(out)
 
 
-class Target:
-    """One configured SPDK target with its API client and NVMe/TCP exporter."""
+class Target(KeptCapacity):
+    """One configured SPDK target with its API client and NVMe/TCP exporter
+    (its capacity figures: ``capacity.KeptCapacity``)."""
 
     def __init__(self, cfg: TargetConfig, api: SpdkApi) -> None:
         self.cfg = cfg
@@ -107,9 +111,7 @@ class Target:
         # "marked deleted" and "last clone gone" can never interleave into a
         # hidden snapshot nobody reclaims. Re-entrant: reclaim runs inside.
         self.lineage = threading.RLock()
-        # lvstore name -> (time, bytes of volumes, clusters held by snapshots)
-        self._prov: dict[str, tuple[float, int, int]] = {}
-        self._prov_lock = threading.Lock()
+        self._init_capacity()
 
     @property
     def name(self) -> str:
@@ -126,6 +128,7 @@ class Target:
             found = [s for s in found if s["name"] in self.cfg.lvstores]
         for s in found:
             self.observe(s)
+        self._keep_lvstores(found)
         return found
 
     def lvol(self, ref: str) -> Lvol | None:
@@ -144,73 +147,6 @@ class Target:
             if lv is not None and (not allowed or lv.lvstore in allowed):
                 out.append(lv)
         return out
-
-    # --- capacity ------------------------------------------------------------
-    @staticmethod
-    def pool_bytes(lvs: dict) -> tuple[int, int, int]:
-        cluster = int(lvs["cluster_size"])
-        return cluster, int(lvs["total_data_clusters"]) * cluster, \
-            int(lvs["free_clusters"]) * cluster
-
-    def observe(self, lvs: dict) -> None:
-        _, total, free = self.pool_bytes(lvs)
-        metrics.LVSTORE_TOTAL.labels(self.name, lvs["name"]).set(total)
-        metrics.LVSTORE_FREE.labels(self.name, lvs["name"]).set(free)
-
-    def _scan_provisioned(self) -> None:
-        """One bdev_get_bdevs: the provisioned parts of every lvstore."""
-        now = time.monotonic()
-        parts: dict[str, list[int]] = {}
-        for bdev in self.api.bdevs():
-            lv = Lvol.from_bdev(bdev)
-            if lv is None:
-                continue
-            part = parts.setdefault(lv.lvstore, [0, 0])
-            if lv.holds_clusters_only:
-                part[1] += lv.allocated_clusters
-            else:
-                part[0] += lv.size
-        with self._prov_lock:
-            self._prov = {name: (now, b, c) for name, (b, c) in parts.items()}
-
-    def provisioned(self, lvs: dict, max_age: float = PROVISIONED_TTL) -> int:
-        """Volume sizes + bytes held by snapshots (and markers) of an lvstore."""
-        name = lvs["name"]
-        with self._prov_lock:
-            hit = self._prov.get(name)
-        if hit is None or time.monotonic() - hit[0] >= max_age:
-            self._scan_provisioned()
-            with self._prov_lock:
-                hit = self._prov.setdefault(name, (time.monotonic(), 0, 0))
-        total = hit[1] + hit[2] * int(lvs["cluster_size"])
-        metrics.LVSTORE_PROVISIONED.labels(self.name, name).set(total)
-        return total
-
-    def adjust_provisioned(self, lvstore: str, delta: int) -> None:
-        """The driver changed a volume's size by ``delta`` bytes."""
-        with self._prov_lock:
-            hit = self._prov.get(lvstore)
-            if hit:
-                self._prov[lvstore] = (hit[0], max(0, hit[1] + delta), hit[2])
-
-    def forget_provisioned(self) -> None:
-        """A snapshot was taken, deleted, merged or inflated: rescan next time."""
-        with self._prov_lock:
-            self._prov.clear()
-
-    def pool(self, lvs: dict, with_provisioned: bool = True,
-             max_age: float = PROVISIONED_TTL) -> Pool:
-        cluster, total, free = self.pool_bytes(lvs)
-        return Pool(self.cfg, lvs["name"], cluster, total, free,
-                    self.provisioned(lvs, max_age) if with_provisioned else 0)
-
-    def pool_of(self, lvstore: str, max_age: float = PROVISIONED_TTL) -> Pool:
-        """The pool of one lvstore by name (one lvstore RPC + the cached sum)."""
-        found = self.api.lvstores(lvstore)
-        if not found:
-            raise NotFound(f"lvstore {lvstore!r} of target {self.name!r} does not exist")
-        self.observe(found[0])
-        return self.pool(found[0], max_age=max_age)
 
     # --- user-deleted snapshots and reclaim -------------------------------------
     def deleted_mark(self, snap: Lvol) -> Lvol | None:
@@ -306,6 +242,7 @@ class Target:
     def _sweep(self, busy: frozenset[str]) -> None:
         lvols = self.lvols_with_bdevs()
         by_uuid = {lv.uuid: lv for lv in lvols}
+        self._sweep_subsystems(by_uuid)
         for lv in lvols:
             meta = contract.parse_snapshot_meta(lv.name)
             if meta is not None and meta[0] not in by_uuid:
@@ -324,6 +261,27 @@ class Target:
                     lv.name.startswith(contract.CLONE_SOURCE_PREFIX):
                 self.reclaim(lv.lvstore, lv.name)
 
+    def _sweep_subsystems(self, by_uuid: dict[str, Lvol]) -> None:
+        """A publish creates the subsystem while it looks the lvol up
+        (``intents.export``); a crash right there after finding no volume
+        leaves a host-less subsystem of a uuid that is no volume: delete it."""
+        for sub in self.api.subsystems():
+            nqn = sub.get("nqn", "")
+            if not nqn.startswith(contract.NQN_PREFIX) or sub.get("hosts"):
+                continue
+            uuid = nqn[len(contract.NQN_PREFIX):]
+            lv = by_uuid.get(uuid)
+            if lv is not None and contract.is_volume_lvol(lv.name) and not lv.snapshot:
+                continue
+            if lv is None:
+                lv = self.lvol(uuid)   # maybe in an lvstore the driver does not use
+                if lv is not None and not lv.snapshot:
+                    continue
+                if lv is None and self.api.bdev_get(uuid) is not None:
+                    continue   # some other bdev: not the driver's to judge
+            with contextlib.suppress(SpdkNotFound):
+                self.api.subsystem_delete(nqn)
+
     def delete_lvol(self, lv: Lvol) -> None:
         """Delete an lvol (missing is success) and reclaim its hidden parents."""
         with self.lineage:
@@ -332,6 +290,11 @@ class Target:
     def _delete_lvol(self, lv: Lvol) -> None:
         with contextlib.suppress(SpdkNotFound):
             self.api.lvol_delete(lv.uuid)
+        self.deleted_lvol(lv)
+
+    def deleted_lvol(self, lv: Lvol) -> None:
+        """``lv`` was just deleted (the caller holds ``lineage``): account for it
+        and reclaim its hidden parents."""
         if lv.snapshot:
             self.forget_provisioned()
         else:
@@ -406,21 +369,32 @@ class Targets(dict[str, Target]):
             raise NotFound(f"volume {volume_id} does not exist")
         return target, lv
 
-    def find(self, lvol_name: str, only: str = ""
+    def find(self, lvol_name: str, only: str = "", lvstore: str = "", always: bool = True
              ) -> tuple[Target | None, Lvol | None, dict[str, list[dict]]]:
-        """Look the lvol name up in every target/lvstore (one bdev_get each), or
-        in target ``only``.
+        """Look the lvol name up in every target/lvstore, or in target ``only``
+        (and lvstore ``lvstore``): the look-ups run together, one round.
 
-        Returns the hit (or None) and each target's lvstores for placement. An
+        Returns the hit (or None) and each target's lvstores (as kept between
+        calls) for placement. Without ``always``, a single candidate lvstore
+        is not looked in: the create itself tells (EEXIST) when the name is
+        there, so a steady-state CreateVolume is one SPDK call. An
         unreachable target is an error: the name might exist there.
         """
         lvstores: dict[str, list[dict]] = {}
+        where: list[tuple[Target, str]] = []
         for target in self.values():
             if only and target.name != only:
                 continue
-            lvstores[target.name] = target.lvstores()
-            for lvs in lvstores[target.name]:
-                lv = target.lvol_by_name(lvs["name"], lvol_name)
-                if lv is not None:
-                    return target, lv, lvstores
+            lvstores[target.name] = target.cached_lvstores()
+            where += [(target, s["name"]) for s in lvstores[target.name]
+                      if not lvstore or s["name"] == lvstore]
+        if len(where) <= 1 and not always:
+            return None, None, lvstores
+        for (target, _), (lv, err) in zip(where, parallel(
+                *(lambda t=t, n=n: t.lvol_by_name(n, lvol_name) for t, n in where)),
+                strict=True):
+            if err is not None:
+                raise err
+            if lv is not None:
+                return target, lv, lvstores
         return None, None, lvstores

@@ -24,27 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x10\x63sispdk.agent.v1\"C\n\x0b\x43\x61llRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0bparams_json\x18\x02 \x01(\t\x12\x0f\n\x07timeout\x18\x03 \x01(\x01\"*\n\tSpdkError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x03\x12\x0f\n\x07message\x18\x02 \x01(\t\"L\n\tCallReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1b.csispdk.agent.v1.SpdkError\"/\n\rPutKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08material\x18\x02 \x01(\x0c\")\n\x0bPutKeyReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\" \n\x10\x44\x65leteKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x10\n\x0e\x44\x65leteKeyReply2\xee\x01\n\x05\x41gent\x12\x44\n\x04\x43\x61ll\x12\x1d.csispdk.agent.v1.CallRequest\x1a\x1b.csispdk.agent.v1.CallReply\"\x00\x12J\n\x06PutKey\x12\x1f.csispdk.agent.v1.PutKeyRequest\x1a\x1d.csispdk.agent.v1.PutKeyReply\"\x00\x12S\n\tDeleteKey\x12\".csispdk.agent.v1.DeleteKeyRequest\x1a .csispdk.agent.v1.DeleteKeyReply\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x10\x63sispdk.agent.v1\"3\n\rIntentRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\x0f\n\x07timeout\x18\x02 \x01(\x01\"F\n\rIntentRefusal\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x03 \x01(\t\"\x80\x01\n\x0bIntentReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1b.csispdk.agent.v1.SpdkError\x12\x30\n\x07refusal\x18\x03 \x01(\x0b\x32\x1f.csispdk.agent.v1.IntentRefusal\"C\n\x0b\x43\x61llRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0bparams_json\x18\x02 \x01(\t\x12\x0f\n\x07timeout\x18\x03 \x01(\x01\"*\n\tSpdkError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x03\x12\x0f\n\x07message\x18\x02 \x01(\t\"L\n\tCallReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1b.csispdk.agent.v1.SpdkError\"/\n\rPutKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08material\x18\x02 \x01(\x0c\")\n\x0bPutKeyReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\" \n\x10\x44\x65leteKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x10\n\x0e\x44\x65leteKeyReply2\xaa\x04\n\x05\x41gent\x12\x44\n\x04\x43\x61ll\x12\x1d.csispdk.agent.v1.CallRequest\x1a\x1b.csispdk.agent.v1.CallReply\"\x00\x12J\n\x06PutKey\x12\x1f.csispdk.agent.v1.PutKeyRequest\x1a\x1d.csispdk.agent.v1.PutKeyReply\"\x00\x12S\n\tDeleteKey\x12\".csispdk.agent.v1.DeleteKeyRequest\x1a .csispdk.agent.v1.DeleteKeyReply\"\x00\x12N\n\nCreateLvol\x12\x1f.csispdk.agent.v1.IntentRequest\x1a\x1d.csispdk.agent.v1.IntentReply\"\x00\x12J\n\x06\x45xport\x12\x1f.csispdk.agent.v1.IntentRequest\x1a\x1d.csispdk.agent.v1.IntentReply\"\x00\x12L\n\x08Unexport\x12\x1f.csispdk.agent.v1.IntentRequest\x1a\x1d.csispdk.agent.v1.IntentReply\"\x00\x12P\n\x0c\x44\x65leteVolume\x12\x1f.csispdk.agent.v1.IntentRequest\x1a\x1d.csispdk.agent.v1.IntentReply\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALLREQUEST']._serialized_start=33
-  _globals['_CALLREQUEST']._serialized_end=100
-  _globals['_SPDKERROR']._serialized_start=102
-  _globals['_SPDKERROR']._serialized_end=144
-  _globals['_CALLREPLY']._serialized_start=146
-  _globals['_CALLREPLY']._serialized_end=222
-  _globals['_PUTKEYREQUEST']._serialized_start=224
-  _globals['_PUTKEYREQUEST']._serialized_end=271
-  _globals['_PUTKEYREPLY']._serialized_start=273
-  _globals['_PUTKEYREPLY']._serialized_end=314
-  _globals['_DELETEKEYREQUEST']._serialized_start=316
-  _globals['_DELETEKEYREQUEST']._serialized_end=348
-  _globals['_DELETEKEYREPLY']._serialized_start=350
-  _globals['_DELETEKEYREPLY']._serialized_end=366
-  _globals['_AGENT']._serialized_start=369
-  _globals['_AGENT']._serialized_end=607
+  _globals['_INTENTREQUEST']._serialized_start=33
+  _globals['_INTENTREQUEST']._serialized_end=84
+  _globals['_INTENTREFUSAL']._serialized_start=86
+  _globals['_INTENTREFUSAL']._serialized_end=156
+  _globals['_INTENTREPLY']._serialized_start=159
+  _globals['_INTENTREPLY']._serialized_end=287
+  _globals['_CALLREQUEST']._serialized_start=289
+  _globals['_CALLREQUEST']._serialized_end=356
+  _globals['_SPDKERROR']._serialized_start=358
+  _globals['_SPDKERROR']._serialized_end=400
+  _globals['_CALLREPLY']._serialized_start=402
+  _globals['_CALLREPLY']._serialized_end=478
+  _globals['_PUTKEYREQUEST']._serialized_start=480
+  _globals['_PUTKEYREQUEST']._serialized_end=527
+  _globals['_PUTKEYREPLY']._serialized_start=529
+  _globals['_PUTKEYREPLY']._serialized_end=570
+  _globals['_DELETEKEYREQUEST']._serialized_start=572
+  _globals['_DELETEKEYREQUEST']._serialized_end=604
+  _globals['_DELETEKEYREPLY']._serialized_start=606
+  _globals['_DELETEKEYREPLY']._serialized_end=622
+  _globals['_AGENT']._serialized_start=625
+  _globals['_AGENT']._serialized_end=1179
 # @@protoc_insertion_point(module_scope)

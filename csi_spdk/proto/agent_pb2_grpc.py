@@ -49,6 +49,26 @@ class AgentStub:
                 request_serializer=agent__pb2.DeleteKeyRequest.SerializeToString,
                 response_deserializer=agent__pb2.DeleteKeyReply.FromString,
                 _registered_method=True)
+        self.CreateLvol = channel.unary_unary(
+                '/csispdk.agent.v1.Agent/CreateLvol',
+                request_serializer=agent__pb2.IntentRequest.SerializeToString,
+                response_deserializer=agent__pb2.IntentReply.FromString,
+                _registered_method=True)
+        self.Export = channel.unary_unary(
+                '/csispdk.agent.v1.Agent/Export',
+                request_serializer=agent__pb2.IntentRequest.SerializeToString,
+                response_deserializer=agent__pb2.IntentReply.FromString,
+                _registered_method=True)
+        self.Unexport = channel.unary_unary(
+                '/csispdk.agent.v1.Agent/Unexport',
+                request_serializer=agent__pb2.IntentRequest.SerializeToString,
+                response_deserializer=agent__pb2.IntentReply.FromString,
+                _registered_method=True)
+        self.DeleteVolume = channel.unary_unary(
+                '/csispdk.agent.v1.Agent/DeleteVolume',
+                request_serializer=agent__pb2.IntentRequest.SerializeToString,
+                response_deserializer=agent__pb2.IntentReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -83,6 +103,39 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateLvol(self, request, context):
+        """Intent-level operations (csi_spdk/spdk/intents.py, the same code the
+        controller runs over a direct socket): one CSI call is one round trip to
+        the agent, which fans the SPDK calls out beside spdk_tgt. Every SPDK call
+        an intent makes passes the same policy checks as Call and is recorded in
+        the desired state the same way.
+        An lvol (EEXIST: the existing one is looked up and returned).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Export(self, request, context):
+        """Export a volume to a host: subsystem, then namespace, listener and host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unexport(self, request, context):
+        """Remove hosts; the subsystem goes with its last host (or with "all").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVolume(self, request, context):
+        """Delete an unpublished volume lvol and its host-less subsystem.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +153,26 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.DeleteKey,
                     request_deserializer=agent__pb2.DeleteKeyRequest.FromString,
                     response_serializer=agent__pb2.DeleteKeyReply.SerializeToString,
+            ),
+            'CreateLvol': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateLvol,
+                    request_deserializer=agent__pb2.IntentRequest.FromString,
+                    response_serializer=agent__pb2.IntentReply.SerializeToString,
+            ),
+            'Export': grpc.unary_unary_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=agent__pb2.IntentRequest.FromString,
+                    response_serializer=agent__pb2.IntentReply.SerializeToString,
+            ),
+            'Unexport': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unexport,
+                    request_deserializer=agent__pb2.IntentRequest.FromString,
+                    response_serializer=agent__pb2.IntentReply.SerializeToString,
+            ),
+            'DeleteVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVolume,
+                    request_deserializer=agent__pb2.IntentRequest.FromString,
+                    response_serializer=agent__pb2.IntentReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +256,114 @@ class Agent:
             '/csispdk.agent.v1.Agent/DeleteKey',
             agent__pb2.DeleteKeyRequest.SerializeToString,
             agent__pb2.DeleteKeyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateLvol(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csispdk.agent.v1.Agent/CreateLvol',
+            agent__pb2.IntentRequest.SerializeToString,
+            agent__pb2.IntentReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csispdk.agent.v1.Agent/Export',
+            agent__pb2.IntentRequest.SerializeToString,
+            agent__pb2.IntentReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unexport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csispdk.agent.v1.Agent/Unexport',
+            agent__pb2.IntentRequest.SerializeToString,
+            agent__pb2.IntentReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csispdk.agent.v1.Agent/DeleteVolume',
+            agent__pb2.IntentRequest.SerializeToString,
+            agent__pb2.IntentReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,7 @@ from ..errors import CsiError, Internal, InvalidArgument
 from ..proto import agent_pb2, agent_pb2_grpc
 from .client import DEFAULT_TIMEOUT
 from .errors import SpdkTransportError, from_response
+from .intents import IntentError
 
 # Extra seconds the gRPC deadline gives the agent beyond the SPDK timeout it
 # passes on, so spdk_tgt's timeout (a clear message from the agent) fires first.
@@ -213,6 +214,41 @@ class AgentClient:
             raise self._error(method, err) from None
         finally:
             metrics.SPDK_LATENCY.labels(method, outcome).observe(time.monotonic() - start)
+
+    # --- intents (spdk/intents.py): one round trip per CSI call ----------------------
+    _INTENT_RPCS = {"create_lvol": "CreateLvol", "export": "Export", "unexport": "Unexport",
+                    "delete_volume": "DeleteVolume"}
+
+    def intent(self, name: str, spec: dict, timeout: float | None = None) -> dict:
+        """Run an intent in the agent; the same result, ``IntentError`` or typed
+        ``SpdkError`` as running it here over a direct socket."""
+        rpc = self._INTENT_RPCS[name]
+        timeout = timeout if timeout is not None else self.timeout
+        start = time.monotonic()
+        outcome = "transport"
+        try:
+            reply = getattr(self._stub, rpc)(
+                agent_pb2.IntentRequest(spec_json=json.dumps(spec), timeout=timeout),
+                timeout=timeout + DEADLINE_MARGIN)
+            if reply.HasField("refusal"):
+                outcome = "declined"
+                raise IntentError(reply.refusal.reason, reply.refusal.message,
+                                  json.loads(reply.refusal.details_json or "{}"))
+            if reply.HasField("error"):
+                outcome = "error"
+                raise from_response(name, {"code": reply.error.code,
+                                           "message": reply.error.message})
+            outcome = "ok"
+            return json.loads(reply.result_json)
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                  grpc.StatusCode.DEADLINE_EXCEEDED):
+                outcome = "refused" if err.code() == grpc.StatusCode.PERMISSION_DENIED \
+                    else "error"
+            raise self._error(rpc, err) from None
+        finally:
+            metrics.SPDK_LATENCY.labels(f"intent:{name}", outcome).observe(
+                time.monotonic() - start)
 
     def close(self) -> None:
         if not self._closed.is_set():

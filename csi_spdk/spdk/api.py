@@ -25,6 +25,20 @@ class SpdkApi:
     def call(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
         return self.client.call(method, params, timeout=timeout)
 
+    # --- intents (spdk/intents.py) ------------------------------------------
+    @property
+    def remote_intents(self) -> bool:
+        """The client runs intents beside spdk_tgt (the storage agent)."""
+        return hasattr(self.client, "intent")
+
+    def intent(self, name: str, spec: dict) -> dict:
+        """One CSI-level operation: in the agent (one round trip to it) when the
+        target is reached through one, else here over the direct socket."""
+        if self.remote_intents:
+            return self.client.intent(name, spec)
+        from . import intents
+        return intents.run(self, name, spec)
+
     # --- framework --------------------------------------------------------
     def version(self) -> dict:
         return self.call("spdk_get_version")

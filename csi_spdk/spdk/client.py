@@ -4,8 +4,9 @@ Why not the official ``spdk`` PyPI client: it holds one socket with no lock
 (unsafe for a threaded gRPC server), never reconnects after the target
 restarts, and reports every failure as one ``JSONRPCException`` whose message
 embeds the error JSON, so callers would have to parse strings to tell ENOSPC
-from EEXIST. This client keeps a small pool of connections (one request in
-flight per connection, so concurrent callers never interleave bytes), always
+from EEXIST. This client keeps a pool of connections that follows the load (dialled on
+demand up to ``pool_size``, at most ``idle`` kept between bursts; one request
+in flight per connection, so concurrent callers never interleave bytes), always
 sends an integer ``id`` (SPDK answers id-less notifications with an
 unterminated reply that jams a streaming parser), applies a per-call deadline,
 drops a connection on any transport error and dials again on the next call,
@@ -28,6 +29,14 @@ from .. import metrics
 from .errors import SpdkTransportError, from_response
 
 DEFAULT_TIMEOUT = 60.0
+# Calls in flight per target (one connection each). SPDK reads every
+# connection in the same poll, so concurrent CSI calls and an intent's
+# parallel steps only overlap with a connection each: 64 keeps 16 CSI calls
+# in flight (each up to 3 parallel SPDK calls) from queueing in the driver.
+DEFAULT_CONNECTIONS = 64
+# Idle connections kept for the next burst; the rest are closed when they
+# come back, so the pool follows the load instead of its peak.
+DEFAULT_IDLE = 16
 CRASH_ENV = "CSI_SPDK_CRASH_AT"            # "<method>:<nth>:<before|after>"
 CRASH_MARKER_ENV = "CSI_SPDK_CRASH_MARKER"  # file written just before the kill
 
@@ -151,9 +160,14 @@ class _Connection:
 class SpdkClient:
     """Call SPDK JSON-RPC methods. Safe to share between threads."""
 
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, pool_size: int = 4) -> None:
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT,
+                 pool_size: int = DEFAULT_CONNECTIONS, idle: int = DEFAULT_IDLE) -> None:
+        """``pool_size``: calls in flight at most (a connection each, dialled
+        on demand); ``idle``: connections kept open between bursts."""
         self.address = address
         self.timeout = timeout
+        self.pool_size = pool_size
+        self._keep = max(1, idle)
         self._family, self._sockaddr = parse_address(address)
         self._ids = itertools.count(1)
         self._idle: list[_Connection] = []
@@ -196,9 +210,11 @@ class SpdkClient:
                 reply = conn.call(payload, deadline)
             except (BrokenPipeError, ConnectionResetError, ConnectionError) as err:
                 conn.close()
-                # A pooled connection may have died with a restarted target; a
-                # fresh one gets one more try. A fresh connection failing is real.
+                # A pooled connection may have died with a restarted target; so
+                # have the other idle ones then: they are dropped and a fresh
+                # connection gets one more try. A fresh connection failing is real.
                 if reused and attempt == 0:
+                    self._drop_idle()
                     continue
                 raise SpdkTransportError(self.address, method, str(err)) from err
             except (OSError, TimeoutError) as err:
@@ -206,7 +222,11 @@ class SpdkClient:
                 reason = "timed out" if isinstance(err, TimeoutError | socket.timeout) else str(err)
                 raise SpdkTransportError(self.address, method, reason) from err
             with self._lock:
-                self._idle.append(conn)
+                keep = len(self._idle) < self._keep
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
             return reply
         raise AssertionError("unreachable")
 
@@ -220,11 +240,14 @@ class SpdkClient:
         except OSError as err:
             raise SpdkTransportError(self.address, method, str(err)) from err
 
-    def close(self) -> None:
+    def _drop_idle(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+    def close(self) -> None:
+        self._drop_idle()
 
     def __enter__(self) -> SpdkClient:
         return self

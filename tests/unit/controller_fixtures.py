@@ -89,6 +89,13 @@ class FlakyApi(SpdkApi):
     def arm(self, n: int) -> None:
         self.fail_at, self.count = n, 0
 
+    @property
+    def remote_intents(self) -> bool:
+        """Through an agent the intents run there (one round trip), except
+        while a failure is armed: then here, so every SPDK call is counted
+        and the N-th can fail in between the intent's steps."""
+        return not self.fail_at and super().remote_intents
+
 
 @dataclass
 class TargetEnv:

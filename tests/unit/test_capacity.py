@@ -233,3 +233,109 @@ def test_clone_range_that_cannot_be_met_creates_nothing(env1, monkeypatch):
         expect_code(C.OUT_OF_RANGE, s, "CreateVolume",
                     create_req("c", 0, limit=4 * MiB, params=THIN, **source))
     assert seen == []
+
+
+# --- kept figures (issue #12): no request waits on a scan, none admits wrongly ----------
+def test_stale_cache_never_admits_a_volume_spdk_would_refuse(tmp_path):
+    """Writes into a thin volume take free clusters the controller does not
+    see: its kept free count is stale (too high). A thick volume above the
+    real room must still be refused, with nothing created, and one within
+    it created and fully writable."""
+    env = make_env(tmp_path, lvs_mib=64, ratio=2.0)
+    try:
+        thin = call(env.servicer, "CreateVolume",
+                    create_req("thin", 48 * MiB, params=THIN)).volume
+        target = env.servicer.targets[env.t0.name]
+        kept_free = target.cached_lvstores()[0]["free_clusters"]
+        fill(env, thin.volume_id, 40 * MiB)
+        real_free = env.t0.raw.lvstores(env.t0.lvs)[0]["free_clusters"]
+        assert target.cached_lvstores()[0]["free_clusters"] == kept_free > real_free + 32
+        msg = expect_code(C.RESOURCE_EXHAUSTED, env.servicer, "CreateVolume",
+                          create_req("thick", 32 * MiB))
+        assert "ran out of space" in msg or "room" in msg
+        assert env.t0.raw.bdev_get(f"{env.t0.lvs}/{contract.volume_lvol_name('thick')}") is None
+        # the refusal re-read the lvstore: the kept count is SPDK's again
+        assert target.cached_lvstores()[0]["free_clusters"] == real_free
+        ok = call(env.servicer, "CreateVolume", create_req("fits", 16 * MiB)).volume
+        fill(env, ok.volume_id, 16 * MiB)     # every admitted byte is writable
+    finally:
+        env.close()
+
+
+def test_request_path_never_scans(tmp_path, monkeypatch):
+    """With the kept figures always stale, CreateVolume (thin and thick),
+    publish, unpublish and delete still make no bdev_get_bdevs scan on the
+    calling thread: the refresh runs in the background."""
+    import threading
+
+    env = make_env(tmp_path, lvs_mib=256, ratio=2.0, agent=False)
+    try:
+        call(env.servicer, "CreateVolume", create_req("warm", 8 * MiB, params=THIN))
+        target = env.servicer.targets[env.t0.name]
+        api = target.api
+        scans: list[str] = []
+        real_bdevs = api.bdevs
+
+        def counting_bdevs():
+            scans.append(threading.current_thread().name)
+            return real_bdevs()
+        monkeypatch.setattr(api, "bdevs", counting_bdevs)
+        main = threading.current_thread().name
+        for i in range(6):
+            with target._prov_lock:   # every kept figure as old as can be
+                target._prov = {k: (0.0, b, c) for k, (_, b, c) in target._prov.items()}
+            params = THIN if i % 2 else {"thinProvision": "false"}
+            vol = call(env.servicer, "CreateVolume", create_req(f"v{i}", 8 * MiB,
+                                                                params=params)).volume
+            call(env.servicer, "ControllerPublishVolume", csi_pb2.ControllerPublishVolumeRequest(
+                volume_id=vol.volume_id, node_id="n1", volume_capability=csi_pb2.VolumeCapability(
+                    block=csi_pb2.VolumeCapability.BlockVolume(),
+                    access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1)),
+                volume_context={"auth": "none"}))
+            call(env.servicer, "ControllerUnpublishVolume",
+                 csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vol.volume_id, node_id="n1"))
+            call(env.servicer, "DeleteVolume",
+                 csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+            assert env.t0.raw.bdev_get(uuid_of(vol.volume_id)) is None
+        assert main not in scans
+        assert scans   # the background refresh did run
+    finally:
+        env.close()
+
+
+def test_kept_provisioned_counts_own_creates_without_a_rescan(tmp_path, monkeypatch):
+    """Thin admission from kept figures: the driver's own creates are counted
+    at once, so two creates that together exceed the ratio cannot both pass
+    even when no rescan runs in between."""
+    env = make_env(tmp_path, lvs_mib=64, ratio=2.0, agent=False)
+    try:
+        call(env.servicer, "CreateVolume", create_req("a", 80 * MiB, params=THIN))
+        target = env.servicer.targets[env.t0.name]
+        monkeypatch.setattr(target, "_scan_provisioned", lambda: None)  # no rescan at all
+        expect_code(C.RESOURCE_EXHAUSTED, env.servicer, "CreateVolume",
+                    create_req("b", 64 * MiB, params=THIN))        # 80 + 64 > 2 x 64
+        assert env.t0.raw.bdev_get(f"{env.t0.lvs}/{contract.volume_lvol_name('b')}") is None
+        call(env.servicer, "CreateVolume", create_req("c", 40 * MiB, params=THIN))  # 120
+    finally:
+        env.close()
+
+
+def test_over_counted_snapshot_never_refuses_what_fits(env1, monkeypatch):
+    """A new snapshot is counted at its source's full size until the rescan
+    (an upper bound of what it holds): a create that fits SPDK's real figures
+    is still admitted, because a refusal is decided on fresh ones."""
+    src = call(env1.servicer, "CreateVolume", create_req("src", 16 * MiB, params=THIN)).volume
+    fill(env1, src.volume_id, 4 * MiB)
+    target = env1.servicer.targets[env1.t0.name]
+    monkeypatch.setattr(target, "_kick_refresh", lambda: None)   # no rescan in between
+    call(env1.servicer, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
+        name="s", source_volume_id=src.volume_id))
+    lvs = env1.t0.raw.lvstores(env1.t0.lvs)[0]
+    total = int(lvs["total_data_clusters"]) * MiB
+    kept = target.provisioned(lvs)                 # 16 (volume) + 16 (snapshot, bound)
+    real = 16 * MiB + 4 * MiB                      # the snapshot holds 4 clusters
+    assert kept >= 32 * MiB
+    size = (total - real) // MiB * MiB             # fits only on the real figures
+    assert size > total - kept
+    vol = call(env1.servicer, "CreateVolume", create_req("big", size)).volume
+    assert env1.t0.raw.bdev_get(uuid_of(vol.volume_id)) is not None

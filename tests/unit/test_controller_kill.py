@@ -219,7 +219,12 @@ def _publish():
         assert resp.publish_context[contract.PC_NQN] == sub["nqn"]
     return Case(lambda r: {"v": vol(r, "v").volume_id}, "ControllerPublishVolume",
                 lambda c: publish_req(c["v"], "node-1"), check,
+                # the subsystem is created while the lvol is looked up (the 2nd
+                # bdev_get_bdevs; the 1st checks the volume before its keys go
+                # to the target), then namespace, listener and host are sent
+                # together: a kill at any of them leaves the others in flight
                 [("nvmf_create_transport", 1), ("nvmf_create_subsystem", 1),
+                 ("bdev_get_bdevs", 2),
                  ("nvmf_subsystem_add_ns", 1), ("nvmf_subsystem_add_listener", 1),
                  ("nvmf_subsystem_add_host", 1)])
 
@@ -233,8 +238,9 @@ def _unpublish(last: bool):
 
     def check(r, c, resp):
         assert hosts(r, c["v"]) == (None if last else [contract.host_nqn("node-2")])
-    points = [("nvmf_subsystem_remove_host", 1)] + ([("nvmf_delete_subsystem", 1)] if last
-                                                    else [])
+    # the last host goes with its subsystem (one call), then the volume's keys
+    points = [("nvmf_delete_subsystem", 1), ("keyring_file_remove_key", 1)] if last \
+        else [("nvmf_subsystem_remove_host", 1)]
     return Case(setup, "ControllerUnpublishVolume",
                 lambda c: csi_pb2.ControllerUnpublishVolumeRequest(volume_id=c["v"],
                                                                    node_id="node-1"),

@@ -258,6 +258,40 @@ def test_reconnects_after_target_restart(sock_path: Path) -> None:
     assert peer2.connections == 1
 
 
+def test_every_idle_connection_is_redialled_after_a_restart(sock_path: Path) -> None:
+    """Concurrent calls leave several idle connections; after a target
+    restart all of them are dead: the next call still succeeds (one fresh
+    connection), not just when a single connection was pooled."""
+    gate = threading.Barrier(6)
+    peer = Peer(sock_path, lambda r: (gate.wait(10), ok(r))[1])  # all 6 in flight at once
+    client = SpdkClient(str(sock_path))
+    threads = [threading.Thread(target=client.call, args=("warm",)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peer.connections == 6 and len(client._idle) == 6
+    peer.close()
+    sock_path.unlink()
+    peer2 = Peer(sock_path, ok)
+    assert client.call("after") is True
+    assert peer2.connections == 1 and len(client._idle) == 1
+
+
+def test_idle_connections_follow_the_load(sock_path: Path) -> None:
+    """A burst opens a connection per call in flight; only ``idle`` stay open."""
+    gate = threading.Barrier(10)
+    peer = Peer(sock_path, lambda r: (gate.wait(10), ok(r))[1])  # all 10 in flight at once
+    client = SpdkClient(str(sock_path), pool_size=32, idle=3)
+    threads = [threading.Thread(target=client.call, args=("burst",)) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peer.connections == 10          # not queued behind a small pool
+    assert len(client._idle) == 3
+
+
 def test_server_closing_mid_call_is_unavailable(sock_path: Path) -> None:
     Peer(sock_path, lambda r: None)
     with pytest.raises(se.SpdkTransportError, match="closed"):
