@@ -151,10 +151,11 @@ def create_from_snapshot(targets: Targets, config: Config,
     if snap is None or not snap.snapshot or not contract.is_snapshot_lvol(snap.name) \
             or target.deleted_mark(snap) is not None:
         snap = None
+    _drop_unfinished(req, target, snap)
     if snap is None:
         # Gone (perhaps merged into a clone an earlier attempt made): nothing in
-        # SPDK proves that a volume holding the name came from it, so it is
-        # never answered with (it may be an unrelated volume of that name).
+        # SPDK proves that a finished volume holding the name came from it, so
+        # it is never answered with (it may be an unrelated volume of that name).
         held = ""
         if req.found is not None:
             vid = contract.ObjectId(req.found_target.name, req.found.uuid)  # type: ignore
@@ -164,7 +165,7 @@ def create_from_snapshot(targets: Targets, config: Config,
     plan = _ClonePlan.of(req, target, snap.lvstore, snap.size)
     with targets.admission:
         plan.admit(target, config, *plan.clone_need(req))
-    return _finish_clone(req, target, snap, plan)
+    return _finish_clone(targets, req, target, snap, plan)
 
 
 def create_from_volume(targets: Targets, config: Config,
@@ -179,6 +180,7 @@ def create_from_volume(targets: Targets, config: Config,
 def _from_volume(targets: Targets, config: Config, req: CreateRequest, target: Target,
                  src: Lvol, csic: str) -> tuple[Target, Lvol]:
     snap = target.lvol_by_name(src.lvstore, csic)
+    _drop_unfinished(req, target, snap)   # e.g. the reconciler merged its csic- away
     plan = _ClonePlan.of(req, target, src.lvstore, snap.size if snap else src.size)
     thin_need, thick_need = plan.clone_need(req)
     with targets.admission:
@@ -204,7 +206,7 @@ def _from_volume(targets: Targets, config: Config, req: CreateRequest, target: T
             plan.admit(target, config, thin_need, thick_need)
     if snap is not None:
         target.keep_thick(src, snap)
-    return _finish_clone(req, target, snap, plan)
+    return _finish_clone(targets, req, target, snap, plan)
 
 
 @dataclass
@@ -261,24 +263,53 @@ class _ClonePlan:
             raise ResourceExhausted(f"no room for the clone: {why}")
 
 
-def _finish_clone(req: CreateRequest, target: Target, snap: Lvol | None,
+def _clones(req: CreateRequest, target: Target, snap: Lvol | None) -> bool:
+    """Is the volume found under the name a clone of ``snap``?"""
+    return req.found_target is target and snap is not None and \
+        req.found.lvstore == snap.lvstore and req.found.base_snapshot == snap.name  # type: ignore
+
+
+def _drop_unfinished(req: CreateRequest, target: Target, snap: Lvol | None) -> None:
+    """A clone an earlier attempt left unfinished (it has a pending marker: no
+    caller ever got it) that cannot be finished from ``snap`` (gone, or another
+    source) is the driver's own leftover: delete it so the request starts over
+    (or gets a clean NOT_FOUND for a deleted snapshot)."""
+    found, where = req.found, req.found_target
+    if found is None or where is None or _clones(req, target, snap):
+        return
+    if where.is_pending(found):
+        where.delete_unfinished(found)
+        req.found = req.found_target = None
+
+
+def _finish_clone(targets: Targets, req: CreateRequest, target: Target, snap: Lvol | None,
                   plan: _ClonePlan) -> tuple[Target, Lvol]:
-    """Clone ``snap`` under the volume's name and grow it to the planned size."""
-    if req.found is not None:
-        compatible = req.found_target is target and snap is not None and \
-            req.found.lvstore == snap.lvstore and \
-            req.found.base_snapshot == snap.name
-        if not compatible:
-            raise AlreadyExists(f"volume {echo(req.name)} already exists with a different "
-                                "content source")
+    """Clone ``snap`` under the volume's name and grow it to the planned size.
+
+    A pending marker (contract.PENDING_PREFIX) exists from before the clone
+    until the clone is finished, so a retry can tell an unfinished clone (the
+    driver's to delete) from a volume a caller may have."""
+    if req.found is not None and not _clones(req, target, snap):
+        raise AlreadyExists(f"volume {echo(req.name)} already exists with a different "
+                            "content source")
+    with targets.using(contract.pending_lvol_name(req.lvol_name)):
+        lv = _clone_and_grow(req, target, snap, plan)
+        target.drop_pending(lv.lvstore, req.lvol_name)
+    return target, lv
+
+
+def _clone_and_grow(req: CreateRequest, target: Target, snap: Lvol | None,
+                    plan: _ClonePlan) -> Lvol:
     size = plan.size
     lv = req.found
     if lv is None:
+        target.mark_pending(snap.lvstore, req.lvol_name)  # type: ignore[union-attr]
         try:
-            uuid = target.api.clone(snap.alias, req.lvol_name)
+            uuid = target.api.clone(snap.alias, req.lvol_name)  # type: ignore[union-attr]
         except SpdkExists:
             uuid = None
-        lv = target.lvol(uuid) if uuid else target.lvol_by_name(snap.lvstore, req.lvol_name)
+        lv = target.lvol(uuid) if uuid else \
+            target.lvol_by_name(snap.lvstore, req.lvol_name)  # type: ignore[union-attr]
         if lv is None:
             raise NotFound(f"clone {req.lvol_name} vanished after creation; retry")
         target.adjust_provisioned(lv.lvstore, lv.size)
@@ -291,4 +322,4 @@ def _finish_clone(req: CreateRequest, target: Target, snap: Lvol | None,
         target.adjust_provisioned(lv.lvstore, size - lv.size)
         lv.size = size
     req.check_size(lv)
-    return target, lv
+    return lv
