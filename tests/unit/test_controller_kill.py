@@ -177,7 +177,7 @@ def _fail(r):
     raise AssertionError(f"unexpected state: {r.lvols()}")
 
 
-def _from_snapshot():
+def _from_snapshot(thick: bool = False):
     def setup(r):
         src = vol(r, "src", params=THIN)
         return {"src": src.volume_id, "snap": snap(r, "s", src.volume_id).snapshot_id}
@@ -185,13 +185,19 @@ def _from_snapshot():
     def check(r, c, resp):
         lv = lvol_of(r, resp.volume.volume_id)
         assert bytes_of(r, resp.volume.volume_id) == 12 * MiB
-        assert lv["base_snapshot"] == contract.snapshot_lvol_name("s")
+        if thick:           # inflated: owns its clusters, no longer a clone
+            assert lv["thin_provision"] is False and "base_snapshot" not in lv
+        else:
+            assert lv["base_snapshot"] == contract.snapshot_lvol_name("s")
         assert len(r.lvols()) == 4   # src, snapshot, its meta lvol, the clone
+    points = [("bdev_lvol_create", 1), ("bdev_lvol_clone", 1), ("bdev_lvol_resize", 1),
+              ("bdev_lvol_delete", 1)]   # the pending marker, clone, growth, marker gone
+    if thick:
+        points.insert(3, ("bdev_lvol_inflate", 1))
+    params = {"thinProvision": "false"} if thick else THIN
     return Case(setup, "CreateVolume",
-                lambda c: create_req("c", 12 * MiB, snapshot=c["snap"], params=THIN), check,
-                # the pending marker, the clone, its growth, the marker's deletion
-                [("bdev_lvol_create", 1), ("bdev_lvol_clone", 1), ("bdev_lvol_resize", 1),
-                 ("bdev_lvol_delete", 1)])
+                lambda c: create_req("c", 12 * MiB, snapshot=c["snap"], params=params),
+                check, points)
 
 
 def _from_volume(thick_source: bool):
@@ -309,6 +315,7 @@ def _expand():
 
 CASES = {
     "create_empty": _create_empty(), "from_snapshot": _from_snapshot(),
+    "from_snapshot_thick": _from_snapshot(thick=True),
     "from_volume_thin": _from_volume(False), "from_volume_thick": _from_volume(True),
     "publish": _publish(), "unpublish_last": _unpublish(True),
     "unpublish_not_last": _unpublish(False), "delete_volume": _delete_volume(),

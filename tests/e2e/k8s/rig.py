@@ -120,7 +120,7 @@ def chart_values(targets: list[dict], guest: bool) -> dict:
         {**base, "name": SC_IMMEDIATE, "volumeBindingMode": "Immediate",
          "allowedTopologies": host_zones,
          # thick by default; no explicit thinProvision, so restores and clones
-         # from this class are accepted (thin: README "Capacity")
+         # from this class are thin (README "Capacity")
          "parameters": {"fsType": "ext4"}},
         {**base, "name": SC_WFFC, "volumeBindingMode": "WaitForFirstConsumer",
          "parameters": {}},
