@@ -30,13 +30,14 @@ for line in res.splitlines():
     name, status = line.rsplit(":", 1)
     module = name.split(".x_")[0].split(".xǁ")[0]
     rows[module][status.strip()] += 1
-print(f"{'module':40} {'killed':>7} {'survived':>8} {'no test':>7} {'unchecked':>9} "
-      f"{'kill rate':>9}")
+print(f"{'module':40} {'killed':>7} {'(timeout)':>9} {'survived':>8} {'no test':>7} "
+      f"{'unchecked':>9} {'kill rate':>9}")
 for module in sorted(rows):
     c = rows[module]
     killed = c["killed"] + c["timeout"] + c["segfault"]
     survived, untested, unchecked = c["survived"], c["no tests"], c["not checked"]
     judged = killed + survived + untested      # a mutant no test runs is not killed
     rate = killed / judged if judged else 0.0
-    print(f"{module:40} {killed:7} {survived:8} {untested:7} {unchecked:9} {rate:9.1%}")
+    print(f"{module:40} {killed:7} {c['timeout']:9} {survived:8} {untested:7} {unchecked:9} "
+          f"{rate:9.1%}")
 PY
