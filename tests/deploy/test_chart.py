@@ -557,7 +557,6 @@ def test_two_controllers_one_active_by_default():
     assert driver["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
 
 
-
 def test_encrypted_storageclass_without_auth_still_names_the_volume_secret(tmp_path):
     """encryption needs the volume's Secret as node-stage/controller-publish
     secret even with auth: none (the key travels in it); a class with neither
