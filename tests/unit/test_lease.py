@@ -71,8 +71,9 @@ class FakeLeases:
 
 
 def elector(api, identity, lost=None) -> LeaseElector:
-    return LeaseElector("drv-controller", "ns", identity, api=api, lease_duration=1.5,
-                        renew_deadline=1.0, retry_period=0.1, on_lost=lost or (lambda: None))
+    # long enough that a loaded machine does not make the holder miss a renewal
+    return LeaseElector("drv-controller", "ns", identity, api=api, lease_duration=4.0,
+                        renew_deadline=3.0, retry_period=0.2, on_lost=lost or (lambda: None))
 
 
 def wait_for(check, timeout=10.0) -> float:
@@ -94,7 +95,7 @@ def test_one_holder_and_the_standby_takes_over_after_expiry():
     assert api.holder() == "pod-a" and not b.is_leader
     a.stop(release=False)                   # a dies without handing it back
     took = wait_for(lambda: b.is_leader)
-    assert api.holder() == "pod-b" and took >= 1.0   # only after the lease expired
+    assert api.holder() == "pod-b" and took >= 2.0   # only after the lease expired
     lease = api.read_namespaced_lease("drv-controller", "ns")
     assert lease.spec.lease_transitions == 1
     b.stop()
@@ -123,7 +124,7 @@ def test_a_holder_that_cannot_renew_stops_acting():
     a.start()
     wait_for(lambda: a.is_leader)
     api.down = True
-    wait_for(lost.is_set, timeout=5)
+    wait_for(lost.is_set, timeout=15)
     assert not a.is_leader
     a.stop(release=False)
 
