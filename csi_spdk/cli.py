@@ -20,6 +20,17 @@ def _common(p: argparse.ArgumentParser) -> None:
                    choices=["debug", "info", "warning", "error"], help="log verbosity")
 
 
+def _seconds(text: str) -> float:
+    """Seconds, bare or as a Go duration of one unit ("15s", "500ms", "1m")."""
+    for unit, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(unit) and text[:-len(unit)].replace(".", "", 1).isdigit():
+            return float(text[:-len(unit)]) * factor
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 15s)") from None
+
+
 def _csi(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", required=True,
                    help="gRPC endpoint, unix:///path/csi.sock (or host:port)")
@@ -114,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("controller", help="serve the CSI Identity and Controller services")
     _csi(p)
     p.add_argument("--config", required=True, help="controller config file (YAML or JSON)")
+    p.add_argument("--leader-election", action="store_true",
+                   help="act only while holding the Lease <driver name>-controller (two or "
+                        "more replicas: the standby answers Probe not ready, so its sidecars "
+                        "wait; controller/lease.py)")
+    p.add_argument("--leader-election-namespace", default="",
+                   help="namespace of the Lease (default: $POD_NAMESPACE)")
+    p.add_argument("--leader-election-identity", default="",
+                   help="this replica's name in the Lease (default: $POD_NAME, else the host "
+                        "name)")
+    p.add_argument("--leader-election-lease-duration", type=_seconds, default=15.0,
+                   help="seconds a standby waits for an unrenewed lease to expire")
+    p.add_argument("--leader-election-renew-deadline", type=_seconds, default=10.0,
+                   help="seconds the holder keeps trying to renew before it stops")
+    p.add_argument("--leader-election-retry-period", type=_seconds, default=2.0,
+                   help="seconds between attempts to acquire or renew")
     p.set_defaults(impl="csi_spdk.controller.main:run")
 
     p = sub.add_parser("node", help="serve the CSI Identity and Node services")

@@ -75,9 +75,17 @@ DELETED_MARK_PREFIX = "csid-"
 # "csim-" + snapshot uuid + source uuid (22 characters of base64url each) +
 # creation time in ms (11 hex digits) = 60 <= 63 characters.
 SNAPSHOT_META_PREFIX = "csim-"
-MARKER_PREFIXES = (DELETED_MARK_PREFIX, SNAPSHOT_META_PREFIX)
+# A clone CreateVolume has not finished (resize, inflate still to come) is
+# marked by an empty thin lvol "csip-" + a digest of the volume's lvol name,
+# created before the clone and deleted just before CreateVolume answers. No
+# caller ever got a volume that still has one, so a retry that cannot finish it
+# (its snapshot was deleted meanwhile) may delete it: it is the driver's own
+# leftover, never a user's data.
+PENDING_PREFIX = "csip-"
+MARKER_PREFIXES = (DELETED_MARK_PREFIX, SNAPSHOT_META_PREFIX, PENDING_PREFIX)
 DRIVER_PREFIXES = (VOLUME_PREFIX, VOLUME_HASH_PREFIX, SNAPSHOT_PREFIX, SNAPSHOT_HASH_PREFIX,
-                   CLONE_SOURCE_PREFIX, DELETED_MARK_PREFIX, SNAPSHOT_META_PREFIX)
+                   CLONE_SOURCE_PREFIX, DELETED_MARK_PREFIX, SNAPSHOT_META_PREFIX,
+                   PENDING_PREFIX)
 
 
 def _digest(name: str) -> str:
@@ -104,6 +112,11 @@ def clone_source_lvol_name(new_volume_csi_name: str) -> str:
 
 def deleted_mark_lvol_name(snapshot_uuid: str) -> str:
     return DELETED_MARK_PREFIX + snapshot_uuid
+
+
+def pending_lvol_name(volume_lvol: str) -> str:
+    """The marker of an unfinished clone whose lvol is named ``volume_lvol``."""
+    return PENDING_PREFIX + _digest(volume_lvol)
 
 
 def _b64(u: str) -> str:

@@ -12,10 +12,15 @@ still take (the clone's size, the clusters a new ``csic-`` snapshot holds,
 re-inflating a thick source, inflating a thick clone) and checks it against
 the lvstore under ``Targets.admission`` BEFORE its first SPDK mutation, so a
 refused request leaves nothing behind. A clone is thin (it shares the
-snapshot's clusters; that is what makes it instant): a request that asks for
-a thick clone explicitly (``thinProvision: "false"``) is INVALID_ARGUMENT
-rather than silently thin; without the parameter a clone is thin and its
-volume_context says so.
+snapshot's clusters; that is what makes it instant) unless the request asks
+for a thick one explicitly (``thinProvision: "false"``): that clone is then
+inflated (``bdev_lvol_inflate``: SPDK copies every cluster it shares, so it
+owns its whole size and no longer depends on the snapshot), admitted as a
+thick volume of its size. Without the parameter a clone is thin and its
+volume_context says so. An inflated clone has no SPDK link to its snapshot,
+so a retry answers a thick, unlinked volume of its name in the source's
+lvstore as that clone (as a CreateVolume without a source answers any volume
+of its name).
 
 Idempotency: each path first looks at what already exists under the volume's
 lvol name (``CreateRequest.found``) and only does what is missing, so a retry
@@ -183,10 +188,11 @@ def create_from_snapshot(targets: Targets, config: Config,
     if snap is None or not snap.snapshot or not contract.is_snapshot_lvol(snap.name) \
             or target.deleted_mark(snap) is not None:
         snap = None
+    _drop_unfinished(req, target, snap.lvstore if snap else None, snap)
     if snap is None:
         # Gone (perhaps merged into a clone an earlier attempt made): nothing in
-        # SPDK proves that a volume holding the name came from it, so it is
-        # never answered with (it may be an unrelated volume of that name).
+        # SPDK proves that a finished volume holding the name came from it, so
+        # it is never answered with (it may be an unrelated volume of that name).
         held = ""
         if req.found is not None:
             vid = contract.ObjectId(req.found_target.name, req.found.uuid)  # type: ignore
@@ -196,7 +202,7 @@ def create_from_snapshot(targets: Targets, config: Config,
     plan = _ClonePlan.of(req, target, snap.lvstore, snap.size)
     with targets.admission:
         plan.admit(target, config, *plan.clone_need(req))
-    return _finish_clone(req, target, snap, plan)
+    return _finish_clone(targets, req, target, snap, plan)
 
 
 def create_from_volume(targets: Targets, config: Config,
@@ -211,6 +217,7 @@ def create_from_volume(targets: Targets, config: Config,
 def _from_volume(targets: Targets, config: Config, req: CreateRequest, target: Target,
                  src: Lvol, csic: str) -> tuple[Target, Lvol]:
     snap = target.lvol_by_name(src.lvstore, csic)
+    _drop_unfinished(req, target, src.lvstore, snap)  # e.g. the reconciler merged csic- away
     plan = _ClonePlan.of(req, target, src.lvstore, snap.size if snap else src.size)
     thin_need, thick_need = plan.clone_need(req)
     with targets.admission:
@@ -236,7 +243,7 @@ def _from_volume(targets: Targets, config: Config, req: CreateRequest, target: T
             plan.admit(target, config, thin_need, thick_need)
     if snap is not None:
         target.keep_thick(src, snap)
-    return _finish_clone(req, target, snap, plan)
+    return _finish_clone(targets, req, target, snap, plan)
 
 
 @dataclass
@@ -247,15 +254,11 @@ class _ClonePlan:
     cluster: int
     base_size: int      # the snapshot's size
     size: int           # the clone's size: the snapshot's, grown to required_bytes
+    thick: bool = False  # inflated after the clone (thinProvision: "false")
 
     @classmethod
     def of(cls, req: CreateRequest, target: Target, lvstore: str, base_size: int) -> _ClonePlan:
         params = req.params
-        if params.thin_set and not params.thin:
-            raise InvalidArgument(
-                "thinProvision: \"false\" cannot be honoured for a volume made from a "
-                "snapshot or a volume: SPDK clones share the source's clusters and are thin; "
-                "use a StorageClass without thinProvision (or \"true\") for restores and clones")
         if params.target and params.target != target.name or \
                 params.lvstore and params.lvstore != lvstore:
             raise InvalidArgument(f"the content source lives on {target.name}/{lvstore}, "
@@ -276,13 +279,17 @@ class _ClonePlan:
             if req.limit and found.size > req.limit or found.size < size and \
                     found.size != base_size:
                 req.check_size(found)
-        return cls(lvstore, cluster, base_size, size)
+        return cls(lvstore, cluster, base_size, size, thick_asked(req))
 
     def clone_need(self, req: CreateRequest) -> tuple[int, int]:
-        """(provisioned, allocated) bytes the clone steps still take (clones are thin)."""
-        if req.found is None:
-            return self.size, 0
-        return max(0, self.size - req.found.size), 0
+        """(provisioned, allocated) bytes the clone steps still take: its size, and
+        for a thick clone the clusters the inflate allocates."""
+        found = req.found
+        grow = self.size if found is None else max(0, self.size - found.size)
+        if not self.thick or found is not None and not found.thin:
+            return grow, 0
+        owned = 0 if found is None else found.allocated_clusters * self.cluster
+        return grow, max(0, self.size - owned)
 
     def admit(self, target: Target, config: Config, thin_bytes: int, thick_bytes: int) -> None:
         if not thin_bytes and not thick_bytes:
@@ -297,24 +304,64 @@ class _ClonePlan:
             raise ResourceExhausted(f"no room for the clone: {why}")
 
 
-def _finish_clone(req: CreateRequest, target: Target, snap: Lvol | None,
+def thick_asked(req: CreateRequest) -> bool:
+    return req.params.thin_set and not req.params.thin
+
+
+def _clones(req: CreateRequest, target: Target, lvstore: str | None,
+            snap: Lvol | None) -> bool:
+    """Is the volume found under the name this request's clone (of ``snap``, or
+    for a thick clone: already inflated, so SPDK no longer links them)?"""
+    found = req.found
+    if found is None or req.found_target is not target or found.lvstore != lvstore:
+        return False
+    if snap is not None and found.base_snapshot == snap.name:
+        return True
+    return thick_asked(req) and not found.thin and found.base_snapshot is None
+
+
+def _drop_unfinished(req: CreateRequest, target: Target, lvstore: str | None,
+                     snap: Lvol | None) -> None:
+    """A clone an earlier attempt left unfinished (it has a pending marker: no
+    caller ever got it) that cannot be finished from ``snap`` (gone, or another
+    source) is the driver's own leftover: delete it so the request starts over
+    (or gets a clean NOT_FOUND for a deleted snapshot)."""
+    found, where = req.found, req.found_target
+    if found is None or where is None or _clones(req, target, lvstore, snap):
+        return
+    if where.is_pending(found):
+        where.delete_unfinished(found)
+        req.found = req.found_target = None
+
+
+def _finish_clone(targets: Targets, req: CreateRequest, target: Target, snap: Lvol | None,
                   plan: _ClonePlan) -> tuple[Target, Lvol]:
-    """Clone ``snap`` under the volume's name and grow it to the planned size."""
-    if req.found is not None:
-        compatible = req.found_target is target and snap is not None and \
-            req.found.lvstore == snap.lvstore and \
-            req.found.base_snapshot == snap.name
-        if not compatible:
-            raise AlreadyExists(f"volume {echo(req.name)} already exists with a different "
-                                "content source")
+    """Clone ``snap`` under the volume's name and grow it to the planned size.
+
+    A pending marker (contract.PENDING_PREFIX) exists from before the clone
+    until the clone is finished, so a retry can tell an unfinished clone (the
+    driver's to delete) from a volume a caller may have."""
+    if req.found is not None and not _clones(req, target, plan.lvstore, snap):
+        raise AlreadyExists(f"volume {echo(req.name)} already exists with a different "
+                            "content source")
+    with targets.using(contract.pending_lvol_name(req.lvol_name)):
+        lv = _clone_and_grow(req, target, snap, plan)
+        target.drop_pending(lv.lvstore, req.lvol_name)
+    return target, lv
+
+
+def _clone_and_grow(req: CreateRequest, target: Target, snap: Lvol | None,
+                    plan: _ClonePlan) -> Lvol:
     size = plan.size
     lv = req.found
     if lv is None:
+        target.mark_pending(snap.lvstore, req.lvol_name)  # type: ignore[union-attr]
         try:
-            uuid = target.api.clone(snap.alias, req.lvol_name)
+            uuid = target.api.clone(snap.alias, req.lvol_name)  # type: ignore[union-attr]
         except SpdkExists:
             uuid = None
-        lv = target.lvol(uuid) if uuid else target.lvol_by_name(snap.lvstore, req.lvol_name)
+        lv = target.lvol(uuid) if uuid else \
+            target.lvol_by_name(snap.lvstore, req.lvol_name)  # type: ignore[union-attr]
         if lv is None:
             raise NotFound(f"clone {req.lvol_name} vanished after creation; retry")
         target.adjust_provisioned(lv.lvstore, lv.size)
@@ -326,5 +373,12 @@ def _finish_clone(req: CreateRequest, target: Target, snap: Lvol | None,
             raise ResourceExhausted(f"no space to grow the clone to {size} bytes") from err
         target.adjust_provisioned(lv.lvstore, size - lv.size)
         lv.size = size
+    if plan.thick and lv.thin:
+        target.api.inflate(lv.uuid)     # owns every cluster, no longer a clone
+        lv.thin, lv.clone, lv.base_snapshot = False, False, None
+        target.forget_provisioned()
+        if snap is not None:            # one clone fewer: a hidden parent may go now
+            with target.lineage:
+                target.reclaim(snap.lvstore, snap.name)
     req.check_size(lv)
-    return target, lv
+    return lv

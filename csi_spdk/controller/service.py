@@ -23,7 +23,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from google.protobuf import wrappers_pb2
 
@@ -154,6 +154,8 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         self.health = TargetHealth(self.targets)
         self._reconciler: threading.Thread | None = None
         self._stopping = threading.Event()
+        # False on a standby replica (controller/lease.py): no reconciling there
+        self.active: Callable[[], bool] = lambda: True
 
     def start_background(self, reconcile_interval: float = RECONCILE_INTERVAL) -> None:
         """The target health checker and the reconciler (daemon threads)."""
@@ -168,7 +170,10 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         """Reclaim what abandoned or crashed calls left on every reachable
         target (``Target.sweep``: clone sources of CreateVolumes never retried,
         hidden snapshots whose clones are gone, orphaned markers), except what
-        a running call is using. Off the request path."""
+        a running call is using. Off the request path; only on the active
+        replica (a standby does not know the active one's running calls)."""
+        if not self.active():
+            return
         for target in self.targets.values():
             try:
                 target.sweep(self.targets.busy())

@@ -200,6 +200,29 @@ class Target(KeptCapacity):
                 with contextlib.suppress(SpdkNotFound):
                     self.api.lvol_delete(lv["uuid"])
 
+    # --- unfinished clones (contract.PENDING_PREFIX) -------------------------------
+    def mark_pending(self, lvstore: str, volume_lvol: str) -> None:
+        """Say that the clone named ``volume_lvol`` is not finished (idempotent)."""
+        with contextlib.suppress(SpdkExists):
+            self.api.lvol_create(lvstore, contract.pending_lvol_name(volume_lvol),
+                                 MARK_BYTES, True)
+
+    def is_pending(self, lv: Lvol) -> bool:
+        return self.lvol_by_name(lv.lvstore, contract.pending_lvol_name(lv.name)) is not None
+
+    def drop_pending(self, lvstore: str, volume_lvol: str) -> None:
+        """The clone is finished: delete its marker (by alias: one call)."""
+        with contextlib.suppress(SpdkNotFound):
+            self.api.lvol_delete(f"{lvstore}/{contract.pending_lvol_name(volume_lvol)}")
+
+    def delete_unfinished(self, lv: Lvol) -> None:
+        """Delete a clone no CreateVolume ever answered with (it has a pending
+        marker), then the marker; a crash in between leaves only the marker,
+        which ``sweep`` deletes."""
+        with self.lineage:
+            self._delete_lvol(lv)
+            self.drop_pending(lv.lvstore, lv.name)
+
     def reclaim(self, lvstore: str, parent: str | None) -> None:
         """Delete driver-internal snapshots (clone sources ``csic-`` and
         user-deleted, marked ones) up the chain from ``parent`` once they have
@@ -233,9 +256,11 @@ class Target(KeptCapacity):
         """Reclaim orphaned internal objects anywhere on the target (one scan).
 
         Catches what a crash between deleting a clone and reclaiming its parent
-        left behind, clone sources of abandoned CreateVolume retries, and
-        markers whose snapshot is already gone. ``busy``: ``csic-`` names an
-        in-flight CreateVolume is working with (left alone)."""
+        left behind, clone sources of abandoned CreateVolume retries, clones a
+        crashed CreateVolume never finished (and never answered with), and
+        markers whose snapshot or volume is already gone. ``busy``: ``csic-``
+        and ``csip-`` names an in-flight CreateVolume is working with (left
+        alone)."""
         with self.lineage:
             self._sweep(busy)
 
@@ -243,13 +268,22 @@ class Target(KeptCapacity):
         lvols = self.lvols_with_bdevs()
         by_uuid = {lv.uuid: lv for lv in lvols}
         self._sweep_subsystems(by_uuid)
+        unfinished = {(lv.lvstore, contract.pending_lvol_name(lv.name)): lv for lv in lvols
+                      if contract.is_volume_lvol(lv.name) and not lv.snapshot}
         for lv in lvols:
             meta = contract.parse_snapshot_meta(lv.name)
             if meta is not None and meta[0] not in by_uuid:
                 with contextlib.suppress(SpdkNotFound):
                     self.api.lvol_delete(lv.uuid)   # its snapshot is gone
-            elif lv.name.startswith(contract.CLONE_SOURCE_PREFIX) and lv.name in busy:
+            elif lv.name.startswith((contract.CLONE_SOURCE_PREFIX, contract.PENDING_PREFIX)) \
+                    and lv.name in busy:
                 continue   # a CreateVolume is using it right now
+            elif lv.name.startswith(contract.PENDING_PREFIX):
+                vol = unfinished.get((lv.lvstore, lv.name))
+                if vol is not None:
+                    self._delete_lvol(vol)      # a clone nobody was answered with
+                with contextlib.suppress(SpdkNotFound):
+                    self.api.lvol_delete(lv.uuid)
             elif lv.name.startswith(contract.DELETED_MARK_PREFIX):
                 snap = by_uuid.get(lv.name[len(contract.DELETED_MARK_PREFIX):])
                 if snap is None:

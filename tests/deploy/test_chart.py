@@ -542,13 +542,19 @@ def test_notes_render(value_set, tmp_path):
     assert "PersistentVolumeClaim" in notes and "kubectl apply" in notes
 
 
-def test_one_controller_at_a_time_by_default():
-    """Sidecars elect leaders independently, so two replicas could serve the
-    provisioner and the attacher from different pods whose in-process locks do
-    not see each other: the default is 1 and upgrades never overlap."""
+def test_two_controllers_one_active_by_default():
+    """Two replicas, and the driver elects itself (its Lease decides which Pod
+    the sidecars' leaders can be in): a standby answers Probe not ready, so its
+    liveness is probed on the metrics endpoint, not through livenessprobe."""
     dep = one(render_docs("defaults"), "Deployment", "-controller")
-    assert dep["spec"]["replicas"] == 1
-    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate"}
+    driver = next(c for c in dep["spec"]["template"]["spec"]["containers"]
+                  if c["name"] == "csi-spdk")
+    assert "--leader-election" in driver["args"]
+    assert "--leader-election-lease-duration=15s" in driver["args"]
+    assert {e["name"] for e in driver["env"]} >= {"POD_NAME", "POD_NAMESPACE"}
+    assert driver["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
 
 
 def test_encrypted_storageclass_without_auth_still_names_the_volume_secret(tmp_path):

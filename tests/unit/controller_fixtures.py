@@ -254,11 +254,19 @@ class MemorySecrets:
 
 
 def _wipe_lvstore(raw: SpdkApi, lvs: str) -> None:
-    """Delete every subsystem of the lvstore's lvols, then the lvols, then lvs."""
+    """Delete every subsystem of the lvstore's lvols and their keyring keys
+    (a test that ends with a volume published leaves them; on a shared real
+    target the next test would find them), then the lvols, then lvs."""
     lvols = raw.lvols(lvs)
     for lv in lvols:
         with contextlib.suppress(SpdkError):
             raw.subsystem_delete(contract.subsystem_nqn(lv["uuid"]))
+    owned = tuple(f"csik-{lv['uuid']}-" for lv in lvols)
+    with contextlib.suppress(SpdkError):
+        for key in raw.keyring_keys():
+            if owned and key.get("name", "").startswith(owned):
+                with contextlib.suppress(SpdkError):
+                    raw.call("keyring_file_remove_key", {"name": key["name"]})
     for _ in range(10):
         lvols = raw.lvols(lvs)
         if not lvols:

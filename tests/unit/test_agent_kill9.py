@@ -261,3 +261,61 @@ def test_kill9_of_spdk_tgt_under_the_agent_restores_every_export(short_tmp: Path
         servicer.close()
         raw.client.close()
         agent.stop()
+
+
+@pytest.mark.timeout(600)
+def test_qos_changed_online_is_what_a_kill9_restores(short_tmp: Path) -> None:
+    """ControllerModifyVolume's changes, not the creation-time limits, come
+    back after spdk_tgt is killed: a raised IOPS limit with the bandwidth
+    limit removed, a limit added to an unlimited volume, and (second kill) a
+    volume made unlimited again stays unlimited. Read from SPDK's
+    bdev_get_bdevs on the target's own socket, and from ControllerGetVolume."""
+    agent = Agent(short_tmp)
+    raw = SpdkApi(SpdkClient(agent.spdk_sock, timeout=30))
+    cfg = cfgmod.parse({"targets": [{"name": "store-1", "agent": {"address": agent.address},
+                                     "nvmf": {"listenAddress": "127.0.0.1",
+                                              "port": free_port()},
+                                     "lvstores": ["pool0"]}],
+                        "auth": {"keyDir": str(short_tmp / "ckeys")}})
+    servicer = ControllerServicer(cfg, "csi-spdk.io", secret_store=MemorySecrets())
+
+    def modify(vid: str, **params: str) -> None:
+        call(servicer, "ControllerModifyVolume", csi_pb2.ControllerModifyVolumeRequest(
+            volume_id=vid, mutable_parameters=params))
+
+    def reported(vid: str) -> dict:
+        ctx = call(servicer, "ControllerGetVolume", csi_pb2.ControllerGetVolumeRequest(
+            volume_id=vid)).volume.volume_context
+        return {k: ctx[k] for k in ("maxIOPS", "maxMBps", "maxReadMBps", "maxWriteMBps")
+                if k in ctx}
+
+    try:
+        agent.wait_pool(raw)
+        a = call(servicer, "CreateVolume", create_req("pvc-a", 8 * MiB, params=QOS)).volume
+        b = call(servicer, "CreateVolume", create_req("pvc-b", 8 * MiB)).volume
+        ua, ub = (v.volume_id.split(":", 1)[1] for v in (a, b))
+        modify(a.volume_id, maxIOPS="5000", maxMBps="0")
+        modify(b.volume_id, maxReadMBps="20")
+        changed = spdk_view(raw)
+        assert changed["qos"][ua] == {"rw_ios_per_sec": 5000}
+        assert changed["qos"][ub] == {"r_mbytes_per_sec": 20}
+        ctl = {v: reported(v) for v in (a.volume_id, b.volume_id)}
+        assert ctl == {a.volume_id: {"maxIOPS": "5000"}, b.volume_id: {"maxReadMBps": "20"}}
+        kill9_target(agent)
+        after, took = wait_view(raw, changed)
+        print(f"\nkill -9 -> the online QoS changes back: {took:.3f}s")
+        assert after == changed, (after, changed, agent.logs())
+        assert {v: reported(v) for v in (a.volume_id, b.volume_id)} == ctl
+        modify(a.volume_id, maxIOPS="0")            # unlimited again
+        unlimited = spdk_view(raw)
+        assert unlimited["qos"][ua] == {} and unlimited["qos"][ub] == {"r_mbytes_per_sec": 20}
+        kill9_target(agent)
+        again, _ = wait_view(raw, unlimited)
+        assert again == unlimited, (again, unlimited, agent.logs())
+        for vid in (a.volume_id, b.volume_id):
+            call(servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=vid))
+        assert spdk_view(raw)["lvols"] == {}
+    finally:
+        servicer.close()
+        raw.client.close()
+        agent.stop()

@@ -163,18 +163,57 @@ def test_clone_from_volume_counts_its_hidden_snapshot(env1):
     assert capacity(env1, THIN)[0] == total - 30 * MiB
 
 
-def test_thick_clone_is_refused_not_silently_thin(env1):
+@pytest.mark.parametrize("kind", ["snapshot", "volume"])
+def test_thick_clone_owns_its_clusters(env1, kind):
+    """thinProvision: "false" on a clone is honoured: the clone is inflated,
+    owns every cluster (a full rewrite cannot hit ENOSPC), holds the source's
+    data, and no hidden snapshot stays behind for a clone of a volume."""
     s = env1.servicer
     src = call(s, "CreateVolume", create_req("src", 8 * MiB)).volume
-    snap = snapshot(env1, "s", src.volume_id)
-    before = lvol_names(env1)
-    for source in ({"snapshot": snap.snapshot_id}, {"volume": src.volume_id}):
-        msg = expect_code(C.INVALID_ARGUMENT, s, "CreateVolume", create_req(
-            "c", 8 * MiB, params={"thinProvision": "false"}, **source))
-        assert "thin" in msg
-    assert lvol_names(env1) == before
-    clone = call(s, "CreateVolume", create_req("c", 8 * MiB, snapshot=snap.snapshot_id)).volume
-    assert clone.volume_context[contract.VC_THIN] == "true"
+    fill(env1, src.volume_id, 8 * MiB, 0x5C)
+    source = {"volume": src.volume_id}
+    if kind == "snapshot":
+        source = {"snapshot": snapshot(env1, "s", src.volume_id).snapshot_id}
+    clone = call(s, "CreateVolume", create_req(
+        "c", 12 * MiB, params={"thinProvision": "false"}, **source)).volume
+    assert clone.volume_context[contract.VC_THIN] == "false"
+    lv = env1.t0.raw.bdev_get(uuid_of(clone.volume_id))["driver_specific"]["lvol"]
+    assert lv["thin_provision"] is False and "base_snapshot" not in lv
+    assert lv["num_allocated_clusters"] == 12
+    data = env1.t0.server.read(uuid_of(clone.volume_id), 0, 8 * MiB)
+    assert data == bytes([0x5C]) * (8 * MiB)
+    assert env1.t0.server.read(uuid_of(clone.volume_id), 8 * MiB, 4 * MiB) == \
+        bytes(4 * MiB)                                       # the grown part reads zeros
+    if kind == "volume":        # the csic- snapshot merged back into the source
+        assert lvol_names(env1) == sorted([contract.volume_lvol_name("src"),
+                                           contract.volume_lvol_name("c")])
+    again = call(s, "CreateVolume", create_req(          # a retry answers the same volume
+        "c", 12 * MiB, params={"thinProvision": "false"}, **source)).volume
+    assert again.volume_id == clone.volume_id
+    fill(env1, clone.volume_id, 12 * MiB, 0x11)
+    fill(env1, src.volume_id, 8 * MiB, 0x22)             # and the source still can
+
+
+def test_thick_clone_needs_its_size_free(tmp_path):
+    """At ratio 2.0, a thick clone one cluster larger than the free clusters is
+    RESOURCE_EXHAUSTED (naming thick space) and creates nothing; the same
+    clone thin fits the overcommit and is admitted."""
+    env = make_env(tmp_path, lvs_mib=64, ratio=2.0)
+    try:
+        s = env.servicer
+        src = call(s, "CreateVolume", create_req("src", 8 * MiB, params=THIN)).volume
+        snap = snapshot(env, "s", src.volume_id)
+        big = lvs(env)["free_clusters"] * MiB + MiB
+        before = lvol_names(env)
+        msg = expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", create_req(
+            "c", big, snapshot=snap.snapshot_id, params={"thinProvision": "false"}))
+        assert "thick (allocated) space" in msg
+        assert lvol_names(env) == before
+        clone = call(s, "CreateVolume", create_req("c", big, snapshot=snap.snapshot_id,
+                                                    params=THIN)).volume
+        assert clone.volume_context[contract.VC_THIN] == "true"
+    finally:
+        env.close()
 
 
 def test_expand_thick_needs_free_space(env1, monkeypatch):

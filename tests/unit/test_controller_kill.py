@@ -177,7 +177,7 @@ def _fail(r):
     raise AssertionError(f"unexpected state: {r.lvols()}")
 
 
-def _from_snapshot():
+def _from_snapshot(thick: bool = False):
     def setup(r):
         src = vol(r, "src", params=THIN)
         return {"src": src.volume_id, "snap": snap(r, "s", src.volume_id).snapshot_id}
@@ -185,11 +185,19 @@ def _from_snapshot():
     def check(r, c, resp):
         lv = lvol_of(r, resp.volume.volume_id)
         assert bytes_of(r, resp.volume.volume_id) == 12 * MiB
-        assert lv["base_snapshot"] == contract.snapshot_lvol_name("s")
+        if thick:           # inflated: owns its clusters, no longer a clone
+            assert lv["thin_provision"] is False and "base_snapshot" not in lv
+        else:
+            assert lv["base_snapshot"] == contract.snapshot_lvol_name("s")
         assert len(r.lvols()) == 4   # src, snapshot, its meta lvol, the clone
+    points = [("bdev_lvol_create", 1), ("bdev_lvol_clone", 1), ("bdev_lvol_resize", 1),
+              ("bdev_lvol_delete", 1)]   # the pending marker, clone, growth, marker gone
+    if thick:
+        points.insert(3, ("bdev_lvol_inflate", 1))
+    params = {"thinProvision": "false"} if thick else THIN
     return Case(setup, "CreateVolume",
-                lambda c: create_req("c", 12 * MiB, snapshot=c["snap"], params=THIN), check,
-                [("bdev_lvol_clone", 1), ("bdev_lvol_resize", 1)])
+                lambda c: create_req("c", 12 * MiB, snapshot=c["snap"], params=params),
+                check, points)
 
 
 def _from_volume(thick_source: bool):
@@ -204,7 +212,8 @@ def _from_volume(thick_source: bool):
         assert src["thin_provision"] is (not thick_source)      # a thick source stays thick
         assert r.lvols() == sorted([csic, contract.volume_lvol_name("c"),
                                     contract.volume_lvol_name("src")])
-    points = [("bdev_lvol_snapshot", 1), ("bdev_lvol_clone", 1), ("bdev_lvol_resize", 1)]
+    points = [("bdev_lvol_snapshot", 1), ("bdev_lvol_create", 1), ("bdev_lvol_clone", 1),
+              ("bdev_lvol_resize", 1), ("bdev_lvol_delete", 1)]
     if thick_source:
         points.append(("bdev_lvol_inflate", 1))
     return Case(setup, "CreateVolume",
@@ -312,6 +321,7 @@ def _expand():
 
 CASES = {
     "create_empty": _create_empty(), "from_snapshot": _from_snapshot(),
+    "from_snapshot_thick": _from_snapshot(thick=True),
     "from_volume_thin": _from_volume(False), "from_volume_thick": _from_volume(True),
     "publish": _publish(), "unpublish_last": _unpublish(True),
     "unpublish_not_last": _unpublish(False), "delete_volume": _delete_volume(),
@@ -363,3 +373,89 @@ def test_sigkill_at_spdk_boundary_then_retry_converges(rig, name, spdk_method, n
     assert [k["name"] for k in rig.raw.keyring_keys()] == []  # no key either
     with contextlib.suppress(Exception):
         proc2.send_signal(signal.SIGTERM)
+
+
+# --- a crash between clone and resize, then the clone's source goes away -----------------
+UNFINISHED = [pytest.param(m, n, w, id=f"{m}:{n}:{w}") for m, n, w in (
+    ("bdev_lvol_clone", 1, "after"), ("bdev_lvol_resize", 1, "before"),
+    ("bdev_lvol_resize", 1, "after"))]
+
+
+def _crash(rig, method, request, point):
+    proc, stub = rig.controller(crash=point)
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(stub, method)(request, timeout=60)
+    assert err.value.code() == C.UNAVAILABLE, err.value
+    assert proc.wait(30) == -signal.SIGKILL
+    assert rig.marker.read_text().strip() == point
+    rig.marker.unlink()
+
+
+@pytest.mark.parametrize("thick_source", [True, False], ids=["thick_source", "thin_source"])
+@pytest.mark.parametrize(("spdk_method", "nth", "when"), UNFINISHED)
+def test_unfinished_clone_of_a_deleted_snapshot_is_reclaimed(rig, spdk_method, nth, when,
+                                                             thick_source):
+    """CreateVolume from a snapshot is killed after the clone (before or after
+    its resize), then the user deletes the snapshot: its only clone left is
+    the unfinished one (thick source, re-inflated), so SPDK merges the snapshot
+    into it; or it has two (thin source) and is hidden. The retry is NOT_FOUND
+    for the snapshot, and the clone the driver left is gone (with the hidden
+    snapshot it held), instead of a NOT_FOUND naming it forever."""
+    src = vol(rig, "src", params={} if thick_source else THIN)
+    s = snap(rig, "s", src.volume_id).snapshot_id
+    request = create_req("c", 12 * MiB, snapshot=s, params=THIN)
+    _crash(rig, "CreateVolume", request, f"{spdk_method}:{nth}:{when}")
+    clone = contract.volume_lvol_name("c")
+    assert clone in rig.lvols() and contract.pending_lvol_name(clone) in rig.lvols()
+    call(rig.servicer, "DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(snapshot_id=s))
+    assert call(rig.servicer, "ListSnapshots", csi_pb2.ListSnapshotsRequest()).entries == []
+    assert (contract.snapshot_lvol_name("s") in rig.lvols()) is not thick_source
+    _, stub = rig.controller()
+    for _ in range(2):           # and it stays so
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateVolume(request, timeout=60)
+        assert err.value.code() == C.NOT_FOUND
+        assert s in err.value.details() and "holds the name" not in err.value.details()
+    assert rig.lvols() == [contract.volume_lvol_name("src")]   # the source alone is left
+    assert bytes_of(rig, src.volume_id) == 8 * MiB
+
+
+def test_finished_volume_is_never_reclaimed(rig):
+    """The same name held by a volume CreateVolume did answer with (no pending
+    marker) is named in the NOT_FOUND and left alone: it may hold user data."""
+    src = vol(rig, "src", params=THIN)
+    s = snap(rig, "s", src.volume_id).snapshot_id
+    done = vol(rig, "c", 12 * MiB, snapshot=s, params=THIN)
+    call(rig.servicer, "DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(snapshot_id=s))
+    _, stub = rig.controller()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateVolume(create_req("c", 12 * MiB, snapshot=s, params=THIN), timeout=60)
+    assert err.value.code() == C.NOT_FOUND and done.volume_id in err.value.details()
+    assert bytes_of(rig, done.volume_id) == 12 * MiB
+    assert [n for n in rig.lvols() if contract.is_volume_lvol(n)] == \
+        sorted([contract.volume_lvol_name("src"), contract.volume_lvol_name("c")])
+    teardown_everything(rig)
+    assert rig.lvols() == []
+
+
+@pytest.mark.parametrize(("spdk_method", "nth", "when"), UNFINISHED)
+def test_unfinished_clone_of_a_volume_converges_after_the_reconciler(rig, spdk_method, nth,
+                                                                     when):
+    """CreateVolume from a volume is killed after the clone; the reconciler
+    then runs (it deletes the unfinished clone, and its csic- snapshot merges
+    back into the source): the retry makes the clone afresh and answers it."""
+    src = vol(rig, "src", params=THIN)
+    request = create_req("c", 12 * MiB, volume=src.volume_id, params=THIN)
+    _crash(rig, "CreateVolume", request, f"{spdk_method}:{nth}:{when}")
+    clone = contract.volume_lvol_name("c")
+    assert contract.pending_lvol_name(clone) in rig.lvols()
+    rig.servicer.targets["target-a"].sweep()          # what the periodic reconciler does
+    assert rig.lvols() == [contract.volume_lvol_name("src")]
+    _, stub = rig.controller()
+    resp = stub.CreateVolume(request, timeout=60)
+    assert bytes_of(rig, resp.volume.volume_id) == 12 * MiB
+    csic = contract.clone_source_lvol_name("c")
+    assert lvol_of(rig, resp.volume.volume_id)["base_snapshot"] == csic
+    assert rig.lvols() == sorted([csic, clone, contract.volume_lvol_name("src")])
+    teardown_everything(rig)
+    assert rig.lvols() == []

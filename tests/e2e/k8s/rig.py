@@ -19,7 +19,10 @@ the guest's forwarded RPC port), as the chart's spdkTgt DaemonSet does:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -120,7 +123,7 @@ def chart_values(targets: list[dict], guest: bool) -> dict:
         {**base, "name": SC_IMMEDIATE, "volumeBindingMode": "Immediate",
          "allowedTopologies": host_zones,
          # thick by default; no explicit thinProvision, so restores and clones
-         # from this class are accepted (thin: README "Capacity")
+         # from this class are thin (README "Capacity")
          "parameters": {"fsType": "ext4"}},
         {**base, "name": SC_WFFC, "volumeBindingMode": "WaitForFirstConsumer",
          "parameters": {}},
@@ -327,17 +330,45 @@ class Rig:
             self.register_node(GUEST_TARGET[4], info.node_id,
                                dict(info.accessible_topology.segments), info.max_volumes_per_node)
 
-    def _start_driver(self) -> None:
+    @staticmethod
+    def pod_name(pod: str = "") -> str:
+        """That replica's identity in the driver's Lease (its POD_NAME)."""
+        return f"{RIG_POD}{pod}"
+
+    def socket_of(self, pod: str = "") -> Path:
+        """The CSI socket of controller "Pod" ``pod`` ("" = the first one)."""
+        return self.dir / f"csi{pod}.sock"
+
+    def pod_procs(self, pod: str = "") -> list[str]:
+        return [f"csi-spdk-controller{pod}", *(f"{n}{pod}" for n in SIDECARS)]
+
+    def start_controller_pod(self, pod: str, wait_leases: bool = True) -> None:
+        """Another replica of the controller Pod: driver (its own identity in
+        the driver's Lease) and sidecars on their own socket (a Pod's)."""
+        self._start_driver(pod)
+        self._start_sidecars(pod, wait_leases)
+
+    def kill_controller_pod(self, pod: str = "") -> None:
+        """The Pod dies: SIGKILL its driver and sidecars at once."""
+        for name in self.pod_procs(pod):
+            proc = self.procs[name]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+            proc.popen.wait(10)
+
+    def _start_driver(self, pod: str = "") -> None:
         cm = next(o for o in self.objects if o["kind"] == "ConfigMap"
                   and "config.yaml" in o.get("data", {}))
         config = self.dir / "config.yaml"
         config.write_text(cm["data"]["config.yaml"])
-        self.csi_socket = self.dir / "csi.sock"
+        sock = self.socket_of(pod)
+        if not pod:
+            self.csi_socket = sock
         c = sidecar_specs(self.objects)["csi-spdk"]
         args = []
         for a in container_args(c, {}):
             if a.startswith("--endpoint="):
-                a = f"--endpoint=unix://{self.csi_socket}"
+                a = f"--endpoint=unix://{sock}"
             elif a.startswith("--config="):
                 a = f"--config={config}"
             elif a.startswith("--metrics-address="):
@@ -347,16 +378,24 @@ class Rig:
             raise RigError(f"unexpected driver args in the chart: {args}")
         # the driver keeps each volume's keys in a Secret (auth: dhchap, the
         # default), with the chart's ServiceAccount and RBAC, like in a Pod
-        env = {**python_env(), "KUBECONFIG": str(self.sa_kubeconfig), "POD_NAMESPACE": NAMESPACE}
-        self.cp.start_proc("csi-spdk-controller", [*python_csi_spdk(), *args], env=env)
+        env = {**python_env(), "KUBECONFIG": str(self.sa_kubeconfig), "POD_NAMESPACE": NAMESPACE,
+               "POD_NAME": self.pod_name(pod)}     # its identity in the driver's Lease
+        name = f"csi-spdk-controller{pod}"
+        self.cp.start_proc(name, [*python_csi_spdk(), *args], env=env)
         wait_until("the driver's controller socket", lambda: (
-            self.cp._check_alive("csi-spdk-controller"), self._probe())[-1], 60, 0.3, self.logs)
+            self.cp._check_alive(name), self.probe(pod) is not None)[-1], 60, 0.3, self.logs)
 
-    def _probe(self) -> bool:
-        if not self.csi_socket.exists():
-            return False
-        ident = csi_pb2_grpc.IdentityStub(grpc.insecure_channel(f"unix://{self.csi_socket}"))
-        return ident.Probe(csi_pb2.ProbeRequest(), timeout=5) is not None
+    def probe(self, pod: str = "") -> bool | None:
+        """Probe's ready of that replica's driver (None: not serving yet)."""
+        sock = self.socket_of(pod)
+        if not sock.exists():
+            return None
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            try:
+                resp = csi_pb2_grpc.IdentityStub(ch).Probe(csi_pb2.ProbeRequest(), timeout=5)
+            except grpc.RpcError:
+                return None
+        return resp.ready.value
 
     def _make_sa_kubeconfig(self) -> None:
         sa = next(o for o in self.objects if o["kind"] == "Deployment"
@@ -367,22 +406,27 @@ class Rig:
         self.sa_kubeconfig = kubeconfig(self.dir / "controller-sa.kubeconfig", self.cp.server,
                                         self.cp.ca, token=token, user=sa)
 
-    def _start_sidecars(self) -> None:
+    def _start_sidecars(self, pod: str = "", wait_leases: bool = True) -> None:
         k = self.kubectl
         specs = sidecar_specs(self.objects)
+        # POD_NAME: the provisioner's capacity owner reference needs a Pod the
+        # API knows; each replica's sidecars share the rig's one Pod object
         env = {"NAMESPACE": NAMESPACE, "POD_NAME": RIG_POD}
+        sock = self.socket_of(pod)
         for name in SIDECARS:
             if name not in specs:
                 raise RigError(f"the chart's controller has no {name} container")
             c = specs[name]
             cenv = {e["name"]: env.get(e["name"], "") for e in c.get("env", [])}
-            args = [f"--csi-address={self.csi_socket}" if a.startswith("--csi-address=") else a
+            args = [f"--csi-address={sock}" if a.startswith("--csi-address=") else a
                     for a in container_args(c, cenv)]
-            self.cp.start_proc(name, [str(BIN / name), *args,
-                                      f"--kubeconfig={self.sa_kubeconfig}"], env=cenv)
+            self.cp.start_proc(f"{name}{pod}", [str(BIN / name), *args,
+                                                f"--kubeconfig={self.sa_kubeconfig}"], env=cenv)
+        if not wait_leases:
+            return
         # Every sidecar takes its leader-election lease (the chart's Role).
         wait_until("the sidecars' leader-election leases", lambda: (
-            self.cp._check_alive(*SIDECARS),
+            self.cp._check_alive(*(f"{n}{pod}" for n in SIDECARS)),
             len([lease for lease in k.get("leases", namespace=NAMESPACE)
                  if lease["spec"].get("holderIdentity")]) >= len(SIDECARS))[-1],
             90, 1, self.logs)
