@@ -90,8 +90,8 @@ def _default_store(config: Config) -> SecretStore | None:
     FAILED_PRECONDITION)."""
     if config.auth.static_secrets_file:
         return StaticSecrets(config.auth.static_secrets_file)
-    from .k8s_secrets import KubernetesSecrets, in_cluster
-    if in_cluster() or os.environ.get("KUBECONFIG"):
+    if _kubernetes_reachable():
+        from .k8s_secrets import KubernetesSecrets
         return KubernetesSecrets(config.auth.secret_namespace)
     return None
 
@@ -102,10 +102,16 @@ def _default_key_store(config: Config) -> KeyStore | None:
     FAILED_PRECONDITION)."""
     if config.encryption.key_dir:
         return FileKeyStore(config.encryption.key_dir)
-    from .k8s_secrets import in_cluster
-    if in_cluster() or os.environ.get("KUBECONFIG"):
+    if _kubernetes_reachable():
         return SecretKeyStore(config.auth.secret_namespace)
     return None
+
+
+def _kubernetes_reachable() -> bool:
+    """In a Pod, or pointed at an API server with $KUBECONFIG (the rig, a
+    workstation): the Secret-backed stores apply."""
+    from .k8s_secrets import in_cluster
+    return in_cluster() or bool(os.environ.get("KUBECONFIG"))
 
 
 def _source_uuid(source: csi_pb2.VolumeContentSource | None) -> str:

@@ -168,3 +168,50 @@ class Connection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class Recorder:
+    """Sends JSON-RPC requests to a real target one at a time and keeps each
+    request with its answer, in the transcript format the replays read."""
+
+    def __init__(self, sock: str) -> None:
+        self.conn = Connection(sock)
+        self.entries: list[dict] = []
+
+    def send(self, method: str, params: dict | None, note: str | None = None) -> Any:
+        req: dict = {"jsonrpc": "2.0", "method": method, "id": len(self.entries) + 1}
+        if params is not None:
+            req["params"] = params
+        self.conn.send(json.dumps(req).encode())
+        resp = self.conn.read_value(10.0)
+        entry = {"request": req, "response": resp}
+        if note:
+            entry["note"] = note
+        self.entries.append(entry)
+        return resp
+
+    def write(self, out) -> None:
+        self.conn.close()
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(self.entries, indent=1) + "\n")
+        print(f"wrote {len(self.entries)} entries to {out}")
+
+
+def replay_transcript(entries: list[dict], sock: str) -> list[str]:
+    """Replay a recorded transcript against the simulator listening on
+    ``sock``; one line (with the first differences) per entry that differs."""
+    uuids = UuidMap()
+    failures: list[str] = []
+    conn = Connection(sock)
+    try:
+        for index, entry in enumerate(entries):
+            conn.send(json.dumps(translate(entry["request"], uuids)).encode())
+            got = conn.read_value(10.0)
+            errors = compare(entry["response"], got, uuids)
+            if errors:
+                note = f"  # {entry['note']}" if entry.get("note") else ""
+                failures.append(f"entry [{index}] {json.dumps(entry['request'])[:200]}{note}"
+                                "\n    " + "\n    ".join(errors[:8]))
+    finally:
+        conn.close()
+    return failures

@@ -15,13 +15,12 @@ cannot be destroyed; a claimed lvol cannot be deleted).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from golden_replay import Connection  # noqa: E402
+from golden_replay import Recorder  # noqa: E402
 
 OUT = HERE / "data" / "crypto_v25.09.json"
 NQN = "nqn.2024-11.io.csi-spdk:vol:crypto-record"
@@ -113,24 +112,8 @@ def sequence(lvol: str) -> list[tuple[str, dict | None, str | None]]:
 
 
 def main(sock: str, out: Path = OUT) -> int:
-    conn = Connection(sock)
-    entries: list[dict] = []
-    ident = 0
-
-    def send(method: str, params: dict | None, note: str | None = None):
-        nonlocal ident
-        ident += 1
-        req: dict = {"jsonrpc": "2.0", "method": method, "id": ident}
-        if params is not None:
-            req["params"] = params
-        conn.send(json.dumps(req).encode())
-        resp = conn.read_value(10.0)
-        entry = {"request": req, "response": resp}
-        if note:
-            entry["note"] = note
-        entries.append(entry)
-        return resp
-
+    rec = Recorder(sock)
+    send = rec.send
     send("spdk_get_version", None)
     send("bdev_malloc_create", {"name": "Malloc0", "num_blocks": 32768, "block_size": 512})
     send("bdev_lvol_create_lvstore", {"bdev_name": "Malloc0", "lvs_name": "lvs0"})
@@ -142,10 +125,7 @@ def main(sock: str, out: Path = OUT) -> int:
     send("bdev_lvol_delete", {"name": "lvs0/snap0"})
     send("bdev_lvol_delete_lvstore", {"lvs_name": "lvs0"})
     send("bdev_malloc_delete", {"name": "Malloc0"})
-    conn.close()
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(entries, indent=1) + "\n")
-    print(f"wrote {len(entries)} entries to {out}")
+    rec.write(out)
     return 0
 
 

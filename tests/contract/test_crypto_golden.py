@@ -10,7 +10,7 @@ from pathlib import Path
 
 from csi_spdk.sim import SimServer
 
-from .golden_replay import Connection, UuidMap, compare, translate
+from .golden_replay import replay_transcript
 
 DATA = Path(__file__).resolve().parent / "data" / "crypto_v25.09.json"
 
@@ -23,19 +23,8 @@ def test_recorded_crypto_transcript(tmp_path: Path) -> None:
             "accel_crypto_key_destroy"} <= methods
     sock = str(tmp_path / "spdk.sock")
     server = SimServer(sock, tmp_path / "data").start()
-    uuids = UuidMap()
-    failures: list[str] = []
-    conn = Connection(sock)
     try:
-        for index, entry in enumerate(entries):
-            conn.send(json.dumps(translate(entry["request"], uuids)).encode())
-            got = conn.read_value(10.0)
-            errors = compare(entry["response"], got, uuids)
-            if errors:
-                note = f"  # {entry['note']}" if entry.get("note") else ""
-                failures.append(f"entry [{index}] {json.dumps(entry['request'])[:200]}{note}"
-                                "\n    " + "\n    ".join(errors[:8]))
+        failures = replay_transcript(entries, sock)
     finally:
-        conn.close()
         server.stop()
     assert not failures, f"{len(failures)} entries differ\n" + "\n".join(failures)

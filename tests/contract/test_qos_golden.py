@@ -9,7 +9,7 @@ from pathlib import Path
 
 from csi_spdk.sim import SimServer
 
-from .golden_replay import Connection, UuidMap, compare, translate
+from .golden_replay import replay_transcript
 
 DATA = Path(__file__).resolve().parent / "data" / "qos_v25.09.json"
 
@@ -19,19 +19,8 @@ def test_recorded_qos_transcript(tmp_path: Path) -> None:
     assert entries[0]["response"]["result"]["version"] == "SPDK v25.09"
     sock = str(tmp_path / "spdk.sock")
     server = SimServer(sock, tmp_path / "data").start()
-    uuids = UuidMap()
-    failures: list[str] = []
-    conn = Connection(sock)
     try:
-        for index, entry in enumerate(entries):
-            conn.send(json.dumps(translate(entry["request"], uuids)).encode())
-            got = conn.read_value(10.0)
-            errors = compare(entry["response"], got, uuids)
-            if errors:
-                note = f"  # {entry['note']}" if entry.get("note") else ""
-                failures.append(f"entry [{index}] {json.dumps(entry['request'])[:200]}{note}"
-                                "\n    " + "\n    ".join(errors[:8]))
+        failures = replay_transcript(entries, sock)
     finally:
-        conn.close()
         server.stop()
     assert not failures, f"{len(failures)} entries differ\n" + "\n".join(failures)
