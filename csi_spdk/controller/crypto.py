@@ -56,14 +56,46 @@ def stack(api: SpdkApi, lvol_uuid: str, key: str, key2: str, material: str) -> s
     except SpdkError as err:
         if "rc -17" not in err.spdk_message:   # "failed to create DEK, rc -17": exists
             raise
+    create = {"base_bdev_name": lvol_uuid, "name": name, "key_name": key_name}
     try:
-        api.call("bdev_crypto_create", {"base_bdev_name": lvol_uuid, "name": name,
-                                        "key_name": key_name})
+        api.call("bdev_crypto_create", create)
     except SpdkError:
         if _key_name_of(api.bdev_get(name)) != key_name:
-            raise
+            _release_claim(api, lvol_uuid)
+            api.call("bdev_crypto_create", create)
     log.info("crypto bdev stacked", extra={"f": {"bdev": name}})
     return name
+
+
+def _release_claim(api: SpdkApi, lvol_uuid: str) -> None:
+    """bdev_crypto_create failed: when the claim on the lvol is the driver's
+    own QoS hold (qos.py: the volume's subsystem with the lvol as namespace and
+    no host; a crash leaves one behind), delete it so the crypto bdev can claim
+    the lvol. Nothing is lost: nobody could connect to it, and the export that
+    follows makes the subsystem again over the crypto bdev, which keeps the
+    lvol open just the same. Any other claim is FAILED_PRECONDITION saying
+    what holds it; a subsystem that lets a host read the lvol in clear is never
+    touched (a person has to look at it)."""
+    nqn = contract.subsystem_nqn(lvol_uuid)
+    sub = api.subsystem_get(nqn)
+    on_lvol = sub is not None and any(ns.get("bdev_name") == lvol_uuid
+                                      for ns in sub.get("namespaces", []))
+    if on_lvol and (sub.get("hosts") or sub.get("allow_any_host")):
+        raise FailedPrecondition(
+            f"volume {lvol_uuid} is encrypted on the target, but subsystem {nqn} exports its "
+            "lvol unencrypted to hosts; refusing to stack the crypto bdev under it: unpublish "
+            "the volume from every node (or delete that subsystem) and publish again")
+    if on_lvol:
+        log.info("QoS hold left on an encrypted volume released before stacking",
+                 extra={"f": {"nqn": nqn}})
+        api.intent("unexport", {"uuid": lvol_uuid, "hosts": [], "all": True})
+        return
+    lvol = api.bdev_get(lvol_uuid) or {}
+    if lvol.get("claimed"):
+        raise FailedPrecondition(
+            f"volume {lvol_uuid} cannot be opened encrypted: another SPDK consumer holds its "
+            f"lvol ({lvol.get('claim_type', 'claimed')}; see bdev_get_bdevs on the target); "
+            "remove that consumer and publish again")
 
 
 def unstack(api: SpdkApi, lvol_uuid: str, material: str = "") -> None:

@@ -29,6 +29,7 @@ from ..errors import ResourceExhausted
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkError
 from ..spdk.intents import IntentError
+from . import crypto
 from .config import TargetConfig
 
 log = logging.getLogger("csi_spdk.nvmf")
@@ -170,8 +171,13 @@ class NvmfExporter:
     def hold_open(self, lvol_uuid: str, sub: dict | None) -> None:
         """The volume's subsystem with its namespace only (no listener, no host):
         SPDK then holds the lvol bdev open with I/O channels, which a QoS change
-        on an unpublished volume needs (``qos.py``). ``sub`` as just read."""
+        on an unpublished volume needs (``qos.py``). ``sub`` as just read.
+
+        A target-mode volume whose crypto bdev is stacked is held through that
+        bdev (it claims the lvol, so SPDK would refuse the lvol itself; its
+        I/O channels open the lvol's): never the lvol in clear next to it."""
         nqn = contract.subsystem_nqn(lvol_uuid)
+        bdev = crypto.bdev_of(self.api, lvol_uuid) or self.exported_bdev(lvol_uuid)
         if sub is None:
             self._step(nqn, lambda s: True, lambda: self.api.subsystem_create(
                 nqn, contract.serial_number(lvol_uuid), contract.MODEL_NUMBER,
@@ -179,7 +185,7 @@ class NvmfExporter:
             sub = {"namespaces": []}
         if not self._has_namespace(sub, lvol_uuid):
             self._step(nqn, lambda s: self._has_namespace(s, lvol_uuid),
-                       lambda: self.api.ns_add(nqn, lvol_uuid, uuid=lvol_uuid))
+                       lambda: self.api.ns_add(nqn, bdev, uuid=lvol_uuid))
 
     def unexport(self, lvol_uuid: str, hosts: str | list[str]) -> bool:
         """Remove ``hosts`` from the allow-list; delete the subsystem when no

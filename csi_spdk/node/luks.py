@@ -16,6 +16,15 @@ The KDF is PBKDF2 at its minimum of 1000 iterations: the passphrase is 512
 random bits, so key stretching adds no security, and Argon2's default 1 GiB
 would not fit a small node (or the test guest).
 
+Reconnect (``repoint``): when the kernel deleted the NVMe controller and
+NodeGetVolumeStats connected it again, the namespace is a new block device
+and the mapping still reads from the dead one. NodeGetVolumeStats has no
+secrets, so the passphrase is not there; but the mapping was opened with
+``--disable-keyring``, so its volume key is in its dm table: the table is read
+(``dmsetup table --showkeys``), its device swapped for the new one's
+major:minor and loaded again (``dmsetup reload`` on stdin, ``resume``): no
+passphrase, the key never in argv, a log or an error.
+
 Mapper names: ``csi-spdk-<sha256(volume id)[:40]>``, so stage, publish,
 expand and unstage find the device from the volume id alone, after a restart
 too.
@@ -32,7 +41,7 @@ from collections.abc import Callable
 
 from .. import contract
 from ..errors import FailedPrecondition, Internal
-from .mount import Probe
+from .mount import Mounter, Probe
 
 log = logging.getLogger("csi_spdk.luks")
 MAPPER_DIR = "/dev/mapper"
@@ -71,8 +80,10 @@ class Luks:
     signature; ``probe`` is ``Mounter.probe``."""
 
     def __init__(self, probe: Callable[[str], Probe], run: Runner = subprocess.run,
-                 mapper_dir: str = MAPPER_DIR) -> None:
+                 mapper_dir: str = MAPPER_DIR,
+                 devno: Callable[[str], str] = Mounter.device_number) -> None:
         self.probe = probe
+        self.devno = devno
         self._run = run
         self.mapper_dir = mapper_dir
 
@@ -145,6 +156,49 @@ class Luks:
         if res.returncode == _BUSY and self.backing_device(name) is None:
             raise Internal(f"opening LUKS on {device}: mapping {name} is busy")
         return self.path(name)
+
+    def _dmsetup(self, args: list[str], what: str, table: str = "",
+                 ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
+        try:
+            res = self._run(["dmsetup", *args], input=table, capture_output=True, text=True,
+                            timeout=_TIMEOUT, check=False)
+        except FileNotFoundError as err:
+            raise Internal(f"dmsetup is not installed on this node ({what})") from err
+        except subprocess.TimeoutExpired as err:
+            raise Internal(f"{what}: dmsetup {args[0]} did not finish in "
+                           f"{_TIMEOUT:.0f}s") from err
+        if res.returncode not in ok:
+            said = (res.stderr or "").strip()[:300]
+            for word in table.split():      # the table holds the volume key
+                if len(word) >= 32:
+                    said = said.replace(word, "<key>")
+            raise Internal(f"{what} failed: dmsetup {args[0]} {args[-1]} (exit "
+                           f"{res.returncode}): {said}")
+        return res
+
+    def repoint(self, name: str, device: str) -> bool:
+        """Make the open mapping ``name`` read from ``device`` (its namespace,
+        reconnected as a new block device) with a dm table reload: the key
+        stays the one in the table (module docstring: no secrets here).
+        False when the mapping is not open (only a restage opens it)."""
+        res = self._dmsetup(["table", "--showkeys", name], f"reading LUKS mapping {name}",
+                            ok=(0, 1))
+        fields = res.stdout.split() if res.returncode == 0 else []
+        if not fields:
+            return False
+        if len(fields) < 8 or fields[2] != "crypt":
+            raise Internal(f"mapping {name} is not one dm-crypt segment; stage the volume "
+                           "again")
+        want = self.devno(device)
+        if fields[6] == want:
+            return True
+        fields[6] = want
+        what = f"pointing LUKS mapping {name} at {device}"
+        self._dmsetup(["reload", name], what, table=" ".join(fields) + "\n")
+        self._dmsetup(["resume", name], what)
+        log.warning("LUKS mapping reloaded onto the reconnected device", extra={"f": {
+            "mapping": name, "device": device}})
+        return True
 
     def close(self, name: str) -> None:
         """Close the mapping (missing is success)."""

@@ -515,10 +515,28 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                    f"{err.message}"
         log.warning("reconnected a staged volume", extra={"f": {
             "volume": rec.volume_id, "device": device}})
+        if rec.mapper:
+            return self._repoint_luks(rec, device)
         if device != rec.device and rec.access == "mount":
             return (f"the NVMe/TCP controller of {rec.nqn} was gone and was reconnected as "
                     f"{device}; the filesystem mounted from {rec.device} must be staged again")
         return f"the NVMe/TCP controller of {rec.nqn} was gone and was reconnected"
+
+    def _repoint_luks(self, rec: StageRecord, device: str) -> str:
+        """encryption: node: the LUKS mapping follows the reconnected device by
+        a dm table reload (luks.py ``repoint``: NodeGetVolumeStats has no
+        secret to reopen it with, the reload needs none); the filesystem or
+        block target on the mapping keeps its device."""
+        was = f"the NVMe/TCP controller of {rec.nqn} was gone and was reconnected as {device}"
+        try:
+            open_ = self.luks.repoint(rec.mapper, device)
+        except CsiError as err:
+            return f"{was}, but its LUKS mapping {rec.mapper} could not follow it " \
+                   f"({err.message}); stage the volume again"
+        if not open_:
+            return f"{was}; its LUKS mapping {rec.mapper} is not open: stage the volume " \
+                   "again (NodeStageVolume opens it with the key from the node-stage secret)"
+        return f"{was}; LUKS mapping {rec.mapper} reads from it again"
 
     @rpc(lock=("volume_id",))
     def NodeExpandVolume(self, request, context):

@@ -17,7 +17,10 @@ What the real target does, step by step, and how it is modelled here:
    a bdev nobody has opened, the first call that creates the QoS structure
    succeeds and every later call (a disable too) fails EAGAIN until a
    consumer opens it with an I/O channel (an nvmf namespace, or an lvstore
-   on a base bdev: any claim). Closing the last consumer keeps
+   on a base bdev: any claim; a crypto vbdev only while a consumer holds
+   *it*: a real v25.09 target answers EAGAIN for the base of a crypto bdev
+   nobody exports, and accepts the change once an nvmf namespace holds the
+   crypto bdev). Closing the last consumer keeps
    the limits (``bdev_qos_destroy`` copies them) and the EAGAIN returns.
 6. Only zeros given and no other limit active: QoS is disabled and the
    structure freed (``assigned_rate_limits`` reads all 0 again). Otherwise a
@@ -49,6 +52,16 @@ def _normalise(key: str, value: int) -> int:
     return min(value, MAX_MBYTES_PER_SEC)
 
 
+def _has_channel(state: SimState, bdev) -> bool:
+    """A consumer holds an I/O channel on ``bdev``: it is claimed, and when
+    the claim is a crypto vbdev's, that vbdev has a consumer itself (the
+    vbdev opens its base's channels only inside its own)."""
+    if bdev.claim_type is None:
+        return False
+    over = [c for c in state.crypto.bdevs() if c.base is bdev]
+    return not over or any(_has_channel(state, c) for c in over)
+
+
 def set_qos_limit(state: SimState, p: dict[str, Any]) -> bool:
     bad = [k for k in QOS_KEYS if k in p and p[k] > UINT64_MAX]
     if bad:
@@ -58,7 +71,7 @@ def set_qos_limit(state: SimState, p: dict[str, Any]) -> bool:
     if not given:
         raise RpcError(-EINVAL, "No rate limits specified")
     given = {k: _normalise(k, v) for k, v in given.items()}
-    if bdev.qos_active and bdev.claim_type is None:     # no consumer holds a channel
+    if bdev.qos_active and not _has_channel(state, bdev):
         raise RpcError(-32602, "Failed to configure rate limit: " + os.strerror(EAGAIN))
     disable = not any(given.values()) and not any(
         bdev.qos[k] for k in QOS_KEYS if k not in given)

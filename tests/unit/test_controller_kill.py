@@ -121,7 +121,8 @@ def rig(tmp_path):
     cfg = {"targets": [{"name": "target-a", "rpc": f"unix://{sock}", "lvstores": ["lvs0"],
                         "nvmf": {"listenAddress": "127.0.0.1", "port": 4420}}],
            "thinOvercommitRatio": 2.0,
-           "auth": {"staticSecretsFile": str(static_keys), "keyDir": str(tmp_path / "keys")}}
+           "auth": {"staticSecretsFile": str(static_keys), "keyDir": str(tmp_path / "keys")},
+           "encryption": {"keyDir": str(tmp_path / "volume-keys")}}
     path = tmp_path / "controller.yaml"
     path.write_text(yaml.safe_dump(cfg))
     r = Rig(tmp_path, sim, raw, path,
@@ -373,6 +374,48 @@ def test_sigkill_at_spdk_boundary_then_retry_converges(rig, name, spdk_method, n
     assert [k["name"] for k in rig.raw.keyring_keys()] == []  # no key either
     with contextlib.suppress(Exception):
         proc2.send_signal(signal.SIGTERM)
+
+
+# --- a QoS hold left on a target-mode encrypted volume, then a publish -------------------
+HOLD_POINTS = [pytest.param(m, n, w, id=f"{m}:{n}:{w}") for m, n, w in (
+    ("nvmf_subsystem_add_ns", 1, "after"), ("bdev_set_qos_limit", 2, "after"),
+    ("nvmf_delete_subsystem", 1, "before"))]
+
+
+@pytest.mark.parametrize(("spdk_method", "nth", "when"), HOLD_POINTS)
+def test_publish_of_an_encrypted_volume_after_a_modify_killed_in_its_qos_hold(
+        rig, spdk_method, nth, when):
+    """ControllerModifyVolume of an unpublished ``encryption: target`` volume
+    is killed while its QoS hold (the lvol as a host-less namespace) claims
+    the lvol; a fresh controller's ControllerPublishVolume still stacks the
+    crypto bdev and exports only it, and the retried modify converges."""
+    r = rig
+    v = vol(r, "v", params={"encryption": "target", "maxIOPS": "2000"})
+    uuid = v.volume_id.split(":")[1]
+    nqn = contract.subsystem_nqn(uuid)
+    modify = csi_pb2.ControllerModifyVolumeRequest(volume_id=v.volume_id,
+                                                   mutable_parameters={"maxIOPS": "5000"})
+    call(r.servicer, "ControllerModifyVolume", csi_pb2.ControllerModifyVolumeRequest(
+        volume_id=v.volume_id, mutable_parameters={"maxIOPS": "3000"}))  # QoS active
+    _crash(r, "ControllerModifyVolume", modify, f"{spdk_method}:{nth}:{when}")
+    held = r.raw.subsystem_get(nqn)
+    assert [ns["bdev_name"] for ns in held["namespaces"]] == [uuid] and not held["hosts"]
+    _, stub = r.controller()
+    req = publish_req(v.volume_id, "node-1", cap=block_cap(MNMW))
+    req.volume_context.update(v.volume_context)
+    resp = stub.ControllerPublishVolume(req, timeout=60)
+    assert resp.publish_context[contract.PC_NS_UUID] == uuid
+    sub = r.raw.subsystem_get(nqn)
+    crypt = contract.crypto_bdev_name(uuid)
+    assert [(ns["bdev_name"], ns["uuid"]) for ns in sub["namespaces"]] == [(crypt, uuid)]
+    assert hosts(r, v.volume_id) == [contract.host_nqn("node-1")]
+    assert r.raw.bdev_get(crypt)["driver_specific"]["crypto"]["base_bdev_name"] == uuid
+    stub.ControllerModifyVolume(modify, timeout=60)
+    assert r.raw.bdev_get(uuid)["assigned_rate_limits"]["rw_ios_per_sec"] == 5000
+    teardown_everything(r)
+    assert r.lvols() == [] and r.subsystems() == []
+    assert r.raw.call("accel_crypto_keys_get", {}) == []
+    assert r.raw.bdev_get(crypt) is None
 
 
 # --- a crash between clone and resize, then the clone's source goes away -----------------

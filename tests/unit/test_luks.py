@@ -23,6 +23,29 @@ class FakeCryptsetup:
         self.signatures: dict[str, Probe] = {}
         self.mappings: dict[str, str] = {}     # name -> device
         self.calls: list[tuple[list[str], str]] = []
+        self.devnos: dict[str, str] = {}       # device -> "major:minor"
+        self.volume_key = "ee" * 64            # what dm-crypt's table holds
+        self.inactive: dict[str, str] = {}     # name -> loaded, not yet resumed table
+
+    def devno(self, device: str) -> str:
+        return self.devnos.setdefault(device, f"259:{len(self.devnos)}")
+
+    def _dmsetup(self, argv, table) -> subprocess.CompletedProcess:
+        op, name = argv[1], argv[-1]
+        rc, out = 0, ""
+        if name not in self.mappings:
+            rc = 1
+        elif op == "table":
+            out = f"0 2048 crypt aes-xts-plain64 {self.volume_key} 0 " \
+                  f"{self.devno(self.mappings[name])} 32768 1 allow_discards\n"
+        elif op == "reload":
+            self.inactive[name] = table
+        elif op == "resume" and name in self.inactive:
+            fields = self.inactive.pop(name).split()
+            assert fields[4] == self.volume_key      # the key the mapping had
+            by_devno = {v: k for k, v in self.devnos.items()}
+            self.mappings[name] = by_devno[fields[6]]
+        return subprocess.CompletedProcess(argv, rc, out, "")
 
     def probe(self, device: str) -> Probe:
         if device in self.headers:
@@ -31,6 +54,8 @@ class FakeCryptsetup:
 
     def run(self, argv, input="", **kw) -> subprocess.CompletedProcess:
         self.calls.append((list(argv), input))
+        if argv[0] == "dmsetup":
+            return self._dmsetup(argv, input)
         assert argv[0] == "cryptsetup"
         op = argv[1]
         rc, out = 0, ""
@@ -62,7 +87,7 @@ def fake():
 
 
 def _luks(fake) -> luks.Luks:
-    return luks.Luks(fake.probe, run=fake.run)
+    return luks.Luks(fake.probe, run=fake.run, devno=fake.devno)
 
 
 def test_formats_an_empty_device_once_and_never_puts_the_key_in_argv(fake):
@@ -124,3 +149,41 @@ def test_key_from_secrets(fake):
         with pytest.raises(FailedPrecondition) as err:
             luks.key_from_secrets(bad)
         assert "encryptionKey" in err.value.message
+
+
+def test_repoint_reloads_the_table_onto_the_reconnected_device_without_a_passphrase(fake):
+    lk = _luks(fake)
+    name = luks.mapper_name("target-a:vol1")
+    lk.open("/dev/nvme0n1", name, KEY)
+    fake.headers["/dev/nvme1n1"] = KEY        # the same namespace, reconnected
+    fake.calls.clear()
+    assert lk.repoint(name, "/dev/nvme1n1") is True
+    assert fake.mappings[name] == "/dev/nvme1n1"
+    assert [c[0][:2] for c in fake.calls] == [["dmsetup", "table"], ["dmsetup", "reload"],
+                                              ["dmsetup", "resume"]]
+    for argv, _ in fake.calls:                 # neither key in argv; no passphrase used
+        assert fake.volume_key not in " ".join(argv) and KEY not in " ".join(argv)
+    assert all(KEY not in stdin for _, stdin in fake.calls)
+    fake.calls.clear()
+    assert lk.repoint(name, "/dev/nvme1n1") is True      # already there: only read
+    assert [c[0][1] for c in fake.calls] == ["table"]
+    lk.close(name)
+    assert lk.repoint(name, "/dev/nvme1n1") is False     # nothing open: restage
+
+
+def test_a_failed_reload_never_echoes_the_key(fake):
+    lk = _luks(fake)
+    name = luks.mapper_name("target-a:vol1")
+    lk.open("/dev/nvme0n1", name, KEY)
+    real = fake.run
+
+    def loud(argv, input="", **kw):
+        if argv[:2] == ["dmsetup", "reload"]:
+            return subprocess.CompletedProcess(argv, 1, "", f"bad table: {input}")
+        return real(argv, input=input, **kw)
+
+    lk._run = loud
+    with pytest.raises(Exception) as err:
+        lk.repoint(name, "/dev/nvme1n1")
+    assert "dmsetup reload" in str(err.value) and fake.volume_key not in str(err.value)
+    assert fake.mappings[name] == "/dev/nvme0n1"

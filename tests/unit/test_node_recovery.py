@@ -76,6 +76,38 @@ def test_stats_reconnects_a_vanished_controller(env):
     assert cond.abnormal and "reconnected" in cond.message
 
 
+def test_stats_reconnect_points_the_luks_mapping_at_the_new_device(env):
+    """encryption: node: the mapping follows the namespace's new device (a dm
+    table reload, luks.py ``repoint``), with no secret in the request."""
+    from test_luks import KEY, FakeCryptsetup
+
+    from csi_spdk.node import luks
+
+    old, backing = env.export()
+    env.stage()
+    fake = FakeCryptsetup()
+    env.node.luks = luks.Luks(fake.probe, run=fake.run, devno=fake.devno)
+    rec = env.node.store.load(VOL1)
+    rec.mapper = luks.mapper_name(VOL1)
+    env.node.store.save(rec)
+    fake.headers[old] = KEY
+    env.node.luks.open(old, rec.mapper, KEY)
+    env.ini.connected.discard(NQN)     # the kernel deleted the controller
+    env.ini.devices[NQN] = "/dev/nvme9n1"   # ... and it came back as another device
+    cond = env.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id=VOL1, volume_path=env.path("staging")), env.ctx).volume_condition
+    assert fake.mappings[rec.mapper] == "/dev/nvme9n1"
+    assert cond.abnormal and "reads from it again" in cond.message
+    # closed behind our back: the condition says what to do
+    fake.mappings.clear()
+    env.ini.connected.discard(NQN)
+    cond = env.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id=VOL1, volume_path=env.path("staging")), env.ctx).volume_condition
+    assert "is not open: stage the volume again" in cond.message
+    rec.mapper = ""
+    env.node.store.save(rec)
+
+
 def test_restage_remounts_when_the_namespace_came_back_as_another_device(env):
     old, backing = env.export()
     env.stage()

@@ -70,7 +70,7 @@ DEFAULT_PRELOAD = ("nvme-tcp", "nvmet-tcp", "loop")
 # Programs of the trixie userland copied into the guest (absent ones are
 # skipped), with their libraries.
 PROGRAMS = (
-    "nvme", "tlshd", "keyctl", "cryptsetup", "ip",
+    "nvme", "tlshd", "keyctl", "cryptsetup", "dmsetup", "ip",
     "mkfs.ext4", "mke2fs", "e2fsck", "fsck.ext4", "resize2fs", "tune2fs", "dumpe2fs",
     "mkfs.xfs", "xfs_repair", "xfs_growfs", "xfs_db", "xfs_io", "xfs_admin", "xfs_info",
     "xfs_spaceman", "blkid", "findmnt", "lsblk", "mount", "umount", "losetup", "blockdev",
