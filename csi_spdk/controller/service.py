@@ -444,7 +444,6 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             # the last host is gone: so are the volume's keys on the target
             self.auth.drop_target_keys(target.name, oid.lvol_uuid)
             self.encryption.unexported(target.api, oid.lvol_uuid)
-            self.encryption.unexported(target.api, oid.lvol_uuid)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     # --- queries -----------------------------------------------------------------
