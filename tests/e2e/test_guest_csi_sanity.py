@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from guest.harness import GuestOptions
 
-pytestmark = [pytest.mark.guest, pytest.mark.sanity]
+# csi-sanity in the guest runs up to 15 min (ginkgo and guest.run both allow it);
+# the suite-wide 300 s would cut it first on a loaded machine.
+pytestmark = [pytest.mark.guest, pytest.mark.sanity, pytest.mark.timeout(960)]
 
 SCRIPT = r"""
 . /etc/guest/lib.sh
