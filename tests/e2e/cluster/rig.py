@@ -149,7 +149,7 @@ class Cluster:
         return "\n".join(out)
 
     def start(self) -> None:
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
         media = nodes.media()
         self._mark("node-media", t0)
         imgs = images_mod.build()
@@ -195,22 +195,36 @@ class Cluster:
                  "data": {"tls.crt": k8s.b64(cli_crt.read_text()),
                           "tls.key": k8s.b64(cli_key.read_text()),
                           "ca.crt": k8s.b64(self.cp.ca.read_text())}})
+        # Started one after the other, not all at once: a TCG node starting
+        # every Python process of the storage Pod, the node plugin and the
+        # controller together needed minutes for each, the chart's liveness
+        # probes killed them before they served, and the restarts starved
+        # the node further (load 22 in a 2-vCPU guest, CSINode never filled).
+        # So: the storage Pod, then the node plugin until kubelet registered
+        # it (CSINode), then the controller (installed with 0 replicas and
+        # scaled to its value's count).
+        self.wait_pods("kube-system", "app=csi-spdk-storage", 1, 1500)
+        self._mark("storage-ready", self._t0)
+        values = chart_values(self.images, self.agent_port, self.nvme_port)
+        replicas = values["controller"]["replicas"]
+        values["controller"]["replicas"] = 0
         vfile = self.dir / "values.yaml"
-        vfile.write_text(yaml.safe_dump(chart_values(self.images, self.agent_port,
-                                                     self.nvme_port)))
+        vfile.write_text(yaml.safe_dump(values))
         helm = k8s.helm_binary()
         res = subprocess.run([helm, "install", k8s.RELEASE, str(k8s.CHART), "-n", ns,
                               "-f", str(vfile), "--kubeconfig", str(self.cp.admin_kubeconfig)],
                              capture_output=True, text=True, timeout=180)
         if res.returncode != 0:
             raise k8s.RigError(f"helm install failed: {res.stderr}")
-        # the storage Pod (static, mirror Pod in kube-system), then the chart's Pods
-        self.wait_pods("kube-system", "app=csi-spdk-storage", 1, 1500)
         self.wait_pods(ns, "app.kubernetes.io/component=node", len(self.nodes), 1200)
-        self.wait_pods(ns, "app.kubernetes.io/component=controller", 1, 1200)
+        self._mark("node-plugin-ready", self._t0)
         # kubelet registered the node plugin (node-driver-registrar -> CSINode)
         for name in self.nodes:
-            self.wait_csinode(name, 300)
+            self.wait_csinode(name, 600)
+        self._mark("csinode-registered", self._t0)
+        k.run("scale", "deployment", "-n", ns, f"{k8s.RELEASE}-controller",
+              f"--replicas={replicas}")
+        self.wait_pods(ns, "app.kubernetes.io/component=controller", replicas, 1200)
 
     def wait_pods(self, ns: str, selector: str, count: int, timeout: float) -> None:
         k = self.kubectl
