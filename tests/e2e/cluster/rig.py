@@ -47,6 +47,8 @@ POOL_SIZE = 3 << 30
 SC_FS, SC_BLOCK, SC_WFFC = "csi-spdk", "csi-spdk-block", "csi-spdk-wffc"
 SNAPSHOT_CLASS = "csi-spdk"
 AGENT_PORT_IN_NODE = 5261
+# put on the storage node once the node plugin is registered (Cluster._install_chart)
+CONTROLLER_LABEL = "rig.csi-spdk.io/controller"
 
 
 def storage_pod(image: str, nvme_port: int) -> dict:
@@ -100,7 +102,8 @@ def chart_values(imgs: images_mod.Images, agent_port: int, nvme_port: int) -> di
     return {
         "images": imgs.values,
         "controller": {"replicas": 1,
-                       "nodeSelector": {"kubernetes.io/hostname": STORAGE_NODE}},
+                       "nodeSelector": {"kubernetes.io/hostname": STORAGE_NODE,
+                                        CONTROLLER_LABEL: "true"}},
         "capacityTracking": {"enabled": True, "pollInterval": "10s"},
         "config": {"targets": [{
             "name": TARGET,
@@ -201,13 +204,11 @@ class Cluster:
         # probes killed them before they served, and the restarts starved
         # the node further (load 22 in a 2-vCPU guest, CSINode never filled).
         # So: the storage Pod, then the node plugin until kubelet registered
-        # it (CSINode), then the controller (installed with 0 replicas and
-        # scaled to its value's count).
+        # it (CSINode), then the controller (its nodeSelector also names a
+        # label the rig puts on the storage node only then).
         self.wait_pods("kube-system", "app=csi-spdk-storage", 1, 1500)
         self._mark("storage-ready", self._t0)
         values = chart_values(self.images, self.agent_port, self.nvme_port)
-        replicas = values["controller"]["replicas"]
-        values["controller"]["replicas"] = 0
         vfile = self.dir / "values.yaml"
         vfile.write_text(yaml.safe_dump(values))
         helm = k8s.helm_binary()
@@ -222,9 +223,9 @@ class Cluster:
         for name in self.nodes:
             self.wait_csinode(name, 600)
         self._mark("csinode-registered", self._t0)
-        k.run("scale", "deployment", "-n", ns, f"{k8s.RELEASE}-controller",
-              f"--replicas={replicas}")
-        self.wait_pods(ns, "app.kubernetes.io/component=controller", replicas, 1200)
+        k.run("label", "node", STORAGE_NODE, f"{CONTROLLER_LABEL}=true", "--overwrite")
+        self.wait_pods(ns, "app.kubernetes.io/component=controller",
+                       values["controller"]["replicas"], 1200)
 
     def wait_pods(self, ns: str, selector: str, count: int, timeout: float) -> None:
         k = self.kubectl
