@@ -108,11 +108,30 @@ def _wait_for_signal() -> threading.Event:
     return stop
 
 
+def _registrar_health(state: dict[str, str], refused: threading.Event) -> tuple[bool, str]:
+    if refused.is_set():
+        return False, "kubelet refused the registration"
+    sock = state.get("sock")
+    if sock is None:
+        return True, ""              # waiting for the driver's socket
+    if not os.path.exists(sock):
+        return False, f"registration socket {sock} missing"
+    return True, ""
+
+
 def run_registrar(args: argparse.Namespace) -> int:
-    name = driver_name(args.csi_address, args.timeout)
-    sock = os.path.join(args.plugin_registration_path, f"{name}-reg.sock")
     stop = _wait_for_signal()
     refused = threading.Event()
+    state: dict[str, str] = {}       # "sock" once the registration socket is served
+    http = None
+    if args.http_endpoint:
+        # Served from the start: while the driver is still starting (a minute
+        # and more in a starved node) the registrar is alive and waiting, and
+        # restarting it would not bring the driver up sooner -- only a lost
+        # socket or a refused registration is unhealthy.
+        http = _serve_http(args.http_endpoint, lambda: _registrar_health(state, refused))
+    name = driver_name(args.csi_address, args.timeout)
+    sock = os.path.join(args.plugin_registration_path, f"{name}-reg.sock")
     servicer = _Registration(name, args.kubelet_registration_path,
                              lambda: (refused.set(), stop.set()))
     if os.path.exists(sock):
@@ -121,12 +140,8 @@ def run_registrar(args: argparse.Namespace) -> int:
     pluginregistration_pb2_grpc.add_RegistrationServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix:{sock}")
     server.start()
+    state["sock"] = sock
     log.info("serving plugin registration of %s on %s", name, sock)
-    http = None
-    if args.http_endpoint:
-        http = _serve_http(args.http_endpoint, lambda: (
-            (os.path.exists(sock) and not refused.is_set()),
-            "registration socket missing or registration refused"))
     stop.wait()
     server.stop(2)
     if http is not None:

@@ -103,3 +103,41 @@ def test_livenessprobe_follows_the_drivers_probe(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_registrar_is_healthy_while_waiting_for_the_driver_and_not_once_its_socket_is_gone(
+        tmp_path):
+    """Started before the driver (a starved node starts the Pod's containers
+    minutes apart): /healthz answers 200 while the registrar waits, so the
+    liveness probe does not kill it; once the driver answers it serves the
+    registration socket, and a lost socket makes /healthz 500."""
+    reg_dir = tmp_path / "plugins_registry"
+    reg_dir.mkdir()
+    sock_dir = tmp_path / "s"
+    port = _port()
+    proc, log = _spawn(tmp_path, "registrar", f"--csi-address={sock_dir}/controller.sock",
+                       "--kubelet-registration-path=/var/lib/kubelet/plugins/x/csi.sock",
+                       f"--plugin-registration-path={reg_dir}",
+                       f"--http-endpoint=127.0.0.1:{port}", "--v=2")
+    dev = None
+    try:
+        assert _until(lambda: _healthz(port)) == 200
+        sock = reg_dir / "csi-spdk.io-reg.sock"
+        assert not sock.exists()
+        assert "waiting for the CSI driver" in _until(
+            lambda: "waiting for the CSI driver" in log.read_text() and log.read_text())
+        dev = start_dev(tmp_path, sock_dir=sock_dir)
+        _until(sock.exists)
+        with grpc.insecure_channel(f"unix:{sock}") as ch:
+            info = _until(lambda: pr_grpc.RegistrationStub(ch).GetInfo(pr.InfoRequest(),
+                                                                       timeout=5))
+        assert info.name == "csi-spdk.io"
+        assert _healthz(port) == 200
+        sock.unlink()
+        assert _healthz(port) == 500
+        assert proc.poll() is None, log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if dev is not None:
+            dev.stop()

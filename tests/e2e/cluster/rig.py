@@ -47,6 +47,8 @@ POOL_SIZE = 3 << 30
 SC_FS, SC_BLOCK, SC_WFFC = "csi-spdk", "csi-spdk-block", "csi-spdk-wffc"
 SNAPSHOT_CLASS = "csi-spdk"
 AGENT_PORT_IN_NODE = 5261
+# put on the storage node once the node plugin is registered (Cluster._install_chart)
+CONTROLLER_LABEL = "rig.csi-spdk.io/controller"
 
 
 def storage_pod(image: str, nvme_port: int) -> dict:
@@ -100,7 +102,8 @@ def chart_values(imgs: images_mod.Images, agent_port: int, nvme_port: int) -> di
     return {
         "images": imgs.values,
         "controller": {"replicas": 1,
-                       "nodeSelector": {"kubernetes.io/hostname": STORAGE_NODE}},
+                       "nodeSelector": {"kubernetes.io/hostname": STORAGE_NODE,
+                                        CONTROLLER_LABEL: "true"}},
         "capacityTracking": {"enabled": True, "pollInterval": "10s"},
         "config": {"targets": [{
             "name": TARGET,
@@ -149,7 +152,7 @@ class Cluster:
         return "\n".join(out)
 
     def start(self) -> None:
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
         media = nodes.media()
         self._mark("node-media", t0)
         imgs = images_mod.build()
@@ -195,22 +198,34 @@ class Cluster:
                  "data": {"tls.crt": k8s.b64(cli_crt.read_text()),
                           "tls.key": k8s.b64(cli_key.read_text()),
                           "ca.crt": k8s.b64(self.cp.ca.read_text())}})
+        # Started one after the other, not all at once: a TCG node starting
+        # every Python process of the storage Pod, the node plugin and the
+        # controller together needed minutes for each, the chart's liveness
+        # probes killed them before they served, and the restarts starved
+        # the node further (load 22 in a 2-vCPU guest, CSINode never filled).
+        # So: the storage Pod, then the node plugin until kubelet registered
+        # it (CSINode), then the controller (its nodeSelector also names a
+        # label the rig puts on the storage node only then).
+        self.wait_pods("kube-system", "app=csi-spdk-storage", 1, 1500)
+        self._mark("storage-ready", self._t0)
+        values = chart_values(self.images, self.agent_port, self.nvme_port)
         vfile = self.dir / "values.yaml"
-        vfile.write_text(yaml.safe_dump(chart_values(self.images, self.agent_port,
-                                                     self.nvme_port)))
+        vfile.write_text(yaml.safe_dump(values))
         helm = k8s.helm_binary()
         res = subprocess.run([helm, "install", k8s.RELEASE, str(k8s.CHART), "-n", ns,
                               "-f", str(vfile), "--kubeconfig", str(self.cp.admin_kubeconfig)],
                              capture_output=True, text=True, timeout=180)
         if res.returncode != 0:
             raise k8s.RigError(f"helm install failed: {res.stderr}")
-        # the storage Pod (static, mirror Pod in kube-system), then the chart's Pods
-        self.wait_pods("kube-system", "app=csi-spdk-storage", 1, 1500)
         self.wait_pods(ns, "app.kubernetes.io/component=node", len(self.nodes), 1200)
-        self.wait_pods(ns, "app.kubernetes.io/component=controller", 1, 1200)
+        self._mark("node-plugin-ready", self._t0)
         # kubelet registered the node plugin (node-driver-registrar -> CSINode)
         for name in self.nodes:
-            self.wait_csinode(name, 300)
+            self.wait_csinode(name, 600)
+        self._mark("csinode-registered", self._t0)
+        k.run("label", "node", STORAGE_NODE, f"{CONTROLLER_LABEL}=true", "--overwrite")
+        self.wait_pods(ns, "app.kubernetes.io/component=controller",
+                       values["controller"]["replicas"], 1200)
 
     def wait_pods(self, ns: str, selector: str, count: int, timeout: float) -> None:
         k = self.kubectl
