@@ -304,6 +304,10 @@ class VolumeEncryption:
         key = self.key_for(uuid, secrets)
         return crypto.stack(api, uuid, key.key, key.key2, key.material)
 
+    def stacked(self, api, uuid: str) -> bool:
+        """Whether the volume's crypto bdev is open on the target."""
+        return crypto.bdev_of(api, uuid) is not None
+
     def unexported(self, api, uuid: str) -> None:
         """The volume's subsystem is gone: so are its crypto bdev and key
         (the key also when a crash came between deleting the two)."""

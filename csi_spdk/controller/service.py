@@ -318,7 +318,10 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
                 found = target.api.intent("delete_volume", {"uuid": oid.lvol_uuid})["bdev"]
             except SpdkError:
                 # a target-mode crypto bdev holds the lvol open: the intent
-                # deleted the subsystem (no host was allowed), so it can go now
+                # deleted the subsystem (no host was allowed), so it can go now;
+                # any other failure is the caller's to see
+                if not self.encryption.stacked(target.api, oid.lvol_uuid):
+                    raise
                 self.encryption.unexported(target.api, oid.lvol_uuid)
                 found = target.api.intent("delete_volume", {"uuid": oid.lvol_uuid})["bdev"]
         except IntentError as err:

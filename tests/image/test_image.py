@@ -203,4 +203,4 @@ def test_dockerfile_and_image_agree_on_packages():
     script = (REPO / "scripts" / "build-image.sh").read_text()
     assert "/apt-get install/,/apt-get clean/" in script and "Dockerfile" in script
     assert set(dockerfile_packages()) == {"nvme-cli", "e2fsprogs", "xfsprogs", "util-linux",
-                                          "mount", "libudev1"}
+                                          "mount", "libudev1", "cryptsetup-bin"}
