@@ -28,7 +28,7 @@ from .. import contract
 from ..errors import ResourceExhausted
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkError
-from ..spdk.intents import IntentError
+from ..spdk.intents import IntentError, has_namespace
 from . import crypto
 from .config import TargetConfig
 
@@ -99,11 +99,6 @@ class NvmfExporter:
         port = self.target.tls if tls else self.target.port
         return SpdkApi.listen_address(self.target.listen_address, port, TRTYPE)
 
-    @staticmethod
-    def _has_namespace(sub: dict, lvol_uuid: str) -> bool:
-        return any(ns.get("bdev_name") == lvol_uuid or ns.get("uuid") == lvol_uuid
-                   for ns in sub.get("namespaces", []))
-
     def ensure_transport(self) -> None:
         with self._mutex:
             if self._transport_ready:
@@ -130,11 +125,6 @@ class NvmfExporter:
             return sub
         return None
 
-    def exported_bdev(self, lvol_uuid: str) -> str:
-        """The bdev a volume's namespace exports unless the caller stacked
-        another on it (``ExportSpec.bdev``: target-mode encryption, crypto.py)."""
-        return lvol_uuid
-
     def export(self, lvol_uuid: str, host_nqn: str, **options: Any) -> dict[str, str]:
         """Make the volume reachable by the spec's host; return the publish_context.
 
@@ -149,7 +139,7 @@ class NvmfExporter:
         try:
             self.ensure_transport()
             self.api.intent("export", {
-                "uuid": uuid, "bdev": spec.bdev or self.exported_bdev(uuid), "host": spec.host,
+                "uuid": uuid, "bdev": spec.bdev or uuid, "host": spec.host,
                 "legacy": spec.legacy, "model": spec.model, "signature": spec.signature,
                 "hint": spec.hint or "", "single_node": spec.single_node, "keys": keys,
                 "listen": self._listen_address(tls), "secure_channel": tls})
@@ -177,14 +167,14 @@ class NvmfExporter:
         bdev (it claims the lvol, so SPDK would refuse the lvol itself; its
         I/O channels open the lvol's): never the lvol in clear next to it."""
         nqn = contract.subsystem_nqn(lvol_uuid)
-        bdev = crypto.bdev_of(self.api, lvol_uuid) or self.exported_bdev(lvol_uuid)
+        bdev = crypto.bdev_of(self.api, lvol_uuid) or lvol_uuid
         if sub is None:
             self._step(nqn, lambda s: True, lambda: self.api.subsystem_create(
                 nqn, contract.serial_number(lvol_uuid), contract.MODEL_NUMBER,
                 max_namespaces=1))
             sub = {"namespaces": []}
-        if not self._has_namespace(sub, lvol_uuid):
-            self._step(nqn, lambda s: self._has_namespace(s, lvol_uuid),
+        if not has_namespace(sub, lvol_uuid):
+            self._step(nqn, lambda s: has_namespace(s, lvol_uuid),
                        lambda: self.api.ns_add(nqn, bdev, uuid=lvol_uuid))
 
     def unexport(self, lvol_uuid: str, hosts: str | list[str]) -> bool:

@@ -144,7 +144,9 @@ def _listener_matches(sub: dict, want: dict) -> bool:
                for a in sub.get("listen_addresses", []))
 
 
-def _has_namespace(sub: dict, uuid: str) -> bool:
+def has_namespace(sub: dict, uuid: str) -> bool:
+    """Whether the subsystem ``sub`` already serves the volume ``uuid``
+    (as its bdev, or a stacked bdev under the volume's namespace uuid)."""
     return any(ns.get("bdev_name") == uuid or ns.get("uuid") == uuid
                for ns in sub.get("namespaces", []))
 
@@ -219,8 +221,8 @@ def _fill(api: Api, nqn: str, sub: dict, spec: dict) -> None:
     listen, tls = spec["listen"], bool(spec.get("secure_channel"))
     ns_bdev = spec.get("bdev") or uuid   # the exported bdev (the lvol unless stacked)
     steps: list[tuple[Callable[[dict], bool], Callable[[], Any]]] = []
-    if not _has_namespace(sub, uuid):
-        steps.append((lambda s: _has_namespace(s, uuid), lambda: api.call(
+    if not has_namespace(sub, uuid):
+        steps.append((lambda s: has_namespace(s, uuid), lambda: api.call(
             "nvmf_subsystem_add_ns", {"nqn": nqn, "namespace": {"bdev_name": ns_bdev,
                                                                "uuid": uuid}})))
     if not _listener_matches(sub, listen):
