@@ -7,16 +7,20 @@ successful mutating call it forwarded and, after a restart, replays the
 record onto the fresh target, so connected hosts reconnect within their
 controller-loss timeout.
 
-The record is one JSON file replaced atomically (write-temp, fsync, rename)
-on every change, mode 0600 in a 0700 directory: a SIGKILL at any moment
-leaves the previous or the new record, never a torn one. It holds key *names*
-and key file *paths* only, never key material.
+On disk the record is a snapshot plus an append-only journal
+(``journal.py``): each change is one small fsync'd record of the entries it
+touched, acknowledged only once durable, and the whole state is rewritten
+only now and then (compaction), so a change costs the same at 10,000 exports
+as at one. Mode 0600 in a 0700 directory, locked against a second agent; it
+holds key *names* and key file *paths* only, never key material.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
+import json
 import logging
 import os
 import threading
@@ -28,10 +32,10 @@ from .. import atomicfile
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkError, SpdkExists
 from . import crypto_state
+from .journal import Journal, Op, StateError, section
 
 log = logging.getLogger("csi_spdk.agent.state")
 
-FORMAT = 1
 QOS_KEYS = ("rw_ios_per_sec", "rw_mbytes_per_sec", "r_mbytes_per_sec", "w_mbytes_per_sec")
 RECORDED = frozenset({
     "nvmf_create_transport", "nvmf_create_subsystem", "nvmf_delete_subsystem",
@@ -44,12 +48,11 @@ RECORDED = frozenset({
 }) | crypto_state.METHODS
 
 
-class StateError(Exception):
-    """The state file exists but cannot be used (never silently dropped)."""
+__all__ = ["DesiredState", "StateError", "RECORDED"]
 
 
 def _empty() -> dict[str, Any]:
-    return {"format": FORMAT, "transports": {}, "keys": {}, "subsystems": {}, "qos": {}}
+    return {"transports": {}, "keys": {}, "subsystems": {}, "qos": {}}
 
 
 def _listener_key(addr: dict[str, Any]) -> tuple[str, str, str]:
@@ -67,98 +70,160 @@ def _without(params: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 
 class DesiredState:
-    """The desired exports, persisted at ``path``.
+    """The desired exports, persisted at ``path`` (snapshot) and its journal.
 
     Concurrency: ``record``, ``snapshot`` and ``replay`` may be called from any
-    thread; one lock orders the changes and the file writes, so the file
-    always reflects a prefix of the recorded calls. ``replay`` holds the lock
-    while it runs: calls recorded meanwhile wait and are not lost.
+    thread; one lock orders the changes and the journal appends, so the disk
+    always holds a prefix of the recorded calls. ``replay`` holds the lock
+    while it runs: calls recorded meanwhile wait and are not lost. One
+    process writes a state directory: a second one is refused (``flock``),
+    since its compaction would detach the first one's journal.
+    ``read_only=True`` loads without writing or locking (reports, doctor).
     Idempotency: recording the same call twice gives the same state;
     ``replay`` creates only what is missing, so a second run changes nothing.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], read_only: bool = False,
+                 compact_min_bytes: int | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.path.parent, 0o700)
-        atomicfile.remove_stale_temps(self.path.parent)
+        self.read_only = read_only
         self._lock = threading.RLock()
         self._batch = threading.local()
+        self._pending: list[Op] = []          # ops of a failed append, retried first
+        self._lock_fd: int | None = None
+        self.journal = Journal(self.path, **({} if compact_min_bytes is None else
+                                             {"compact_min_bytes": compact_min_bytes}))
+        if read_only:
+            self._data: dict[str, Any] = self.journal.read(_empty())
+            return
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        self._take_lock()
+        atomicfile.remove_stale_temps(self.path.parent)
         try:
-            data = atomicfile.read_json(self.path)
-        except (ValueError, OSError) as err:
-            raise StateError(f"desired state {self.path} is unreadable ({err}); move it "
-                             "away to start empty, every export it held will then be "
-                             "lost on the next spdk_tgt restart") from err
-        if data is None:
-            data = _empty()
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise StateError(f"desired state {self.path} has an unknown format")
-        self._data: dict[str, Any] = data
+            self._data = self.journal.load(_empty())
+        except BaseException:
+            self.close()
+            raise
+
+    def _take_lock(self) -> None:
+        lock = self.path.with_suffix(".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateError(f"desired state {self.path} is in use by another process "
+                             f"(it holds {lock}): one storage agent per state directory") \
+                from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Close the journal and let another process open the directory."""
+        with self._lock:
+            self.journal.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     # --- recording ---------------------------------------------------------------
     def record(self, method: str, params: dict[str, Any] | None,
                result: Any = None) -> bool:
         """Note a forwarded call that succeeded; True when the record changed.
 
+        Returns once the change is durable (one journal record), or, inside
+        ``batch``, once it is in memory (durable when the batch ends).
         ``result`` is the call's reply: for ``nvmf_subsystem_add_ns`` without an
         explicit nsid it is the nsid SPDK chose, recorded so replay gives the
         namespace the same nsid. Methods that change no export are ignored.
         """
         if method not in RECORDED:
             return False
+        if self.read_only:
+            raise StateError(f"desired state {self.path} was opened read-only")
         p = dict(params or {})
         with self._lock:
-            if method in crypto_state.METHODS or method == "bdev_lvol_delete":
-                # these touch the crypto part too (key material to a 0600 file)
-                before = copy.deepcopy(self._data)
-                if method in crypto_state.METHODS:
-                    crypto_state.record(self._data, self.path, method, p)
-                else:
-                    getattr(self, "_on_" + method)(p, result)
-                changed = self._data != before
+            touched = self._touches(method, p)
+            before = [self._dump(sec, key) for sec, key in touched]
+            if method in crypto_state.METHODS:
+                # material goes to a 0600 file; the record keeps name and path
+                crypto_state.record(self._data, self.path, method, p)
             else:
-                before = self._part(method, p)     # only what the call can change
                 getattr(self, "_on_" + method)(p, result)
-                changed = self._part(method, p) != before
+            changed = [t for t, b in zip(touched, before, strict=True) if self._dump(*t) != b]
             if not changed:
                 return False
             if getattr(self._batch, "depth", 0):
-                self._batch.dirty = True       # written once, when the batch ends
+                self._batch.touched.update(dict.fromkeys(changed))  # written at its end
             else:
-                atomicfile.write_json(self.path, self._data, 0o600)
+                self._append([self._op(sec, key) for sec, key in changed])
             return True
 
-    def _part(self, method: str, p: dict[str, Any]) -> Any:
-        """A copy of the part of the record ``method`` may change (one
-        subsystem, key, QoS entry or transport), so a change costs no copy of
-        the whole record at 10,000 exports."""
+    def _touches(self, method: str, p: dict[str, Any]) -> list[tuple[str, Any]]:
+        """The entries (section, key) ``method`` may change: what a record
+        compares and journals, so a change costs no copy of the whole state."""
         if method == "nvmf_create_transport":
-            section, key = "transports", str(p.get("trtype", "TCP")).upper()
-        elif method.startswith("keyring_"):
-            section, key = "keys", p.get("name")
-        elif method in ("bdev_set_qos_limit", "bdev_lvol_delete"):
-            section, key = "qos", p.get("name")
-        else:
-            section, key = "subsystems", p.get("nqn")
-        return copy.deepcopy(self._data[section].get(key))
+            return [("transports", str(p.get("trtype", "TCP")).upper())]
+        if method.startswith("keyring_"):
+            return [("keys", p.get("name"))]
+        if method == "bdev_set_qos_limit":
+            return [("qos", p.get("name"))]
+        if method == "bdev_lvol_delete":
+            bdevs = section(self._data, "crypto.bdevs")
+            return [("qos", p.get("name"))] + [
+                ("crypto.bdevs", n) for n, b in bdevs.items()
+                if b.get("base_bdev_name") == p.get("name")]
+        if method in ("accel_crypto_key_create", "accel_crypto_key_destroy"):
+            return [("crypto.keys", p.get("name", p.get("key_name")))]
+        if method in ("bdev_crypto_create", "bdev_crypto_delete"):
+            return [("crypto.bdevs", p.get("name"))]
+        return [("subsystems", p.get("nqn"))]
+
+    def _dump(self, sec: str, key: Any) -> str:
+        entries = section(self._data, sec)
+        return json.dumps(entries[key], sort_keys=True) if key in entries else ""
+
+    def _op(self, sec: str, key: Any) -> Op:
+        entries = section(self._data, sec)
+        return ["set", sec, key, entries[key]] if key in entries else ["del", sec, key]
+
+    def _append(self, ops: list[Op]) -> None:
+        """One durable journal record (under the lock); compact when due.
+
+        A failed append (disk full, I/O error) raises, so the call is not
+        acknowledged; its ops stay pending and go first into the next record,
+        so the disk catches up with what SPDK applied."""
+        ops = self._pending + ops
+        try:
+            self.journal.append(ops)
+        except OSError:
+            self._pending = ops
+            raise
+        self._pending = []
+        if self.journal.wants_compaction():
+            try:
+                self.journal.compact(self._data)
+            except OSError as err:     # the journal still holds everything: try later
+                log.warning("desired state: compaction failed (%s); the journal keeps "
+                            "growing until it succeeds", err)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        """Record this thread's calls in memory and write the file once at the
-        end (one intent: one atomic write instead of one per SPDK call).
-        Other threads' records are written as usual (and with this one)."""
+        """Record this thread's calls in memory and append one journal record
+        at the end (one intent: one durable write instead of one per SPDK call).
+        Other threads' records are written as usual."""
         depth = getattr(self._batch, "depth", 0)
         self._batch.depth = depth + 1
         if not depth:
-            self._batch.dirty = False
+            self._batch.touched = {}
         try:
             yield
         finally:
             self._batch.depth = depth
-            if not depth and self._batch.dirty:
+            if not depth and self._batch.touched:
+                touched, self._batch.touched = self._batch.touched, {}
                 with self._lock:
-                    atomicfile.write_json(self.path, self._data, 0o600)
+                    self._append([self._op(sec, key) for sec, key in touched])
 
     # --- what an intent leaves, whichever of its calls it had to make -----------------
     def settle_export(self, spec: dict[str, Any]) -> None:

@@ -69,6 +69,7 @@ class StorageSide:
 
     def stop(self) -> None:
         self.supervisor.stop()
+        self.state.close()
 
     def record(self, method: str, params: dict[str, Any] | None, result: Any = None) -> None:
         self.state.record(method, params, result)

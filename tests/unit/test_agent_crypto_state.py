@@ -5,7 +5,6 @@ exports it back from replay, in that order."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -56,10 +55,11 @@ def test_crypto_record_holds_no_material_and_replay_restacks(short_tmp: Path) ->
             forward(api, state, "bdev_crypto_delete", {"name": gone})
             forward(api, state, "accel_crypto_key_destroy", {"key_name": gone_key})
             before = api.subsystem_get(nqn)["namespaces"]
-        text = state_path.read_text()
+        text = state_path.read_text() + state_path.with_suffix(".journal").read_text()
         for secret in (key.material, key.key, key.key2):
             assert secret not in text
-        record = json.loads(text)["crypto"]
+        state.close()                  # the agent stops; what it left is on disk
+        record = DesiredState(state_path, read_only=True).snapshot()["crypto"]
         assert set(record["keys"]) == {kname} and set(record["bdevs"]) == {name}
         key_file = Path(record["keys"][kname]["path"])
         assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
@@ -73,7 +73,8 @@ def test_crypto_record_holds_no_material_and_replay_restacks(short_tmp: Path) ->
             api.call("bdev_aio_create", {"name": "aio0", "filename": str(pool),
                                          "block_size": 512})
             assert api.bdev_get(lvol) is not None and api.bdev_get(name) is None
-            report = DesiredState(state_path).replay(api)
+            state = DesiredState(state_path)           # the agent started again
+            report = state.replay(api)
             assert report["failed"] == []
             assert report["created"]["crypto_keys"] == [kname]
             assert report["created"]["crypto_bdevs"] == [name]
@@ -86,7 +87,7 @@ def test_crypto_record_holds_no_material_and_replay_restacks(short_tmp: Path) ->
                              "key2": key.key2}]
             assert api.subsystem_get(nqn)["namespaces"] == before
             assert api.bdev_get(gone) is None
-            again = DesiredState(state_path).replay(api)
+            again = state.replay(api)
             assert again["failed"] == [] and "crypto_bdevs" not in again["created"]
     finally:
         sim.stop()

@@ -12,7 +12,7 @@ import pytest
 from agent_fixtures import RunningAgent, agent_args
 
 from csi_spdk import contract
-from csi_spdk.agent import state as state_mod
+from csi_spdk.agent import journal as journal_mod
 from csi_spdk.agent.state import DesiredState
 from csi_spdk.spdk.api import SpdkApi
 from csi_spdk.spdk.client import SpdkClient
@@ -61,13 +61,13 @@ def test_export_in_the_agent_writes_once_and_survives_a_lost_record(rig, monkeyp
     raw, lvs, agent = rig
     uuid = raw.lvol_create(lvs, contract.volume_lvol_name("v1"), 4 * MiB, True)
     writes: list[int] = []
-    real_write = state_mod.atomicfile.write_json
-    monkeypatch.setattr(state_mod.atomicfile, "write_json",
-                        lambda *a, **k: (writes.append(1), real_write(*a, **k))[1])
+    real_append = journal_mod.Journal.append
+    monkeypatch.setattr(journal_mod.Journal, "append",
+                        lambda *a, **k: (writes.append(1), real_append(*a, **k))[1])
     a, st = agent("a1")
     client = a.client()
     assert client.intent("export", _spec(uuid)) == {"created": True}
-    assert len(writes) == 1                           # 4 SPDK changes, one atomic write
+    assert len(writes) == 1                           # 4 SPDK changes, one journal record
     nqn = contract.subsystem_nqn(uuid)
     sub = raw.subsystem_get(nqn)
     assert [h["nqn"] for h in sub["hosts"]] == [HOST] and sub["allow_any_host"] is False
