@@ -109,10 +109,11 @@ class Journal:
     ``append`` and ``compact``, ``DesiredState`` under its lock)."""
 
     def __init__(self, path: str | os.PathLike[str],
-                 compact_min_bytes: int = COMPACT_MIN_BYTES) -> None:
+                 compact_min_bytes: int | None = None) -> None:
         self.path = Path(path)
         self.journal_path = self.path.with_suffix(".journal")
-        self.compact_min_bytes = compact_min_bytes
+        self.compact_min_bytes = COMPACT_MIN_BYTES if compact_min_bytes is None \
+            else compact_min_bytes
         self.seq = 0
         self._fd: int | None = None
         self._journal_bytes = 0

@@ -91,8 +91,7 @@ class DesiredState:
         self._batch = threading.local()
         self._pending: list[Op] = []          # ops of a failed append, retried first
         self._lock_fd: int | None = None
-        self.journal = Journal(self.path, **({} if compact_min_bytes is None else
-                                             {"compact_min_bytes": compact_min_bytes}))
+        self.journal = Journal(self.path, compact_min_bytes)
         if read_only:
             self._data: dict[str, Any] = self.journal.read(_empty())
             return

@@ -96,24 +96,31 @@ def spdk_view(api: SpdkApi) -> dict:
 class Agent:
     """``csi-spdk agent`` as a child process that supervises spdk_tgt."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, crashpoint: str = "") -> None:
+        """``crashpoint``: the agent SIGKILLs itself there (tests/unit/crashpoint.py).
+        A second Agent on the same ``tmp`` reuses its pool file and state dir."""
         self.tmp = tmp
         self.spdk_sock = str(tmp / "spdk.sock")
         self.address = f"unix://{tmp}/agent.sock"
         pool = tmp / "pool.img"
-        with open(pool, "wb") as f:
-            f.truncate(256 * MiB)
+        if not pool.exists():
+            with open(pool, "wb") as f:
+                f.truncate(256 * MiB)
         (tmp / "pools.yaml").write_text(
             f"pools:\n  - name: pool0\n    devices:\n      - path: {pool}\n"
             "    cluster_size: 1MiB\n    metadata_ratio: 100\n")
-        self.log = open(tmp / "agent.log", "w")   # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "csi_spdk", "agent", "--listen", self.address,
+        self.log = open(tmp / "agent.log", "a")   # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        launcher = [sys.executable, "-m"]
+        if crashpoint:
+            env["CSI_SPDK_CRASHPOINT"] = crashpoint
+            launcher = [sys.executable, str(ROOT / "tests" / "unit" / "crashpoint.py"), "-m"]
+        cmd = [*launcher, "csi_spdk", "agent", "--listen", self.address,
                "--spdk-rpc", f"unix://{self.spdk_sock}", "--state-dir", str(tmp / "state"),
                "--pools", str(tmp / "pools.yaml"), "--spdk-poll-interval", "0.1",
                "--no-hugepage-check", "--spdk-tgt-log", str(tmp / "tgt.log"),
                "--spdk-tgt-cmd", shlex.join(tgt_command(self.spdk_sock, str(tmp / "data")))]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_pool(self, raw: SpdkApi, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -319,3 +326,90 @@ def test_qos_changed_online_is_what_a_kill9_restores(short_tmp: Path) -> None:
         servicer.close()
         raw.client.close()
         agent.stop()
+
+
+def retry_unavailable(fn, timeout: float = 90.0):
+    """What the CSI sidecars do with an UNAVAILABLE answer: try again."""
+    import grpc
+    from controller_fixtures import RpcFailure
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except RpcFailure as err:
+            if err.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("point", ["append-torn", "compact-snapshot", "compact-journal"])
+def test_kill9_of_the_agent_mid_journal_write_loses_nothing_acknowledged(
+        short_tmp: Path, point: str) -> None:
+    """The agent itself is SIGKILLed while it writes the record of a publish:
+    half-way through the journal append (the record is torn), or during the
+    compaction that follows a durable append (after the new snapshot's temp
+    file, or after its rename). spdk_tgt is then killed too, so everything
+    must come back from the agent's disk: a new agent on the same state dir
+    starts spdk_tgt and replays. Every acknowledged export is there as SPDK
+    held it; the publish in flight is there exactly when its record was
+    durable (compaction) and absent when it was torn; the controller's retry
+    then converges."""
+    host3 = contract.host_nqn("node-3")
+    agent = Agent(short_tmp, crashpoint=f"{point}@{host3}")
+    raw = SpdkApi(SpdkClient(agent.spdk_sock, timeout=30))
+    cfg = cfgmod.parse({"targets": [{"name": "store-1", "agent": {"address": agent.address},
+                                     "nvmf": {"listenAddress": "127.0.0.1",
+                                              "port": free_port()},
+                                     "lvstores": ["pool0"]}],
+                        "auth": {"keyDir": str(short_tmp / "ckeys")}})
+    servicer = ControllerServicer(cfg, "csi-spdk.io", secret_store=MemorySecrets())
+    agents = [agent]
+    try:
+        agent.wait_pool(raw)
+        multi = block_cap(Mode.MULTI_NODE_MULTI_WRITER)
+        a = call(servicer, "CreateVolume", create_req("pvc-a", 16 * MiB, params=QOS)).volume
+        b = call(servicer, "CreateVolume", create_req("pvc-b", 8 * MiB, caps=[multi])).volume
+        call(servicer, "ControllerPublishVolume", publish_req(a.volume_id, "node-1"))
+        for node in ("node-1", "node-2"):
+            call(servicer, "ControllerPublishVolume", publish_req(b.volume_id, node, cap=multi))
+        acked = spdk_view(raw)
+        from controller_fixtures import RpcFailure
+        with pytest.raises(RpcFailure):             # the agent dies writing its record
+            call(servicer, "ControllerPublishVolume", publish_req(b.volume_id, "node-3",
+                                                                  cap=multi))
+        assert agent.proc.wait(30) == -signal.SIGKILL, agent.logs()
+        applied = spdk_view(raw)                    # what SPDK did before the kill
+        nqn_b = contract.subsystem_nqn(b.volume_id.split(":", 1)[1])
+        assert host3 in [h[0] for h in applied["subsystems"][nqn_b]["hosts"]]
+        tgt = peer_pid(f"unix://{agent.spdk_sock}")
+        assert tgt is not None
+        os.kill(tgt, signal.SIGKILL)                # and spdk_tgt with it: all from disk
+        agent.stop()
+
+        agent = Agent(short_tmp)
+        agents.append(agent)
+        agent.wait_pool(raw)
+        want = acked if point == "append-torn" else applied
+        if point == "append-torn":
+            # the key PutKey stored for node-3 was acknowledged: it is kept
+            want = {**acked, "keys": applied["keys"]}
+        after, took = wait_view(raw, want)
+        print(f"\nagent kill -9 at {point}, spdk_tgt kill -9, new agent -> {took:.3f}s")
+        assert after == want, (after, want, agent.logs())
+        assert "dropped a torn last journal record" in agent.logs() or point != "append-torn"
+
+        # the controller's retry converges; and it is recorded for the next restart
+        retry_unavailable(lambda: call(servicer, "ControllerPublishVolume", publish_req(
+            b.volume_id, "node-3", cap=multi)))
+        final = spdk_view(raw)
+        assert sorted(h[0] for h in final["subsystems"][nqn_b]["hosts"]) == sorted(
+            contract.host_nqn(n) for n in ("node-1", "node-2", "node-3"))
+        kill9_target(agent)
+        again, _ = wait_view(raw, final)
+        assert again == final, (again, final, agent.logs())
+    finally:
+        servicer.close()
+        raw.client.close()
+        for ag in agents:
+            ag.stop()
