@@ -1,6 +1,7 @@
 """Agent hop benchmark: what going through ``csi-spdk agent`` costs per SPDK call.
 
     python3 benchmarks/agent.py --calls 2000
+    python3 benchmarks/agent.py --calls 500 --recorded 10000
 
 The simulator (a ``csi-spdk sim`` subprocess, or the real spdk_tgt named by
 CSI_SPDK_TEST_RPC) is called three ways in the same run, interleaved call by
@@ -19,7 +20,15 @@ run over the direct socket, in the controller passing each SPDK call through
 the agent, and in the agent itself (one round trip). Reports p50/p99 per
 way, the p50 the agent adds over direct, and the gRPC floor: a no-op call
 (grpc.health.v1 Check) to the same agent process, so added ~= floor + the
-agent's own work (checks, JSON, metrics).
+agent's own work (checks, JSON, metrics, the desired-state write).
+
+``--recorded N`` starts both agents with N volumes already in their desired
+state (subsystem, namespace, listener, host with two DH-HMAC-CHAP key names,
+QoS: what a published volume leaves), written as the format-1 whole file an
+earlier agent kept (a current agent migrates it at start), so the cost of a
+recorded change at that size shows; the agents replay it onto the target at
+start (most objects fail: their lvols do not exist) and the benchmark waits
+for that. It prints the agents' resident memory (VmRSS) at the end.
 """
 
 from __future__ import annotations
@@ -75,6 +84,50 @@ def wait_ready(api: SpdkApi, proc: subprocess.Popen, what: str, timeout: float =
             time.sleep(0.05)
 
 
+def write_recorded(state_dir: Path, n: int) -> None:
+    """N published volumes' records, in the format-1 file (see the docstring)."""
+    import json
+    subs, keys, qos = {}, {}, {}
+    listen = {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "4420"}
+    for i in range(n):
+        uuid = str(uuidlib.UUID(int=i + 1))
+        nqn, host = contract.subsystem_nqn(uuid), contract.host_nqn(f"node-{i % 50}")
+        k1, k2 = f"dhchap-{uuid}-h", f"dhchap-{uuid}-c"
+        for k in (k1, k2):
+            keys[k] = {"name": k, "path": str(state_dir / "keys" / k)}
+        subs[nqn] = {"params": {"nqn": nqn, "serial_number": contract.serial_number(uuid),
+                                "model_number": contract.MODEL_NUMBER,
+                                "allow_any_host": False, "max_namespaces": 1},
+                     "allow_any_host": False,
+                     "namespaces": {"1": {"namespace": {"bdev_name": uuid, "uuid": uuid,
+                                                        "nsid": 1}}},
+                     "listeners": [{"listen_address": listen}],
+                     "hosts": {host: {"host": host, "dhchap_key": k1,
+                                      "dhchap_ctrlr_key": k2}}}
+        qos[uuid] = {"rw_ios_per_sec": 2000, "rw_mbytes_per_sec": 100}
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (state_dir / "desired.json").write_text(json.dumps(
+        {"format": 1, "transports": {"TCP": {"trtype": "TCP"}}, "keys": keys,
+         "subsystems": subs, "qos": qos, "crypto": {"keys": {}, "bdevs": {}}}))
+    os.chmod(state_dir / "desired.json", 0o600)
+
+
+def wait_replayed(log: Path, proc: subprocess.Popen, timeout: float = 1200) -> None:
+    """Until the agent logged its first recovery (the replay of its record)."""
+    end = time.monotonic() + timeout
+    while "objects fixed" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > end:
+            raise SystemExit(f"agent did not finish its first replay: {log}")
+        time.sleep(0.5)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -110,7 +163,7 @@ def csi_call_hop(ways: dict[str, SpdkApi], probe: str, calls: int) -> None:
                   f"{'' if way == 'direct' else f'{statistics.median(values) - base:9.3f}'}")
 
 
-def bench(calls: int, rpc: str, tmp: Path) -> int:
+def bench(calls: int, rpc: str, tmp: Path, recorded: int = 0) -> int:
     procs: list[subprocess.Popen] = []
     try:
         if not rpc:
@@ -120,10 +173,18 @@ def bench(calls: int, rpc: str, tmp: Path) -> int:
         direct = SpdkApi(SpdkClient(rpc, timeout=30))
         wait_ready(direct, procs[-1] if procs else subprocess.Popen(["true"]), "simulator")
         pki = Pki(tmp / "pki")
+        if recorded:
+            t0 = time.monotonic()
+            for st in ("st1", "st2"):
+                write_recorded(tmp / st, recorded)
+            print(f"{recorded} volumes recorded per agent "
+                  f"({(tmp / 'st1' / 'desired.json').stat().st_size / 1e6:.1f} MB format-1 "
+                  f"file, {time.monotonic() - t0:.1f}s)", flush=True)
         procs.append(child(["agent", "--listen", f"unix://{tmp}/agent.sock", "--spdk-rpc", rpc,
                             "--state-dir", str(tmp / "st1")], tmp / "agent-unix.log"))
         unix = SpdkApi(AgentClient(f"unix://{tmp}/agent.sock", timeout=30))
         wait_ready(unix, procs[-1], "agent (unix)")
+        unix_proc = procs[-1]
         port = 20000 + os.getpid() % 20000
         procs.append(child(["agent", "--listen", f"127.0.0.1:{port}", "--spdk-rpc", rpc,
                             "--state-dir", str(tmp / "st2"), "--tls-cert", str(pki.server.cert),
@@ -132,6 +193,13 @@ def bench(calls: int, rpc: str, tmp: Path) -> int:
         tls = SpdkApi(AgentClient(f"127.0.0.1:{port}", pki.client_tls(), SERVER_NAME,
                                   timeout=30))
         wait_ready(tls, procs[-1], "agent (mTLS)")
+        agent_procs = {"agent/unix": unix_proc, "agent/mTLS": procs[-1]}
+        if recorded:
+            t0 = time.monotonic()
+            wait_replayed(tmp / "agent-unix.log", unix_proc)
+            wait_replayed(tmp / "agent-tls.log", procs[-1])
+            print(f"both agents replayed their record at start: {time.monotonic() - t0:.1f}s",
+                  flush=True)
 
         suffix = uuidlib.uuid4().hex[:8]
         malloc, lvs = f"agentbench{suffix}", f"agentbench{suffix}"
@@ -176,6 +244,9 @@ def bench(calls: int, rpc: str, tmp: Path) -> int:
               f"{pct(floor, 0.99):9.3f}{statistics.fmean(floor):9.3f}")
         print(f"worst p50 added per SPDK call: {worst:.3f} ms (target < {TARGET_ADDED_P50_MS}); "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print("agent resident memory (VmRSS), MiB: " + ", ".join(
+            f"{way} {rss_mib(p.pid):.1f}" for way, p in agent_procs.items())
+            + f" ({recorded} volumes recorded)")
         direct.lvol_delete(probe)
         with contextlib.suppress(Exception):
             direct.call("bdev_lvol_delete_lvstore", {"lvs_name": lvs})
@@ -193,11 +264,13 @@ def bench(calls: int, rpc: str, tmp: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--recorded", type=int, default=0,
+                    help="volumes already in each agent's desired state at start")
     ap.add_argument("--rpc", default=os.environ.get("CSI_SPDK_TEST_RPC", ""),
                     help="a real spdk_tgt RPC socket (default: simulator)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="csi-bench-", dir="/tmp") as tmp:
-        return bench(args.calls, args.rpc, Path(tmp))
+        return bench(args.calls, args.rpc, Path(tmp), args.recorded)
 
 
 if __name__ == "__main__":

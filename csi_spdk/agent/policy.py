@@ -37,6 +37,10 @@ READS = frozenset({
     "nvmf_get_subsystems", "keyring_get_keys", "framework_get_config",
 })
 
+# Read-only calls the agent answers itself (never forwarded to spdk_tgt): its
+# own view, which spdk_tgt cannot give (a pool it refused never reached SPDK).
+AGENT_READS = frozenset({"csi_spdk_get_pools"})
+
 
 class Refused(PermissionDenied):
     """A call the agent does not forward; ``reason`` is a bounded metric label."""
@@ -223,7 +227,7 @@ _OWN = ("bdev_lvol_create", "bdev_lvol_delete", "bdev_lvol_resize", "bdev_lvol_i
         "accel_crypto_key_create", "accel_crypto_key_destroy", "bdev_crypto_create",
         "bdev_crypto_delete")
 CHECKED = frozenset(_OWN + _NQN_ONLY)
-ALLOWED = READS | CHECKED
+ALLOWED = READS | AGENT_READS | CHECKED
 # What changes spdk_tgt's state: the calls the desired-state store hears about.
 MUTATING = CHECKED - {"nvmf_subsystem_get_controllers"}
 
@@ -233,7 +237,7 @@ def check(method: str, params: Any, lookup: Lookup) -> None:
     if method not in ALLOWED:
         raise Refused(method, "not_allowed", "not one of the SPDK methods csi-spdk uses "
                       "(the allow list: csi_spdk/agent/policy.py)")
-    if method in READS:
+    if method in READS or method in AGENT_READS:
         if params is not None and not isinstance(params, dict):
             raise InvalidArgument(f"{method}: params must be an object")
         if method == "framework_get_config" and (params or {}).get("name") != "nvmf":

@@ -182,6 +182,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 params) if isinstance(params, dict) else "<not an object>"}})
         timeout = request.timeout if 0 < request.timeout <= MAX_TIMEOUT \
             else self.default_timeout
+        if method in policy.AGENT_READS:
+            policy.check(method, params, self.api.bdev_get)
+            return agent_pb2.CallReply(result_json=json.dumps(self._agent_read(method))), "ok"
         try:
             policy.check(method, params, self.api.bdev_get)
             result = self.api.call(method, params, timeout=timeout)
@@ -191,6 +194,14 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         if method in policy.MUTATING:
             self._record(method, params, result)
         return agent_pb2.CallReply(result_json=json.dumps(result)), "ok"
+
+    def _agent_read(self, method: str) -> Any:
+        """``csi_spdk_get_pools``: the pools of the agent's pool file with their
+        state (loaded, created, refused, error) and the reason, capacity and
+        devices (``Pools.report``); ``configured`` false without a pool file."""
+        report = getattr(self.state, "pool_report", None)
+        pools = report() if report is not None else None
+        return {"configured": pools is not None, "pools": pools or []}
 
     # --- intents (spdk/intents.py) -------------------------------------------------
     def _intent(self, name: str, request, context):

@@ -5,7 +5,7 @@
     side = storage.StorageSide.from_args(args).start()
     ...
     side.record(method, params, result)      # after each successful forwarded call
-    side.pools.report()                      # pools and SSDs, for the API
+    side.pool_report()                       # pools and SSDs (csi_spdk_get_pools)
     side.stop()
 
 Its flags (``--pools``, ``--spdk-tgt-cmd``, ``--spdk-tgt-log``,
@@ -73,6 +73,11 @@ class StorageSide:
 
     def record(self, method: str, params: dict[str, Any] | None, result: Any = None) -> None:
         self.state.record(method, params, result)
+
+    def pool_report(self) -> list[dict[str, Any]] | None:
+        """The pools with their state and reason (None without a pool file); a
+        refused pool is reported from the agent's own record: SPDK never saw it."""
+        return self.pools.report() if self.pools is not None else None
 
     def wait_ready(self, timeout: float = 120.0) -> bool:
         """True once spdk_tgt answered and the first recovery ran."""

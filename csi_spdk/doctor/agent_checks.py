@@ -14,7 +14,10 @@ repeat it):
   server name the controller checks, and is not expiring;
 - the agent service answers (gRPC health), and accepts our certificate;
 - spdk_tgt behind it answers (``spdk_get_version`` through the agent);
-- the pools: every lvstore the target is configured with is loaded.
+- the pools: every lvstore the target is configured with is loaded;
+- the pool status the agent reports (``csi_spdk_get_pools``, answered by the
+  agent itself): a pool it refused (a device with a filesystem, an lvstore of
+  another name) never reached spdk_tgt, so only the agent can say why.
 
 X.509 parsing uses ``cryptography`` (the library Python's TLS tooling uses);
 the handshake is the standard ``ssl`` module's, with gRPC's ALPN.
@@ -266,6 +269,35 @@ def service_checks(t: AgentTarget, timeout: float) -> Iterator[Check]:
             return
         yield ok(title, version)
         yield pools_check(t, stores)
+        yield pool_status_check(t, client)
+
+
+POOL_FIX = ("fix what the message names in the agent's pool file (--pools; chart: "
+            "agent.pools or agent.nodePools for that node) or on the device: the agent never "
+            "reformats, so wipe a device yourself (wipefs -a) only if its data is not "
+            "needed, and name a pool after the lvstore its device already holds; then "
+            "restart the agent (pools are attached when it or spdk_tgt starts)")
+
+
+def pool_status_check(t: AgentTarget, client: Any) -> Check:
+    """The agent's own account of its pools (refused ones included)."""
+    title = f"agent {t.name}: pool status"
+    try:
+        reply = client.call("csi_spdk_get_pools")
+    except CsiError as err:
+        return warn(title, f"the agent does not report its pools ({err.message})",
+                    "upgrade the agent (csi_spdk_get_pools is answered by agents of this "
+                    "version); meanwhile its log says why a pool was refused")
+    if not reply.get("configured"):
+        return ok(title, "the agent has no pool file (its lvstores come from elsewhere)")
+    pools = reply.get("pools") or []
+    bad = [p for p in pools if not p.get("ready")]
+    if bad:
+        return fail(title, "; ".join(f"pool {p.get('name')} {p.get('state')}: "
+                                     f"{p.get('message') or 'no reason given'}" for p in bad),
+                    POOL_FIX)
+    return ok(title, ", ".join(f"{p.get('name')} {p.get('state')}" for p in pools)
+              or "the pool file lists no pools")
 
 
 def pools_check(t: AgentTarget, stores: dict[str, dict]) -> Check:

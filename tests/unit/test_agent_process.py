@@ -4,7 +4,6 @@ removed), and refuses plaintext TCP at start-up."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from csi_spdk import contract
+from csi_spdk.agent.state import DesiredState
 from csi_spdk.spdk.agent_client import AgentClient
 from csi_spdk.spdk.api import SpdkApi
 from csi_spdk.spdk.errors import SpdkTransportError
@@ -53,11 +53,12 @@ def test_agent_process_serves_and_stops_cleanly(spdk_rpc, short_tmp):
             api = SpdkApi(client)
             api.subsystem_create(nqn, "SN-agent-process", contract.MODEL_NUMBER)
             try:
-                desired = json.loads((short_tmp / "state" / "desired.json").read_text())
+                desired = DesiredState(short_tmp / "state" / "desired.json",
+                                       read_only=True).snapshot()   # the live journal
                 assert nqn in desired["subsystems"]
             finally:
                 api.subsystem_delete(nqn)
-        desired = json.loads((short_tmp / "state" / "desired.json").read_text())
+        desired = DesiredState(short_tmp / "state" / "desired.json", read_only=True).snapshot()
         assert nqn not in desired["subsystems"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0

@@ -3,7 +3,7 @@ simulator or CSI_SPDK_TEST_RPC) passes every check; each thing that goes
 wrong between the controller and an agent fails the check that names it,
 with a fix: an expired or soon-expiring client certificate, a wrong CA, a
 server certificate for another name, an agent that is down, spdk_tgt down
-behind a running agent, a pool that is not loaded."""
+behind a running agent, a pool that is not loaded, a pool the agent refused."""
 
 from __future__ import annotations
 
@@ -64,7 +64,9 @@ def test_a_healthy_agent_passes_every_check(stack):
     assert {n: c.status for n, c in checks.items()} == {
         "client certificate": "pass", f"reachable at {agent.address}": "pass",
         f"TLS handshake as {SERVER_NAME}": "pass", "service": "pass", "spdk_tgt": "pass",
-        "pools": "pass"}
+        "pools": "pass", "pool status": "pass"}
+    assert checks["pool status"].detail == ("the agent has no pool file (its lvstores come "
+                                            "from elsewhere)")
     assert checks["spdk_tgt"].detail.startswith("SPDK v")
     with SpdkClient(agent.args.spdk_rpc) as c:
         [store] = [s for s in SpdkApi(c).lvstores() if s["name"] == lvs]
@@ -188,12 +190,12 @@ def test_the_command_with_the_controllers_config(stack, short_tmp):
     write([lvs])
     code, report = doctor()
     assert code == 0 and report["ok"] is True, report
-    assert len(report["checks"]) == 6
+    assert len(report["checks"]) == 7
     assert all(c["name"].startswith("agent store-1: ") for c in report["checks"])
     write([lvs, "pool9"])
     code, report = doctor()
     assert code == 1 and report["ok"] is False
-    assert [c["status"] for c in report["checks"]][-1] == "fail"
+    assert {c["name"]: c["status"] for c in report["checks"]}["agent store-1: pools"] == "fail"
 
 
 def test_the_command_needs_a_config_or_an_address():
@@ -202,3 +204,98 @@ def test_the_command_needs_a_config_or_an_address():
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 1
     assert "give either --config" in out.stdout
+
+
+def _agent_with_pools(spdk_rpc: str, tmp: Path, pools: list[tuple[str, Path]]):
+    """``csi-spdk agent`` as deployed (a process, attached to spdk_tgt) with a
+    pool file; returns the process and its Unix address once it attached them."""
+    import time
+
+    import yaml
+    (tmp / "pools.yaml").write_text(yaml.safe_dump({"pools": [
+        {"name": n, "devices": [{"path": str(p)}], "cluster_size": "1MiB"}
+        for n, p in pools]}))
+    sock = tmp / "agent.sock"
+    log = open(tmp / "agent.log", "w")       # noqa: SIM115 - closed by the caller's kill
+    proc = subprocess.Popen([sys.executable, "-m", "csi_spdk", "agent", "--listen",
+                             f"unix://{sock}", "--spdk-rpc", spdk_rpc, "--state-dir",
+                             str(tmp / "state"), "--pools", str(tmp / "pools.yaml")],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while "objects fixed" not in (tmp / "agent.log").read_text():   # first recovery done
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            (tmp / "agent.log").read_text()
+        time.sleep(0.1)
+    return proc, f"unix://{sock}"
+
+
+def _blank(path: Path, size: int = 32 * MiB) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+@pytest.fixture
+def pool_rig(spdk_rpc, short_tmp):
+    import uuid
+    raw = SpdkApi(SpdkClient(spdk_rpc, timeout=30))
+    procs: list[subprocess.Popen] = []
+    yield raw, uuid.uuid4().hex[:6], procs
+    for p in procs:
+        p.terminate()
+        p.wait(20)
+    for lvs in raw.lvstores():
+        if lvs["base_bdev"].startswith("dr") and lvs["base_bdev"].endswith("-dev"):
+            raw.call("bdev_lvol_delete_lvstore", {"lvs_name": lvs["name"]})
+    for b in raw.call("bdev_get_bdevs"):
+        if b["name"].startswith("dr") and b["name"].endswith("-dev"):
+            raw.call("bdev_aio_delete", {"name": b["name"]})
+    raw.client.close()
+
+
+def test_pool_status_of_an_agent_whose_pools_are_ready(pool_rig, short_tmp):
+    raw, tag, procs = pool_rig
+    good = f"drgood{tag}"
+    proc, address = _agent_with_pools(raw.client.address, short_tmp,
+                                      [(good, _blank(short_tmp / "good.img"))])
+    procs.append(proc)
+    checks = by_name(agent_checks(AgentTarget("store-1", address, lvstores=[good])))
+    assert checks["pool status"].status == "pass"
+    assert checks["pool status"].detail == f"{good} created"
+    assert checks["pools"].status == "pass"
+    assert good in {s["name"] for s in raw.lvstores()}          # really there, in SPDK
+
+
+def test_pool_status_names_the_pools_the_agent_refused(pool_rig, short_tmp):
+    """A device with a filesystem and one holding another lvstore never become
+    lvstores; SPDK knows nothing of why, the agent's report does, and the
+    doctor line says what to do. The devices are left as they were."""
+    import hashlib
+    raw, tag, procs = pool_rig
+    good, fs, other = f"drgood{tag}", f"drfs{tag}", f"drother{tag}"
+    fs_img = _blank(short_tmp / "fs.img")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "precious", str(fs_img)], check=True)
+    other_img = _blank(short_tmp / "other.img")
+    raw.call("bdev_aio_create", {"name": f"{other}-dev", "filename": str(other_img),
+                                 "block_size": 4096})
+    raw.lvstore_create(f"{other}-dev", f"dr{tag}first", cluster_sz=MiB)
+    raw.call("bdev_aio_delete", {"name": f"{other}-dev"})        # an lvstore named otherwise
+    sums = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (fs_img, other_img)}
+    proc, address = _agent_with_pools(raw.client.address, short_tmp, [
+        (good, _blank(short_tmp / "good.img")), (fs, fs_img), (other, other_img)])
+    procs.append(proc)
+    checks = by_name(agent_checks(AgentTarget("store-1", address,
+                                              lvstores=[good, fs, other])))
+    status = checks["pool status"]
+    assert status.status == "fail"
+    assert f"pool {fs} refused: pool {fs}: {fs_img} is not empty (" in status.detail
+    assert "TYPE=ext4" in status.detail
+    assert f"pool {other} error: pool {other}: {other_img} holds lvstore 'dr{tag}first'" \
+        in status.detail
+    assert good not in status.detail                              # the ready one is fine
+    assert "wipefs -a" in status.fix and "agent.nodePools" in status.fix
+    assert checks["pools"].status == "fail"                       # SPDK's side of it
+    lvstores = {s["name"] for s in raw.lvstores()}
+    assert good in lvstores and fs not in lvstores and other not in lvstores
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sums} == sums
