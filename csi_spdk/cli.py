@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("storage (pools, spdk_tgt supervision, export recovery)")
     g.add_argument("--pools", default="",
                    help="pool file (YAML): devices to attach and lvstores to load or create")
+    g.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""),
+                   help="this storage host's name: a pool file's nodes.<name> list replaces "
+                        "its pools list here (default: $NODE_NAME)")
     g.add_argument("--spdk-tgt-cmd", default="",
                    help="start and supervise spdk_tgt with this command line; empty: attach "
                         "to one something else runs on --spdk-rpc")

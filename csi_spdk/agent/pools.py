@@ -26,6 +26,18 @@ from the host, so it gets an lvstore only when its entry says
 
 One device per pool: an lvstore lives on one bdev (several SSDs would need a
 RAID bdev under it, not supported yet).
+
+Storage hosts with different devices share one file (the chart's ConfigMap)
+through ``nodes``: the list under the host's name (``--node-name``, the
+Kubernetes node) replaces ``pools`` on that host; hosts not listed use
+``pools``. Every list is validated on every host, so a mistake in one node's
+entry is reported everywhere::
+
+    pools: [...]                   # every other storage host
+    nodes:
+      storage-3:                   # this host's own devices
+        - name: pool0
+          devices: [{path: /dev/nvme2n1}]
 """
 
 from __future__ import annotations
@@ -92,15 +104,33 @@ class PoolSpec:
         return f"{self.name}-nvmen1" if self.device.kind == "nvme" else f"{self.name}-dev"
 
 
-def parse_spec(doc: Any, source: str = "pool file") -> list[PoolSpec]:
-    """Validate a pool document (already loaded YAML) into PoolSpecs."""
+def parse_spec(doc: Any, source: str = "pool file", node: str = "") -> list[PoolSpec]:
+    """Validate a pool document (already loaded YAML) into the PoolSpecs of
+    ``node``: its ``nodes`` entry when it has one, else ``pools``."""
     if doc is None:
         return []
     if not isinstance(doc, dict) or not isinstance(doc.get("pools", []), list):
         raise PoolConfigError(f"{source}: expected a mapping with a 'pools' list")
+    unknown = set(doc) - {"pools", "nodes"}
+    if unknown:
+        raise PoolConfigError(f"{source}: unknown field(s) {sorted(unknown)} (pools, nodes)")
+    nodes = doc.get("nodes") or {}
+    if not isinstance(nodes, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) for k, v in nodes.items()):
+        raise PoolConfigError(f"{source}: nodes must map node names to pool lists")
+    default = _pool_list(doc.get("pools") or [], source, "pools")
+    chosen = default
+    for name, pools in sorted(nodes.items()):
+        specs = _pool_list(pools, source, f"nodes.{name}")
+        if name == node:
+            chosen = specs
+    return chosen
+
+
+def _pool_list(pools: list[Any], source: str, key: str) -> list[PoolSpec]:
     out: list[PoolSpec] = []
-    for i, p in enumerate(doc.get("pools") or []):
-        where = f"{source}: pools[{i}]"
+    for i, p in enumerate(pools):
+        where = f"{source}: {key}[{i}]"
         if not isinstance(p, dict):
             raise PoolConfigError(f"{where}: expected a mapping")
         unknown = set(p) - {"name", "devices", "cluster_size", "metadata_ratio"}
@@ -110,7 +140,7 @@ def parse_spec(doc: Any, source: str = "pool file") -> list[PoolSpec]:
         if not isinstance(name, str) or not _NAME.match(name):
             raise PoolConfigError(f"{where}: name must be 1-63 of [A-Za-z0-9_.-] "
                                   "(it is the lvstore's name)")
-        where = f"{source}: pool {name}"
+        where = f"{source}: {'' if key == 'pools' else key + ': '}pool {name}"
         if any(x.name == name for x in out):
             raise PoolConfigError(f"{where}: defined twice")
         devices = p.get("devices")
@@ -150,11 +180,12 @@ def _device(d: Any, where: str) -> Device:
     return Device("aio" if io == "aio" else "uring", path)
 
 
-def load_spec(path_or_spec: str | os.PathLike[str] | dict | list[PoolSpec]) -> list[PoolSpec]:
+def load_spec(path_or_spec: str | os.PathLike[str] | dict | list[PoolSpec],
+              node: str = "") -> list[PoolSpec]:
     if isinstance(path_or_spec, list):
         return list(path_or_spec)
     if isinstance(path_or_spec, dict):
-        return parse_spec(path_or_spec, "pool spec")
+        return parse_spec(path_or_spec, "pool spec", node)
     path = Path(path_or_spec)
     try:
         doc = yaml.safe_load(path.read_text())
@@ -162,7 +193,7 @@ def load_spec(path_or_spec: str | os.PathLike[str] | dict | list[PoolSpec]) -> l
         raise PoolConfigError(f"pool file {path}: {err.strerror}") from err
     except yaml.YAMLError as err:
         raise PoolConfigError(f"pool file {path}: not YAML ({err})") from err
-    return parse_spec(doc, f"pool file {path}")
+    return parse_spec(doc, f"pool file {path}", node)
 
 
 def probe_signatures(path: str) -> dict[str, str]:
@@ -214,8 +245,8 @@ class Pools:
     """
 
     def __init__(self, path_or_spec: str | os.PathLike[str] | dict | list[PoolSpec],
-                 api: SpdkApi) -> None:
-        self.specs = load_spec(path_or_spec)
+                 api: SpdkApi, node: str = "") -> None:
+        self.specs = load_spec(path_or_spec, node)
         self.api = api
         self._lock = threading.Lock()
         self.status: dict[str, PoolStatus] = {s.name: PoolStatus(s) for s in self.specs}

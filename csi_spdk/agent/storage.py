@@ -53,7 +53,8 @@ class StorageSide:
         rpc = rpc_socket or arg("spdk_rpc", "unix:///var/tmp/spdk.sock")
         state = DesiredState(Path(arg("state_dir", "/var/lib/csi-spdk-agent")) / "desired.json")
         api = SpdkApi(SpdkClient(rpc, timeout=60))
-        pools = Pools(arg("pools", ""), api) if arg("pools", "") else None
+        pools = Pools(arg("pools", ""), api, node=arg("node_name", "")) \
+            if arg("pools", "") else None
         cmd_line = arg("spdk_tgt_cmd", "")
         cfg = SupervisorConfig(rpc, command=SupervisorConfig.parse_command(cmd_line)
                                if cmd_line else None,

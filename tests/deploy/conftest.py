@@ -45,6 +45,7 @@ VALUE_SETS = {
     "no-huge": VALUES_DIR / "no-huge.yaml",
     "monitoring": VALUES_DIR / "monitoring.yaml",
     "agent-pools": VALUES_DIR / "agent-pools.yaml",
+    "agent-node-pools": VALUES_DIR / "agent-node-pools.yaml",
 }
 
 

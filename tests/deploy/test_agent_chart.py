@@ -269,10 +269,82 @@ def test_schema_rejects_wrong_pools(values, error, tmp_path):
     assert "schema" in out.stderr and error in out.stderr, out.stderr
 
 
+def _node_pools(nodes) -> dict:
+    return {"spdkTgt": {"enabled": True, "image": {"repository": "r", "tag": "t"}},
+            "agent": {"nodePools": nodes}}
+
+
+@pytest.mark.parametrize("values,error", [
+    (_node_pools({"Storage_2": [{"name": "p", "devices": [NVME]}]}), "Storage_2"),
+    (_node_pools({"storage-2": [{"name": "p"}]}), "devices"),
+    (_node_pools({"storage-2": [{"name": "p", "devices": [{"pci": "1:0.0"}]}]}), "pci"),
+    (_node_pools([{"name": "p", "devices": [NVME]}]), "nodePools"),
+])
+def test_schema_rejects_wrong_node_pools(values, error, tmp_path):
+    test_schema_rejects_wrong_pools(values, error, tmp_path)
+
+
+def test_node_pools_give_each_node_its_own_pool_file_entry(tmp_path):
+    """agent.nodePools: one pool file for the DaemonSet, parsed here by the
+    agent's own parser as each node's agent reads it (--node-name from the
+    Pod's spec.nodeName): a named node gets its list, any other node gets
+    agent.pools. The one Pod spec mounts what any node needs."""
+    from csi_spdk.agent.pools import Device, PoolSpec, load_spec
+
+    objs = render_docs("agent-node-pools")
+    ds = one(objs, "DaemonSet", "-spdk-tgt")
+    cs = containers(ds)
+    agent, tgt = cs["agent"], cs["spdk-tgt"]
+    assert f"--pools={POOL_FILE}" in agent["args"]
+    assert "--node-name=$(NODE_NAME)" in agent["args"]
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} \
+        in agent["env"]
+    path = _pool_file(objs, tmp_path)
+    assert load_spec(path, node="storage-2") == [
+        PoolSpec("pool0", Device("aio", "/var/lib/spdk-pools/pool0.img")),
+        PoolSpec("pool1", Device("uring", "/var/lib/spdk-pools/pool1.img"), metadata_ratio=50),
+    ]
+    assert load_spec(path, node="storage-3.example.com") == [
+        PoolSpec("pool0", Device("aio", "/dev/disk/by-id/nvme-Other_SSD_5678"))]
+    for other in ("storage-1", ""):
+        assert load_spec(path, node=other) == [
+            PoolSpec("pool0", Device("nvme", "0000:01:00.0"), cluster_size=4 << 20)]
+    # a directory one node's pools need: in every Pod, created where missing
+    assert _mounts(tgt)["pool-dir-0"] == _mounts(agent)["pool-dir-0"] == "/var/lib/spdk-pools"
+    assert _volumes(ds)["pool-dir-0"]["hostPath"] == {"path": "/var/lib/spdk-pools",
+                                                      "type": "DirectoryOrCreate"}
+    # storage-3 probes a block device: the agent container is privileged
+    assert agent["securityContext"]["privileged"] is True
+    assert _mounts(agent)["dev"] == "/dev"
+
+
+def test_node_pools_alone_are_enough_for_a_pool_file(tmp_path):
+    from csi_spdk.agent.pools import load_spec
+
+    from .conftest import CHART, RENDER_KUBE_VERSION, docs, tool
+    f = tmp_path / "v.yaml"
+    f.write_text(yaml.safe_dump(_node_pools({"storage-2": [
+        {"name": "p", "devices": [{"path": "/srv/p.img"}]}]})))
+    out = run([tool("helm"), "template", "csi-spdk", str(CHART), "--namespace", "csi-spdk",
+               "--kube-version", RENDER_KUBE_VERSION, "-f", str(f)])
+    assert out.returncode == 0, out.stderr
+    objs = docs(out.stdout)
+    agent = containers(one(objs, "DaemonSet", "-spdk-tgt"))["agent"]
+    assert f"--pools={POOL_FILE}" in agent["args"]
+    assert agent["securityContext"].get("privileged") is not True     # a file only
+    path = _pool_file(objs, tmp_path)
+    assert [s.name for s in load_spec(path, node="storage-2")] == ["p"]
+    assert load_spec(path, node="storage-1") == []                  # no pools elsewhere
+
+
 @pytest.mark.parametrize("values,error", [
     (_pools({"name": "p", "devices": [NVME]}, {"name": "p", "devices": [{"path": "/a.img"}]}),
-     'pool "p" is defined twice'),
+     'agent.pools: pool "p" is defined twice'),
+    (_node_pools({"storage-2": [{"name": "p", "devices": [NVME]},
+                                {"name": "p", "devices": [{"path": "/a.img"}]}]}),
+     'agent.nodePools.storage-2: pool "p" is defined twice'),
     ({"agent": {"pools": [{"name": "p", "devices": [NVME]}]}}, "spdkTgt.enabled"),
+    ({"agent": {"nodePools": {"n": [{"name": "p", "devices": [NVME]}]}}}, "spdkTgt.enabled"),
 ])
 def test_chart_refuses_pools_the_agent_would_refuse(values, error, tmp_path):
     from .conftest import CHART, RENDER_KUBE_VERSION, tool

@@ -199,6 +199,29 @@ def test_bad_pool_files_are_refused_with_the_field_named(doc: dict, msg: str) ->
         parse_spec(doc)
 
 
+def test_a_node_of_the_nodes_map_gets_its_own_list() -> None:
+    """``nodes``: the node named gets its list instead of ``pools`` (not merged);
+    any other node gets ``pools``; a mistake in any node's list is refused on
+    every node, naming where it is."""
+    doc = {"pools": [{"name": "a", "devices": [{"pci": "0000:01:00.0"}]}],
+           "nodes": {"s2": [{"name": "b", "devices": [{"path": "/b.img"}]},
+                            {"name": "c", "devices": [{"path": "/c.img", "io": "io_uring"}]}],
+                     "s3": []}}
+    assert [(p.name, p.device.kind) for p in parse_spec(doc, node="s2")] == [
+        ("b", "aio"), ("c", "uring")]
+    assert parse_spec(doc, node="s3") == []
+    assert [p.name for p in parse_spec(doc, node="s1")] == ["a"]
+    assert [p.name for p in parse_spec(doc)] == ["a"]
+    doc["nodes"]["s3"] = [{"name": "d", "devices": [{"path": "relative"}]}]
+    with pytest.raises(PoolConfigError, match=r"nodes\.s3: pool d: path must be absolute"):
+        parse_spec(doc, node="s1")
+    for bad in ({"pools": [], "nodes": [{"name": "a"}]}, {"pools": [], "nodes": {"s": {}}}):
+        with pytest.raises(PoolConfigError, match="nodes must map node names to pool lists"):
+            parse_spec(bad)
+    with pytest.raises(PoolConfigError, match=r"unknown field\(s\) \['node'\]"):
+        parse_spec({"pools": [], "node": {}})
+
+
 def test_pool_file_yaml(short_tmp: Path) -> None:
     f = short_tmp / "pools.yaml"
     f.write_text("pools:\n  - name: p\n    devices:\n      - path: /dev/nvme0n1\n"

@@ -113,16 +113,33 @@ controller then mounts the client certificate). */}}
 {{- toYaml $cfg -}}
 {{- end -}}
 
-{{/* The agent's pool file (agent/pools.py) from agent.pools: camelCase values,
-snake_case file, as JSON (a YAML subset the agent reads) so that a PCI address
-such as 0000:01:00.0 stays a string (YAML 1.1 reads it as a base-60 number). Fails on a pool name given twice, and on pools without the
-spdkTgt DaemonSet (the chart runs no agent then: give the file to yours). */}}
+{{/* The agent's pool file (agent/pools.py) from agent.pools and
+agent.nodePools: camelCase values, snake_case file, as JSON (a YAML subset the
+agent reads) so that a PCI address such as 0000:01:00.0 stays a string (YAML
+1.1 reads it as a base-60 number). agent.nodePools becomes the file's
+`nodes`: the agent of the node of that name (--node-name, the Pod's
+spec.nodeName) uses that list instead of `pools`. Fails on a pool name given
+twice in one list. */}}
 {{- define "csi-spdk.agentPoolFile" -}}
+{{- $file := dict "pools" (include "csi-spdk.agentPoolList" (dict "pools" .Values.agent.pools "where" "agent.pools") | fromJsonArray) }}
+{{- if .Values.agent.nodePools }}
+{{- $nodes := dict }}
+{{- range $node, $pools := .Values.agent.nodePools }}
+{{- $_ := set $nodes $node (include "csi-spdk.agentPoolList" (dict "pools" $pools "where" (printf "agent.nodePools.%s" $node)) | fromJsonArray) }}
+{{- end }}
+{{- $_ := set $file "nodes" $nodes }}
+{{- end }}
+{{- toPrettyJson $file }}
+{{- end -}}
+
+{{/* One pool list (dict "pools" list "where" "agent.pools") as a JSON array. */}}
+{{- define "csi-spdk.agentPoolList" -}}
 {{- $pools := list }}
 {{- $seen := dict }}
-{{- range $p := .Values.agent.pools }}
+{{- $where := .where }}
+{{- range $p := .pools }}
 {{- if hasKey $seen $p.name }}
-{{- fail (printf "agent.pools: pool %q is defined twice (a pool is one lvstore)" $p.name) }}
+{{- fail (printf "%s: pool %q is defined twice (a pool is one lvstore)" $where $p.name) }}
 {{- end }}
 {{- $_ := set $seen $p.name true }}
 {{- $devs := list }}
@@ -142,14 +159,25 @@ spdkTgt DaemonSet (the chart runs no agent then: give the file to yours). */}}
 {{- with $p.metadataRatio }}{{ $_ := set $pool "metadata_ratio" (int .) }}{{ end }}
 {{- $pools = append $pools $pool }}
 {{- end }}
-{{- toPrettyJson (dict "pools" $pools) }}
+{{- toJson $pools }}
+{{- end -}}
+
+{{/* Every pool of agent.pools and of each agent.nodePools list, as a JSON
+array (what the DaemonSet's mounts and privileges must cover: one Pod spec
+for every storage node). */}}
+{{- define "csi-spdk.agentAllPools" -}}
+{{- $all := concat (.Values.agent.pools | default list) }}
+{{- range $_, $pools := .Values.agent.nodePools }}
+{{- $all = concat $all $pools }}
+{{- end }}
+{{- toJson $all }}
 {{- end -}}
 
 {{/* Host directories of the pools' file devices outside /dev (each mounted
 into spdk_tgt and the agent at the same path), one per line. */}}
 {{- define "csi-spdk.agentPoolDirs" -}}
 {{- $dirs := dict }}
-{{- range $p := .Values.agent.pools }}
+{{- range $p := include "csi-spdk.agentAllPools" . | fromJsonArray }}
 {{- range $d := $p.devices }}
 {{- if and (hasKey $d "path") (not (hasPrefix "/dev/" $d.path)) }}
 {{- $_ := set $dirs (dir $d.path) true }}
@@ -165,7 +193,7 @@ into spdk_tgt and the agent at the same path), one per line. */}}
 for signatures (never reformat), which the device cgroup allows only a
 privileged container. */}}
 {{- define "csi-spdk.agentProbesDevices" -}}
-{{- range $p := .Values.agent.pools }}
+{{- range $p := include "csi-spdk.agentAllPools" . | fromJsonArray }}
 {{- range $d := $p.devices }}
 {{- if and (hasKey $d "path") (hasPrefix "/dev/" $d.path) }}true{{ end }}
 {{- end }}
