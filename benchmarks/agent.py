@@ -165,6 +165,7 @@ def csi_call_hop(ways: dict[str, SpdkApi], probe: str, calls: int) -> None:
 
 def bench(calls: int, rpc: str, tmp: Path, recorded: int = 0) -> int:
     procs: list[subprocess.Popen] = []
+    target = rpc or "simulator"
     try:
         if not rpc:
             rpc = str(tmp / "spdk.sock")
@@ -232,7 +233,7 @@ def bench(calls: int, rpc: str, tmp: Path, recorded: int = 0) -> int:
                     a.lvol_delete(a.lvol_create(lvs, n, MiB, True))
                 pair[way].append(timed(create_delete))
 
-        print(f"agent hop, {calls} calls per way ({'simulator' if procs else rpc}), ms:")
+        print(f"agent hop, {calls} calls per way ({target}), ms:")
         print(f"{'':22}{'p50':>9}{'p99':>9}{'mean':>9}{'+p50':>9}")
         worst = 0.0
         for op, table, per in (("bdev_get_bdevs", read, 1), ("create+delete pair", pair, 2)):
