@@ -117,6 +117,33 @@ def _doctor(sub) -> None:
     p.set_defaults(impl="csi_spdk.doctor:main")
 
 
+def _kubelet_plugin(sub) -> None:
+    """``registrar`` and ``livenessprobe`` (csi_spdk/kubelet_plugin.py), with
+    the flag names of node-driver-registrar and livenessprobe. Declared here,
+    not there: building the parser must not load gRPC for every subcommand."""
+    p = sub.add_parser("registrar", help="register the node plugin with kubelet "
+                                         "(node-driver-registrar's flags)")
+    p.add_argument("--csi-address", required=True,
+                   help="the driver's CSI socket (in this container)")
+    p.add_argument("--kubelet-registration-path", required=True,
+                   help="the same socket as kubelet sees it on the host")
+    p.add_argument("--plugin-registration-path", default="/registration",
+                   help="kubelet's plugins_registry directory (in this container)")
+    p.add_argument("--http-endpoint", default="", help="serve /healthz on HOST:PORT")
+    p.add_argument("--timeout", type=_seconds, default=1.0, help="CSI call timeout")
+    p.add_argument("--v", default="2", help="log verbosity (klog style; >= 4 is debug)")
+    p.set_defaults(impl="csi_spdk.kubelet_plugin:main", role="registrar")
+
+    p = sub.add_parser("livenessprobe", help="serve /healthz from the driver's Probe "
+                                             "(livenessprobe's flags)")
+    p.add_argument("--csi-address", required=True, help="the driver's CSI socket")
+    p.add_argument("--http-endpoint", default="", help="serve /healthz on HOST:PORT")
+    p.add_argument("--health-port", type=int, default=9808, help="port when no --http-endpoint")
+    p.add_argument("--probe-timeout", type=_seconds, default=1.0, help="Probe timeout")
+    p.add_argument("--v", default="2", help="log verbosity (klog style; >= 4 is debug)")
+    p.set_defaults(impl="csi_spdk.kubelet_plugin:main", role="livenessprobe")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csi-spdk", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"csi-spdk {__version__}")
@@ -234,8 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _inspection(sub)
     _doctor(sub)
-    from .kubelet_plugin import add_parsers as kubelet_plugin_parsers
-    kubelet_plugin_parsers(sub)
+    _kubelet_plugin(sub)
 
     p = sub.add_parser("rotate-keys", help="new DH-HMAC-CHAP keys for volumes, keeping their "
                        "connections (resumable: run it again after a failure)")

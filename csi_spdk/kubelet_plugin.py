@@ -171,39 +171,6 @@ def run_livenessprobe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _duration(text: str) -> float:
-    """Go-style durations the upstream flags take: 1s, 500ms, 2m, or seconds."""
-    for suffix, scale in (("ms", 0.001), ("s", 1), ("m", 60)):
-        if text.endswith(suffix) and text[:-len(suffix)].replace(".", "", 1).isdigit():
-            return float(text[:-len(suffix)]) * scale
-    return float(text)
-
-
-def add_parsers(sub) -> None:
-    """``registrar`` and ``livenessprobe`` subcommands (upstream flag names)."""
-    p = sub.add_parser("registrar", help="register the node plugin with kubelet "
-                                         "(node-driver-registrar's flags)")
-    p.add_argument("--csi-address", required=True,
-                   help="the driver's CSI socket (in this container)")
-    p.add_argument("--kubelet-registration-path", required=True,
-                   help="the same socket as kubelet sees it on the host")
-    p.add_argument("--plugin-registration-path", default="/registration",
-                   help="kubelet's plugins_registry directory (in this container)")
-    p.add_argument("--http-endpoint", default="", help="serve /healthz on HOST:PORT")
-    p.add_argument("--timeout", type=_duration, default=1.0, help="CSI call timeout")
-    p.add_argument("--v", default="2", help="log verbosity (klog style; >= 4 is debug)")
-    p.set_defaults(impl="csi_spdk.kubelet_plugin:main", role="registrar")
-
-    p = sub.add_parser("livenessprobe", help="serve /healthz from the driver's Probe "
-                                             "(livenessprobe's flags)")
-    p.add_argument("--csi-address", required=True, help="the driver's CSI socket")
-    p.add_argument("--http-endpoint", default="", help="serve /healthz on HOST:PORT")
-    p.add_argument("--health-port", type=int, default=9808, help="port when no --http-endpoint")
-    p.add_argument("--probe-timeout", type=_duration, default=1.0, help="Probe timeout")
-    p.add_argument("--v", default="2", help="log verbosity (klog style; >= 4 is debug)")
-    p.set_defaults(impl="csi_spdk.kubelet_plugin:main", role="livenessprobe")
-
-
 def main(args: argparse.Namespace) -> int:
     level = logging.DEBUG if str(args.v).isdigit() and int(args.v) >= 4 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

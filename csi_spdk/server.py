@@ -14,7 +14,6 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from .errors import InvalidArgument
 
@@ -108,6 +107,8 @@ def start_metrics(address: str | None) -> None:
     """Serve Prometheus metrics on HOST:PORT (``None`` or "" disables it)."""
     if not address:
         return
+    from prometheus_client import start_http_server  # here: the kubelet helpers never serve it
+
     host, port = parse_host_port(address)
     start_http_server(port, addr=host)
     log.info("metrics", extra={"f": {"address": f"{host}:{port}"}})

@@ -7,6 +7,12 @@
 #      plus python3; the wheels installed offline into a venv at /opt/csi-spdk;
 #      docs, man pages, locales, apt lists and nvme-cli's random
 #      /etc/nvme/host{nqn,id} removed; every mtime set to the commit's time;
+#      every module (the standard library's and the venv's) byte-compiled
+#      with unchecked-hash pycs: the containers run with a read-only root, so
+#      a missing or mtime-stale .pyc would be compiled again at every start
+#      (the stdlib's own top-level pycs were missing: a TCG node spent tens of
+#      seconds of CPU per Python start); unchecked-hash pycs do not depend on
+#      mtimes and are never re-validated, which suits an immutable image;
 #   3. packed as one layer with umoci into an OCI image layout.
 # Reproducible: the same commit (and the same Debian mirror state) gives the
 # same manifest digest (SOURCE_DATE_EPOCH = the commit time; the package is
@@ -85,10 +91,11 @@ mmdebstrap --mode=root --variant=minbase --quiet \
   --customize-hook='chroot "$1" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin python3 -m venv /opt/csi-spdk' \
   --customize-hook="chroot \"\$1\" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin /opt/csi-spdk/bin/pip install -q --disable-pip-version-check --no-index --no-compile --find-links /tmp/wheels csi-spdk==$version" \
   --customize-hook='chroot "$1" env -i /opt/csi-spdk/bin/pip uninstall -q -y pip setuptools' \
-  --customize-hook='chroot "$1" env -i /opt/csi-spdk/bin/python -m compileall -q --invalidation-mode unchecked-hash /opt/csi-spdk/lib' \
+  --customize-hook='chroot "$1" env -i /opt/csi-spdk/bin/python -m compileall -q -f --invalidation-mode unchecked-hash /opt/csi-spdk/lib' \
   --customize-hook='ln -s /opt/csi-spdk/bin/csi-spdk "$1/usr/local/bin/csi-spdk"' \
   --customize-hook='echo "csi:x:65532:65532:csi-spdk controller:/nonexistent:/usr/sbin/nologin" >> "$1/etc/passwd"; echo "csi:x:65532:" >> "$1/etc/group"' \
-  --customize-hook='rm -rf "$1"/tmp/wheels "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/* "$1"/etc/nvme/hostnqn "$1"/etc/nvme/hostid "$1"/var/cache/ldconfig/aux-cache "$1"/var/lib/dpkg/*-old "$1"/usr/lib/python3*/__pycache__ "$1"/etc/machine-id; : > "$1/etc/machine-id"' \
+  --customize-hook='rm -rf "$1"/tmp/wheels "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/* "$1"/etc/nvme/hostnqn "$1"/etc/nvme/hostid "$1"/var/cache/ldconfig/aux-cache "$1"/var/lib/dpkg/*-old "$1"/etc/machine-id; : > "$1/etc/machine-id"' \
+  --customize-hook="chroot \"\$1\" env -i /usr/bin/python3 -m compileall -q -f --invalidation-mode unchecked-hash /usr/lib/python$IMAGE_PY >/dev/null" \
   "$SUITE" "$rootfs" "$MIRROR"
 # Only what the commit says may differ: every mtime is the commit's.
 find "$rootfs" -exec touch --no-dereference --date="@$SOURCE_DATE_EPOCH" {} +

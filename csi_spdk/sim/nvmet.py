@@ -52,6 +52,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -60,6 +61,7 @@ from . import kernel_keyring, nvmet_leftovers
 from .dataplane import DataPlane, DataPlaneLimit, HostAuth, ListenerInfo, NamespaceInfo
 from .nvmet_crypt import CryptError, CryptMappings
 
+SYS_MODULE = Path("/sys/module")   # loaded kernel modules
 log = logging.getLogger(__name__)
 
 CONFIGFS = Path("/sys/kernel/config")
@@ -177,8 +179,7 @@ class NvmetDataPlane(DataPlane):
     # --- lifecycle -----------------------------------------------------------
     def start(self) -> None:
         if self.load_modules:
-            for mod in ("nvmet", "nvmet-tcp"):
-                subprocess.run(["modprobe", mod], check=False, capture_output=True)
+            self._load_modules()
         if (not self.root.is_dir() and self.root == CONFIGFS / "nvmet"
                 and not os.path.ismount(CONFIGFS)):
             subprocess.run(["mount", "-t", "configfs", "none", str(CONFIGFS)],
@@ -189,6 +190,21 @@ class NvmetDataPlane(DataPlane):
         log.info("nvmet data plane on %s (kernel ports listen on %s)", self.root,
                  self.traddr or "SPDK's listener address")
         nvmet_leftovers.clear(self.root, self.owned_file)
+
+    def _load_modules(self) -> None:
+        """modprobe nvmet and nvmet-tcp unless the kernel has them already
+        (/sys/module/<name>): a container image (the driver's has no kmod)
+        or a node that loaded them at boot needs no modprobe; without one,
+        a missing module is reported by start() as a missing configfs root."""
+        modprobe = shutil.which("modprobe")
+        for mod in ("nvmet", "nvmet-tcp"):
+            if (SYS_MODULE / mod.replace("-", "_")).is_dir():
+                continue
+            if modprobe is None:
+                log.warning("kernel module %s is not loaded and there is no modprobe "
+                            "to load it", mod)
+                continue
+            subprocess.run([modprobe, mod], check=False, capture_output=True)
 
     def _save_owned(self) -> None:
         """Record the configfs objects this process owns (see nvmet_leftovers)."""

@@ -67,8 +67,8 @@ def cluster():
     except BaseException as err:
         logs = c.logs(40)
         c.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-        pytest.fail(f"the cluster did not start: {err}\n{logs}", pytrace=False)
+        kept = _cleanup(workdir)
+        pytest.fail(f"the cluster did not start: {err}\n{logs}{kept}", pytrace=False)
     c.timings["start"] = round(time.monotonic() - t0, 1)
     _TIMINGS.append(c.timings)
     _CLUSTER.append(c)
@@ -77,10 +77,16 @@ def cluster():
     finally:
         _CLUSTER.remove(c)
         c.stop()
-        if os.environ.get("CSI_SPDK_CLUSTER_KEEP"):
-            print(f"\ncluster work dir kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        print(_cleanup(workdir))
+
+
+def _cleanup(workdir) -> str:
+    """Remove the work dir, or keep it (CSI_SPDK_CLUSTER_KEEP=1, also when the
+    start failed: that is when its logs matter most); what happened, as text."""
+    if os.environ.get("CSI_SPDK_CLUSTER_KEEP", "") not in ("", "0"):
+        return f"\ncluster work dir kept: {workdir}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    return ""
 
 
 @pytest.fixture

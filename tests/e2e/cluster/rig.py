@@ -40,7 +40,8 @@ except ImportError:   # imported as tests.e2e.cluster
     from ..k8s import cluster as k8s
 
 STORAGE_NODE = "node-a"
-ZONE_KEY = "topology.kubernetes.io/zone"
+# the segment key the node plugin reports (csi_spdk/contract.py TOPOLOGY_NODE_KEY)
+TOPOLOGY_KEY = "topology.csi-spdk.io/node"
 TARGET = "storage-a"
 POOL = "pool0"
 POOL_SIZE = 3 << 30
@@ -97,13 +98,21 @@ def storage_pod(image: str, nvme_port: int) -> dict:
     }
 
 
+# A TCG node is 20-50x slower than the host and the probes are answered by
+# Python processes starting next to each other: a first start may take
+# minutes (startup: up to 30 min), and a probe answer many seconds.
+RIG_PROBES = {"startup": {"periodSeconds": 10, "timeoutSeconds": 30, "failureThreshold": 180},
+              "liveness": {"periodSeconds": 30, "timeoutSeconds": 30, "failureThreshold": 10}}
+
+
 def chart_values(imgs: images_mod.Images, agent_port: int, nvme_port: int) -> dict:
     base = {"reclaimPolicy": "Delete", "allowVolumeExpansion": True}
     return {
         "images": imgs.values,
-        "controller": {"replicas": 1,
+        "controller": {"replicas": 1, "probes": RIG_PROBES,
                        "nodeSelector": {"kubernetes.io/hostname": STORAGE_NODE,
                                         CONTROLLER_LABEL: "true"}},
+        "node": {"probes": RIG_PROBES},
         "capacityTracking": {"enabled": True, "pollInterval": "10s"},
         "config": {"targets": [{
             "name": TARGET,
@@ -117,10 +126,12 @@ def chart_values(imgs: images_mod.Images, agent_port: int, nvme_port: int) -> di
              "parameters": {"fsType": "ext4"}},
             {**base, "name": SC_BLOCK, "volumeBindingMode": "Immediate",
              "parameters": {"thinProvision": "true"}},
-            # only zone a's nodes may use it: the scheduler must pick one of them
+            # only the storage node may use it, by the topology key the node
+            # plugin reports (kubelet labels the Node with it): the scheduler
+            # must pick that node
             {**base, "name": SC_WFFC, "volumeBindingMode": "WaitForFirstConsumer",
              "allowedTopologies": [{"matchLabelExpressions": [
-                 {"key": ZONE_KEY, "values": ["a"]}]}],
+                 {"key": TOPOLOGY_KEY, "values": [STORAGE_NODE]}]}],
              "parameters": {"fsType": "ext4", "thinProvision": "true"}},
         ],
         "volumeSnapshotClasses": [{"name": SNAPSHOT_CLASS, "deletionPolicy": "Delete"}],
@@ -169,8 +180,7 @@ class Cluster:
         pools = {"pools": [{"name": POOL, "devices": [
             {"path": f"/var/lib/csi-spdk-sim/{POOL}.img", "io": "aio"}]}]}
         for i, name in enumerate(self.node_names):
-            spec = NodeSpec(name, i + 1, memory_mib=2048 if name == STORAGE_NODE else 1280,
-                            labels={ZONE_KEY: "a" if name == STORAGE_NODE else "b"})
+            spec = NodeSpec(name, i + 1, memory_mib=2048 if name == STORAGE_NODE else 1280)
             if name == STORAGE_NODE:
                 spec.manifests["storage"] = storage_pod(imgs.refs["driver"], self.nvme_port)
                 spec.files.update({"agent/tls.crt": srv_crt.read_bytes(),

@@ -75,9 +75,11 @@ def test_raw_block_pvc(cluster, wl):
 
 def test_wait_for_first_consumer_follows_topology(cluster, wl):
     """A WaitForFirstConsumer PVC stays Pending until a Pod uses it; its
-    class allows zone a only, so the scheduler puts the Pod (which names no
-    node) on a zone-a node (with two nodes, node-b is zone b), and that node
-    is where the provisioner was told to provision (selected-node)."""
+    class allows only topology.csi-spdk.io/node=node-a (the segment the node
+    plugin reports, which kubelet put on the Node as a label), so the
+    scheduler puts the Pod (which names no node) on node-a (with two nodes,
+    node-b reports node-b), and that node is where the provisioner was told
+    to provision (selected-node)."""
     wl.pvc("wffc", "32Mi", rig.SC_WFFC)
     wl.until("the PVC's WaitForFirstConsumer event",
              lambda: any("first consumer" in e.lower()
@@ -88,7 +90,12 @@ def test_wait_for_first_consumer_follows_topology(cluster, wl):
     pvc = wl.bound("wffc")
     node = pod["spec"]["nodeName"]
     assert pvc["metadata"]["annotations"].get("volume.kubernetes.io/selected-node") == node
-    assert cluster.kubectl.get("node", node)["metadata"]["labels"][rig.ZONE_KEY] == "a"
+    assert node == NODE
+    assert cluster.kubectl.get("node", node)["metadata"]["labels"][rig.TOPOLOGY_KEY] == NODE
+    csinode = cluster.kubectl.get("csinode", node)
+    keys = [d.get("topologyKeys") or [] for d in csinode["spec"]["drivers"]
+            if d["name"] == "csi-spdk.io"]
+    assert len(keys) == 1 and rig.TOPOLOGY_KEY in keys[0], csinode["spec"]
     assert wl.sh("wffc-pod", "echo ok > /data/x && cat /data/x") == "ok\n"
     wl.delete_pod("wffc-pod")
     wl.wait_detached(pvc["spec"]["volumeName"])

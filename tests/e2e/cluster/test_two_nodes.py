@@ -1,5 +1,5 @@
 """Scenarios with two nodes: node-a (the storage node, also the
-controller's) and node-b (zone b), which the scenarios move volumes to,
+controller's) and node-b, which the scenarios move volumes to,
 kill and restart. Run with CSI_SPDK_CLUSTER_NODES=2 (skipped otherwise).
 
 One DH-HMAC-CHAP volume per node at a time (the simulator's nvmet keeps one

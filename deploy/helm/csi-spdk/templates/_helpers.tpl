@@ -199,3 +199,17 @@ privileged container. */}}
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/*
+startupProbe + livenessProbe of one container: (dict "handler" <probe action
+YAML> "probes" <.Values.x.probes>). The liveness probe starts only once the
+startup probe succeeded, so it needs no initial delay.
+*/}}
+{{- define "csi-spdk.probes" -}}
+startupProbe:
+  {{- .handler | nindent 2 }}
+  {{- toYaml .probes.startup | nindent 2 }}
+livenessProbe:
+  {{- .handler | nindent 2 }}
+  {{- toYaml .probes.liveness | nindent 2 }}
+{{- end }}
