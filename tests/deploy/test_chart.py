@@ -116,6 +116,11 @@ def test_kubeconform_catches_a_bad_snapshot_class(kubeconform_schemas):
     ({"controller": {"timeout": "soon"}}, "timeout"),
     ({"images": {"driver": {"repository": "x", "tag": "", "pullPolicy": "Always"}}}, "tag"),
     ({"unknownTopLevel": 1}, "unknownTopLevel"),
+    ({"node": {"probes": {"startup": {"periodSeconds": 0, "timeoutSeconds": 5,
+                                      "failureThreshold": 3},
+                          "liveness": {"periodSeconds": 10, "timeoutSeconds": 5,
+                                       "failureThreshold": 3}}}}, "periodSeconds"),
+    ({"controller": {"probes": {"startup": {"initialDelay": 10}}}}, "initialDelay"),
 ])
 def test_schema_rejects_wrong_values(values, error, tmp_path):
     f = tmp_path / "bad.yaml"
@@ -575,3 +580,39 @@ def test_encrypted_storageclass_without_auth_still_names_the_volume_secret(tmp_p
         assert enc[f"csi.storage.k8s.io/{kind}-secret-name"] == "csi-spdk-auth-${pv.name}"
         assert enc[f"csi.storage.k8s.io/{kind}-secret-namespace"] == NAMESPACE
     assert not [k for k in plain if k.endswith("-secret-name")], plain
+
+
+def test_probes_come_from_values(tmp_path):
+    """A slow first start is not a hang: the node driver, its registrar and
+    the controller driver get a startupProbe before their livenessProbe, both
+    from values (a small or loaded cluster sets generous ones)."""
+    defaults = render_docs("defaults")
+    ds, dep = one(defaults, "DaemonSet", "-node"), one(defaults, "Deployment", "-controller")
+    for c in (containers(ds)["csi-spdk"], containers(ds)["node-driver-registrar"],
+              containers(dep)["csi-spdk"]):
+        assert c["startupProbe"]["httpGet"] == c["livenessProbe"]["httpGet"]
+        assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] \
+            == 300, c["name"]
+        assert "initialDelaySeconds" not in c["livenessProbe"]
+    assert containers(ds)["node-driver-registrar"]["startupProbe"]["httpGet"]["port"] \
+        == "registrar"
+    assert containers(ds)["csi-spdk"]["startupProbe"]["httpGet"]["port"] == "healthz"
+
+    slow = {"startup": {"periodSeconds": 7, "timeoutSeconds": 31, "failureThreshold": 99},
+            "liveness": {"periodSeconds": 33, "timeoutSeconds": 29, "failureThreshold": 11}}
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"node": {"probes": slow},
+                                      "controller": {"replicas": 1, "probes": slow}}))
+    out = run([tool("helm"), "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+               "--kube-version", RENDER_KUBE_VERSION, "-f", str(values)])
+    assert out.returncode == 0, out.stderr
+    objs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    ds, dep = one(objs, "DaemonSet", "-node"), one(objs, "Deployment", "-controller")
+    for c in (containers(ds)["csi-spdk"], containers(ds)["node-driver-registrar"],
+              containers(dep)["csi-spdk"]):
+        for kind in ("startup", "liveness"):
+            probe = c[f"{kind}Probe"]
+            assert {k: probe[k] for k in slow[kind]} == slow[kind], (c["name"], kind)
+    # one replica: the controller is probed through livenessprobe's /healthz
+    assert containers(dep)["csi-spdk"]["startupProbe"]["httpGet"] == {
+        "path": "/healthz", "port": "healthz"}

@@ -117,6 +117,45 @@ def test_image_metadata(image, rootfs):
     assert not (rootfs / "usr/share/man").exists() or not any((rootfs / "usr/share/man").iterdir())
 
 
+def _pyc_state(py: Path) -> str:
+    """How the interpreter would treat ``py`` on a read-only root:
+    "unchecked" (an unchecked-hash pyc: loaded as is), "checked" (a hash pyc:
+    the source is read and hashed at every import), "stale"/"timestamp" (an
+    mtime pyc that does / does not match), or "missing" (compiled in memory
+    at every start)."""
+    import importlib.util
+    import struct
+    pyc = Path(importlib.util.cache_from_source(str(py)).replace(
+        f"cpython-{sys.version_info.major}{sys.version_info.minor}", "cpython-313"))
+    if not pyc.exists():
+        return "missing"
+    flags = struct.unpack("<I", pyc.read_bytes()[4:8])[0]
+    if flags & 1:
+        return "checked" if flags & 2 else "unchecked"
+    mtime, size = struct.unpack("<II", pyc.read_bytes()[8:16])
+    st = py.stat()
+    return "timestamp" if (int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF) == (
+        mtime, size) else "stale"
+
+
+def test_every_module_is_byte_compiled(rootfs):
+    """The containers run with a read-only root file system: a module without
+    a valid .pyc is compiled again at every start (the standard library's
+    top-level modules once were, and a TCG node spent tens of CPU seconds on
+    each Python start). build-image.sh compiles the standard library and the
+    venv with unchecked-hash pycs (independent of the mtimes it resets)."""
+    roots = [rootfs / "usr/lib/python3.13", rootfs / "opt/csi-spdk/lib"]
+    assert all(r.is_dir() for r in roots), roots
+    states: dict[str, list[str]] = {}
+    for root in roots:
+        for py in root.rglob("*.py"):
+            if "__pycache__" not in py.parts:
+                states.setdefault(_pyc_state(py), []).append(str(py.relative_to(rootfs)))
+    assert len(states.get("unchecked", [])) > 3000, {k: len(v) for k, v in states.items()}
+    bad = {k: v[:10] for k, v in states.items() if k != "unchecked"}
+    assert not bad, bad
+
+
 def test_the_dockerfiles_packages_at_its_versions(rootfs):
     res = in_image(rootfs, "dpkg-query", "-W", "-f", "${Package}=${Version}\\n")
     assert res.returncode == 0, res.stderr

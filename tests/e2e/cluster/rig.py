@@ -192,9 +192,11 @@ class Cluster:
             self.nodes[name] = NodeGuest(spec, media, disk, self.cp, self.dir)
         for n in self.nodes.values():
             n.boot()
+        # 16-60 s on a quiet machine; over 5 min measured with the host's load
+        # at 20-75 (other QEMU guests and benchmarks on 2 cores)
         for n in self.nodes.values():
-            n.wait_kubelet(300)
-            n.adopt(300)
+            n.wait_kubelet(900)
+            n.adopt(900)
         self._mark("nodes-ready", t0)
         self._install_chart(cli_crt, cli_key)
         self._mark("chart-ready", t0)
@@ -231,7 +233,7 @@ class Cluster:
         self._mark("node-plugin-ready", self._t0)
         # kubelet registered the node plugin (node-driver-registrar -> CSINode)
         for name in self.nodes:
-            self.wait_csinode(name, 600)
+            self.wait_csinode(name, 1200)
         self._mark("csinode-registered", self._t0)
         k.run("label", "node", STORAGE_NODE, f"{CONTROLLER_LABEL}=true", "--overwrite")
         self.wait_pods(ns, "app.kubernetes.io/component=controller",
