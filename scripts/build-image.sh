@@ -103,6 +103,8 @@ du_root="$(du -sm "$rootfs" | cut -f1)"
 
 echo "build-image: OCI layout (umoci)"
 tag="csi-spdk:$version"
+# The name the chart's image.repository defaults to.
+IMAGE_NAME="${CSI_SPDK_IMAGE_NAME:-ghcr.io/csi-spdk/csi-spdk}"
 rm -rf "$out/oci"
 mkdir -p "$out"
 umoci init --layout "$out/oci"
@@ -126,6 +128,17 @@ umoci config --image "$out/oci:$version" --no-history --created "$created" \
   --config.label org.opencontainers.image.licenses=Apache-2.0 \
   --config.label org.opencontainers.image.base.name="debian:$SUITE (mmdebstrap)"
 umoci gc --layout "$out/oci"
+# Name the manifest as the chart's values do (io.containerd.image.name): the
+# archive then imports under that name with `ctr -n k8s.io images import`,
+# `kind load image-archive` or `podman load`, no registry involved.
+"$PY" - "$out/oci/index.json" "$IMAGE_NAME:$version" <<'PYEOF'
+import json, sys
+path, name = sys.argv[1], sys.argv[2]
+index = json.load(open(path))
+for m in index["manifests"]:
+    m.setdefault("annotations", {})["io.containerd.image.name"] = name
+json.dump(index, open(path, "w"), separators=(",", ":"))
+PYEOF
 tar --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner \
   -cf "$out/csi-spdk-$version.oci.tar" -C "$out/oci" .
 

@@ -117,6 +117,25 @@ def test_image_metadata(image, rootfs):
     assert not (rootfs / "usr/share/man").exists() or not any((rootfs / "usr/share/man").iterdir())
 
 
+def test_archive_names_the_image_as_the_chart_does(image):
+    """`ctr images import`, `kind load image-archive` and `podman load` name an
+    OCI archive's image from io.containerd.image.name: without it the image
+    imports unnamed and Pods cannot find it (no registry here, nor in kind)."""
+    import tarfile
+
+    import yaml
+    values = yaml.safe_load((REPO / "deploy/helm/csi-spdk/values.yaml").read_text())
+    want = f"{values['images']['driver']['repository']}:{values['images']['driver']['tag']}"
+    assert values["images"]["driver"]["tag"] == _version()
+    archive = image / f"csi-spdk-{_version()}.oci.tar"
+    with tarfile.open(archive) as tar:
+        index = json.load(tar.extractfile("./index.json"))
+    names = [m.get("annotations", {}).get("io.containerd.image.name")
+             for m in index["manifests"]]
+    assert names == [want]
+    assert index["manifests"][0]["digest"] == (image / "digest").read_text().strip()
+
+
 def _pyc_state(py: Path) -> str:
     """How the interpreter would treat ``py`` on a read-only root:
     "unchecked" (an unchecked-hash pyc: loaded as is), "checked" (a hash pyc:

@@ -11,6 +11,9 @@ Docker, so it skips there. Environment:
                                      every configured target, reachable from
                                      where pytest runs (for the SPDK assertions)
   CSI_SPDK_KIND_NAMESPACE            the chart's namespace (default csi-spdk)
+  CSI_SPDK_KIND_IMAGE_DIR            scripts/build-image.sh's output loaded with
+                                     `kind load image-archive`: the chart's
+                                     driver containers must run that build
   CSI_SPDK_KIND_NODE_TARGETS         node=target[,...] targets hosted by nodes
                                      (config `node:`); two enable the
                                      WaitForFirstConsumer placement scenario
@@ -18,6 +21,7 @@ Docker, so it skips there. Environment:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -73,6 +77,26 @@ def kind_env():
     yield env
     k.run("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false")
     spdk.close()
+
+
+def test_driver_pods_run_the_built_image(kind_env):
+    """The chart's driver containers run the image scripts/build-image.sh made
+    (the one CI builds and runs), not some other build under the same tag."""
+    given = os.environ.get("CSI_SPDK_KIND_IMAGE_DIR")
+    if not given:
+        pytest.skip("CSI_SPDK_KIND_IMAGE_DIR not set (image built with docker build)")
+    digest = (Path(given) / "digest").read_text().strip()
+    algo, _, hexd = digest.partition(":")
+    manifest = json.loads((Path(given) / "oci" / "blobs" / algo / hexd).read_text())
+    # containerd reports the repo digest (name@<manifest>) when the import
+    # recorded one, else the image id (<config digest>): either names this build
+    builds = (digest, manifest["config"]["digest"])
+    pods = kind_env.kubectl.get("pods", namespace=kind_env.driver_namespace)
+    ids = {c["name"] + "@" + p["metadata"]["name"]: c.get("imageID", "")
+           for p in pods for c in p.get("status", {}).get("containerStatuses") or []
+           if "csi-spdk/csi-spdk" in c.get("image", "")}
+    assert ids, "no container of the chart runs the csi-spdk image"
+    assert all(i.endswith(builds) for i in ids.values()), (builds, ids)
 
 
 @pytest.mark.parametrize("block", [False, True], ids=["filesystem", "block"])
