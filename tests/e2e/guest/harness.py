@@ -498,6 +498,10 @@ class GuestOptions:
     # "unix:///path", "/path" or "127.0.0.1:port". Forwarded into the guest as
     # 10.0.2.100:5260 (guestfwd + socat); the guest sees it as $GUEST_SPDK_RPC.
     host_rpc: str | None = None
+    # A csi-spdk agent on the host beside that target (its Unix socket path):
+    # forwarded as 10.0.2.100:5261, $GUEST_AGENT; csi_stack_start then uses it
+    # (key files land on the target's host, so auth works on a real target).
+    host_agent: str | None = None
     extra_dists: tuple[str, ...] = ()   # more Python distributions for the guest
     boot_margin: float = 60.0           # host-side timeout = timeout + this
     # QEMU user-net port forwards (host 127.0.0.1:HOST -> guest :GUEST), e.g.
@@ -511,6 +515,13 @@ class GuestOptions:
 
 
 GUEST_RPC_ADDR = ("10.0.2.100", 5260)
+GUEST_AGENT_ADDR = ("10.0.2.100", 5261)
+
+
+def _socat_target(addr: str) -> str:
+    if addr.startswith("unix:"):
+        addr = "/" + addr.split(":", 1)[1].lstrip("/")
+    return f"UNIX-CONNECT:{addr}" if addr.startswith("/") else f"TCP:{addr}"
 
 
 def _qemu_net_args(opts: GuestOptions) -> list[str]:
@@ -519,14 +530,10 @@ def _qemu_net_args(opts: GuestOptions) -> list[str]:
     nic = "user,model=virtio-net-pci"
     for host_port, guest_port in opts.hostfwd:
         nic += f",hostfwd=tcp:127.0.0.1:{int(host_port)}-:{int(guest_port)}"
-    if opts.host_rpc:
-        addr = opts.host_rpc
-        if addr.startswith("unix:"):
-            addr = addr.split(":", 1)[1].lstrip("/")
-            addr = "/" + addr
-        target = f"UNIX-CONNECT:{addr}" if addr.startswith("/") else f"TCP:{addr}"
-        ip, port = GUEST_RPC_ADDR
-        nic += f",guestfwd=tcp:{ip}:{port}-cmd:socat - {target}"
+    for addr, (ip, port) in ((opts.host_rpc, GUEST_RPC_ADDR),
+                             (opts.host_agent, GUEST_AGENT_ADDR)):
+        if addr:
+            nic += f",guestfwd=tcp:{ip}:{port}-cmd:socat - {_socat_target(addr)}"
     return ["-nic", nic]
 
 
@@ -569,6 +576,8 @@ def _write_initrd(work: Path, base: Path, script: str, timeout: int,
         }
         if opts.host_rpc:
             genv["GUEST_SPDK_RPC"] = "{}:{}".format(*GUEST_RPC_ADDR)
+        if opts.host_agent:
+            genv["GUEST_AGENT"] = "{}:{}".format(*GUEST_AGENT_ADDR)
         genv.update(env or {})
         c.data("etc/guest/env", "".join(f"export {k}={shlex.quote(v)}\n"
                                         for k, v in genv.items()).encode())
