@@ -27,7 +27,7 @@ from guest.target_host import TargetRun, free_port, host_agent
 
 from csi_spdk import nvme_keys
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.timeout(900)]  # TCG guests on a loaded host
 
 DRIVER = r"""
 import os, sys, time
@@ -186,7 +186,7 @@ def target_log() -> str:
 def test_guest_dhchap_enforced_by_kernel(guest, host_rpc):
     keys = _keys()
     with TargetRun(host_rpc, keys) as tr:
-        res = tr.run(guest, driver=DRIVER, timeout=300,
+        res = tr.run(guest, driver=DRIVER, timeout=600,
                      teardown='echo "--- dmesg (nvme) ---"; dmesg | grep -i nvme | tail -40')
     # the grep runs before the assertions on success so a leak is caught either way
     assert_no_key_material(keys, res.output, res.console, target_log())
@@ -280,7 +280,7 @@ tlshd -s -c /etc/tlshd.conf > /tmp/tlshd.log 2>&1 &
 def test_guest_tls_psk_enforced_by_kernel(guest, host_rpc):
     keys = _keys()
     with TargetRun(host_rpc, keys) as tr:
-        res = tr.run(guest, driver=TLS_DRIVER, timeout=300, setup=TLSHD, teardown="""
+        res = tr.run(guest, driver=TLS_DRIVER, timeout=600, setup=TLSHD, teardown="""
             echo "--- tlshd log ---"; tail -30 /tmp/tlshd.log
             echo "--- dmesg (nvme) ---"; dmesg | grep -i -E "nvme|tls|handshake" | tail -40
             """)

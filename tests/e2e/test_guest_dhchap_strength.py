@@ -38,7 +38,7 @@ from guest.target_host import TargetRun
 
 from csi_spdk import nvme_keys
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.timeout(900)]  # TCG guests on a loaded host
 
 PHASES = {"wide": ("sha256,sha384", "null,ffdhe2048"), "at": ("sha384", "ffdhe2048")}
 
@@ -176,7 +176,7 @@ def test_guest_dhchap_minimum(guest, host_rpc, phase):
         rpc, log = (stack.enter_context(own_target(digests, dhgroups)) if host_rpc
                     else (None, None))
         tr = stack.enter_context(TargetRun(rpc, keys))
-        res = tr.run(guest, driver=DRIVER, timeout=300,
+        res = tr.run(guest, driver=DRIVER, timeout=600,
                      sim_args=f"--dhchap-digests {digests} --dhchap-dhgroups {dhgroups}",
                      body=f"python3 /root/driver.py {phase} {digests} {dhgroups}",
                      teardown='dmesg | grep -i -E "nvme|auth" | tail -20')

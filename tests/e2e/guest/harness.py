@@ -30,6 +30,7 @@ Command line (for manual use)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata as md
@@ -37,6 +38,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -623,6 +625,22 @@ def _ready_kernel(cache: Path) -> Kernel:
     return kernel
 
 
+def _run_qemu(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run QEMU (under ``timeout``) in a process group of its own and kill the
+    whole group if this is interrupted (a pytest timeout, ^C): killing only
+    ``timeout`` would leave QEMU running its script on, unseen."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_in_guest(script: str, timeout: int = 120, *, env: Mapping[str, str] | None = None,
                  files: Mapping[str, bytes | str | Path] | None = None,
                  options: GuestOptions | None = None, cache: Path = CACHE,
@@ -647,7 +665,7 @@ def run_in_guest(script: str, timeout: int = 120, *, env: Mapping[str, str] | No
         cmd = _qemu_cmd(kernel, initrd, out_log, con_log,
                         timeout + opts.boot_margin, opts)
         t2 = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = _run_qemu(cmd)
         timings["qemu"] = round(time.monotonic() - t2, 2)
         raw = out_log.read_bytes().decode(errors="replace") if out_log.exists() else ""
         console = con_log.read_bytes().decode(errors="replace") if con_log.exists() else ""
