@@ -248,7 +248,13 @@ try:
     insert_psk("csi-wrong", K["psk_wrong"], nqn)
     wrong = run("keyctl", "search", ring, "psk", f"NVMe0R01 {HOSTNQN} {nqn}").stdout.strip()
     assert wrong.isdigit(), "the wrong PSK is not in its keyring"
+    # tlshd must be able to read it (else the refusal would be tlshd's, not the
+    # handshake's): user read+view besides the possessor's rights
+    assert run("keyctl", "setperm", wrong, "0x3f0b0000").returncode == 0
     refused("wrong psk", T.connect(nqn, "--tls", f"--tls-key={wrong}", port=port), nqn)
+    tlshd_log = Path("/tmp/tlshd.log").read_text(errors="replace")
+    assert "Failed to read key" not in tlshd_log, "tlshd could not read the wrong PSK"
+    assert "start ClientHello handshake" in tlshd_log, "no TLS handshake was tried"
     refused("plain", T.connect(nqn, port=port), nqn)
     api.host_add(nqn, OTHER)
     refused("no-psk identity", T.connect(nqn, "--tls", port=port, hostnqn=OTHER), nqn)
