@@ -28,13 +28,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
+import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from guest.target_host import TargetRun
+from guest.target_host import TargetRun, serving
 
 from csi_spdk import nvme_keys
 
@@ -146,26 +145,13 @@ def own_target(digests: str, dhgroups: str):
                       "dhchap_dhgroups": dhgroups.split(",")}}]}]}
     (work / "cfg.json").write_text(json.dumps(cfg))
     sock, log = work / "spdk.sock", work / "tgt.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["nice", "-n", "15", "timeout", "900", binary, "--no-huge", "-s", "2048", "-u",
-             "-m", "0x1", "--disable-cpumask-locks", "-r", str(sock),
-             "--json", str(work / "cfg.json")], stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "spdk_tgt did not start"
-            time.sleep(0.2)
-        yield str(sock), log
+        with serving(["nice", "-n", "15", "timeout", "900", binary, "--no-huge", "-s", "2048",
+                      "-u", "-m", "0x1", "--disable-cpumask-locks", "-r", str(sock),
+                      "--json", str(work / "cfg.json")], sock, log, "spdk_tgt"):
+            yield str(sock), log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        subprocess.run(["rm", "-rf", str(work)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.mark.parametrize("phase", sorted(PHASES))

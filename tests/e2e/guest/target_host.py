@@ -105,26 +105,17 @@ class TargetRun:
 
 
 @contextlib.contextmanager
-def host_agent(host_rpc: str):
-    """``csi-spdk agent`` on the host beside the real target (as in a
-    deployment: it writes the key files spdk_tgt reads); yields (its Unix
-    socket, its log file, its key directory)."""
-    work = Path(tempfile.mkdtemp(prefix="csi-guest-agent-"))
-    sock, log = work / "agent.sock", work / "agent.log"
-    env = {**os.environ, "PYTHONPATH": str(HERE.parents[2])}
+def serving(cmd: list[str], sock: Path, log: Path, what: str, env=None):
+    """Run ``cmd`` (output to ``log``) until ``sock`` appears; stop it after."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["nice", "-n", "15", sys.executable, "-m", "csi_spdk", "agent",
-             "--listen", f"unix://{sock}", "--spdk-rpc", host_rpc,
-             "--state-dir", str(work / "state")],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60
         while not sock.exists():
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the agent did not start"
+            assert time.monotonic() < deadline, f"{what} did not start"
             time.sleep(0.2)
-        yield str(sock), log, work / "state" / "keys"
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -132,4 +123,20 @@ def host_agent(host_rpc: str):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def host_agent(host_rpc: str):
+    """``csi-spdk agent`` on the host beside the real target (as in a
+    deployment: it writes the key files spdk_tgt reads); yields (its Unix
+    socket, its log file, its key directory)."""
+    work = Path(tempfile.mkdtemp(prefix="csi-guest-agent-"))
+    sock, log = work / "agent.sock", work / "agent.log"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parents[2])}
+    try:
+        with serving(["nice", "-n", "15", sys.executable, "-m", "csi_spdk", "agent",
+                      "--listen", f"unix://{sock}", "--spdk-rpc", host_rpc,
+                      "--state-dir", str(work / "state")], sock, log, "the agent", env):
+            yield str(sock), log, work / "state" / "keys"
+    finally:
         shutil.rmtree(work, ignore_errors=True)
