@@ -12,6 +12,7 @@ its ctrl-loss-tmo: same block device, data written before the kill reads back.
 from __future__ import annotations
 
 import pytest
+from guest.target_host import DRIVER_FILES
 
 pytestmark = pytest.mark.guest
 
@@ -26,31 +27,10 @@ from csi_spdk.agent.supervisor import Supervisor, SupervisorConfig
 from csi_spdk.spdk.api import SpdkApi
 from csi_spdk.spdk.client import SpdkClient
 
-MiB = 1 << 20
+sys.path.insert(0, "/root")
+from target_driver import HOSTID, HOSTNQN, MiB, sh, wait_dev  # noqa: E402
+
 SOCK = "/run/spdk.sock"
-NODE = "guest-node-1"
-HOSTNQN, HOSTID = contract.host_nqn(NODE), contract.host_id(NODE)
-
-
-def sh(*cmd, check=True):
-    print("+", " ".join(cmd), flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    print(p.stdout + p.stderr, end="", flush=True)
-    if check and p.returncode:
-        sys.exit(f"FAILED ({p.returncode}): {' '.join(cmd)}")
-    return p
-
-
-def wait_dev(ns_uuid, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for b in Path("/sys/block").glob("nvme*"):
-            dev = Path("/dev") / b.name
-            if (b / "uuid").exists() and dev.exists() and \
-                    (b / "uuid").read_text().strip() == ns_uuid:
-                return str(dev)
-        time.sleep(0.1)
-    sys.exit(f"no block device with uuid {ns_uuid}")
 
 
 def read_direct(dev, offset, length):
@@ -158,7 +138,7 @@ def test_guest_initiator_survives_kill9_of_the_target(guest):
         echo "--- kernel objects after the agent stopped ---"; nvmet_objects
         [ -z "$(nvmet_objects)" ] || rc=1
         exit $rc
-        """, timeout=600, files={"/root/driver.py": DRIVER}, check=True)
+        """, timeout=600, files={"/root/driver.py": DRIVER, **DRIVER_FILES}, check=True)
     assert "AGENT-RESTART-OK" in res.output
     line = next(x for x in res.output.splitlines() if x.startswith("RECOVERY"))
     print("\n" + line)

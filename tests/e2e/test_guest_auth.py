@@ -17,80 +17,29 @@ guest's nvme-cli 2.13 and 6.12 kernel then authenticate for real:
 
 from __future__ import annotations
 
-import json
+import contextlib
+import os
+from pathlib import Path
 
 import pytest
+from guest.harness import GuestOptions
+from guest.target_host import TargetRun, free_port, host_agent
 
 from csi_spdk import nvme_keys
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.timeout(900)]  # TCG guests on a loaded host
 
-DRIVER = r'''
-import json, os, subprocess, sys, time
+DRIVER = r"""
+import os, sys, time
 from pathlib import Path
 
-from csi_spdk import contract
-from csi_spdk.spdk.api import SpdkApi
-from csi_spdk.spdk.client import SpdkClient
-from csi_spdk.spdk.errors import SpdkError
+sys.path.insert(0, "/root")
+from target_driver import (HOSTNQN, MiB, NVMET, Target, controllers, dmesg_count, run,
+                           wait_dev, write_read_back)
 
-MiB = 1 << 20
-NVMET = Path("/sys/kernel/config/nvmet")
-NODE = "guest-node-1"
-HOSTNQN, HOSTID = contract.host_nqn(NODE), contract.host_id(NODE)
+T = Target()
+K, api = T.keys, T.api
 OTHER_HOSTID = "0f0e0d0c-0b0a-4908-8706-050403020100"
-K = json.loads(Path("/root/keys.json").read_text())
-KEYDIR = Path("/run/keys")
-
-
-def run(*cmd):
-    """Run without echoing the command line (it may hold a secret)."""
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    print(f"+ {cmd[0]} {cmd[1]} -> exit {p.returncode}", flush=True)
-    print(p.stdout + p.stderr, end="", flush=True)
-    return p
-
-
-def connect(nqn, host_key=None, ctrl_key=None, hostid=HOSTID, duplicate=False):
-    cmd = ["nvme", "connect", "-t", "tcp", "-a", "127.0.0.1", "-s", "4420", "-n", nqn,
-           "--hostnqn", HOSTNQN, "--hostid", hostid]
-    if host_key:
-        cmd.append(f"--dhchap-secret={host_key}")
-    if ctrl_key:
-        cmd.append(f"--dhchap-ctrl-secret={ctrl_key}")
-    if duplicate:
-        cmd.append("--duplicate-connect")
-    return run(*cmd)
-
-
-def controllers(nqn):
-    return sorted(c.name for c in Path("/sys/class/nvme").iterdir()
-                  if (c / "subsysnqn").read_text().strip() == nqn)
-
-
-def wait_dev(ns_uuid, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for b in Path("/sys/block").glob("nvme*"):
-            dev = Path("/dev") / b.name
-            uuid = b / "uuid"
-            if uuid.exists() and dev.exists() and uuid.read_text().strip() == ns_uuid:
-                return str(dev)
-        time.sleep(0.1)
-    sys.exit(f"no block device with uuid {ns_uuid}")
-
-
-def dmesg_count(text):
-    return subprocess.run(["dmesg"], capture_output=True, text=True).stdout.count(text)
-
-
-def put_key(api, name, material):
-    KEYDIR.mkdir(mode=0o700, exist_ok=True)
-    path = KEYDIR / name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.write(fd, material.encode())
-    os.close(fd)
-    api.key_file_add(name, str(path))
 
 
 def refused(label, p, nqn):
@@ -108,115 +57,115 @@ assert run("nvme", "check-tls-key", f"--hostnqn={HOSTNQN}",
 bad = K["host1"][:12] + ("A" if K["host1"][12] != "A" else "B") + K["host1"][13:]
 assert run("nvme", "check-dhchap-key", f"--key={bad}").returncode != 0, "corrupt key accepted"
 
-api = SpdkApi(SpdkClient("/run/spdk.sock", timeout=30))
-api.malloc_create("Malloc0", 128 * MiB, 4096)
-api.lvstore_create("Malloc0", "lvs0")
-lvol = api.lvol_create("lvs0", "csi-guest-auth", 32 * MiB, thin=True)
-nqn = contract.subsystem_nqn(lvol)
-api.transport_create("TCP")
-api.subsystem_create(nqn, contract.serial_number(lvol), contract.MODEL_NUMBER)
-api.ns_add(nqn, lvol, uuid=lvol)
-api.listener_add(nqn, api.listen_address("127.0.0.1", 4420))
-put_key(api, "h1", K["host1"])
-put_key(api, "c1", K["ctrl1"])
-api.host_add(nqn, HOSTNQN, dhchap_key="h1", dhchap_ctrlr_key="c1")
+try:
+    lvol, nqn = T.volume(32 * MiB)
+    T.listen_on(nqn)
+    h1, c1 = T.put_key("h1", "host1"), T.put_key("c1", "ctrl1")
+    api.host_add(nqn, HOSTNQN, dhchap_key=h1, dhchap_ctrlr_key=c1)
+    host_dir = NVMET / "hosts" / HOSTNQN
+    if not T.real:      # the simulator's kernel data plane mirrors the keys
+        assert (host_dir / "dhchap_key").read_text().strip() == K["host1"], "host key"
+        assert (host_dir / "dhchap_ctrl_key").read_text().strip() == K["ctrl1"], "ctrl key"
+        assert (NVMET / "subsystems" / nqn / "allowed_hosts" / HOSTNQN).exists()
+    sub = api.subsystem_get(nqn)
+    assert sub["hosts"] == [{"nqn": HOSTNQN, "dhchap_key": h1, "dhchap_ctrlr_key": c1}], sub
 
-host_dir = NVMET / "hosts" / HOSTNQN
-assert (host_dir / "dhchap_key").read_text().strip() == K["host1"], "host key not mirrored"
-assert (host_dir / "dhchap_ctrl_key").read_text().strip() == K["ctrl1"], "ctrl key not mirrored"
-assert (NVMET / "subsystems" / nqn / "allowed_hosts" / HOSTNQN).exists()
-sub = api.subsystem_get(nqn)
-assert sub["hosts"] == [{"nqn": HOSTNQN, "dhchap_key": "h1", "dhchap_ctrlr_key": "c1"}], sub
+    # 2. refused: no key, wrong host key, right host key + wrong controller key,
+    #    a third identity claiming the node's host NQN
+    before = controllers(nqn)
+    refused("no key", T.connect(nqn), nqn)
+    refused("wrong host key", T.connect(nqn, f"--dhchap-secret={K['wrong']}",
+                                        f"--dhchap-ctrl-secret={K['ctrl1']}"), nqn)
+    refused("wrong controller key", T.connect(nqn, f"--dhchap-secret={K['host1']}",
+                                              f"--dhchap-ctrl-secret={K['wrong']}"), nqn)
+    refused("third identity without key", T.connect(nqn, hostid=OTHER_HOSTID), nqn)
+    refused("third identity with a guessed key",
+            T.connect(nqn, f"--dhchap-secret={K['wrong']}", hostid=OTHER_HOSTID), nqn)
 
-# 2. refused: no key, wrong host key, right host key + wrong controller key,
-#    a third identity claiming the node's host NQN
-before = controllers(nqn)
-refused("no key", connect(nqn), nqn)
-refused("wrong host key", connect(nqn, K["wrong"], K["ctrl1"]), nqn)
-refused("wrong controller key", connect(nqn, K["host1"], K["wrong"]), nqn)
-refused("third identity without key", connect(nqn, hostid=OTHER_HOSTID), nqn)
-refused("third identity with a guessed key", connect(nqn, K["wrong"], hostid=OTHER_HOSTID), nqn)
+    # 3. the authorised node: connect (bidirectional), write, read back
+    auth_before = dmesg_count("authenticated")
+    p = T.connect(nqn, f"--dhchap-secret={K['host1']}", f"--dhchap-ctrl-secret={K['ctrl1']}")
+    assert p.returncode == 0, "the authorised host was refused"
+    dev = wait_dev(lvol)
+    (ctrl,) = controllers(nqn)
+    print("CONNECTED", ctrl, dev, flush=True)
+    pattern = write_read_back(dev, 4 * MiB)
+    print("DATA-OK", flush=True)
 
-# 3. the authorised node: connect, write, read back
-auth_before = dmesg_count("authenticated")
-p = connect(nqn, K["host1"], K["ctrl1"])
-assert p.returncode == 0, "the authorised host was refused"
-dev = wait_dev(lvol)
-(ctrl,) = controllers(nqn)
-print("CONNECTED", ctrl, dev, flush=True)
-pattern = os.urandom(1 * MiB)
-fd = os.open(dev, os.O_RDWR)
-os.pwrite(fd, pattern, 4 * MiB)
-os.fsync(fd)
-os.close(fd)
-Path("/proc/sys/vm/drop_caches").write_text("3")
-fd = os.open(dev, os.O_RDONLY)
-assert os.pread(fd, len(pattern), 4 * MiB) == pattern, "read-back mismatch"
-os.close(fd)
-print("DATA-OK", flush=True)
+    # 4. rotation in two steps, each leaving host and target consistent after
+    #    ONE sysfs write (one write = one re-authentication of the live
+    #    controller): (a) the host key: target h2+c1, then the host's
+    #    dhchap_secret; (b) the controller key: target h2+c2, then the host's
+    #    dhchap_ctrl_secret.
+    h2, c2 = T.put_key("h2", "host2"), T.put_key("c2", "ctrl2")
+    cdir = Path("/sys/class/nvme") / ctrl
 
-# 4. rotation in two steps, each leaving host and target consistent after ONE
-#    sysfs write (one write = one re-authentication of the live controller):
-#    (a) the host key: target h2+c1, then the host's dhchap_secret;
-#    (b) the controller key: target h2+c2, then the host's dhchap_ctrl_secret.
-put_key(api, "h2", K["host2"])
-put_key(api, "c2", K["ctrl2"])
-cdir = Path("/sys/class/nvme") / ctrl
+    def reauth(attr, value):
+        n = dmesg_count("authenticated")
+        with open(cdir / attr, "w") as f:
+            f.write(value)
+        deadline = time.monotonic() + 60
+        while dmesg_count("authenticated") <= n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert dmesg_count("authenticated") > n, f"no re-authentication after writing {attr}"
 
+    n_auth = dmesg_count("authenticated")
+    api.host_set_keys(nqn, HOSTNQN, dhchap_key=h2, dhchap_ctrlr_key=c1)
+    reauth("dhchap_secret", K["host2"])
+    api.host_set_keys(nqn, HOSTNQN, dhchap_key=h2, dhchap_ctrlr_key=c2)
+    if not T.real:
+        assert (host_dir / "dhchap_key").read_text().strip() == K["host2"]
+    assert api.subsystem_get(nqn)["hosts"] == [
+        {"nqn": HOSTNQN, "dhchap_key": h2, "dhchap_ctrlr_key": c2}]
+    reauth("dhchap_ctrl_secret", K["ctrl2"])
+    T.drop_key(h1)
+    T.drop_key(c1)
+    print("dmesg auth lines:", auth_before, n_auth, dmesg_count("authenticated"), flush=True)
+    assert controllers(nqn) == [ctrl], controllers(nqn)
+    assert (cdir / "state").read_text().strip() == "live"
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+    fd = os.open(dev, os.O_RDWR)
+    assert os.pread(fd, len(pattern), 4 * MiB) == pattern, "read-back after rotation"
+    os.pwrite(fd, pattern[::-1], 8 * MiB)
+    os.fsync(fd)
+    os.close(fd)
+    print("ROTATED-CONNECTION-SURVIVED", flush=True)
+    before = controllers(nqn)
+    refused("old keys after rotation",
+            T.connect(nqn, f"--dhchap-secret={K['host1']}", f"--dhchap-ctrl-secret={K['ctrl1']}",
+                      "--duplicate-connect"), nqn)
+    p = T.connect(nqn, f"--dhchap-secret={K['host2']}", f"--dhchap-ctrl-secret={K['ctrl2']}",
+                  "--duplicate-connect")
+    assert p.returncode == 0, "the rotated keys were refused"
+    assert len(controllers(nqn)) == 2
+    print("NEW-KEYS-OK", flush=True)
 
-def reauth(attr, value):
-    n = dmesg_count("authenticated")
-    with open(cdir / attr, "w") as f:
-        f.write(value)
-    deadline = time.monotonic() + 60
-    while dmesg_count("authenticated") <= n and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert dmesg_count("authenticated") > n, f"no re-authentication after writing {attr}"
-
-
-n_auth = dmesg_count("authenticated")
-api.host_set_keys(nqn, HOSTNQN, dhchap_key="h2", dhchap_ctrlr_key="c1")
-reauth("dhchap_secret", K["host2"])
-api.host_set_keys(nqn, HOSTNQN, dhchap_key="h2", dhchap_ctrlr_key="c2")
-assert (host_dir / "dhchap_key").read_text().strip() == K["host2"]
-reauth("dhchap_ctrl_secret", K["ctrl2"])
-api.key_file_remove("h1")
-api.key_file_remove("c1")
-print("dmesg auth lines:", auth_before, n_auth, dmesg_count("authenticated"), flush=True)
-assert dmesg_count("authenticated") > n_auth, "no re-authentication after rotation"
-assert controllers(nqn) == [ctrl], controllers(nqn)
-assert (cdir / "state").read_text().strip() == "live"
-Path("/proc/sys/vm/drop_caches").write_text("3")
-fd = os.open(dev, os.O_RDWR)
-assert os.pread(fd, len(pattern), 4 * MiB) == pattern, "read-back after rotation"
-os.pwrite(fd, pattern[::-1], 8 * MiB)
-os.fsync(fd)
-os.close(fd)
-print("ROTATED-CONNECTION-SURVIVED", flush=True)
-before = controllers(nqn)
-refused("old keys after rotation", connect(nqn, K["host1"], K["ctrl1"], duplicate=True), nqn)
-p = connect(nqn, K["host2"], K["ctrl2"], duplicate=True)
-assert p.returncode == 0, "the rotated keys were refused"
-assert len(controllers(nqn)) == 2
-print("NEW-KEYS-OK", flush=True)
-
-# 5. unpublish: disconnect, remove the host entry and the keys
-run("nvme", "disconnect", "-n", nqn)
-api.host_remove(nqn, HOSTNQN)
-api.key_file_remove("h2")
-api.key_file_remove("c2")
-assert not host_dir.exists(), "host entry (with its keys) left in nvmet"
-assert api.keyring_keys() == [], api.keyring_keys()
-api.subsystem_delete(nqn)
-assert not any((NVMET / "hosts").iterdir())
-print("AUTH-OK", flush=True)
-'''
+    # 5. unpublish: disconnect, remove the host entry and the keys
+    run("nvme", "disconnect", "-n", nqn)
+    assert controllers(nqn) == []
+    api.host_remove(nqn, HOSTNQN)
+    assert api.subsystem_get(nqn)["hosts"] == []
+    T.drop_key(h2)
+    T.drop_key(c2)
+    if not T.real:
+        assert not host_dir.exists(), "host entry (with its keys) left in nvmet"
+    assert T.our_keys() == [], T.our_keys()
+    api.subsystem_delete(nqn)
+    T.forget("subsystem", nqn)
+    assert api.subsystem_get(nqn) is None
+    if not T.real:
+        assert not any((NVMET / "hosts").iterdir())
+    print("AUTH-OK", flush=True)
+finally:
+    T.cleanup()
+"""
 
 
 def _keys() -> dict[str, str]:
     out = {k: nvme_keys.generate_dhchap_key().text
            for k in ("host1", "ctrl1", "host2", "ctrl2", "wrong")}
     out["psk"] = nvme_keys.generate_tls_psk().text
+    out["psk_wrong"] = nvme_keys.generate_tls_psk().text
     return out
 
 
@@ -228,27 +177,21 @@ def assert_no_key_material(keys: dict[str, str], *texts: str) -> None:
             assert body not in text, f"key {name} leaked into captured text #{i}"
 
 
-def test_guest_dhchap_enforced_by_kernel(guest):
+def target_log() -> str:
+    """The real target's own log, when the run names it (CSI_SPDK_TEST_TGT_LOG)."""
+    path = os.environ.get("CSI_SPDK_TEST_TGT_LOG")
+    return Path(path).read_text(errors="replace") if path else ""
+
+
+def test_guest_dhchap_enforced_by_kernel(guest, host_rpc):
     keys = _keys()
-    res = guest.run("""
-        . /etc/guest/lib.sh
-        data_dir /tmp/sim
-        csi-spdk sim --rpc-socket /run/spdk.sock --data-dir /tmp/sim --nvmet \
-            > /tmp/sim.log 2>&1 &
-        sim=$!
-        wait_for 30 test -S /run/spdk.sock || { cat /tmp/sim.log; exit 1; }
-        rc=0
-        python3 /root/driver.py || rc=$?
-        kill -TERM $sim
-        wait $sim || { echo "sim exit code $?"; rc=1; }
-        echo "--- sim log ---"; cat /tmp/sim.log
-        echo "--- dmesg (nvme) ---"; dmesg | grep -i nvme | tail -40
-        exit $rc
-        """, timeout=300, files={"/root/driver.py": DRIVER,
-                                 "/root/keys.json": json.dumps(keys)})
+    with TargetRun(host_rpc, keys) as tr:
+        res = tr.run(guest, driver=DRIVER, timeout=600,
+                     teardown='echo "--- dmesg (nvme) ---"; dmesg | grep -i nvme | tail -40')
     # the grep runs before the assertions on success so a leak is caught either way
-    assert_no_key_material(keys, res.output, res.console)
+    assert_no_key_material(keys, res.output, res.console, target_log())
     assert res.exit_code == 0, res.describe()
+    assert ("real spdk_tgt" in res.output) == bool(host_rpc), "ran against the wrong target"
     for marker in ("REFUSED no key", "REFUSED wrong host key", "REFUSED wrong controller key",
                    "REFUSED third identity without key", "DATA-OK",
                    "ROTATED-CONNECTION-SURVIVED", "REFUSED old keys after rotation",
@@ -256,116 +199,102 @@ def test_guest_dhchap_enforced_by_kernel(guest):
         assert marker in res.output, marker
 
 
-TLS_DRIVER = r'''
-import json, os, subprocess, sys, time
+TLS_DRIVER = r"""
+import subprocess, sys, time
 from pathlib import Path
 
+sys.path.insert(0, "/root")
 from csi_spdk import contract
-from csi_spdk.spdk.api import SpdkApi
-from csi_spdk.spdk.client import SpdkClient
+from target_driver import HOSTNQN, MiB, NVMET, Target, controllers, run, wait_dev, \
+    write_read_back
 
-MiB = 1 << 20
-NVMET = Path("/sys/kernel/config/nvmet")
-HOSTNQN, HOSTID = contract.host_nqn("guest-node-1"), contract.host_id("guest-node-1")
+T = Target()
+K, api = T.keys, T.api
 OTHER = contract.host_nqn("intruder")
-K = json.loads(Path("/root/keys.json").read_text())
 
 
-def run(*cmd):
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    print(f"+ {cmd[0]} {cmd[1]} -> exit {p.returncode}", flush=True)
-    print(p.stdout + p.stderr, end="", flush=True)
-    return p
+def insert_psk(keyring, key, nqn):
+    # the host's PSK for (host NQN, subsystem NQN), TLS identity version 0
+    # ("NVMe0R01 <hostnqn> <subnqn>", SPDK's and nvmet's form)
+    p = run("nvme", "check-tls-key", "--insert", f"--keyring={keyring}", f"--hostnqn={HOSTNQN}",
+            f"--subsysnqn={nqn}", "--identity=0", f"--keydata={key}")
+    assert p.returncode == 0, "inserting the PSK failed"
 
 
-def connect(nqn, hostnqn=HOSTNQN, tls=True):
-    cmd = ["nvme", "connect", "-t", "tcp", "-a", "127.0.0.1", "-s", "4421", "-n", nqn,
-           "--hostnqn", hostnqn, "--hostid", HOSTID]
-    return run(*cmd, *(["--tls"] if tls else []))
+def refused(label, p, nqn):
+    assert p.returncode != 0, f"{label}: the kernel let it connect"
+    assert controllers(nqn) == [], f"{label}: a controller appeared"
+    print(f"REFUSED {label}", flush=True)
 
 
-api = SpdkApi(SpdkClient("/run/spdk.sock", timeout=30))
-api.malloc_create("Malloc0", 64 * MiB, 4096)
-api.lvstore_create("Malloc0", "lvs0")
-lvol = api.lvol_create("lvs0", "csi-guest-tls", 16 * MiB, thin=True)
-nqn = contract.subsystem_nqn(lvol)
-api.transport_create("TCP")
-api.subsystem_create(nqn, contract.serial_number(lvol), contract.MODEL_NUMBER)
-api.ns_add(nqn, lvol, uuid=lvol)
-api.listener_add(nqn, api.listen_address("127.0.0.1", 4421), secure_channel=True)
-os.makedirs("/run/keys", mode=0o700, exist_ok=True)
-fd = os.open("/run/keys/p1", os.O_WRONLY | os.O_CREAT, 0o600)
-os.write(fd, K["psk"].encode())
-os.close(fd)
-api.key_file_add("p1", "/run/keys/p1")
-api.host_add(nqn, HOSTNQN, psk="p1")
-port = next(p for p in (NVMET / "ports").iterdir() if (p / "subsystems" / nqn).exists())
-assert (port / "addr_tsas").read_text().strip() == "tls1.3"
-assert (port / "addr_treq").read_text().strip().startswith("required")
-print(run("keyctl", "show", "%:.nvme").stdout, flush=True)
+try:
+    lvol, nqn = T.volume(16 * MiB)
+    port = T.listen_on(nqn, tls=True)
+    p1 = T.put_key("p1", "psk")
+    api.host_add(nqn, HOSTNQN, psk=p1)
+    if not T.real:   # the simulator's kernel port: TLS required
+        kport = next(p for p in (NVMET / "ports").iterdir() if (p / "subsystems" / nqn).exists())
+        assert (kport / "addr_tsas").read_text().strip() == "tls1.3"
+        assert (kport / "addr_treq").read_text().strip().startswith("required")
+    else:            # the real target: a secure-channel listener on that port
+        (la,) = api.subsystem_get(nqn)["listen_addresses"]
+        assert int(la["trsvcid"]) == port, la
+    # a wrong PSK under the host's identity, in a keyring of its own (in the
+    # simulator's guest, .nvme is also the target's keyring), given to the
+    # kernel by its serial (nvme connect --tls-key=<serial>: tls_key=)
+    ring = run("keyctl", "newring", "csi-wrong", "@u").stdout.strip()
+    assert ring.isdigit(), "keyctl newring failed"
+    assert run("keyctl", "setperm", ring, "0x3f3f0000").returncode == 0
+    insert_psk("csi-wrong", K["psk_wrong"], nqn)
+    wrong = run("keyctl", "search", ring, "psk", f"NVMe0R01 {HOSTNQN} {nqn}").stdout.strip()
+    assert wrong.isdigit(), "the wrong PSK is not in its keyring"
+    # tlshd must be able to read it (else the refusal would be tlshd's, not the
+    # handshake's): user read+view besides the possessor's rights
+    assert run("keyctl", "setperm", wrong, "0x3f0b0000").returncode == 0
+    refused("wrong psk", T.connect(nqn, "--tls", f"--tls-key={wrong}", port=port), nqn)
+    tlshd_log = Path("/tmp/tlshd.log").read_text(errors="replace")
+    assert "Failed to read key" not in tlshd_log, "tlshd could not read the wrong PSK"
+    assert "start ClientHello handshake" in tlshd_log, "no TLS handshake was tried"
+    refused("plain", T.connect(nqn, port=port), nqn)
+    api.host_add(nqn, OTHER)
+    refused("no-psk identity", T.connect(nqn, "--tls", port=port, hostnqn=OTHER), nqn)
+    api.host_remove(nqn, OTHER)
+    if T.real:       # the simulator put the target's PSK into this kernel's .nvme
+        insert_psk(".nvme", K["psk"], nqn)
+    print(run("keyctl", "show", "%:.nvme").stdout, flush=True)
+    p = T.connect(nqn, "--tls", port=port)
+    assert p.returncode == 0, "the host with the PSK was refused"
+    dev = wait_dev(lvol, 20)
+    write_read_back(dev)
+    print("TLS-DATA-OK", flush=True)
+    run("nvme", "disconnect", "-n", nqn)
+    api.host_remove(nqn, HOSTNQN)
+    refused("after host removal", T.connect(nqn, "--tls", port=port), nqn)
+    print("TLS-OK", flush=True)
+finally:
+    T.cleanup()
+"""
 
-assert connect(nqn, tls=False).returncode != 0, "plain TCP reached a TLS-only port"
-print("REFUSED plain", flush=True)
-api.host_add(nqn, OTHER)
-assert connect(nqn, hostnqn=OTHER).returncode != 0, "a host without a PSK got in"
-print("REFUSED no-psk identity", flush=True)
-api.host_remove(nqn, OTHER)
-p = connect(nqn)
-assert p.returncode == 0, "the host with the PSK was refused"
-deadline = time.monotonic() + 20
-dev = None
-while dev is None and time.monotonic() < deadline:
-    for b in Path("/sys/block").glob("nvme*"):
-        # the head disk (nvmeXnY), not a hidden per-path nvmeXcYnZ without a /dev node
-        if (b / "uuid").exists() and (b / "uuid").read_text().strip() == lvol \
-                and Path("/dev", b.name).exists():
-            dev = "/dev/" + b.name
-    time.sleep(0.1)
-assert dev, "no device"
-data = os.urandom(MiB)
-fd = os.open(dev, os.O_RDWR)
-os.pwrite(fd, data, 0)
-os.fsync(fd)
-os.close(fd)
-Path("/proc/sys/vm/drop_caches").write_text("3")
-fd = os.open(dev, os.O_RDONLY)
-assert os.pread(fd, MiB, 0) == data
-os.close(fd)
-print("TLS-DATA-OK", flush=True)
-run("nvme", "disconnect", "-n", nqn)
-api.host_remove(nqn, HOSTNQN)
-api.subsystem_delete(nqn)
-print("TLS-OK", flush=True)
-'''
+TLSHD = """
+modprobe tls || true
+printf '[debug]\\nloglevel=1\\ntls=0\\nnl=0\\n[authenticate]\\nkeyrings=.nvme\\n' \\
+    > /etc/tlshd.conf
+tlshd -s -c /etc/tlshd.conf > /tmp/tlshd.log 2>&1 &
+"""
 
 
-def test_guest_tls_psk_enforced_by_kernel(guest):
+def test_guest_tls_psk_enforced_by_kernel(guest, host_rpc):
     keys = _keys()
-    res = guest.run("""
-        . /etc/guest/lib.sh
-        modprobe tls || true
-        mkdir -p /etc/tlshd
-        printf '[debug]\\nloglevel=1\\ntls=0\\nnl=0\\n[authenticate]\\nkeyrings=.nvme\\n' \
-            > /etc/tlshd.conf
-        tlshd -s -c /etc/tlshd.conf > /tmp/tlshd.log 2>&1 &
-        data_dir /tmp/sim
-        csi-spdk sim --rpc-socket /run/spdk.sock --data-dir /tmp/sim --nvmet \
-            > /tmp/sim.log 2>&1 &
-        sim=$!
-        wait_for 30 test -S /run/spdk.sock || { cat /tmp/sim.log; exit 1; }
-        rc=0
-        python3 /root/driver.py || rc=$?
-        kill -TERM $sim
-        wait $sim || { echo "sim exit code $?"; rc=1; }
-        echo "--- sim log ---"; cat /tmp/sim.log
-        echo "--- tlshd log ---"; tail -30 /tmp/tlshd.log
-        echo "--- dmesg (nvme) ---"; dmesg | grep -i -E "nvme|tls|handshake" | tail -40
-        exit $rc
-        """, timeout=300, files={"/root/driver.py": TLS_DRIVER,
-                                 "/root/keys.json": json.dumps(keys)})
-    assert_no_key_material(keys, res.output, res.console)
+    with TargetRun(host_rpc, keys) as tr:
+        res = tr.run(guest, driver=TLS_DRIVER, timeout=600, setup=TLSHD, teardown="""
+            echo "--- tlshd log ---"; tail -30 /tmp/tlshd.log
+            echo "--- dmesg (nvme) ---"; dmesg | grep -i -E "nvme|tls|handshake" | tail -40
+            """)
+    assert_no_key_material(keys, res.output, res.console, target_log())
     assert res.exit_code == 0, res.describe()
-    for marker in ("REFUSED plain", "REFUSED no-psk identity", "TLS-DATA-OK", "TLS-OK"):
+    assert ("real spdk_tgt" in res.output) == bool(host_rpc), "ran against the wrong target"
+    for marker in ("REFUSED wrong psk", "REFUSED plain", "REFUSED no-psk identity",
+                   "TLS-DATA-OK", "REFUSED after host removal", "TLS-OK"):
         assert marker in res.output, marker
 
 
@@ -394,10 +323,19 @@ pc = dict(ctrl.ControllerPublishVolume(csi.ControllerPublishVolumeRequest(
     volume_id=vol.volume_id, node_id=node_id, volume_capability=cap,
     volume_context=dict(vol.volume_context))).publish_context)
 print("publish_context", pc, flush=True)
-assert pc["auth"] == "tls" and pc["trsvcid"] == "4421", pc
-port = next(p for p in Path("/sys/kernel/config/nvmet/ports").iterdir()
-            if (p / "subsystems" / pc["nqn"]).exists())
-assert (port / "addr_tsas").read_text().strip() == "tls1.3"
+TLS_PORT = os.environ.get("CSI_NVMF_TLS_PORT", "4421")
+assert pc["auth"] == "tls" and pc["trsvcid"] == TLS_PORT, pc
+if os.environ.get("GUEST_SPDK_RPC"):    # the real target: its listener on that port
+    from csi_spdk.spdk.api import SpdkApi
+    from csi_spdk.spdk.client import SpdkClient
+    spdk = SpdkApi(SpdkClient(os.environ["GUEST_SPDK_RPC"]))
+    sub = spdk.subsystem_get(pc["nqn"])
+    assert [a["trsvcid"] for a in sub["listen_addresses"]] == [TLS_PORT], sub
+    assert len(sub["hosts"]) == 1 and "psk" not in sub["hosts"][0], sub
+else:
+    port = next(p for p in Path("/sys/kernel/config/nvmet/ports").iterdir()
+                if (p / "subsystems" / pc["nqn"]).exists())
+    assert (port / "addr_tsas").read_text().strip() == "tls1.3"
 staging, target = "/var/lib/kubelet/plugins/tls/staging", "/var/lib/kubelet/pods/p/tls"
 os.makedirs(staging, exist_ok=True)
 try:
@@ -433,21 +371,35 @@ print("CSI-TLS-OK", flush=True)
 '''
 
 
-def test_guest_csi_tls_volume(guest):
+def test_guest_csi_tls_volume(guest, host_rpc):
     """auth: tls through the driver: controller (PSK, TLS listener) and node
-    plugin (PSK into .nvme, nvme connect --tls) against the 6.12 kernel."""
-    res = guest.run("""
-        . /etc/guest/lib.sh
-        printf '[authenticate]\\nkeyrings=.nvme\\n' > /etc/tlshd.conf
-        tlshd -c /etc/tlshd.conf > /tmp/tlshd.log 2>&1 &
-        csi_stack_start guest-node
-        rc=0
-        python3 /root/driver.py || rc=$?
-        csi_stack_stop || rc=1
-        [ "$rc" = 0 ] || { csi_stack_logs 60; dmesg | grep -i -E "nvme|tls" | tail -30; }
-        exit $rc
-        """, timeout=400, files={"/root/driver.py": CSI_TLS_DRIVER})
-    assert res.exit_code == 0, res.describe()
+    plugin (PSK into .nvme, nvme connect --tls) against the 6.12 kernel; with
+    a real target, the agent runs beside it on the host and writes the keys."""
+    env = {}
+    with contextlib.ExitStack() as stack:
+        agent = (sock, log, keydir) = stack.enter_context(host_agent(host_rpc)) \
+            if host_rpc else (None, None, None)
+        if host_rpc:
+            port = free_port()
+            env = {"CSI_NVMF_PORT": str(port), "CSI_NVMF_TLS_PORT": str(free_port())}
+        res = guest.run("""
+            . /etc/guest/lib.sh
+            printf '[authenticate]\\nkeyrings=.nvme\\n' > /etc/tlshd.conf
+            tlshd -c /etc/tlshd.conf > /tmp/tlshd.log 2>&1 &
+            csi_stack_start guest-node
+            rc=0
+            python3 /root/driver.py || rc=$?
+            csi_stack_stop || rc=1
+            [ "$rc" = 0 ] || { csi_stack_logs 60; dmesg | grep -i -E "nvme|tls" | tail -30; }
+            exit $rc
+            """, timeout=400, env=env, files={"/root/driver.py": CSI_TLS_DRIVER},
+            options=GuestOptions(host_rpc=host_rpc, host_agent=agent[0]))
+        agent_log = log.read_text(errors="replace") if log else ""
+        left = sorted(p.name for p in keydir.iterdir()) if keydir and keydir.exists() else []
+    assert res.exit_code == 0, res.describe() + "\n--- host agent log ---\n" + agent_log[-3000:]
     for marker in ("NO-SECRET-REFUSED", "CSI-TLS-DATA-OK", "CSI-TLS-OK",
                    "csi_stack: no key material"):
         assert marker in res.output, marker
+    assert left == [], f"keys left in the host agent's key directory: {left}"
+    for prefix in ("NVMeTLSkey-1:", "DHHC-1:"):     # the keys were generated in the guest
+        assert prefix not in agent_log + target_log(), f"a {prefix} key in the agent/target log"

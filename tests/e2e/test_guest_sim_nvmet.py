@@ -5,31 +5,21 @@ connects to, and go away again."""
 from __future__ import annotations
 
 import pytest
+from guest.target_host import TargetRun
 
 pytestmark = pytest.mark.guest
 
-DRIVER = r'''
-import json, os, subprocess, sys, time
+DRIVER = r"""
+import json, os, sys
 from pathlib import Path
 
+sys.path.insert(0, "/root")
 from csi_spdk import contract
+from target_driver import HOSTID, HOSTNQN, MiB, NVMET, sh, wait_dev, write_read_back
 from csi_spdk.spdk.api import SpdkApi
 from csi_spdk.spdk.client import SpdkClient
 
-MiB = 1 << 20
-NVMET = Path("/sys/kernel/config/nvmet")
-NODE = "guest-node-1"
-HOSTNQN, HOSTID = contract.host_nqn(NODE), contract.host_id(NODE)
 SPDK_LISTEN = "192.0.2.10"     # SPDK's view; the kernel port listens on 127.0.0.1
-
-
-def sh(*cmd, check=True):
-    print("+", " ".join(cmd), flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    print(p.stdout + p.stderr, end="", flush=True)
-    if check and p.returncode:
-        sys.exit(f"FAILED ({p.returncode}): {' '.join(cmd)}")
-    return p
 
 
 def kernel_objects():
@@ -39,18 +29,6 @@ def kernel_objects():
     for port in (NVMET / "ports").iterdir():
         out += [f"ports/{port.name}/subsystems/{p.name}" for p in (port / "subsystems").iterdir()]
     return sorted(out)
-
-
-def wait_dev(ns_uuid, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for b in Path("/sys/block").glob("nvme*"):
-            dev = Path("/dev") / b.name
-            uuid = b / "uuid"
-            if uuid.exists() and dev.exists() and uuid.read_text().strip() == ns_uuid:
-                return str(dev)
-        time.sleep(0.1)
-    sys.exit(f"no block device with uuid {ns_uuid}")
 
 
 api = SpdkApi(SpdkClient("/run/spdk.sock", timeout=30))
@@ -87,16 +65,7 @@ assert model == contract.MODEL_NUMBER, model
 size = int(sh("blockdev", "--getsize64", dev).stdout)
 assert size == 64 * MiB, size
 
-pattern = os.urandom(4 * MiB)
-offset = 16 * MiB
-fd = os.open(dev, os.O_RDWR)
-os.pwrite(fd, pattern, offset)
-os.fsync(fd)
-os.close(fd)
-Path("/proc/sys/vm/drop_caches").write_text("3")
-fd = os.open(dev, os.O_RDONLY)
-assert os.pread(fd, len(pattern), offset) == pattern, "read-back mismatch"
-os.close(fd)
+write_read_back(dev, offset=16 * MiB, size=4 * MiB)
 
 # The data reached the lvol's backing file: the simulator sees the clusters.
 info = next(x for x in api.lvols("lvs0") if x["uuid"] == lvol)
@@ -125,24 +94,15 @@ api.listener_add(nqn2, api.listen_address("127.0.0.1", 4420))
 api.host_add(nqn2, HOSTNQN)
 assert len(kernel_objects()) == 4, kernel_objects()
 print("SIM-NVMET-OK", flush=True)
-'''
+"""
 
 
 def test_guest_sim_nvmet_dataplane(guest):
-    res = guest.run("""
-        . /etc/guest/lib.sh
-        data_dir /tmp/sim
-        csi-spdk sim --rpc-socket /run/spdk.sock --data-dir /tmp/sim --nvmet \
-            > /tmp/sim.log 2>&1 &
-        sim=$!
-        wait_for 30 test -S /run/spdk.sock || { cat /tmp/sim.log; exit 1; }
-        rc=0
-        python3 /root/driver.py || rc=$?
-        kill -TERM $sim
-        wait $sim || { echo "sim exit code $?"; rc=1; }
-        echo "--- sim log ---"; cat /tmp/sim.log
+    """Simulator only: it checks the simulator's own kernel objects."""
+    tr = TargetRun(None)
+    res = tr.run(guest, driver=DRIVER, timeout=180, teardown="""
         echo "--- kernel objects after sim exit ---"; nvmet_objects
         [ -z "$(nvmet_objects)" ] || rc=1
-        exit $rc
-        """, timeout=180, files={"/root/driver.py": DRIVER}, check=True)
+        """)
+    assert res.exit_code == 0, res.describe()
     assert "SIM-NVMET-OK" in res.output

@@ -40,3 +40,18 @@ def test_monitor_and_nvme_on_the_command_line(tmp_path):
     plain = harness._qemu_cmd(kernel, tmp_path / "initrd.cpio", tmp_path / "o", tmp_path / "c",
                               60, harness.GuestOptions())
     assert "-qmp" not in plain and not [a for a in plain if a.startswith("nvme")]
+
+
+def test_host_target_and_agent_forwards():
+    """A real target's RPC socket and the host agent's socket each get their
+    own guestfwd; no network at all without them."""
+    assert harness._qemu_net_args(harness.GuestOptions()) == ["-nic", "none"]
+    flag, nic = harness._qemu_net_args(harness.GuestOptions(
+        host_rpc="unix:///tmp/t/spdk.sock", host_agent="/tmp/a/agent.sock"))
+    assert flag == "-nic" and nic.startswith("user,model=virtio-net-pci,")
+    assert nic.split(",")[2:] == [
+        "guestfwd=tcp:10.0.2.100:5260-cmd:socat - UNIX-CONNECT:/tmp/t/spdk.sock",
+        "guestfwd=tcp:10.0.2.100:5261-cmd:socat - UNIX-CONNECT:/tmp/a/agent.sock"]
+    only_rpc = harness._qemu_net_args(harness.GuestOptions(host_rpc="127.0.0.1:5260"))[1]
+    assert only_rpc.endswith("guestfwd=tcp:10.0.2.100:5260-cmd:socat - TCP:127.0.0.1:5260")
+    assert "5261" not in only_rpc

@@ -30,6 +30,7 @@ Command line (for manual use)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata as md
@@ -37,6 +38,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -498,6 +500,10 @@ class GuestOptions:
     # "unix:///path", "/path" or "127.0.0.1:port". Forwarded into the guest as
     # 10.0.2.100:5260 (guestfwd + socat); the guest sees it as $GUEST_SPDK_RPC.
     host_rpc: str | None = None
+    # A csi-spdk agent on the host beside that target (its Unix socket path):
+    # forwarded as 10.0.2.100:5261, $GUEST_AGENT; csi_stack_start then uses it
+    # (key files land on the target's host, so auth works on a real target).
+    host_agent: str | None = None
     extra_dists: tuple[str, ...] = ()   # more Python distributions for the guest
     boot_margin: float = 60.0           # host-side timeout = timeout + this
     # QEMU user-net port forwards (host 127.0.0.1:HOST -> guest :GUEST), e.g.
@@ -511,6 +517,13 @@ class GuestOptions:
 
 
 GUEST_RPC_ADDR = ("10.0.2.100", 5260)
+GUEST_AGENT_ADDR = ("10.0.2.100", 5261)
+
+
+def _socat_target(addr: str) -> str:
+    if addr.startswith("unix:"):
+        addr = "/" + addr.split(":", 1)[1].lstrip("/")
+    return f"UNIX-CONNECT:{addr}" if addr.startswith("/") else f"TCP:{addr}"
 
 
 def _qemu_net_args(opts: GuestOptions) -> list[str]:
@@ -519,14 +532,10 @@ def _qemu_net_args(opts: GuestOptions) -> list[str]:
     nic = "user,model=virtio-net-pci"
     for host_port, guest_port in opts.hostfwd:
         nic += f",hostfwd=tcp:127.0.0.1:{int(host_port)}-:{int(guest_port)}"
-    if opts.host_rpc:
-        addr = opts.host_rpc
-        if addr.startswith("unix:"):
-            addr = addr.split(":", 1)[1].lstrip("/")
-            addr = "/" + addr
-        target = f"UNIX-CONNECT:{addr}" if addr.startswith("/") else f"TCP:{addr}"
-        ip, port = GUEST_RPC_ADDR
-        nic += f",guestfwd=tcp:{ip}:{port}-cmd:socat - {target}"
+    for addr, (ip, port) in ((opts.host_rpc, GUEST_RPC_ADDR),
+                             (opts.host_agent, GUEST_AGENT_ADDR)):
+        if addr:
+            nic += f",guestfwd=tcp:{ip}:{port}-cmd:socat - {_socat_target(addr)}"
     return ["-nic", nic]
 
 
@@ -569,6 +578,8 @@ def _write_initrd(work: Path, base: Path, script: str, timeout: int,
         }
         if opts.host_rpc:
             genv["GUEST_SPDK_RPC"] = "{}:{}".format(*GUEST_RPC_ADDR)
+        if opts.host_agent:
+            genv["GUEST_AGENT"] = "{}:{}".format(*GUEST_AGENT_ADDR)
         genv.update(env or {})
         c.data("etc/guest/env", "".join(f"export {k}={shlex.quote(v)}\n"
                                         for k, v in genv.items()).encode())
@@ -614,6 +625,22 @@ def _ready_kernel(cache: Path) -> Kernel:
     return kernel
 
 
+def _run_qemu(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run QEMU (under ``timeout``) in a process group of its own and kill the
+    whole group if this is interrupted (a pytest timeout, ^C): killing only
+    ``timeout`` would leave QEMU running its script on, unseen."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_in_guest(script: str, timeout: int = 120, *, env: Mapping[str, str] | None = None,
                  files: Mapping[str, bytes | str | Path] | None = None,
                  options: GuestOptions | None = None, cache: Path = CACHE,
@@ -638,7 +665,7 @@ def run_in_guest(script: str, timeout: int = 120, *, env: Mapping[str, str] | No
         cmd = _qemu_cmd(kernel, initrd, out_log, con_log,
                         timeout + opts.boot_margin, opts)
         t2 = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = _run_qemu(cmd)
         timings["qemu"] = round(time.monotonic() - t2, 2)
         raw = out_log.read_bytes().decode(errors="replace") if out_log.exists() else ""
         console = con_log.read_bytes().decode(errors="replace") if con_log.exists() else ""

@@ -73,6 +73,27 @@ data_dir() {
   mount -o loop "$_img" "$1"
 }
 
+# target_start [SIM ARGS...]: the SPDK target of a driver script
+# (tests/e2e/guest/target_driver.py): the simulator's kernel data plane on
+# /run/spdk.sock, or nothing when the host's real spdk_tgt is forwarded
+# ($GUEST_SPDK_RPC). target_stop: stop the simulator, print its log; fails if
+# it exited non-zero.
+target_start() {
+  [ -z "$GUEST_SPDK_RPC" ] || return 0
+  mountpoint -q /tmp/sim || data_dir /tmp/sim || return 1
+  csi-spdk sim --rpc-socket /run/spdk.sock --data-dir /tmp/sim --nvmet "$@" \
+    > /tmp/sim.log 2>&1 &
+  echo $! > /run/sim.pid
+  wait_for 60 test -S /run/spdk.sock || { cat /tmp/sim.log; return 1; }
+}
+target_stop() {
+  [ -e /run/sim.pid ] || return 0
+  _pid=$(cat /run/sim.pid); rm -f /run/sim.pid
+  kill -TERM "$_pid"; _e=0; wait "$_pid" || _e=$?
+  echo "--- sim log ---"; cat /tmp/sim.log
+  [ "$_e" = 0 ] || { echo "sim exit code $_e"; return 1; }
+}
+
 # --- the CSI stack in the guest -------------------------------------------------
 # csi_stack_start [NODE_ID]: SPDK + agent + controller + node plugin, sockets in
 # $CSI_RUN (controller.sock, node.sock, agent.sock); the controller reaches SPDK
@@ -86,9 +107,11 @@ csi_stack_start() {
   mkdir -p "$CSI_RUN" /var/lib/csi-spdk
   if [ -n "$GUEST_SPDK_RPC" ]; then
     SPDK_RPC=$GUEST_SPDK_RPC; _listen=${GUEST_TARGET_LISTEN:-127.0.0.1}; _dial=10.0.2.2
-    # the key files would be written in the guest, the host's spdk_tgt cannot
-    # read them: keys on a remote target need the target agent (not yet here)
+    # key files must be written where the host's spdk_tgt reads them: only an
+    # agent on the host ($GUEST_AGENT, GuestOptions.host_agent) can; without
+    # one the stack runs without auth
     _auth=none
+    [ -z "$GUEST_AGENT" ] || _auth=dhchap
   else
     SPDK_RPC=$CSI_RUN/spdk.sock; _listen=127.0.0.1; _dial=127.0.0.1; _auth=dhchap
     mountpoint -q /tmp/sim || data_dir /tmp/sim || return 1
@@ -99,18 +122,26 @@ csi_stack_start() {
   fi
   _lvs=$(python3 -c 'import json, sys; from csi_spdk.dev import ensure_lvstore
 print(json.dumps(ensure_lvstore(sys.argv[1])[0]))' "$SPDK_RPC") || return 1
-  csi-spdk agent --listen "unix://$CSI_RUN/agent.sock" --spdk-rpc "$SPDK_RPC" \
-    --state-dir /var/lib/csi-spdk-agent ${CSI_LOG_LEVEL:+--log-level $CSI_LOG_LEVEL} \
-    > "$CSI_RUN/agent.log" 2>&1 &
-  echo $! > "$CSI_RUN/agent.pid"
+  if [ -n "$GUEST_AGENT" ]; then   # the host's agent, bridged to a local socket
+    socat "UNIX-LISTEN:$CSI_RUN/agent.sock,fork" "TCP:$GUEST_AGENT" \
+      > "$CSI_RUN/agent-fwd.log" 2>&1 &
+    echo $! > "$CSI_RUN/agentfwd.pid"
+  else
+    csi-spdk agent --listen "unix://$CSI_RUN/agent.sock" --spdk-rpc "$SPDK_RPC" \
+      --state-dir /var/lib/csi-spdk-agent ${CSI_LOG_LEVEL:+--log-level $CSI_LOG_LEVEL} \
+      > "$CSI_RUN/agent.log" 2>&1 &
+    echo $! > "$CSI_RUN/agent.pid"
+  fi
   # auth: dhchap (the default) without Kubernetes: one generated key pair for
   # every volume ($CSI_RUN/auth-keys.json, the node-stage secrets the drivers
   # pass) and csi-sanity's --csi.secrets file ($CSI_RUN/csi-sanity-secrets.yaml).
   python3 -c 'import sys; from pathlib import Path; from csi_spdk.dev import write_dev_secrets
 write_dev_secrets(Path(sys.argv[1]))' "$CSI_RUN" || return 1
+  _port=${CSI_NVMF_PORT:-4420}; _tls_port=${CSI_NVMF_TLS_PORT:-$((_port + 1))}
   cat > "$CSI_RUN/controller.json" <<JSON
 {"targets": [{"name": "guest", "agent": {"address": "unix://$CSI_RUN/agent.sock"},
-  "nvmf": {"listenAddress": "$_listen", "port": 4420, "dialAddress": "$_dial"},
+  "nvmf": {"listenAddress": "$_listen", "port": $_port, "tlsPort": $_tls_port,
+           "dialAddress": "$_dial"},
   "lvstores": $_lvs, "node": "$NODE_ID"}],
  "nodes": ["$NODE_ID"],
  "auth": {"staticSecretsFile": "$CSI_RUN/auth-keys.json", "keyDir": "$CSI_RUN/keys",
@@ -158,6 +189,11 @@ csi_stack_stop() {
     [ "$_e" = 0 ] || { echo "csi_stack_stop: $_c exited $_e" >&2; _rc=1; }
     rm -f "$CSI_RUN/$_c.pid"
   done
+  if [ -e "$CSI_RUN/agentfwd.pid" ]; then   # the bridge to the host's agent
+    kill -TERM "$(cat "$CSI_RUN/agentfwd.pid")" 2>/dev/null
+    wait "$(cat "$CSI_RUN/agentfwd.pid")" 2>/dev/null || true
+    rm -f "$CSI_RUN/agentfwd.pid"
+  fi
   csi_stack_no_keys_in_logs || _rc=1
   return $_rc
 }
