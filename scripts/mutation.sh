@@ -3,7 +3,12 @@
 # target/create/snapshots/requests, errors, contract, against the in-process
 # unit tests that exercise them. Too slow for CI (tens of minutes on 2 cores);
 # run by hand:   scripts/mutation.sh            (run, then the per-module table)
+#                scripts/mutation.sh run 'csi_spdk.controller.snapshots*' ...
+#                                               (only the mutants matching these
+#                                               fnmatch patterns; earlier results kept)
 #                scripts/mutation.sh report     (the table of the last run)
+# Survivors judged equivalent (no test can tell them apart) are listed, with
+# why, in docs/mutation.md.
 # mutmut keeps its work in ./mutants (git-ignored); `mutmut show <name>` prints
 # one mutant's diff, `mutmut results` the survivors.
 set -euo pipefail
@@ -14,8 +19,9 @@ command -v mutmut >/dev/null || { echo "mutmut is not installed: pip install '.[
 export CSI_SPDK_TEST_AGENT=0
 unset CSI_SPDK_TEST_RPC PYTHONPATH
 if [ "${1:-run}" = run ]; then
+  shift || true
   start=$(date +%s)
-  nice -n 10 mutmut run --max-children "${MUTMUT_JOBS:-2}" || true
+  nice -n 15 mutmut run --max-children "${MUTMUT_JOBS:-2}" "$@" || true
   echo "mutmut run took $(( $(date +%s) - start )) s"
 fi
 python3 - <<'PY'

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 import grpc
-from controller_fixtures import MiB, call, create_req, expect_code, uuid_of
+from controller_fixtures import MiB, call, create_req, expect_code, publish_req, uuid_of
 
 from csi_spdk import contract
 from csi_spdk.proto import csi_pb2
@@ -75,3 +75,72 @@ def test_create_from_a_deleted_snapshot_is_not_found_not_a_same_named_volume(env
     msg = expect_code(C.NOT_FOUND, s, "CreateVolume",
                       create_req("x", 8 * MiB, snapshot=snap.snapshot_id))
     assert other.volume_id in msg          # says what holds the name
+
+
+def test_reconciler_deletes_unfinished_clones_but_not_what_a_call_is_using(env):
+    """Two abandoned CreateVolumes: one left a csic- snapshot (the clone
+    failed), the other a clone of a user snapshot with its pending marker (the
+    resize failed; nobody was answered with it). The reconciler deletes the
+    unfinished clone and its marker, leaves the csic- snapshot while a call
+    is using it, and then reclaims it; the user's snapshot and the volumes stay,
+    and the abandoned request, retried, makes its clone afresh."""
+    s = env.servicer
+    src = call(s, "CreateVolume", create_req("src", 8 * MiB, params=THIN)).volume
+    env.t0.api.arm(2)          # clone from a volume: the clone after csic- fails
+    expect_code(C.INTERNAL, s, "CreateVolume", create_req("a", 8 * MiB, volume=src.volume_id,
+                                                          params=THIN))
+    env.t0.api.arm(0)
+    snap = call(s, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
+        name="s", source_volume_id=src.volume_id)).snapshot
+    request = create_req("b", 12 * MiB, snapshot=snap.snapshot_id, params=THIN)
+    env.t0.api.arm(3)          # from the snapshot: marker, clone, then the resize fails
+    expect_code(C.INTERNAL, s, "CreateVolume", request)
+    env.t0.api.arm(0)
+    csic, clone = contract.clone_source_lvol_name("a"), contract.volume_lvol_name("b")
+    pending = contract.pending_lvol_name(clone)
+    assert {csic, clone, pending} <= set(names(env))
+    with s.targets.using(csic):
+        s.reconcile()
+    left = names(env)
+    assert csic in left and clone not in left and pending not in left
+    assert contract.snapshot_lvol_name("s") in left
+    s.reconcile()
+    assert contract.volume_lvol_name("src") in names(env) and csic not in names(env)
+    vol = call(s, "CreateVolume", request).volume
+    b = env.t0.raw.bdev_get(uuid_of(vol.volume_id))
+    assert b["num_blocks"] * b["block_size"] == 12 * MiB
+    assert b["driver_specific"]["lvol"]["base_snapshot"] == contract.snapshot_lvol_name("s")
+    assert pending not in names(env)
+
+
+def test_reconciler_deletes_host_less_subsystems_of_no_volume_only(env):
+    """A publish that crashed after creating the subsystem, before finding no
+    volume, leaves a subsystem without hosts for a uuid that is no volume (a
+    missing lvol, a snapshot): the reconciler deletes it. It keeps a published
+    volume's subsystem, an unpublished volume's host-less one (the QoS hold),
+    and one of a bdev that is not the driver's (another user of the target)."""
+    s = env.servicer
+    raw = env.t0.raw
+    pub = call(s, "CreateVolume", create_req("p", 4 * MiB, params=THIN)).volume
+    call(s, "ControllerPublishVolume", publish_req(pub.volume_id, "node-1"))
+    held = call(s, "CreateVolume", create_req("h", 4 * MiB, params=THIN)).volume
+    malloc = raw.malloc_create(f"{env.t0.malloc}f", 4 * MiB)
+    foreign = raw.bdev_get(malloc)["uuid"]
+    snap = call(s, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
+        name="s", source_volume_id=held.volume_id)).snapshot
+    orphans = ("0f0e0d0c-0b0a-4909-8807-060504030201", uuid_of(snap.snapshot_id))
+    for uuid in (uuid_of(held.volume_id), foreign, *orphans):
+        raw.subsystem_create(contract.subsystem_nqn(uuid), contract.serial_number(uuid),
+                             contract.MODEL_NUMBER)
+    before = {sub["nqn"] for sub in raw.subsystems()}
+    s.reconcile()
+    after = {sub["nqn"] for sub in raw.subsystems()}
+    assert before - after == {contract.subsystem_nqn(u) for u in orphans}
+    assert {contract.subsystem_nqn(u) for u in (uuid_of(pub.volume_id),
+                                                uuid_of(held.volume_id), foreign)} <= after
+    host = contract.host_nqn("node-1")
+    assert [h["nqn"] for h in raw.subsystem_get(contract.subsystem_nqn(
+        uuid_of(pub.volume_id)))["hosts"]] == [host]
+    for uuid in (uuid_of(held.volume_id), foreign):
+        raw.subsystem_delete(contract.subsystem_nqn(uuid))
+    raw.call("bdev_malloc_delete", {"name": malloc})

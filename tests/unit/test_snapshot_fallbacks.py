@@ -6,6 +6,8 @@ and refusals to touch lvols the driver did not create."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 from controller_fixtures import MiB, call, create_req, expect_code, uuid_of
 
@@ -113,3 +115,45 @@ def test_delete_snapshot_refuses_what_the_driver_did_not_make(env):
     assert names(env) == before
     raw.lvol_delete(foreign)
     raw.lvol_delete(foreign_snap)
+
+
+def test_a_metaless_retry_from_a_volume_with_its_own_snapshots_is_already_exists(env):
+    """The lineage fallback follows the given source's chain and finds another
+    snapshot there: not this one, so ALREADY_EXISTS (the meta lvol stays
+    unwritten); the true source still converges."""
+    s = env.servicer
+    v = call(s, "CreateVolume", create_req("v", 4 * MiB, params=THIN)).volume
+    other = call(s, "CreateVolume", create_req("o", 4 * MiB, params=THIN)).volume
+    mine = snapshot(env, "s1", v.volume_id)
+    snapshot(env, "own", other.volume_id)          # other's chain: own, not s1
+    drop_meta(env, uuid_of(mine.snapshot_id))
+    msg = expect_code(C.ALREADY_EXISTS, s, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
+        name="s1", source_volume_id=other.volume_id))
+    assert "different source" in msg
+    prefix = contract.snapshot_meta_prefix(uuid_of(mine.snapshot_id))
+    assert not any(n.startswith(prefix) for n in names(env))
+    assert snapshot(env, "s1", v.volume_id).snapshot_id == mine.snapshot_id
+
+
+def test_a_metaless_snapshot_is_dated_when_first_seen_each_its_own(env):
+    """Without a meta lvol, creation_time is when this process first saw that
+    snapshot: a second one seen later has its own, later time, and each keeps
+    its time across listings."""
+    s = env.servicer
+    v = call(s, "CreateVolume", create_req("v", 4 * MiB, params=THIN)).volume
+    first = snapshot(env, "s1", v.volume_id)
+    drop_meta(env, uuid_of(first.snapshot_id))
+
+    def listed():
+        return {e.snapshot.snapshot_id: e.snapshot.creation_time.ToNanoseconds()
+                for e in call(s, "ListSnapshots", csi_pb2.ListSnapshotsRequest()).entries}
+
+    t1 = listed()[first.snapshot_id]
+    time.sleep(0.01)
+    before = time.time_ns() // 1_000_000 * 1_000_000
+    second = snapshot(env, "s2", v.volume_id)
+    drop_meta(env, uuid_of(second.snapshot_id))
+    again = listed()
+    assert again[first.snapshot_id] == t1
+    assert again[second.snapshot_id] >= before > t1
+    assert listed() == again
