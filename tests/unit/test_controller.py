@@ -581,3 +581,35 @@ def test_volume_condition_abnormal_when_lvstore_missing(env):
                                    Lvol("u", "csi-x", "lvs", "gone", 1, False, False, False),
                                    {"other"})
     assert cond.abnormal and "gone" in cond.message
+
+
+def test_lvstores_not_configured_are_not_the_drivers(env):
+    """An lvstore on the same target that the config does not name (another
+    cluster's, say) holds lvols with the driver's names: ListVolumes and
+    ListSnapshots do not show them, and a CreateVolume of that name makes its
+    own volume in a configured lvstore instead of answering with theirs."""
+    s = env.servicer
+    raw = env.t0.raw
+    mine = call(s, "CreateVolume", create_req("mine", 4 * MiB)).volume
+    malloc = f"{env.t0.malloc}other"
+    raw.malloc_create(malloc, 32 * MiB)
+    raw.lvstore_create(malloc, "other-lvs", cluster_sz=MiB)
+    theirs = raw.lvol_create("other-lvs", contract.volume_lvol_name("x"), 4 * MiB, True)
+    raw.call("bdev_lvol_snapshot", {"lvol_name": theirs,
+                                    "snapshot_name": contract.snapshot_lvol_name("y")})
+    try:
+        listed = call(s, "ListVolumes", csi_pb2.ListVolumesRequest()).entries
+        assert [e.volume.volume_id for e in listed] == [mine.volume_id]
+        assert call(s, "ListSnapshots", csi_pb2.ListSnapshotsRequest()).entries == []
+        made = call(s, "CreateVolume", create_req("x", 4 * MiB)).volume
+        assert uuid_of(made.volume_id) != theirs
+        assert raw.bdev_get(uuid_of(made.volume_id))["aliases"] == \
+            [f"{env.t0.lvs}/{contract.volume_lvol_name('x')}"]
+    finally:
+        for lv in raw.lvols("other-lvs"):
+            if not lv.get("is_snapshot"):
+                raw.lvol_delete(lv["uuid"])
+        for lv in raw.lvols("other-lvs"):
+            raw.lvol_delete(lv["uuid"])
+        raw.call("bdev_lvol_delete_lvstore", {"lvs_name": "other-lvs"})
+        raw.call("bdev_malloc_delete", {"name": malloc})

@@ -209,3 +209,26 @@ def test_tls_gets_a_psk_and_a_secure_channel_listener_of_its_own(env):
 def _nvmf_config(env):
     subsystems = env.t0.raw.call("framework_get_config", {"name": "nvmf"})
     return subsystems
+
+
+def test_unpublish_without_a_node_unpublishes_every_node(env):
+    """CSI: an unset node_id MAY unpublish from all nodes: the subsystem goes
+    with both hosts, and so do the volume's keys on the target; ListVolumes
+    then names no node; the volume itself stays."""
+    req = create_req("v-all", caps=[mount_cap(csi_pb2.VolumeCapability.AccessMode
+                                              .MULTI_NODE_READER_ONLY)])
+    vol = call(env.servicer, "CreateVolume", req).volume
+    uuid = uuid_of(vol.volume_id)
+    for node in ("node-a", "node-b"):
+        r = publish_req(vol.volume_id, node, cap=req.volume_capabilities[0], readonly=True)
+        r.volume_context.update(vol.volume_context)
+        call(env.servicer, "ControllerPublishVolume", r)
+    assert len(_host_entry(env, uuid)) == 2 and len(env.t0.raw.keyring_keys()) == 2
+    call(env.servicer, "ControllerUnpublishVolume",
+         csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vol.volume_id))
+    assert env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid)) is None
+    assert env.t0.raw.keyring_keys() == []
+    listed = call(env.servicer, "ListVolumes", csi_pb2.ListVolumesRequest()).entries
+    assert [(e.volume.volume_id, list(e.status.published_node_ids)) for e in listed] == \
+        [(vol.volume_id, [])]
+    assert env.t0.raw.bdev_get(uuid) is not None

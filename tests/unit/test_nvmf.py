@@ -128,3 +128,46 @@ def test_export_when_target_is_out_of_subsystems(env):
         exporter(env).export(uuid, contract.host_nqn("n1"))
     assert "cannot export another volume" in err.value.message
     assert env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid)) is None
+
+
+def test_hold_open_serves_the_lvol_alone_and_converges_from_a_stale_view(env):
+    """The QoS hold: a subsystem with the lvol's one namespace, no host, no
+    listener, room for no other namespace. Given a view read before someone
+    else added the namespace (SPDK then refuses the add), it re-checks and
+    succeeds; a second hold leaves one namespace; delete removes it."""
+    uuid = lvol(env)
+    ex = exporter(env)
+    nqn = contract.subsystem_nqn(uuid)
+    ex.hold_open(uuid, None)
+    sub = env.t0.raw.subsystem_get(nqn)
+    assert sub["hosts"] == [] and sub["listen_addresses"] == []
+    assert sub["max_namespaces"] == 1 and sub["allow_any_host"] is False
+    assert [(n["bdev_name"], n["uuid"]) for n in sub["namespaces"]] == [(uuid, uuid)]
+    stale = dict(sub, namespaces=[])
+    ex.hold_open(uuid, stale)
+    ex.hold_open(uuid, env.t0.raw.subsystem_get(nqn))
+    assert [n["bdev_name"] for n in env.t0.raw.subsystem_get(nqn)["namespaces"]] == [uuid]
+    ex.delete(uuid)
+    assert env.t0.raw.subsystem_get(nqn) is None
+
+
+def test_hold_open_of_a_missing_lvol_fails(env):
+    """The add is refused and the re-check finds no namespace: the error
+    surfaces (a hold on nothing would be a lie to the QoS call)."""
+    ex = exporter(env)
+    gone = "0f0e0d0c-0b0a-4909-8807-060504030201"
+    with pytest.raises(SpdkError):
+        ex.hold_open(gone, None)
+    sub = env.t0.raw.subsystem_get(contract.subsystem_nqn(gone))
+    assert sub is None or sub["namespaces"] == []
+    ex.delete(gone)
+
+
+def test_delete_removes_the_subsystem_whatever_its_hosts(env):
+    uuid = lvol(env)
+    ex = exporter(env)
+    ex.export(uuid, H1)
+    ex.export(uuid, H2)
+    ex.delete(uuid)
+    assert env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid)) is None
+    ex.delete(uuid)                            # missing is success
