@@ -144,3 +144,25 @@ def test_reconciler_deletes_host_less_subsystems_of_no_volume_only(env):
     for uuid in (uuid_of(held.volume_id), foreign):
         raw.subsystem_delete(contract.subsystem_nqn(uuid))
     raw.call("bdev_malloc_delete", {"name": malloc})
+
+
+def test_unfinished_clone_of_a_deleted_snapshot_is_deleted_by_the_retry(env):
+    """CreateVolume from a snapshot fails after the clone (its resize), the
+    user deletes the snapshot (two clones: hidden), and the retry is NOT_FOUND
+    for the snapshot: the unfinished clone (pending marker: nobody has it) goes,
+    then the hidden snapshot with it; a second retry answers the same."""
+    s = env.servicer
+    src = call(s, "CreateVolume", create_req("src", 8 * MiB, params=THIN)).volume
+    snap = call(s, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
+        name="s", source_volume_id=src.volume_id)).snapshot
+    request = create_req("c", 12 * MiB, snapshot=snap.snapshot_id, params=THIN)
+    env.t0.api.arm(3)
+    expect_code(C.INTERNAL, s, "CreateVolume", request)
+    env.t0.api.arm(0)
+    clone = contract.volume_lvol_name("c")
+    assert {clone, contract.pending_lvol_name(clone)} <= set(names(env))
+    call(s, "DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    for _ in range(2):
+        msg = expect_code(C.NOT_FOUND, s, "CreateVolume", request)
+        assert snap.snapshot_id in msg
+        assert names(env) == [contract.volume_lvol_name("src")]

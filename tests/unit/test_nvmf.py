@@ -171,3 +171,40 @@ def test_delete_removes_the_subsystem_whatever_its_hosts(env):
     ex.delete(uuid)
     assert env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid)) is None
     ex.delete(uuid)                            # missing is success
+
+
+class _StaleTransports:
+    """An SpdkApi whose first transport listing predates another caller's
+    create of the TCP transport (the race ensure_transport must survive)."""
+
+    def __init__(self, api, fail_create=False):
+        self.api, self.first, self.fail_create = api, True, fail_create
+
+    def __getattr__(self, name):
+        return getattr(self.api, name)
+
+    def transports(self):
+        if self.first:
+            self.first = False
+            return []
+        return self.api.transports()
+
+    def transport_create(self, trtype):
+        if self.fail_create:
+            raise SpdkError("nvmf_create_transport", -32603, "Transport type 'TCP' failed")
+        return self.api.transport_create(trtype)
+
+
+def test_transport_created_meanwhile_is_no_error_a_failed_create_is(env):
+    """SPDK refuses a second TCP transport; when the listing shows it exists
+    after the refusal the export proceeds. A create that fails with no TCP
+    transport listed afterwards raises (nothing to export on)."""
+    if not any(t["trtype"].upper() == "TCP" for t in env.t0.raw.transports()):
+        env.t0.raw.transport_create("TCP")
+    uuid = lvol(env)
+    NvmfExporter(_StaleTransports(env.t0.api), env.config.targets[0]).export(uuid, H1)
+    check_exported(env, uuid, [H1])
+    bare = _StaleTransports(env.t0.api, fail_create=True)
+    bare.transports = lambda: []
+    with pytest.raises(SpdkError):
+        NvmfExporter(bare, env.config.targets[0]).ensure_transport()

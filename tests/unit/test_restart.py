@@ -111,3 +111,23 @@ def test_snapshot_source_and_time_survive_a_restart(env):
     names = [lv["name"] for lv in env.t0.raw.lvols(env.t0.lvs)]
     assert not any(n.startswith(contract.snapshot_meta_prefix(tsnap.snapshot_id.split(":")[1]))
                    for n in names)
+
+
+def test_single_node_publish_to_a_node_an_older_driver_allowed_is_no_conflict(env):
+    """The allow-list holds node-1 under its older NQN form only (an older
+    driver published it): a publish to node-1 after the upgrade is the same
+    node, not "published elsewhere", and adds its new NQN; node-2 is still
+    FAILED_PRECONDITION."""
+    s = env.servicer
+    vol = call(s, "CreateVolume", create_req("v", 4 * MiB)).volume
+    call(s, "ControllerPublishVolume", publish_req(vol.volume_id, "node-1"))
+    nqn = contract.subsystem_nqn(vol.volume_id.split(":")[1])
+    env.t0.raw.host_add(nqn, contract.legacy_host_nqn("node-1"))
+    env.t0.raw.call("nvmf_subsystem_remove_host", {"nqn": nqn,
+                                                   "host": contract.host_nqn("node-1")})
+    s2 = restarted(env)
+    call(s2, "ControllerPublishVolume", publish_req(vol.volume_id, "node-1"))
+    hosts = sorted(h["nqn"] for h in env.t0.raw.subsystem_get(nqn)["hosts"])
+    assert hosts == sorted([contract.host_nqn("node-1"), contract.legacy_host_nqn("node-1")])
+    expect_code(C.FAILED_PRECONDITION, s2, "ControllerPublishVolume",
+                publish_req(vol.volume_id, "node-2"))
