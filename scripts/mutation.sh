@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Mutation testing of the controller core (pyproject.toml [tool.mutmut]):
 # target/create/snapshots/requests, errors, contract, against the in-process
-# unit tests that exercise them. Too slow for CI (tens of minutes on 2 cores);
+# unit tests that exercise them. Too slow for CI (hours on 2 shared cores);
 # run by hand:   scripts/mutation.sh            (run, then the per-module table)
 #                scripts/mutation.sh run 'csi_spdk.controller.snapshots*' ...
 #                                               (only the mutants matching these
 #                                               fnmatch patterns; earlier results kept)
 #                scripts/mutation.sh report     (the table of the last run)
-# Survivors judged equivalent (no test can tell them apart) are listed, with
-# why, in docs/mutation.md.
+# Figures, and the survivors judged equivalent (no test can tell them apart)
+# with why: docs/mutation.md.
 # mutmut keeps its work in ./mutants (git-ignored); `mutmut show <name>` prints
 # one mutant's diff, `mutmut results` the survivors.
 set -euo pipefail

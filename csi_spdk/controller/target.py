@@ -316,11 +316,6 @@ class Target(KeptCapacity):
             with contextlib.suppress(SpdkNotFound):
                 self.api.subsystem_delete(nqn)
 
-    def delete_lvol(self, lv: Lvol) -> None:
-        """Delete an lvol (missing is success) and reclaim its hidden parents."""
-        with self.lineage:
-            self._delete_lvol(lv)
-
     def _delete_lvol(self, lv: Lvol) -> None:
         with contextlib.suppress(SpdkNotFound):
             self.api.lvol_delete(lv.uuid)
