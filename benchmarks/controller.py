@@ -50,9 +50,11 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from csi_spdk import contract  # noqa: E402
 from csi_spdk.proto import csi_pb2, csi_pb2_grpc  # noqa: E402
 from csi_spdk.spdk.api import SpdkApi  # noqa: E402
 from csi_spdk.spdk.client import SpdkClient  # noqa: E402
+from csi_spdk.spdk.errors import SpdkNotFound  # noqa: E402
 
 MiB = 1024 * 1024
 OPS = ("CreateVolume", "ControllerPublishVolume", "ControllerUnpublishVolume", "DeleteVolume")
@@ -228,6 +230,66 @@ class Volumes:
             s.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=self.ids[i]))
 
 
+class Bare:
+    """The SPDK RPC sequence of each CSI call, sent straight to SPDK (no
+    gRPC, no controller): the same calls in the same rounds as the intents
+    (spdk/intents.py), so bare vs CSI separates driver overhead from SPDK's
+    own growth with N."""
+
+    def __init__(self, spdk: str, lvs: str, tag: str, inflight: int) -> None:
+        self.client = SpdkClient(spdk, timeout=120, pool_size=3 * inflight, idle=3 * inflight)
+        self.lvs, self.tag, self.ids = lvs, tag, {}
+        self.pool = ThreadPoolExecutor(3 * inflight)
+        self.listen = {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1",
+                       "trsvcid": "4420"}
+        if not any(t.get("trtype", "").upper() == "TCP"
+                   for t in self.client.call("nvmf_get_transports")):
+            self.client.call("nvmf_create_transport", {"trtype": "TCP"})
+
+    def _together(self, *calls: tuple[str, dict]) -> list:
+        futs = [self.pool.submit(self._quiet, m, p) for m, p in calls]
+        return [f.result() for f in futs]
+
+    def _quiet(self, method: str, params: dict):
+        try:
+            return self.client.call(method, params)
+        except SpdkNotFound:
+            return None
+
+    def step(self, op: str, i: int) -> None:
+        c = self.client
+        if op == "CreateVolume":
+            self.ids[i] = c.call("bdev_lvol_create", {
+                "lvs_name": self.lvs, "lvol_name": f"bare-{self.tag}-{i}",
+                "size_in_mib": 1, "thin_provision": True})
+            return
+        uuid = self.ids[i]
+        nqn = contract.subsystem_nqn(uuid)
+        if op == "ControllerPublishVolume":
+            self._together(("bdev_get_bdevs", {"name": uuid}), (
+                "nvmf_create_subsystem", {
+                    "nqn": nqn, "serial_number": contract.serial_number(uuid),
+                    "model_number": "csi-spdk rw 00000000 h00000000",
+                    "allow_any_host": False, "max_namespaces": 1}))
+            self._together(
+                ("nvmf_subsystem_add_ns", {"nqn": nqn, "namespace": {"bdev_name": uuid,
+                                                                      "uuid": uuid}}),
+                ("nvmf_subsystem_add_listener", {"nqn": nqn, "listen_address": self.listen}),
+                ("nvmf_subsystem_add_host", {"nqn": nqn,
+                                             "host": contract.host_nqn(f"node-{i % 8}")}))
+        elif op == "ControllerUnpublishVolume":
+            c.call("nvmf_get_subsystems", {"nqn": nqn})
+            c.call("nvmf_delete_subsystem", {"nqn": nqn})
+        else:
+            self._together(("bdev_get_bdevs", {"name": uuid}),
+                           ("nvmf_get_subsystems", {"nqn": nqn}))
+            c.call("bdev_lvol_delete", {"name": uuid})
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.client.close()
+
+
 def grpc_floor(sock: str, calls: int = 300) -> float:
     with grpc.insecure_channel(f"unix://{sock}") as ch:
         ident = csi_pb2_grpc.IdentityStub(ch)
@@ -264,39 +326,62 @@ def count_pass(tmp: Path, spdk: str, lvs: str, agent: bool, k: int = 12) -> dict
             for op, v in out.items()}
 
 
-def timing_pass(stack: Stack, n: int, tag: str, spdk: str) -> dict[str, list[float]]:
-    """Each CSI call is followed by one serial spdk_get_version on its own
-    connection: the RPC period under the same load (``times["_period"]``)."""
-    vols = Volumes(stack.stub, tag)
+def timing_pass(vols, n: int, spdk: str, at_scale=None) -> dict[str, list[float]]:
+    """N of each CSI call in turn (all creates, then all publishes, ...) on
+    ``vols`` (``Volumes`` through the controller, or ``Bare``); each call is
+    followed by one serial spdk_get_version on its own connection: the RPC
+    period under the same load and N (``times["_period:<op>"]``).
+    ``at_scale(times)`` runs once, with all N volumes published."""
     times: dict[str, list[float]] = {op: [] for op in OPS}
-    times["_period"] = []
     probe = SpdkClient(spdk, timeout=30, pool_size=1)
     probe.call("spdk_get_version")
     for op in OPS:
+        period = times[f"_period:{op}"] = []
         for i in range(n):
             t = time.perf_counter()
             vols.step(op, i)
             times[op].append(time.perf_counter() - t)
             t = time.perf_counter()
             probe.call("spdk_get_version")
-            times["_period"].append(time.perf_counter() - t)
-        if op == "ControllerPublishVolume":
-            times["_rss"] = [rss_mib(stack.ctl.pid)] + (
-                [rss_mib(stack.agent.pid)] if stack.agent_metrics else [])
-            t = time.perf_counter()
-            stack.stub.ListVolumes(csi_pb2.ListVolumesRequest())
-            times["_list"] = [time.perf_counter() - t]
-            t = time.perf_counter()
-            stack.stub.GetCapacity(csi_pb2.GetCapacityRequest(parameters={
-                "thinProvision": "true"}))
-            times["_cap"] = [time.perf_counter() - t]
+            period.append(time.perf_counter() - t)
+        if op == "ControllerPublishVolume" and at_scale is not None:
+            at_scale(times)
     probe.close()
     return times
 
 
-def throughput(stack: Stack, n: int, inflight: int, tag: str) -> float:
-    """Whole lifecycles (create, publish, unpublish, delete) per second."""
-    vols = Volumes(stack.stub, tag)
+def measure_at_scale(stack: Stack, tag: str):
+    """ListVolumes (every page), GetCapacity, RSS and lifecycles/s with the
+    timing pass's N volumes published."""
+    def run(times: dict) -> None:
+        times["_rss"] = [rss_mib(stack.ctl.pid)] + (
+            [rss_mib(stack.agent.pid)] if stack.agent_metrics else [])
+        t = time.perf_counter()
+        pages, token, entries = 0, "", 0
+        while True:
+            r = stack.stub.ListVolumes(csi_pb2.ListVolumesRequest(
+                max_entries=500, starting_token=token))
+            pages, entries, token = pages + 1, entries + len(r.entries), r.next_token
+            if not token:
+                break
+        times["_list"] = [time.perf_counter() - t, pages, entries]
+        t = time.perf_counter()
+        stack.stub.ListVolumes(csi_pb2.ListVolumesRequest())
+        times["_list_all"] = [time.perf_counter() - t]
+        t = time.perf_counter()
+        stack.stub.GetCapacity(csi_pb2.GetCapacityRequest(parameters={
+            "thinProvision": "true"}))
+        times["_cap"] = [time.perf_counter() - t]
+        times["_rates"] = [throughput(lambda k: Volumes(stack.stub, f"{tag}s{k}"), 4 * k, k)
+                           for k in (1, 8, 32)]
+        times["_rss_after"] = [rss_mib(stack.ctl.pid), hwm_mib(stack.ctl.pid)]
+    return run
+
+
+def throughput(make, n: int, inflight: int) -> float:
+    """Whole lifecycles (create, publish, unpublish, delete) per second;
+    ``make(inflight)`` gives the steps (``Volumes`` or ``Bare``)."""
+    vols = make(inflight)
 
     def life(i: int) -> None:
         for op in OPS:
@@ -305,6 +390,17 @@ def throughput(stack: Stack, n: int, inflight: int, tag: str) -> float:
     with ThreadPoolExecutor(inflight) as pool:
         list(pool.map(life, range(n)))
     return n / (time.perf_counter() - t)
+
+
+def hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _p50(t: list[float]) -> float:
+    return statistics.median(t) * 1000 if t else 0.0
 
 
 def bench(n: int, real_rpc: str, agent: bool, tmp: Path) -> None:
@@ -331,36 +427,19 @@ def bench(n: int, real_rpc: str, agent: bool, tmp: Path) -> None:
         api.call("bdev_lvol_create_lvstore", {"bdev_name": malloc, "lvs_name": lvs,
                                               "cluster_sz": MiB,
                                               "num_md_pages_per_cluster_ratio": ratio})
+        say(f"N={n}: bare SPDK sequence")
+        bare = Bare(spdk, lvs, f"{tag}b", inflight=8)
+        bare_t = timing_pass(bare, n, spdk, at_scale=lambda t: t.__setitem__("_rates", [
+            throughput(lambda k: Bare(spdk, lvs, f"{tag}b{k}", inflight=k), 4 * k, k)
+            for k in (1, 8, 32)]))
+        bare.close()
+        say(f"N={n}: counting pass")
         counts = count_pass(tmp, spdk, lvs, agent)
         stack = Stack(tmp, tag, spdk, lvs, agent)
+        say(f"N={n}: CSI timing pass, controller pid {stack.ctl.pid}")
         hop = grpc_floor(stack.sock)
-        times = timing_pass(stack, n, tag, spdk)
-        period = pct(times["_period"], .5)
-        rates = {k: throughput(stack, min(n, max(64, 4 * k)), k, f"{tag}t{k}")
-                 for k in (1, 8, 32)}
-        where = "real spdk_tgt" if real_rpc else "simulator"
-        how = "through the agent" if agent else "on the SPDK socket"
-        print(f"\n== N={n} volumes, {where}, controller {how} ==")
-        print(f"SPDK RPC period (a serial spdk_get_version after each CSI call, p50): "
-              f"{period:.2f} ms; "
-              f"gRPC floor (no-op call p50): {hop:.2f} ms")
-        print(f"{'CSI call':<28}{'SPDK calls':>11}{'rounds':>8}{'agent RTs':>10}"
-              f"{'p50':>9}{'p99':>9}{'floor':>9}{'first10%':>10}{'last10%':>9}")
-        k = max(1, n // 10)
-        for op in OPS:
-            calls, rounds, hops = counts[op]
-            t = times[op]
-            floor = rounds * period + (1 + (hops if agent else 0)) * hop
-            print(f"{op:<28}{calls:>11.0f}{rounds:>8.0f}{hops if agent else 0:>10.0f}"
-                  f"{pct(t, .5):>7.2f}ms{pct(t, .99):>7.2f}ms{floor:>7.2f}ms"
-                  f"{statistics.median(t[:k]) * 1000:>8.2f}ms"
-                  f"{statistics.median(t[-k:]) * 1000:>7.2f}ms")
-        print("lifecycle volumes/s: " + ", ".join(f"{r:.1f} with {k} in flight"
-                                                  for k, r in rates.items()))
-        print(f"with {n} volumes published: ListVolumes {times['_list'][0] * 1000:.1f} ms, "
-              f"GetCapacity {times['_cap'][0] * 1000:.1f} ms, controller RSS "
-              f"{times['_rss'][0]:.1f} MiB"
-              + (f", agent RSS {times['_rss'][1]:.1f} MiB" if agent else ""))
+        times = timing_pass(Volumes(stack.stub, tag), n, spdk, measure_at_scale(stack, tag))
+        report(n, real_rpc, agent, counts, hop, times, bare_t)
     finally:
         if stack is not None:
             stack.stop()
@@ -371,6 +450,51 @@ def bench(n: int, real_rpc: str, agent: bool, tmp: Path) -> None:
         if sim is not None:
             sim.terminate()
             sim.wait(10)
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def report(n: int, real_rpc: str, agent: bool, counts: dict, hop: float, times: dict,
+           bare: dict) -> None:
+    k = max(1, n // 10)
+    where = "real spdk_tgt" if real_rpc else "simulator"
+    how = "through the agent" if agent else "on the SPDK socket"
+    period = pct([x for op in OPS for x in times[f"_period:{op}"]], .5)
+    print(f"\n== N={n} volumes, {where}, controller {how} ==")
+    print(f"SPDK RPC period (a serial spdk_get_version after each CSI call, p50): "
+          f"{period:.2f} ms; gRPC floor (no-op call p50): {hop:.2f} ms")
+    print(f"{'CSI call':<26}{'calls':>6}{'rounds':>7}{'agent':>6}"
+          f"{'p50':>9}{'p99':>9}{'floor':>9}{'first10%':>10}{'last10%':>9}"
+          f"{'p99 f/l10%':>16}{'growth':>8}")
+    for op in OPS:
+        calls, rounds, hops = counts[op]
+        floor = rounds * period + (1 + (hops if agent else 0)) * hop
+        for label, t in ((op, times[op]), ("  bare SPDK sequence", bare[op])):
+            f10, l10 = _p50(t[:k]), _p50(t[-k:])
+            head = (f"{label:<26}{calls:>6.0f}{rounds:>7.0f}{hops if agent else 0:>6.0f}"
+                    if t is times[op] else f"{label:<45}")
+            print(f"{head}{pct(t, .5):>7.2f}ms{pct(t, .99):>7.2f}ms"
+                  + (f"{floor:>7.2f}ms" if t is times[op] else f"{'':>9}")
+                  + f"{f10:>8.2f}ms{l10:>7.2f}ms"
+                  f"{pct(t[:k], .99):>7.1f}/{pct(t[-k:], .99):>5.1f}ms"
+                  f"{(l10 / f10 - 1) * 100 if f10 else 0:>+7.1f}%")
+    print("SPDK RPC period p50 (first10% -> last10% of each phase; CSI pass | bare pass):")
+    for op in OPS:
+        c, b = times[f"_period:{op}"], bare[f"_period:{op}"]
+        print(f"  during {op:<26} {_p50(c[:k]):6.2f} -> {_p50(c[-k:]):6.2f} ms | "
+              f"{_p50(b[:k]):6.2f} -> {_p50(b[-k:]):6.2f} ms")
+    print(f"lifecycle volumes/s with {n} volumes published (CSI | bare): " + ", ".join(
+        f"{r:.1f} | {br:.1f} with {i} in flight"
+        for i, r, br in zip((1, 8, 32), times["_rates"], bare["_rates"], strict=True)))
+    lt, pages, entries = times["_list"]
+    print(f"with {n} volumes published: ListVolumes {lt * 1000:.1f} ms for {pages:.0f} "
+          f"pages of 500 ({entries:.0f} entries), unpaged {times['_list_all'][0] * 1000:.1f} ms; "
+          f"GetCapacity {times['_cap'][0] * 1000:.1f} ms; controller RSS "
+          f"{times['_rss'][0]:.1f} MiB (after the throughput runs "
+          f"{times['_rss_after'][0]:.1f}, peak {times['_rss_after'][1]:.1f})"
+          + (f", agent RSS {times['_rss'][1]:.1f} MiB" if agent else ""))
 
 
 def main() -> int:
