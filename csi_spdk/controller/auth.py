@@ -26,6 +26,7 @@ by its prefix. Keys never appear in a log line, an error, a context.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ from .. import contract, nvme_keys
 from ..errors import FailedPrecondition, InvalidArgument
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkError
+from ..spdk.intents import parallel
 
 log = logging.getLogger("csi_spdk.auth")
 
@@ -192,33 +194,35 @@ class SameHostKeyCustody:
         return self.dir / name
 
     def put(self, name: str, material: str) -> None:
+        """One SPDK call: the add itself. The keyring is listed only when
+        SPDK says the name is taken (a retry: then it must really be there).
+        The file is written under a name of its own, so puts of different
+        volumes do not queue behind one lock."""
         with self._mutex:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.dir, 0o700)
-            path = self._path(name)
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(material)
-            os.replace(tmp, path)
-            if name in self.names():
-                return
-            try:
-                self.api.key_file_add(name, str(path))
-            except SpdkError:
-                if name not in self.names():   # a retry racing itself: already there
-                    raise
+        path = self._path(name)
+        tmp = path.with_name(f"{name}.{threading.get_ident()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(material)
+        os.replace(tmp, path)
+        try:
+            self.api.key_file_add(name, str(path))
+        except SpdkError:
+            if name not in self.names():   # taken by a previous attempt: done
+                raise
 
     def delete(self, name: str) -> None:
-        with self._mutex:
-            if name in self.names():
-                try:
-                    self.api.key_file_remove(name)
-                except SpdkError:
-                    if name in self.names():
-                        raise
-            with contextlib.suppress(FileNotFoundError):
-                self._path(name).unlink()
+        """One SPDK call: the remove itself. A missing key is success (SPDK
+        says ENOKEY); any other error is checked against the keyring."""
+        try:
+            self.api.key_file_remove(name)
+        except SpdkError as err:
+            if err.errno != errno.ENOKEY and name in self.names():
+                raise
+        with contextlib.suppress(FileNotFoundError):
+            self._path(name).unlink()
 
     def names(self) -> list[str]:
         return [k["name"] for k in self.api.keyring_keys()
@@ -242,6 +246,11 @@ class AgentKeyCustody:
     def names(self) -> list[str]:
         return [k["name"] for k in self.api.keyring_keys()
                 if k.get("name", "").startswith(KEY_PREFIX) and not k.get("removed")]
+
+
+def key_volume(name: str) -> str:
+    """The lvol uuid a key name belongs to (``csik-<uuid>-<role>-<fp>``)."""
+    return name[len(KEY_PREFIX):len(KEY_PREFIX) + 36]
 
 
 def volume_key_names(custody: KeyCustody, lvol_uuid: str) -> list[str]:
@@ -275,21 +284,59 @@ class VolumeAuth:
         self.custody = custody
         self._warned: set[str] = set()
         self._mutex = threading.Lock()
-        # target name -> key names its keyring may have: read once, then kept
-        # by this controller's own puts (so dropping the keys of a volume that
-        # has none costs no keyring_get_keys on every unpublish and delete)
-        self._maybe: dict[str, set[str]] = {}
+        # target name -> lvol uuid -> key names its keyring may have: the
+        # keyring is listed once per target (the first time it is needed),
+        # then kept by this process's own puts and drops, so no publish,
+        # unpublish or delete lists a keyring of N volumes' keys (issue #12).
+        # Only volumes with keys on the target have an entry.
+        self._known: dict[str, dict[str, set[str]]] = {}
+        self._listed: set[str] = set()
 
-    def _may_have(self, target_name: str, lvol_uuid: str) -> bool:
+    def _index(self, target_name: str) -> dict[str, set[str]]:
+        """The target's kept key names (listed the first time). Puts made
+        while the listing runs are kept too: they add to the same index."""
         with self._mutex:
-            known = self._maybe.get(target_name)
-        if known is None:
-            known = set(self.custody(target_name).names())
-            with self._mutex:
-                known = self._maybe.setdefault(target_name, known)
-        prefix = f"{KEY_PREFIX}{lvol_uuid}-"
+            index = self._known.setdefault(target_name, {})
+            if target_name in self._listed:
+                return index
+        found = self.custody(target_name).names()
         with self._mutex:
-            return any(n.startswith(prefix) for n in known)
+            if target_name not in self._listed:
+                for name in found:
+                    index.setdefault(key_volume(name), set()).add(name)
+                self._listed.add(target_name)
+        return index
+
+    def put_key(self, target_name: str, name: str, material: str) -> None:
+        """Put one key on the target, kept in the index first (a crash after
+        the put: a restart lists it)."""
+        index = self._index(target_name)
+        with self._mutex:
+            index.setdefault(key_volume(name), set()).add(name)
+        self.custody(target_name).put(name, material)
+
+    def _stored_names(self, target_name: str, lvol_uuid: str) -> set[str] | None:
+        """The key names of the volume's stored keys (current and, during a
+        rotation, the next ones: ``rotate-keys`` puts those from another
+        process); None when the store cannot be read."""
+        if self.store is None:
+            return set()
+        try:
+            stored = [self.store.get(lvol_uuid)]
+            pending = getattr(self.store, "pending", None)
+            if pending is not None:
+                stored.append(pending(lvol_uuid))
+        except Exception as err:  # noqa: BLE001 - the keyring listing decides then
+            log.warning("auth: the volume's stored keys cannot be read; listing the "
+                        "target's keyring instead", extra={"f": {
+                            "volume": lvol_uuid, "error": type(err).__name__}})
+            return None
+        out: set[str] = set()
+        for keys in stored:
+            for mode in (contract.AUTH_DHCHAP, contract.AUTH_TLS):
+                if keys is not None and keys.has(mode):
+                    out.update(keys.material(lvol_uuid, mode))
+        return out
 
     def check(self, mode: str) -> None:
         """Before anything is created: can this controller keep the keys?"""
@@ -349,23 +396,42 @@ class VolumeAuth:
                 f"neither a controller-publish secret nor {kept} has them (was that "
                 "Secret deleted? Without it no node can authenticate: restore it from a "
                 "backup, or rotate the volume's keys with csi-spdk rotate-keys)")
-        custody = self.custody(target_name)
-        for name, material in keys.material(lvol_uuid, mode).items():
-            with self._mutex:
-                if target_name in self._maybe:
-                    self._maybe[target_name].add(name)   # before: a crash keeps it known
-            custody.put(name, material)
+        self._index(target_name)    # (listed once, before any put of ours)
+        results = parallel(*(lambda n=name, m=material: self.put_key(target_name, n, m)
+                             for name, material in keys.material(lvol_uuid, mode).items()))
+        for _, err in results:     # the keys go together: one round, not one each
+            if err is not None:
+                raise err
         return keys.names(lvol_uuid, mode)
 
     def drop_target_keys(self, target_name: str, lvol_uuid: str,
                          keep: tuple[str, ...] = ()) -> None:
-        """Remove the volume's keys (but ``keep``) from the target."""
-        if not self._may_have(target_name, lvol_uuid):
+        """Remove the volume's keys (but ``keep``) from the target.
+
+        A volume with no key in the index has none on the target (the index
+        has what the keyring had when listed plus every put since; the
+        rotation of another process only replaces keys this one knows of).
+        Otherwise the candidates are the kept names plus those of the
+        stored keys, one remove each (missing is success): no keyring
+        listing, unless the store cannot be read."""
+        index = self._index(target_name)
+        with self._mutex:
+            known = set(index.get(lvol_uuid, ()))
+        if not known:
             return
         custody = self.custody(target_name)
-        for name in volume_key_names(custody, lvol_uuid):
-            if name not in keep:
-                custody.delete(name)
+        stored = self._stored_names(target_name, lvol_uuid)
+        if stored is None:
+            stored = set(volume_key_names(custody, lvol_uuid))
+        drop = sorted((known | stored) - set(keep))
+        for name in drop:
+            custody.delete(name)
+        with self._mutex:
+            left = index.get(lvol_uuid, set()) - set(drop)
+            if left:
+                index[lvol_uuid] = left
+            else:
+                index.pop(lvol_uuid, None)
 
     def deleted(self, target_name: str, lvol_uuid: str) -> None:
         self.drop_target_keys(target_name, lvol_uuid)

@@ -308,20 +308,22 @@ class VolumeEncryption:
         """Whether the volume's crypto bdev is open on the target."""
         return crypto.bdev_of(api, uuid) is not None
 
-    def unexported(self, api, uuid: str) -> None:
+    def unexported(self, api, uuid: str, stacked: bool | None = None) -> None:
         """The volume's subsystem is gone: so are its crypto bdev and key
-        (the key also when a crash came between deleting the two)."""
+        (the key also when a crash came between deleting the two).
+        ``stacked``: whether a crypto bdev was open, as the caller read it
+        beside its own SPDK calls (None: read it now, one more round)."""
         key = None
         with contextlib.suppress(FailedPrecondition):
             key = self.store.get(uuid) if self.store is not None else None
         if key is not None and key.mode == contract.ENCRYPTION_TARGET:
             crypto.unstack(api, uuid, key.material)
-        elif crypto.bdev_of(api, uuid) is not None:
+        elif stacked or (stacked is None and crypto.bdev_of(api, uuid) is not None):
             crypto.unstack(api, uuid)
 
-    def deleted(self, api, uuid: str) -> None:
+    def deleted(self, api, uuid: str, stacked: bool | None = None) -> None:
         """DeleteVolume/DeleteSnapshot: nothing of the key left in SPDK or the store."""
         if api is not None:
-            self.unexported(api, uuid)
+            self.unexported(api, uuid, stacked)
         if self.store is not None:
             self.store.delete(uuid)

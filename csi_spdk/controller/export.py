@@ -72,13 +72,15 @@ class NvmfExporter:
     def hosts(self, lvol_uuid: str) -> list[str]:
         return self.hosts_of(self.subsystem(lvol_uuid))
 
-    def exported_hosts(self) -> dict[str, list[str]]:
-        """lvol uuid -> allowed host NQNs, for every volume subsystem (one RPC)."""
+    def exported_hosts(self, only: set[str] | None = None) -> dict[str, list[str]]:
+        """lvol uuid -> allowed host NQNs, for every volume subsystem (one RPC;
+        ``only``: just these uuids, so a page keeps what it shows)."""
         out: dict[str, list[str]] = {}
         for sub in self.api.subsystems():
             nqn = sub.get("nqn", "")
-            if nqn.startswith(contract.NQN_PREFIX):
-                out[nqn[len(contract.NQN_PREFIX):]] = self.hosts_of(sub)
+            uuid = nqn[len(contract.NQN_PREFIX):]
+            if nqn.startswith(contract.NQN_PREFIX) and (only is None or uuid in only):
+                out[uuid] = self.hosts_of(sub)
         return out
 
     def publish_context(self, lvol_uuid: str, tls: bool = False) -> dict[str, str]:

@@ -89,9 +89,8 @@ def rotate(target: Target, lv: Lvol, auth: VolumeAuth, node_sync: NodeSync | Non
     api = target.api
     nqn = contract.subsystem_nqn(lv.uuid)
     if hosts:
-        custody = auth.custody(target.name)
         for name, material in new.material(lv.uuid).items():
-            custody.put(name, material)
+            auth.put_key(target.name, name, material)
     for h in hosts:
         host, node = h["nqn"], node_of(h["nqn"])
         have = (h.get("dhchap_key", ""), h.get("dhchap_ctrlr_key", ""))

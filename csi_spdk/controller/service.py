@@ -20,6 +20,7 @@ a second host's publish) only refine answers for the cases SPDK cannot hold.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import threading
@@ -46,7 +47,7 @@ from ..proto import csi_pb2, csi_pb2_grpc
 from ..rpc import rpc
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkError, SpdkNoSpace, SpdkNotFound, SpdkTransportError
-from ..spdk.intents import IntentError
+from ..spdk.intents import IntentError, is_volume, parallel
 from . import dhchap_strength, placement, qos
 from .auth import AgentKeyCustody, SameHostKeyCustody, SecretStore, StaticSecrets, VolumeAuth
 from .capacity import PROVISIONED_TTL
@@ -151,7 +152,8 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             (t.name, Target(t, apis.get(t.name) or t.make_api())) for t in config.targets)
         self._hints = threading.Lock()
         self._node_ids: dict[str, str] = {}                  # host NQN -> CSI node id
-        self._publishes: dict[tuple[str, str], tuple] = {}   # (uuid, host) -> (cap, ro)
+        # lvol uuid -> host NQN -> the publish's signature (only published volumes)
+        self._publishes: dict[str, dict[str, str]] = {}
         SnapshotService.__init__(self, self.targets, self.locks, config)
         self._custodies: dict[str, SameHostKeyCustody | AgentKeyCustody] = {}
         self.auth = VolumeAuth(secret_store or _default_store(config),
@@ -313,19 +315,30 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             target = self.targets.of(oid)
         except NotFound:
             return csi_pb2.DeleteVolumeResponse()
+        # whether a crypto bdev is stacked is read beside the intent (no other
+        # call of this volume runs: the lock), not in a round of its own
+        (result, err), (stacked, read_err) = parallel(
+            lambda: target.api.intent("delete_volume", {"uuid": oid.lvol_uuid}),
+            lambda: self.encryption.stacked(target.api, oid.lvol_uuid))
+        if read_err is not None:
+            stacked = None   # unknown: read again where it matters
         try:
-            try:
-                found = target.api.intent("delete_volume", {"uuid": oid.lvol_uuid})["bdev"]
-            except SpdkError:
+            if isinstance(err, SpdkError):
                 # a target-mode crypto bdev holds the lvol open: the intent
                 # deleted the subsystem (no host was allowed), so it can go now;
                 # any other failure is the caller's to see
-                if not self.encryption.stacked(target.api, oid.lvol_uuid):
-                    raise
-                self.encryption.unexported(target.api, oid.lvol_uuid)
-                found = target.api.intent("delete_volume", {"uuid": oid.lvol_uuid})["bdev"]
-        except IntentError as err:
-            raise self._delete_error(request, err) from None
+                if stacked is None:
+                    stacked = self.encryption.stacked(target.api, oid.lvol_uuid)
+                if not stacked:
+                    raise err
+                self.encryption.unexported(target.api, oid.lvol_uuid, True)
+                stacked = False
+                result, err = target.api.intent("delete_volume", {"uuid": oid.lvol_uuid}), None
+            if err is not None:
+                raise err
+        except IntentError as ierr:
+            raise self._delete_error(request, ierr) from None
+        found = result["bdev"]
         lv = Lvol.from_bdev(found)
         if lv is not None:
             # The reclaim of its hidden parents reads the lineage after the
@@ -338,7 +351,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             # the volume's internal parent snapshot (or of its keys): finish that.
             target.sweep(self.targets.busy())
         self.auth.deleted(target.name, oid.lvol_uuid)
-        self.encryption.deleted(target.api, oid.lvol_uuid)
+        self.encryption.deleted(target.api, oid.lvol_uuid, stacked)
         return csi_pb2.DeleteVolumeResponse()
 
     def _delete_error(self, request, err: IntentError) -> CsiError:
@@ -374,7 +387,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
                                                request.readonly)
         with self._hints:
             self._node_ids[host] = self._node_ids[legacy] = request.node_id
-            hint = self._publishes.get((oid.lvol_uuid, host))
+            hint = self._publishes.get(oid.lvol_uuid, {}).get(host)
         dhchap_strength.check_target(target.name, target.api,
                                      dhchap_strength.from_context(dict(request.volume_context)))
         mode = self.auth.mode_of(oid.lvol_uuid,
@@ -400,7 +413,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         if keys:
             ctx[contract.PC_AUTH] = mode
         with self._hints:
-            self._publishes[(oid.lvol_uuid, host)] = signature
+            self._publishes.setdefault(oid.lvol_uuid, {})[host] = signature
         if request.readonly:
             ctx[contract.PC_READONLY] = "true"
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=ctx)
@@ -433,20 +446,26 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         if request.node_id:
             host = contract.host_nqn(request.node_id)
             # the node's older host NQN form too (published by an older driver)
-            gone = exporter.unexport(oid.lvol_uuid,
-                                     [host, contract.legacy_host_nqn(request.node_id)])
-            with self._hints:
-                self._publishes.pop((oid.lvol_uuid, host), None)
+            hosts = [host, contract.legacy_host_nqn(request.node_id)]
+            unexport = lambda: exporter.unexport(oid.lvol_uuid, hosts)  # noqa: E731
         else:
-            exporter.delete(oid.lvol_uuid)
-            gone = True
-            with self._hints:
-                for key in [k for k in self._publishes if k[0] == oid.lvol_uuid]:
-                    del self._publishes[key]
+            unexport = lambda: exporter.delete(oid.lvol_uuid) or True  # noqa: E731
+        # whether a crypto bdev is stacked is read beside the unexport (no
+        # other call of this volume runs: the lock), not in a round of its own
+        (gone, err), (stacked, read_err) = parallel(
+            unexport, lambda: self.encryption.stacked(target.api, oid.lvol_uuid))
+        if err is not None:
+            raise err
+        with self._hints:
+            if request.node_id:
+                self._publishes.get(oid.lvol_uuid, {}).pop(host, None)
+            if gone or not request.node_id or not self._publishes.get(oid.lvol_uuid):
+                self._publishes.pop(oid.lvol_uuid, None)
         if gone:
             # the last host is gone: so are the volume's keys on the target
             self.auth.drop_target_keys(target.name, oid.lvol_uuid)
-            self.encryption.unexported(target.api, oid.lvol_uuid)
+            self.encryption.unexported(target.api, oid.lvol_uuid,
+                                       None if read_err is not None else stacked)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     # --- queries -----------------------------------------------------------------
@@ -505,29 +524,48 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
 
     @rpc()
     def ListVolumes(self, request, context):
-        """A scan of every target (lvol bdevs + subsystems, two RPCs each), sorted by
-        volume id; the token is the last id returned, so pages stay consistent
-        when volumes come and go between calls."""
-        entries = []
-        for target in self.targets.values():
-            stores = {s["uuid"] for s in target.api.lvstores()}
-            exported = target.exporter.exported_hosts()
-            for lv in target.lvols_with_bdevs():
-                if not contract.is_volume_lvol(lv.name) or lv.snapshot:
-                    continue
-                vid = str(contract.ObjectId(target.name, lv.uuid))
-                entries.append((vid, target, lv, exported.get(lv.uuid, []),
-                                self._condition(target, lv, stores)))
-        entries.sort(key=lambda e: e[0])
-        page, token = paginate(entries, request.starting_token, request.max_entries)
-        out = []
-        for _, target, lv, hosts, condition in page:
-            vol = self._volume_msg(target, lv)
+        """A scan of every target (lvol bdevs, lvstores and subsystems: three
+        RPCs each), in volume id order; the token is the last id returned, so
+        pages stay consistent when volumes come and go between calls. Only
+        the page is kept and built (``max_entries`` + 1 ids while scanning,
+        not every volume of every target): memory follows the page size."""
+        if request.max_entries < 0:
+            raise InvalidArgument("max_entries must not be negative")
+        start = request.starting_token
+        if start:
+            paginate([], start, 0)   # (ABORTED for a token that is no volume id)
+        limit = request.max_entries or 0
+        page = self._page(start, limit + 1 if limit else 0)
+        token = ""
+        if limit and len(page) > limit:
+            page = page[:limit]
+            token = page[-1][0]
+        out, seen = [], {}
+        for _, target, lv in page:
+            if target.name not in seen:   # read once per target with volumes on the page
+                seen[target.name] = ({s["uuid"] for s in target.api.lvstores()},
+                                     target.exporter.exported_hosts(
+                                         {e[2].uuid for e in page if e[1] is target}))
+            stores, exported = seen[target.name]
             status = csi_pb2.ListVolumesResponse.VolumeStatus(
-                published_node_ids=self._node_list(hosts),
-                volume_condition=condition)
-            out.append(csi_pb2.ListVolumesResponse.Entry(volume=vol, status=status))
+                published_node_ids=self._node_list(exported.get(lv.uuid, [])),
+                volume_condition=self._condition(target, lv, stores))
+            out.append(csi_pb2.ListVolumesResponse.Entry(
+                volume=self._volume_msg(target, lv), status=status))
         return csi_pb2.ListVolumesResponse(entries=out, next_token=token)
+
+    def _page(self, after: str, keep: int) -> list[tuple[str, Target, Lvol]]:
+        """(volume id, target, lvol) of the volumes after ``after``, in id
+        order: the first ``keep`` only (0: all), picked while scanning."""
+        def volumes():
+            for target in self.targets.values():
+                for lv in target.iter_lvols(lambda b, t=target: is_volume(b) and str(
+                        contract.ObjectId(t.name, b.get("uuid") or b["name"])) > after):
+                    yield str(contract.ObjectId(target.name, lv.uuid)), target, lv
+        key = lambda e: e[0]  # noqa: E731
+        if keep:
+            return heapq.nsmallest(keep, volumes(), key=key)
+        return sorted(volumes(), key=key)
 
     @rpc(lock=("volume_id",))
     def ControllerGetVolume(self, request, context):

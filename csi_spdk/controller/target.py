@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .. import contract
@@ -139,14 +140,19 @@ class Target(KeptCapacity):
         return self.lvol(f"{lvstore}/{name}")
 
     def lvols_with_bdevs(self) -> list[Lvol]:
-        """Every lvol of the driver's lvstores (a scan: ListVolumes/ListSnapshots)."""
+        """Every lvol of the driver's lvstores (a scan: ListSnapshots, sweep)."""
+        return list(self.iter_lvols())
+
+    def iter_lvols(self, keep=None) -> Iterator[Lvol]:
+        """The same scan, one lvol at a time; ``keep(bdev)`` filters before an
+        ``Lvol`` is built (ListVolumes keeps only its page)."""
         allowed = set(self.cfg.lvstores)
-        out = []
         for bdev in self.api.bdevs():
+            if keep is not None and not keep(bdev):
+                continue
             lv = Lvol.from_bdev(bdev)
             if lv is not None and (not allowed or lv.lvstore in allowed):
-                out.append(lv)
-        return out
+                yield lv
 
     # --- user-deleted snapshots and reclaim -------------------------------------
     def deleted_mark(self, snap: Lvol) -> Lvol | None:

@@ -63,14 +63,22 @@ class IntentError(Exception):
 
 def parallel(*calls: Callable[[], Any]) -> list[tuple[Any, BaseException | None]]:
     """Run the calls together; (result, error) of each, in order. Never raises
-    for a call's error: the caller re-checks what failed against SPDK."""
+    for a call's error: the caller re-checks what failed against SPDK. Only
+    the first may fan out again (the others run on the shared pool)."""
     if len(calls) == 1:
         try:
             return [(calls[0](), None)]
         except Exception as err:  # noqa: BLE001 - handed back
             return [(None, err)]
-    futures = [_FANOUT.submit(fn) for fn in calls]
+    # the first runs on the calling thread: a call that fans out itself (an
+    # intent beside a read) never waits for a pool thread its own fan-out
+    # needs, however many callers are in flight
+    futures = [_FANOUT.submit(fn) for fn in calls[1:]]
     out: list[tuple[Any, BaseException | None]] = []
+    try:
+        out.append((calls[0](), None))
+    except Exception as err:  # noqa: BLE001 - handed back
+        out.append((None, err))
     for f in futures:
         err = f.exception()
         out.append((None, err) if err is not None else (f.result(), None))

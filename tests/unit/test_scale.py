@@ -1,0 +1,235 @@
+"""Scale (issue #12): the request path's SPDK calls do not grow with the
+number of volumes on the target, and nothing the controller keeps between
+calls grows without bound.
+
+Counted, never timed: every SPDK call the controller makes for one probe
+volume's CreateVolume, ControllerPublishVolume, ControllerUnpublishVolume and
+DeleteVolume is recorded (method, and whether it names one object), next to
+a few and then many other published volumes. The two records must be equal,
+and none may be a listing (a call whose reply grows with N: keyring_get_keys,
+bdev_get_bdevs / nvmf_get_subsystems without a name, bdev_lvol_get_lvols).
+Keys are then checked on the target itself: what the calls promise (the
+keys gone with the last unpublish, also after another process rotated them)
+is what the keyring holds.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+from controller_fixtures import REAL_RPC, MiB, call, create_req, make_env, publish_req, uuid_of
+
+from csi_spdk.controller.auth import KEY_PREFIX
+from csi_spdk.controller.service import ControllerServicer
+from csi_spdk.proto import csi_pb2
+
+OPS = ("CreateVolume", "ControllerPublishVolume", "ControllerUnpublishVolume", "DeleteVolume")
+# a reply that grows with the number of volumes on the target
+LISTINGS = {("keyring_get_keys", False), ("bdev_get_bdevs", False),
+            ("nvmf_get_subsystems", False), ("bdev_lvol_get_lvols", False),
+            ("bdev_lvol_get_lvols", True)}
+
+
+class Recorder:
+    """Wraps the controller's SPDK api: (method, names-one-object) per call."""
+
+    def __init__(self, api) -> None:
+        self.seen: collections.Counter = collections.Counter()
+        self._real = api.call
+        api.call = self
+
+    def __call__(self, method, params=None, timeout=None):
+        one = bool(params) and any(k in params for k in ("name", "nqn"))
+        if method == "bdev_lvol_get_lvols":
+            one = bool(params)
+        self.seen[(method, one or method not in {m for m, _ in LISTINGS})] += 1
+        return self._real(method, params, timeout)
+
+    def take(self) -> dict:
+        out, self.seen = dict(self.seen), collections.Counter()
+        return out
+
+
+def _params(auth: str) -> dict:
+    return {"thinProvision": "true", "auth": auth}
+
+
+def _probe(env, rec: Recorder, auth: str, name: str) -> dict[str, dict]:
+    """The SPDK calls of each CSI call of one volume's lifecycle."""
+    out = {}
+    rec.take()
+    vol = call(env.servicer, "CreateVolume", create_req(name, MiB, params=_params(auth))).volume
+    out["CreateVolume"] = rec.take()
+    req = publish_req(vol.volume_id, "node-probe")
+    req.volume_context.update(vol.volume_context)
+    call(env.servicer, "ControllerPublishVolume", req)
+    out["ControllerPublishVolume"] = rec.take()
+    call(env.servicer, "ControllerUnpublishVolume", csi_pb2.ControllerUnpublishVolumeRequest(
+        volume_id=vol.volume_id, node_id="node-probe"))
+    out["ControllerUnpublishVolume"] = rec.take()
+    call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+    out["DeleteVolume"] = rec.take()
+    assert env.t0.raw.bdev_get(uuid_of(vol.volume_id)) is None
+    assert not _keys_of(env, uuid_of(vol.volume_id))
+    return out
+
+
+def _background(env, auth: str, start: int, count: int) -> list[str]:
+    """``count`` more volumes, each published to its own node."""
+    ids = []
+    for i in range(start, start + count):
+        vol = call(env.servicer, "CreateVolume",
+                   create_req(f"bg{i}", MiB, params=_params(auth))).volume
+        req = publish_req(vol.volume_id, f"node-{i}")
+        req.volume_context.update(vol.volume_context)
+        call(env.servicer, "ControllerPublishVolume", req)
+        ids.append(vol.volume_id)
+    return ids
+
+
+def _keys_of(env, uuid: str) -> list[str]:
+    return sorted(k["name"] for k in env.t0.raw.keyring_keys()
+                  if k["name"].startswith(f"{KEY_PREFIX}{uuid}-") and not k.get("removed"))
+
+
+@pytest.mark.parametrize("auth", ["dhchap", "none"])
+def test_request_path_spdk_calls_do_not_grow_with_the_volumes(tmp_path, auth):
+    env = make_env(tmp_path, lvs_mib=256, ratio=1000.0, agent=False)
+    try:
+        rec = Recorder(env.t0.api)
+        _background(env, auth, 0, 2)
+        _probe(env, rec, auth, "warm")       # first-use reads (lvstores, keyring) happen once
+        few = _probe(env, rec, auth, "probe-few")
+        _background(env, auth, 2, 40)
+        many = _probe(env, rec, auth, "probe-many")
+        assert few == many
+        for op in OPS:
+            listed = sorted(k for k in many[op] if k in LISTINGS)
+            assert not listed, f"{op} lists with 42 volumes on the target: {listed}"
+        assert sum(many["CreateVolume"].values()) == 1
+        if auth == "dhchap":   # a key each way, no keyring listing around them
+            assert many["ControllerPublishVolume"][("keyring_file_add_key", True)] == 2
+            assert many["ControllerUnpublishVolume"][("keyring_file_remove_key", True)] == 2
+    finally:
+        env.close()
+
+
+def test_kept_key_index_does_not_grow(tmp_path):
+    """The names kept per volume go with its last unpublish (and a volume
+    whose keys are gone costs no SPDK call for keys at delete)."""
+    env = make_env(tmp_path, lvs_mib=256, ratio=1000.0, agent=False)
+    try:
+        ids = _background(env, "dhchap", 0, 12)
+        index = env.servicer.auth._index(env.t0.name)
+        assert sorted(index) == sorted(uuid_of(v) for v in ids)
+        for v in ids:
+            assert sorted(index[uuid_of(v)]) == _keys_of(env, uuid_of(v))
+            assert len(index[uuid_of(v)]) == 2
+        rec = Recorder(env.t0.api)
+        for i, v in enumerate(ids):
+            call(env.servicer, "ControllerUnpublishVolume",
+                 csi_pb2.ControllerUnpublishVolumeRequest(volume_id=v, node_id=f"node-{i}"))
+            call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=v))
+            assert not _keys_of(env, uuid_of(v))
+        assert index == {}
+        seen = rec.take()
+        assert seen[("keyring_file_remove_key", True)] == 2 * len(ids)
+        assert ("keyring_get_keys", False) not in seen
+    finally:
+        env.close()
+
+
+@pytest.mark.skipif(bool(REAL_RPC), reason="keys of one test run on a shared target")
+def test_keys_rotated_by_another_process_go_with_the_last_unpublish(tmp_path):
+    """``rotate-keys`` runs in a process of its own: the controller never saw
+    its new keys put. The last unpublish still removes them (named from the
+    stored keys), and the old ones, without listing the keyring."""
+    from test_rotate_keys import FakeNodes
+
+    from csi_spdk import contract
+    from csi_spdk.controller.rotate import rotate
+
+    env = make_env(tmp_path, lvs_mib=256, agent=False)
+    try:
+        vol = call(env.servicer, "CreateVolume", create_req("v-rot", MiB)).volume
+        uuid = uuid_of(vol.volume_id)
+        req = publish_req(vol.volume_id, "node-a")
+        req.volume_context.update(vol.volume_context)
+        call(env.servicer, "ControllerPublishVolume", req)
+        old = env.secrets.get(uuid)
+        assert _keys_of(env, uuid) == sorted(old.names(uuid).values())
+        cli = ControllerServicer(env.config, "csi-spdk.io",
+                                 apis={n: t.api for n, t in env.targets.items()},
+                                 secret_store=env.secrets)   # another process's view
+        fake = FakeNodes(env, uuid)
+        fake.pairs = {"node-a": (old.dhchap_key, old.dhchap_ctrl_key)}
+        target, lv = cli.targets.volume(vol.volume_id)
+        rotate(target, lv, cli.auth, fake, lambda h: contract.node_of_host(h) or h)
+        new = env.secrets.get(uuid)
+        assert _keys_of(env, uuid) == sorted(new.names(uuid).values()) != \
+            sorted(old.names(uuid).values())
+        rec = Recorder(env.t0.api)
+        call(env.servicer, "ControllerUnpublishVolume", csi_pb2.ControllerUnpublishVolumeRequest(
+            volume_id=vol.volume_id, node_id="node-a"))
+        assert _keys_of(env, uuid) == []
+        assert ("keyring_get_keys", False) not in rec.take()
+    finally:
+        env.close()
+
+
+def test_restarted_controller_drops_keys_a_previous_one_put(tmp_path):
+    """A new controller process knows no puts: it lists the keyring once,
+    then the last unpublish of a volume the previous process published
+    removes its keys."""
+    env = make_env(tmp_path, lvs_mib=256, agent=False)
+    try:
+        ids = _background(env, "dhchap", 0, 3)
+        fresh = ControllerServicer(env.config, "csi-spdk.io",
+                                   apis={n: t.api for n, t in env.targets.items()},
+                                   secret_store=env.secrets)
+        rec = Recorder(env.t0.api)
+        for i, v in enumerate(ids):
+            assert len(_keys_of(env, uuid_of(v))) == 2
+            call(fresh, "ControllerUnpublishVolume", csi_pb2.ControllerUnpublishVolumeRequest(
+                volume_id=v, node_id=f"node-{i}"))
+            assert _keys_of(env, uuid_of(v)) == []
+        assert rec.take()[("keyring_get_keys", False)] == 1   # the one listing, first use
+    finally:
+        env.close()
+
+
+def test_list_volumes_pages_keep_only_the_page(tmp_path, monkeypatch):
+    """Every page costs the same three SPDK reads per target (lvol bdevs,
+    lvstores, subsystems), builds only its own entries (conditions, node
+    lists), and the pages together are every volume once, in id order, with
+    the nodes each is published to."""
+    env = make_env(tmp_path, lvs_mib=256, ratio=1000.0, agent=False)
+    try:
+        made = _background(env, "none", 0, 23)
+        node_of = {v: f"node-{i}" for i, v in enumerate(made)}
+        ids = sorted(made)
+        built = []
+        real = env.servicer._condition
+        monkeypatch.setattr(env.servicer, "_condition",
+                            lambda *a: built.append(a[1].uuid) or real(*a))
+        rec = Recorder(env.t0.api)
+        token, seen, pages = "", [], 0
+        while True:
+            built.clear()
+            r = call(env.servicer, "ListVolumes", csi_pb2.ListVolumesRequest(
+                max_entries=5, starting_token=token))
+            calls = rec.take()
+            assert calls == {("bdev_get_bdevs", False): 1, ("bdev_lvol_get_lvstores", True): 1,
+                             ("nvmf_get_subsystems", False): 1}, calls
+            assert len(built) == len(r.entries) <= 5
+            for e in r.entries:
+                assert list(e.status.published_node_ids) == [node_of[e.volume.volume_id]]
+                assert e.volume.capacity_bytes == MiB and not e.status.volume_condition.abnormal
+            seen += [e.volume.volume_id for e in r.entries]
+            pages, token = pages + 1, r.next_token
+            if not token:
+                break
+        assert seen == ids and pages == 5
+    finally:
+        env.close()
