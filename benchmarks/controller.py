@@ -326,28 +326,34 @@ def count_pass(tmp: Path, spdk: str, lvs: str, agent: bool, k: int = 12) -> dict
             for op, v in out.items()}
 
 
-def timing_pass(vols, n: int, spdk: str, at_scale=None) -> dict[str, list[float]]:
-    """N of each CSI call in turn (all creates, then all publishes, ...) on
-    ``vols`` (``Volumes`` through the controller, or ``Bare``); each call is
-    followed by one serial spdk_get_version on its own connection: the RPC
-    period under the same load and N (``times["_period:<op>"]``).
-    ``at_scale(times)`` runs once, with all N volumes published."""
-    times: dict[str, list[float]] = {op: [] for op in OPS}
+def timing_pass(steppers: dict, n: int, spdk: str, at_scale=None,
+                probe_every: int = 10) -> dict[str, dict[str, list[float]]]:
+    """N of each CSI call in turn (all creates, then all publishes, ...); for
+    each volume, every stepper in turn (``Volumes`` through the controller,
+    ``Bare``: the same SPDK sequence sent directly), so both see the same N
+    and the same load. After every ``probe_every``-th volume one serial
+    spdk_get_version on its own connection: the RPC period under that load
+    and N (``out["_period"][op]``). ``at_scale(out)`` runs once, with all N
+    volumes (of each stepper) published."""
+    out: dict[str, dict[str, list[float]]] = {k: {op: [] for op in OPS} for k in steppers}
+    out["_period"] = {op: [] for op in OPS}
     probe = SpdkClient(spdk, timeout=30, pool_size=1)
     probe.call("spdk_get_version")
     for op in OPS:
-        period = times[f"_period:{op}"] = []
+        say(f"  {op} x {n}")
         for i in range(n):
-            t = time.perf_counter()
-            vols.step(op, i)
-            times[op].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            probe.call("spdk_get_version")
-            period.append(time.perf_counter() - t)
+            for name, vols in steppers.items():
+                t = time.perf_counter()
+                vols.step(op, i)
+                out[name][op].append(time.perf_counter() - t)
+            if i % probe_every == 0:
+                t = time.perf_counter()
+                probe.call("spdk_get_version")
+                out["_period"][op].append(time.perf_counter() - t)
         if op == "ControllerPublishVolume" and at_scale is not None:
-            at_scale(times)
+            at_scale(out)
     probe.close()
-    return times
+    return out
 
 
 def measure_at_scale(stack: Stack, tag: str):
@@ -427,19 +433,23 @@ def bench(n: int, real_rpc: str, agent: bool, tmp: Path) -> None:
         api.call("bdev_lvol_create_lvstore", {"bdev_name": malloc, "lvs_name": lvs,
                                               "cluster_sz": MiB,
                                               "num_md_pages_per_cluster_ratio": ratio})
-        say(f"N={n}: bare SPDK sequence")
-        bare = Bare(spdk, lvs, f"{tag}b", inflight=8)
-        bare_t = timing_pass(bare, n, spdk, at_scale=lambda t: t.__setitem__("_rates", [
-            throughput(lambda k: Bare(spdk, lvs, f"{tag}b{k}", inflight=k), 4 * k, k)
-            for k in (1, 8, 32)]))
-        bare.close()
         say(f"N={n}: counting pass")
         counts = count_pass(tmp, spdk, lvs, agent)
         stack = Stack(tmp, tag, spdk, lvs, agent)
-        say(f"N={n}: CSI timing pass, controller pid {stack.ctl.pid}")
+        say(f"N={n}: timing pass (CSI and bare interleaved), controller pid {stack.ctl.pid}")
         hop = grpc_floor(stack.sock)
-        times = timing_pass(Volumes(stack.stub, tag), n, spdk, measure_at_scale(stack, tag))
-        report(n, real_rpc, agent, counts, hop, times, bare_t)
+        bare = Bare(spdk, lvs, f"{tag}b", inflight=1)
+        csi_at_scale = measure_at_scale(stack, tag)
+
+        def at_scale(out: dict) -> None:
+            say(f"N={n}: at scale (ListVolumes, GetCapacity, RSS, volumes/s)")
+            csi_at_scale(out["csi"])
+            out["bare"]["_rates"] = [
+                throughput(lambda k: Bare(spdk, lvs, f"{tag}b{k}", inflight=k), 4 * k, k)
+                for k in (1, 8, 32)]
+        times = timing_pass({"csi": Volumes(stack.stub, tag), "bare": bare}, n, spdk, at_scale)
+        bare.close()
+        report(n, real_rpc, agent, counts, hop, times)
     finally:
         if stack is not None:
             stack.stop()
@@ -456,12 +466,13 @@ def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def report(n: int, real_rpc: str, agent: bool, counts: dict, hop: float, times: dict,
-           bare: dict) -> None:
+def report(n: int, real_rpc: str, agent: bool, counts: dict, hop: float,
+           out: dict) -> None:
     k = max(1, n // 10)
+    times, bare, periods = out["csi"], out["bare"], out["_period"]
     where = "real spdk_tgt" if real_rpc else "simulator"
     how = "through the agent" if agent else "on the SPDK socket"
-    period = pct([x for op in OPS for x in times[f"_period:{op}"]], .5)
+    period = pct([x for op in OPS for x in periods[op]], .5)
     print(f"\n== N={n} volumes, {where}, controller {how} ==")
     print(f"SPDK RPC period (a serial spdk_get_version after each CSI call, p50): "
           f"{period:.2f} ms; gRPC floor (no-op call p50): {hop:.2f} ms")
@@ -480,11 +491,13 @@ def report(n: int, real_rpc: str, agent: bool, counts: dict, hop: float, times: 
                   + f"{f10:>8.2f}ms{l10:>7.2f}ms"
                   f"{pct(t[:k], .99):>7.1f}/{pct(t[-k:], .99):>5.1f}ms"
                   f"{(l10 / f10 - 1) * 100 if f10 else 0:>+7.1f}%")
-    print("SPDK RPC period p50 (first10% -> last10% of each phase; CSI pass | bare pass):")
+    print("SPDK RPC period (serial spdk_get_version) first10% -> last10% of each phase, "
+          "p50 (p99):")
     for op in OPS:
-        c, b = times[f"_period:{op}"], bare[f"_period:{op}"]
-        print(f"  during {op:<26} {_p50(c[:k]):6.2f} -> {_p50(c[-k:]):6.2f} ms | "
-              f"{_p50(b[:k]):6.2f} -> {_p50(b[-k:]):6.2f} ms")
+        c = periods[op]
+        j = max(1, len(c) // 10)
+        print(f"  during {op:<26} {_p50(c[:j]):6.2f} ({pct(c[:j], .99):6.1f}) -> "
+              f"{_p50(c[-j:]):6.2f} ({pct(c[-j:], .99):6.1f}) ms")
     print(f"lifecycle volumes/s with {n} volumes published (CSI | bare): " + ", ".join(
         f"{r:.1f} | {br:.1f} with {i} in flight"
         for i, r, br in zip((1, 8, 32), times["_rates"], bare["_rates"], strict=True)))
