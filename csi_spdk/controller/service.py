@@ -305,7 +305,8 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
     # --- DeleteVolume ----------------------------------------------------------
     @rpc(lock=("volume_id",))
     def DeleteVolume(self, request, context):
-        """Missing volume is success (and sweeps orphaned internal snapshots). A
+        """Missing volume is success (and sweeps orphaned internal snapshots
+        when a delete may have been cut short: ``Target.take_unfinished``). A
         volume still published to a node (its subsystem allows a host) is
         FAILED_PRECONDITION: unpublish first. lvols without a driver prefix are
         never deleted (FAILED_PRECONDITION)."""
@@ -315,6 +316,13 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             target = self.targets.of(oid)
         except NotFound:
             return csi_pb2.DeleteVolumeResponse()
+        try:
+            return self._delete_volume(request, target, oid)
+        except BaseException:
+            target.unfinished_delete()   # the retry finishes what this left
+            raise
+
+    def _delete_volume(self, request, target: Target, oid: contract.ObjectId):
         # whether a crypto bdev is stacked is read beside the intent (no other
         # call of this volume runs: the lock), not in a round of its own
         (result, err), (stacked, read_err) = parallel(
@@ -346,10 +354,17 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             # clones: the two cannot interleave into an unreclaimed snapshot.
             with target.lineage:
                 target.deleted_lvol(lv)
-        else:
+        elif target.take_unfinished():
             # Maybe a retry after a crash between the delete and the reclaim of
-            # the volume's internal parent snapshot (or of its keys): finish that.
-            target.sweep(self.targets.busy())
+            # the volume's internal parent snapshot: finish that (one scan).
+            # Only when a delete may have been cut short since the last sweep
+            # (this process's start counts): a retry after a lost reply, or
+            # any other delete of a missing volume, makes no scan.
+            try:
+                target.sweep(self.targets.busy())
+            except BaseException:
+                target.unfinished_delete()
+                raise
         self.auth.deleted(target.name, oid.lvol_uuid)
         self.encryption.deleted(target.api, oid.lvol_uuid, stacked)
         return csi_pb2.DeleteVolumeResponse()

@@ -112,6 +112,9 @@ class Target(KeptCapacity):
         # "marked deleted" and "last clone gone" can never interleave into a
         # hidden snapshot nobody reclaims. Re-entrant: reclaim runs inside.
         self.lineage = threading.RLock()
+        # a delete may have been cut short (a crash before this process, an
+        # error in it) since the last sweep: see take_unfinished
+        self._unfinished = True
         self._init_capacity()
 
     @property
@@ -257,6 +260,18 @@ class Target(KeptCapacity):
                     self.api.lvol_delete(mark.uuid)
                 self.drop_snapshot_meta(lvstore, snap.uuid)
             parent = snap.base_snapshot
+
+    def unfinished_delete(self) -> None:
+        """A delete on this target failed part-way (its retry must finish it)."""
+        self._unfinished = True
+
+    def take_unfinished(self) -> bool:
+        """Whether a delete may have been cut short since the last sweep (the
+        caller sweeps now, and calls ``unfinished_delete`` again if that
+        fails). True once after start: a previous process may have crashed."""
+        with self._prov_lock:
+            was, self._unfinished = self._unfinished, False
+        return was
 
     def sweep(self, busy: frozenset[str] = frozenset()) -> None:
         """Reclaim orphaned internal objects anywhere on the target (one scan).

@@ -233,3 +233,52 @@ def test_list_volumes_pages_keep_only_the_page(tmp_path, monkeypatch):
         assert seen == ids and pages == 5
     finally:
         env.close()
+
+
+def test_delete_of_a_missing_volume_scans_only_after_a_cut_short_delete(tmp_path):
+    """The first missing-volume delete of a process sweeps (a previous one
+    may have crashed mid-delete); later ones (retries after a lost reply)
+    make no scan at all; after a delete that failed part-way, its retry
+    sweeps once and leaves nothing of it (the clone source of a volume
+    cloned from a volume: its hidden snapshot)."""
+    env = make_env(tmp_path, lvs_mib=256, ratio=1000.0, agent=False)
+    try:
+        rec = Recorder(env.t0.api)
+        ids = _background(env, "none", 0, 3)
+        for i, v in enumerate(ids):
+            call(env.servicer, "ControllerUnpublishVolume",
+                 csi_pb2.ControllerUnpublishVolumeRequest(volume_id=v, node_id=f"node-{i}"))
+        gone = ids[0]
+        call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=gone))
+        rec.take()
+        call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=gone))
+        assert rec.take()[("bdev_get_bdevs", False)] == 1      # the process's first
+        for _ in range(3):
+            call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=gone))
+            assert not [k for k in rec.take() if k in LISTINGS]
+        # a clone of a volume, deleted with a failure right after the lvol delete
+        src = ids[1]
+        clone = call(env.servicer, "CreateVolume", create_req(
+            "clone", MiB, params=_params("none"), volume=src)).volume
+        lvols = {lv["name"] for lv in env.t0.raw.lvols(env.t0.lvs)}
+        hidden = sorted(n for n in lvols if n.startswith("csic-"))
+        assert hidden
+        target = env.servicer.targets[env.t0.name]
+        real = target.reclaim
+
+        def failing_reclaim(*a, **k):
+            raise RuntimeError("cut short after the lvol delete")
+        target.reclaim = failing_reclaim
+        with pytest.raises(Exception, match="cut short"):
+            call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(
+                volume_id=clone.volume_id))
+        target.reclaim = real
+        assert env.t0.raw.bdev_get(uuid_of(clone.volume_id)) is None
+        assert set(hidden) <= {lv["name"] for lv in env.t0.raw.lvols(env.t0.lvs)}
+        rec.take()
+        call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(
+            volume_id=clone.volume_id))
+        assert rec.take()[("bdev_get_bdevs", False)] == 1      # the retry swept
+        assert not set(hidden) & {lv["name"] for lv in env.t0.raw.lvols(env.t0.lvs)}
+    finally:
+        env.close()
