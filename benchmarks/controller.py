@@ -337,7 +337,7 @@ def timing_pass(steppers: dict, n: int, spdk: str, at_scale=None,
     volumes (of each stepper) published."""
     out: dict[str, dict[str, list[float]]] = {k: {op: [] for op in OPS} for k in steppers}
     out["_period"] = {op: [] for op in OPS}
-    probe = SpdkClient(spdk, timeout=30, pool_size=1)
+    probe = SpdkClient(spdk, timeout=120, pool_size=1)
     probe.call("spdk_get_version")
     for op in OPS:
         say(f"  {op} x {n}")
@@ -421,7 +421,7 @@ def bench(n: int, real_rpc: str, agent: bool, tmp: Path) -> None:
                                 "--max-subsystems", str(2 * n + 64)],
                                env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
         wait_for(spdk, sim, "simulator")
-    api = SpdkApi(SpdkClient(spdk, timeout=120))
+    api = SpdkApi(SpdkClient(spdk, timeout=900))
     malloc, lvs = f"bench{tag}m", f"bench{tag}l"
     stack = None
     try:
