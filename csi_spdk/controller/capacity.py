@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("csi_spdk.controller")
 
 PROVISIONED_TTL = 30.0
+# the periodic rescan (one bdev_get_bdevs of every bdev: spdk_tgt builds its
+# reply on its only reactor, answering nothing else meanwhile) takes at most
+# 1/SCAN_DUTY of the time: at 10,000 volumes a scan is long enough that every
+# 30 s would be felt by the calls that arrive during it
+SCAN_DUTY = 100.0
 
 
 class KeptCapacity:
@@ -48,6 +53,7 @@ class KeptCapacity:
         self._refresh = threading.Event()
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
+        self._last_scan = 0.0          # seconds the last scan took
 
     def _keep_lvstores(self, found: list[dict]) -> None:
         with self._prov_lock:
@@ -77,6 +83,18 @@ class KeptCapacity:
         with self._prov_lock:
             self._scan_deltas = {}
         now = time.monotonic()
+        try:
+            self._scan_parts(now)
+        finally:
+            self._last_scan = time.monotonic() - now
+
+    def refresh_wait(self) -> float:
+        """Seconds until the next periodic rescan: PROVISIONED_TTL, or longer
+        when a scan takes more than 1/SCAN_DUTY of that (asked-for rescans,
+        after a snapshot change, still run at once)."""
+        return max(PROVISIONED_TTL, SCAN_DUTY * self._last_scan)
+
+    def _scan_parts(self, now: float) -> None:
         parts: dict[str, list[int]] = {}
         from .target import Lvol  # (target.py builds on this module)
         for bdev in self.api.bdevs():
@@ -100,7 +118,7 @@ class KeptCapacity:
         """Off the request path: rescan when asked (a snapshot changed what
         SPDK holds) or when the figures are PROVISIONED_TTL old."""
         while not self._stop.is_set():
-            self._refresh.wait(PROVISIONED_TTL)
+            self._refresh.wait(self.refresh_wait())
             self._refresh.clear()
             if self._stop.is_set():
                 return
@@ -136,7 +154,7 @@ class KeptCapacity:
             with self._prov_lock:
                 self._prov_known = True
                 hit = self._prov.setdefault(name, (time.monotonic(), 0, 0))
-        elif time.monotonic() - hit[0] >= max_age:
+        elif time.monotonic() - hit[0] >= max(max_age, self.refresh_wait()):
             self._kick_refresh()
         total = hit[1] + hit[2] * int(lvs["cluster_size"])
         metrics.LVSTORE_PROVISIONED.labels(self.name, name).set(total)

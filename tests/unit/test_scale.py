@@ -282,3 +282,47 @@ def test_delete_of_a_missing_volume_scans_only_after_a_cut_short_delete(tmp_path
         assert not set(hidden) & {lv["name"] for lv in env.t0.raw.lvols(env.t0.lvs)}
     finally:
         env.close()
+
+
+def test_periodic_rescan_backs_off_with_its_cost(tmp_path, monkeypatch):
+    """The background rescan (a bdev_get_bdevs of every bdev) is asked for by
+    requests that find the kept figures old; "old" grows with what the last
+    scan cost (at most 1/SCAN_DUTY of the time scanning), so a slow scan at
+    scale is not repeated every PROVISIONED_TTL."""
+    import time
+
+    from csi_spdk.controller.capacity import PROVISIONED_TTL, SCAN_DUTY
+
+    env = make_env(tmp_path, lvs_mib=256, ratio=1000.0, agent=False)
+    try:
+        call(env.servicer, "CreateVolume", create_req("warm", MiB, params=_params("none")))
+        target = env.servicer.targets[env.t0.name]
+        kicks = []
+        monkeypatch.setattr(target, "_kick_refresh", lambda: kicks.append(1))
+
+        def aged(seconds: float) -> None:
+            with target._prov_lock:
+                target._prov = {k: (time.monotonic() - seconds, b, c)
+                                for k, (_, b, c) in target._prov.items()}
+
+        def create(name: str) -> None:
+            call(env.servicer, "CreateVolume", create_req(name, MiB, params=_params("none")))
+
+        target._last_scan = 0.01                       # a cheap scan: the TTL rules
+        assert target.refresh_wait() == PROVISIONED_TTL
+        aged(PROVISIONED_TTL + 1)
+        create("a")
+        assert len(kicks) == 1
+        target._last_scan = 2.0                        # a scan of 2 s: every 200 s at most
+        assert target.refresh_wait() == 2.0 * SCAN_DUTY
+        kicks.clear()
+        aged(PROVISIONED_TTL + 1)
+        create("b")
+        aged(2.0 * SCAN_DUTY - 5)
+        create("c")
+        assert kicks == []
+        aged(2.0 * SCAN_DUTY + 1)
+        create("d")
+        assert len(kicks) == 1
+    finally:
+        env.close()
