@@ -350,6 +350,7 @@ def timing_pass(steppers: dict, n: int, spdk: str, at_scale=None,
                 t = time.perf_counter()
                 probe.call("spdk_get_version")
                 out["_period"][op].append(time.perf_counter() - t)
+        say(phase_line(op, out, n))   # as it goes: a 10,000-volume run is long
         if op == "ControllerPublishVolume" and at_scale is not None:
             at_scale(out)
     probe.close()
@@ -405,6 +406,22 @@ def hwm_mib(pid: int) -> float:
     return 0.0
 
 
+def phase_line(op: str, out: dict, n: int) -> str:
+    """One phase's figures: p50/p99 overall and first/last 10%, per stepper,
+    and the RPC period first/last 10%."""
+    k = max(1, n // 10)
+    parts = [f"{op} done:"]
+    for name in (x for x in out if not x.startswith("_")):
+        t = out[name][op]
+        parts.append(f"{name} p50 {_p50(t):.2f} p99 {pct(t, .99):.1f} ms, first10% "
+                     f"{_p50(t[:k]):.2f} (p99 {pct(t[:k], .99):.1f}) last10% {_p50(t[-k:]):.2f} "
+                     f"(p99 {pct(t[-k:], .99):.1f});")
+    c = out["_period"][op]
+    j = max(1, len(c) // 10)
+    parts.append(f"period {_p50(c[:j]):.2f} -> {_p50(c[-j:]):.2f} ms")
+    return " ".join(parts)
+
+
 def _p50(t: list[float]) -> float:
     return statistics.median(t) * 1000 if t else 0.0
 
@@ -435,6 +452,8 @@ def bench(n: int, real_rpc: str, agent: bool, tmp: Path) -> None:
                                               "num_md_pages_per_cluster_ratio": ratio})
         say(f"N={n}: counting pass")
         counts = count_pass(tmp, spdk, lvs, agent)
+        say("  SPDK calls/rounds/agent trips: " + "; ".join(
+            f"{op} {c[0]:.0f}/{c[1]:.0f}/{c[2]:.0f}" for op, c in counts.items()))
         stack = Stack(tmp, tag, spdk, lvs, agent)
         say(f"N={n}: timing pass (CSI and bare interleaved), controller pid {stack.ctl.pid}")
         hop = grpc_floor(stack.sock)
@@ -444,9 +463,16 @@ def bench(n: int, real_rpc: str, agent: bool, tmp: Path) -> None:
         def at_scale(out: dict) -> None:
             say(f"N={n}: at scale (ListVolumes, GetCapacity, RSS, volumes/s)")
             csi_at_scale(out["csi"])
+            c = out["csi"]
+            say(f"  ListVolumes {c['_list'][0] * 1000:.0f} ms ({c['_list'][1]:.0f} pages), "
+                f"unpaged {c['_list_all'][0] * 1000:.0f} ms, GetCapacity "
+                f"{c['_cap'][0] * 1000:.0f} ms, RSS {c['_rss'][0]:.1f} MiB -> "
+                f"{c['_rss_after'][0]:.1f} (peak {c['_rss_after'][1]:.1f}); CSI lifecycles/s "
+                + ", ".join(f"{r:.1f}" for r in c["_rates"]) + " at 1/8/32 in flight")
             out["bare"]["_rates"] = [
                 throughput(lambda k: Bare(spdk, lvs, f"{tag}b{k}", inflight=k), 4 * k, k)
                 for k in (1, 8, 32)]
+            say("  bare lifecycles/s " + ", ".join(f"{r:.1f}" for r in out["bare"]["_rates"]))
         times = timing_pass({"csi": Volumes(stack.stub, tag), "bare": bare}, n, spdk, at_scale)
         bare.close()
         report(n, real_rpc, agent, counts, hop, times)
