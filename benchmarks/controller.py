@@ -17,14 +17,20 @@ Unpublish, Delete):
   proxy holds each call 3 ms, as spdk_tgt's 4 ms poller does);
 - controller->agent round trips (the agent's request counter), with --agent;
 - p50/p99 over N volumes (the timing pass: no proxy), first-10% vs last-10%
-  p50;
-- the floor: rounds x the measured SPDK RPC period (p50 of a serial
-  spdk_get_version on its own connection after each timed CSI call, so under
-  the same load) + the gRPC hops x the gRPC floor (a no-op call to the same
-  controller; through the agent, one more hop per agent round trip);
-- volumes/s for the whole lifecycle with 1, 8 and 32 CSI calls in flight;
-- ListVolumes and GetCapacity latency with N volumes, RSS of controller and
-  agent.
+  p50 and p99, next to the same figures of the bare SPDK sequence of that
+  CSI call (``Bare``: the intents' calls in the same rounds, sent straight
+  to SPDK), interleaved per volume so both see the same N and load: CSI
+  minus bare is the driver's overhead, the bare growth is SPDK's own;
+- the SPDK RPC period (a serial spdk_get_version on its own connection
+  after every 10th volume) at the first and last 10% of each phase;
+- the floor: rounds x that period + the gRPC hops x the gRPC floor (a no-op
+  call to the same controller; through the agent, one more hop per agent
+  round trip);
+- with all N volumes (of both) published: ListVolumes (pages of 500, and
+  unpaged), GetCapacity, controller (and agent) RSS, and lifecycles/s with
+  1, 8 and 32 calls in flight, CSI and bare.
+
+Each phase's figures are also printed (stderr) as soon as it ends.
 """
 
 from __future__ import annotations
