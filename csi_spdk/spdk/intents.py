@@ -65,6 +65,8 @@ def parallel(*calls: Callable[[], Any]) -> list[tuple[Any, BaseException | None]
     """Run the calls together; (result, error) of each, in order. Never raises
     for a call's error: the caller re-checks what failed against SPDK. Only
     the first may fan out again (the others run on the shared pool)."""
+    if not calls:
+        return []
     if len(calls) == 1:
         try:
             return [(calls[0](), None)]

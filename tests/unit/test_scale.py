@@ -334,3 +334,9 @@ def test_periodic_rescan_backs_off_with_its_cost(tmp_path, monkeypatch):
         assert len(kicks) == 1
     finally:
         env.close()
+
+
+def test_parallel_of_nothing_is_nothing():
+    """An unexport whose hosts are all gone already (a retry) runs no call."""
+    from csi_spdk.spdk.intents import parallel
+    assert parallel() == []
