@@ -25,12 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
-import random
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,37 +40,8 @@ LOADS = (("write 128K", True, 128 << 10, False), ("read 128K", False, 128 << 10,
 
 # --- in the guest ------------------------------------------------------------------------
 def load(dev: str, write: bool, block: int, rand: bool, threads: int, seconds: float) -> dict:
-    """O_DIRECT I/O from ``threads`` threads for ``seconds``: ops/s and MiB/s."""
-    span = VOLUME_BYTES // block
-    counts = [0] * threads
-    stop = time.monotonic() + seconds
-
-    def worker(i: int) -> None:
-        fd = os.open(dev, (os.O_RDWR if write else os.O_RDONLY) | os.O_DIRECT)
-        buf = mmap.mmap(-1, block)            # page-aligned, as O_DIRECT needs
-        buf.write(os.urandom(block))
-        rng = random.Random(i)
-        try:
-            k = i
-            while time.monotonic() < stop:
-                off = (rng.randrange(span) if rand else k % span) * block
-                n = os.pwritev(fd, [buf], off) if write else os.preadv(fd, [buf], off)
-                if n != block:
-                    raise OSError(f"short I/O: {n} of {block} bytes")
-                counts[i] += 1
-                k += threads
-        finally:
-            os.close(fd)
-
-    t0 = time.monotonic()
-    ws = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for w in ws:
-        w.start()
-    for w in ws:
-        w.join()
-    took = time.monotonic() - t0
-    ops = sum(counts)
-    return {"iops": ops / took, "mibps": ops * block / took / MiB}
+    from io_load import load as run_load  # next to this file (in the guest: GUEST_FILES)
+    return run_load(dev, write, block, threads, seconds, span_bytes=VOLUME_BYTES, rand=rand)
 
 
 def guest_main(args: argparse.Namespace) -> int:
@@ -157,7 +124,9 @@ def host_main(args: argparse.Namespace) -> int:
         [ "$rc" = 0 ] || csi_stack_logs 60
         exit $rc
         """
-    res = run_in_guest(script, args.timeout, files={GUEST_SCRIPT: Path(__file__).resolve()})
+    from io_load import GUEST_FILES
+    res = run_in_guest(script, args.timeout,
+                       files={GUEST_SCRIPT: Path(__file__).resolve(), **GUEST_FILES})
     print(res.output, end="" if res.output.endswith("\n") else "\n")
     if res.exit_code != 0:
         print(res.describe(), file=sys.stderr)

@@ -38,11 +38,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -55,37 +53,8 @@ TOLERANCE = 0.10
 
 # --- in the guest ------------------------------------------------------------------------
 def load(dev: str, write: bool, block: int, threads: int, seconds: float) -> dict:
-    """O_DIRECT I/O from ``threads`` threads for ``seconds``: ops/s and MiB/s."""
-    span = VOLUME_BYTES // block
-    counts = [0] * threads
-    stop = time.monotonic() + seconds
-
-    def worker(i: int) -> None:
-        fd = os.open(dev, (os.O_RDWR if write else os.O_RDONLY) | os.O_DIRECT)
-        buf = mmap.mmap(-1, block)            # page-aligned, as O_DIRECT needs
-        buf.write(bytes([0x5A + i]) * block)
-        try:
-            k = i
-            while time.monotonic() < stop:
-                off = (k % span) * block
-                n = os.pwritev(fd, [buf], off) if write else os.preadv(fd, [buf], off)
-                if n != block:
-                    raise OSError(f"short I/O: {n} of {block} bytes")
-                counts[i] += 1
-                k += threads
-        finally:
-            os.close(fd)
-
-    t0 = time.monotonic()
-    ws = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for w in ws:
-        w.start()
-    for w in ws:
-        w.join()
-    took = time.monotonic() - t0
-    ops = sum(counts)
-    return {"ops": ops, "seconds": took, "iops": ops / took, "mibps": ops * block / took / MiB,
-            "block": block, "threads": threads, "write": write}
+    from io_load import load as run_load  # next to this file (in the guest: GUEST_FILES)
+    return run_load(dev, write, block, threads, seconds, span_bytes=VOLUME_BYTES)
 
 
 def _device(ns_uuid: str, timeout: float = 30.0) -> str:
@@ -318,13 +287,14 @@ def guest_script(args: argparse.Namespace) -> str:
 def host_main(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT / "tests" / "e2e"))
     from guest.harness import GuestOptions, run_in_guest
+    from io_load import GUEST_FILES
 
     rpc = os.environ.get("CSI_SPDK_TEST_RPC") or None
     if not rpc:
         print("CSI_SPDK_TEST_RPC is not set: the simulator enforces no QoS, so this run "
               "only checks the plumbing", flush=True)
     res = run_in_guest(guest_script(args), args.timeout,
-                       files={GUEST_SCRIPT: Path(__file__).resolve()},
+                       files={GUEST_SCRIPT: Path(__file__).resolve(), **GUEST_FILES},
                        options=GuestOptions(host_rpc=rpc))
     print(res.output, end="" if res.output.endswith("\n") else "\n")
     if res.exit_code != 0:

@@ -61,8 +61,15 @@ def stack(api: SpdkApi, lvol_uuid: str, key: str, key2: str, material: str) -> s
         api.call("bdev_crypto_create", create)
     except SpdkError:
         if _key_name_of(api.bdev_get(name)) != key_name:
-            _release_claim(api, lvol_uuid)
-            api.call("bdev_crypto_create", create)
+            try:
+                _release_claim(api, lvol_uuid)
+                api.call("bdev_crypto_create", create)
+            except BaseException:
+                # no crypto bdev: no key of it left in SPDK either (the
+                # unexport that follows a refused publish reads nothing stacked)
+                with contextlib.suppress(SpdkError):
+                    api.call("accel_crypto_key_destroy", {"key_name": key_name})
+                raise
     log.info("crypto bdev stacked", extra={"f": {"bdev": name}})
     return name
 
@@ -109,11 +116,16 @@ def unstack(api: SpdkApi, lvol_uuid: str, material: str = "") -> None:
         with contextlib.suppress(SpdkNotFound):
             api.call("bdev_crypto_delete", {"name": name})
     for key_name in sorted(k for k in keys if k):
-        try:
-            api.call("accel_crypto_key_destroy", {"key_name": key_name})
-        except SpdkError as err:
-            if "No key object found" not in err.spdk_message:
-                raise
+        destroy_key(api, key_name)
+
+
+def destroy_key(api: SpdkApi, key_name: str) -> None:
+    """``accel_crypto_key_destroy``; a missing key is success."""
+    try:
+        api.call("accel_crypto_key_destroy", {"key_name": key_name})
+    except SpdkError as err:
+        if "No key object found" not in err.spdk_message:
+            raise
 
 
 def bdev_of(api: SpdkApi, lvol_uuid: str) -> str | None:

@@ -308,22 +308,42 @@ class VolumeEncryption:
         """Whether the volume's crypto bdev is open on the target."""
         return crypto.bdev_of(api, uuid) is not None
 
+    def _kept(self, uuid: str) -> VolumeKey | None:
+        with contextlib.suppress(FailedPrecondition):
+            return self.store.get(uuid) if self.store is not None else None
+        return None
+
     def unexported(self, api, uuid: str, stacked: bool | None = None) -> None:
         """The volume's subsystem is gone: so are its crypto bdev and key
         (the key also when a crash came between deleting the two).
-        ``stacked``: whether a crypto bdev was open, as the caller read it
-        beside its own SPDK calls (None: read it now, one more round)."""
-        key = None
-        with contextlib.suppress(FailedPrecondition):
-            key = self.store.get(uuid) if self.store is not None else None
+
+        ``stacked``: what the unexport or delete read of SPDK said
+        (``intents.stacked``). False (the lvol itself was exported, or lies
+        unclaimed) skips the key store read and the crypto look-up: the hot
+        path of an unencrypted volume. True or None (unknown: a retry, a crash
+        between stacking and exporting) looks everything up, so those converge.
+        An accel key a crash left between creating it and stacking the bdev
+        (nothing on the lvol, so False) stays until DeleteVolume (``deleted``)."""
+        if stacked is False:
+            return
+        key = self._kept(uuid)
         if key is not None and key.mode == contract.ENCRYPTION_TARGET:
             crypto.unstack(api, uuid, key.material)
         elif stacked or (stacked is None and crypto.bdev_of(api, uuid) is not None):
             crypto.unstack(api, uuid)
 
     def deleted(self, api, uuid: str, stacked: bool | None = None) -> None:
-        """DeleteVolume/DeleteSnapshot: nothing of the key left in SPDK or the store."""
-        if api is not None:
+        """DeleteVolume/DeleteSnapshot: nothing of the key left in SPDK or the
+        store (``stacked`` as for ``unexported``; False still reads the store,
+        which the delete needs anyway, but makes no SPDK call for a volume
+        that is not target-encrypted)."""
+        if api is not None and stacked is False:
+            # nothing on the lvol; only an accel key a crash left between its
+            # create and the crypto bdev's (a publish nobody unpublished) may be
+            key = self._kept(uuid)
+            if key is not None and key.mode == contract.ENCRYPTION_TARGET:
+                crypto.destroy_key(api, contract.crypto_key_name(uuid, key.material))
+        elif api is not None:
             self.unexported(api, uuid, stacked)
         if self.store is not None:
             self.store.delete(uuid)

@@ -160,14 +160,16 @@ class NvmfExporter:
             raise
         return self.publish_context(uuid, tls)
 
-    def hold_open(self, lvol_uuid: str, sub: dict | None) -> None:
+    def hold_open(self, lvol_uuid: str, sub: dict | None) -> str:
         """The volume's subsystem with its namespace only (no listener, no host):
         SPDK then holds the lvol bdev open with I/O channels, which a QoS change
         on an unpublished volume needs (``qos.py``). ``sub`` as just read.
 
         A target-mode volume whose crypto bdev is stacked is held through that
         bdev (it claims the lvol, so SPDK would refuse the lvol itself; its
-        I/O channels open the lvol's): never the lvol in clear next to it."""
+        I/O channels open the lvol's): never the lvol in clear next to it.
+        Returns the bdev the hold opens (the crypto bdev's name when stacked:
+        releasing the hold then unstacks it, ``qos.py``)."""
         nqn = contract.subsystem_nqn(lvol_uuid)
         bdev = crypto.bdev_of(self.api, lvol_uuid) or lvol_uuid
         if sub is None:
@@ -178,16 +180,25 @@ class NvmfExporter:
         if not has_namespace(sub, lvol_uuid):
             self._step(nqn, lambda s: has_namespace(s, lvol_uuid),
                        lambda: self.api.ns_add(nqn, bdev, uuid=lvol_uuid))
+        return bdev
+
+    def withdraw(self, lvol_uuid: str, hosts: str | list[str]) -> tuple[bool, bool | None]:
+        """Remove ``hosts`` from the allow-list; delete the subsystem when no
+        host is left. Missing subsystem or host is success. Returns (the
+        subsystem is gone, whether it exported a crypto bdev: None when
+        unknown; ``intents.stacked``); one intent: 2 SPDK rounds."""
+        hosts = [hosts] if isinstance(hosts, str) else list(hosts)
+        got = self.api.intent("unexport", {"uuid": lvol_uuid, "hosts": hosts})
+        return bool(got["gone"]), got.get("stacked")   # an older agent: None
 
     def unexport(self, lvol_uuid: str, hosts: str | list[str]) -> bool:
-        """Remove ``hosts`` from the allow-list; delete the subsystem when no
-        host is left. Missing subsystem or host is success. True when the
-        subsystem is gone (one intent: 2 SPDK rounds)."""
-        hosts = [hosts] if isinstance(hosts, str) else list(hosts)
-        return bool(self.api.intent("unexport", {"uuid": lvol_uuid, "hosts": hosts})["gone"])
+        """``withdraw``: True when the subsystem is gone."""
+        return self.withdraw(lvol_uuid, hosts)[0]
 
-    def delete(self, lvol_uuid: str) -> None:
-        """Delete the volume's subsystem whatever its hosts; missing is success."""
-        self.api.intent("unexport", {"uuid": lvol_uuid, "hosts": [], "all": True})
+    def delete(self, lvol_uuid: str) -> bool | None:
+        """Delete the volume's subsystem whatever its hosts; missing is success.
+        Returns ``intents.stacked`` (None: unknown, the subsystem was not read)."""
+        got = self.api.intent("unexport", {"uuid": lvol_uuid, "hosts": [], "all": True})
         log.debug("subsystem deleted",
                   extra={"f": {"nqn": contract.subsystem_nqn(lvol_uuid)}})
+        return got.get("stacked")

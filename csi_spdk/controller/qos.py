@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 from .. import contract
 from ..errors import Aborted, InvalidArgument, NotFound
 from ..spdk.errors import SpdkBusy, SpdkNotFound
+from ..spdk.intents import stacked
+from . import crypto
 
 if TYPE_CHECKING:
     from .target import Target
@@ -141,10 +143,14 @@ def apply(target: Target, lvol_uuid: str, wanted: Limits, now: Limits | None = N
 
 def release_hold(target: Target, lvol_uuid: str) -> None:
     """Delete a hold that a crash left behind (the volume's subsystem with no
-    host and no listener); one RPC. A published volume is left alone."""
+    host and no listener); one RPC. A published volume is left alone. A hold
+    through a target-mode crypto bdev (``NvmfExporter.hold_open``) takes that
+    bdev and its key with it: unpublished, nothing else uses them."""
     sub = target.exporter.subsystem(lvol_uuid)
     if sub is not None and not sub.get("hosts") and not sub.get("listen_addresses"):
         target.exporter.delete(lvol_uuid)
+        if stacked(lvol_uuid, sub):
+            crypto.unstack(target.api, lvol_uuid)
 
 
 def _set_held_open(target: Target, lvol_uuid: str, change: Limits) -> None:
@@ -152,8 +158,7 @@ def _set_held_open(target: Target, lvol_uuid: str, change: Limits) -> None:
     exporter = target.exporter
     sub = exporter.subsystem(lvol_uuid)
     hold = not exporter.hosts_of(sub)        # not published (or a crashed hold)
-    if hold:
-        exporter.hold_open(lvol_uuid, sub)
+    held = exporter.hold_open(lvol_uuid, sub) if hold else ""
     try:
         for attempt in range(1, BUSY_RETRIES + 1):
             try:
@@ -168,3 +173,5 @@ def _set_held_open(target: Target, lvol_uuid: str, change: Limits) -> None:
     finally:
         if hold:
             exporter.delete(lvol_uuid)
+        if held == contract.crypto_bdev_name(lvol_uuid):
+            crypto.unstack(target.api, lvol_uuid)   # left over from a crash: unpublished

@@ -47,7 +47,7 @@ from ..proto import csi_pb2, csi_pb2_grpc
 from ..rpc import rpc
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkError, SpdkNoSpace, SpdkNotFound, SpdkTransportError
-from ..spdk.intents import IntentError, is_volume, parallel
+from ..spdk.intents import IntentError, is_volume
 from . import dhchap_strength, placement, qos
 from .auth import AgentKeyCustody, SameHostKeyCustody, SecretStore, StaticSecrets, VolumeAuth
 from .capacity import PROVISIONED_TTL
@@ -323,30 +323,23 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             raise
 
     def _delete_volume(self, request, target: Target, oid: contract.ObjectId):
-        # whether a crypto bdev is stacked is read beside the intent (no other
-        # call of this volume runs: the lock), not in a round of its own
-        (result, err), (stacked, read_err) = parallel(
-            lambda: target.api.intent("delete_volume", {"uuid": oid.lvol_uuid}),
-            lambda: self.encryption.stacked(target.api, oid.lvol_uuid))
-        if read_err is not None:
-            stacked = None   # unknown: read again where it matters
         try:
-            if isinstance(err, SpdkError):
+            try:
+                result = target.api.intent("delete_volume", {"uuid": oid.lvol_uuid})
+            except SpdkError:
                 # a target-mode crypto bdev holds the lvol open: the intent
                 # deleted the subsystem (no host was allowed), so it can go now;
                 # any other failure is the caller's to see
-                if stacked is None:
-                    stacked = self.encryption.stacked(target.api, oid.lvol_uuid)
-                if not stacked:
-                    raise err
+                if not self.encryption.stacked(target.api, oid.lvol_uuid):
+                    raise
                 self.encryption.unexported(target.api, oid.lvol_uuid, True)
-                stacked = False
-                result, err = target.api.intent("delete_volume", {"uuid": oid.lvol_uuid}), None
-            if err is not None:
-                raise err
+                result = target.api.intent("delete_volume", {"uuid": oid.lvol_uuid})
         except IntentError as ierr:
             raise self._delete_error(request, ierr) from None
         found = result["bdev"]
+        # whether a crypto bdev was on it, from what the intent read (no
+        # look-up of its own); only an lvol the intent found can say "nothing"
+        stacked = result.get("stacked") if found is not None else None
         lv = Lvol.from_bdev(found)
         if lv is not None:
             # The reclaim of its hidden parents reads the lineage after the
@@ -462,15 +455,12 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             host = contract.host_nqn(request.node_id)
             # the node's older host NQN form too (published by an older driver)
             hosts = [host, contract.legacy_host_nqn(request.node_id)]
-            unexport = lambda: exporter.unexport(oid.lvol_uuid, hosts)  # noqa: E731
+            # whether a crypto bdev was exported comes from the unexport's own
+            # read of the subsystem (intents.stacked): no look-up of its own
+            gone, stacked = exporter.withdraw(oid.lvol_uuid, hosts)
         else:
-            unexport = lambda: exporter.delete(oid.lvol_uuid) or True  # noqa: E731
-        # whether a crypto bdev is stacked is read beside the unexport (no
-        # other call of this volume runs: the lock), not in a round of its own
-        (gone, err), (stacked, read_err) = parallel(
-            unexport, lambda: self.encryption.stacked(target.api, oid.lvol_uuid))
-        if err is not None:
-            raise err
+            stacked = exporter.delete(oid.lvol_uuid)    # not read: None, look
+            gone = True
         with self._hints:
             if request.node_id:
                 self._publishes.get(oid.lvol_uuid, {}).pop(host, None)
@@ -479,8 +469,7 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
         if gone:
             # the last host is gone: so are the volume's keys on the target
             self.auth.drop_target_keys(target.name, oid.lvol_uuid)
-            self.encryption.unexported(target.api, oid.lvol_uuid,
-                                       None if read_err is not None else stacked)
+            self.encryption.unexported(target.api, oid.lvol_uuid, stacked)
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     # --- queries -----------------------------------------------------------------

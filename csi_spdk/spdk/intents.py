@@ -11,7 +11,9 @@ object is already there:
 - ``export``: the subsystem (with the lvol look-up beside it), then
   namespace, listener and host together (2 rounds; 3 when it existed).
 - ``unexport``: read the subsystem, then remove the host or delete the
-  subsystem when it was the last (2 rounds).
+  subsystem when it was the last (2 rounds); what it read says whether a
+  target-mode crypto bdev was exported (``stacked``), so an unencrypted
+  volume needs no crypto look-up afterwards.
 - ``delete_volume``: the lvol and its subsystem read together, then the
   delete (2 rounds; 3 when a host-less subsystem holds it open).
 
@@ -262,22 +264,45 @@ def _fill(api: Api, nqn: str, sub: dict, spec: dict) -> None:
 
 
 # --- unexport ----------------------------------------------------------------------
+def stacked(uuid: str, sub: dict | None, lvol: dict | None = None) -> bool | None:
+    """Whether a target-mode crypto bdev sits on lvol ``uuid``, as far as what
+    the intent read anyway tells (no extra SPDK call): the volume's namespace
+    names the crypto bdev (True) or the lvol itself (False: the namespace
+    claims the lvol, so nothing else can be stacked on it); with no namespace,
+    an lvol nobody claims has nothing stacked (False). None: the reads cannot
+    tell (no subsystem or namespace and the lvol not read, or claimed by
+    something else): the caller has to look (a crash between stacking the
+    crypto bdev and exporting it, a retry after one between unexport and
+    unstack)."""
+    crypto, found = contract.crypto_bdev_name(uuid), None
+    for ns in (sub or {}).get("namespaces", []):
+        if ns.get("bdev_name") == crypto:
+            return True
+        if ns.get("bdev_name") == uuid:
+            found = False
+    if found is None and lvol is not None and not lvol.get("claimed"):
+        found = False
+    return found
+
+
 def unexport(api: Api, spec: dict) -> dict:
     """``{uuid, hosts: [NQNs to remove], all?}``: remove the hosts; the
     subsystem goes when none is left (or with ``all``). Missing is success.
-    Returns ``{"gone"}``: the subsystem no longer exists."""
+    Returns ``{"gone", "stacked"}``: the subsystem no longer exists; when it
+    went, whether its namespace was a crypto bdev (``stacked``: None when
+    unknown, see there)."""
     nqn = contract.subsystem_nqn(spec["uuid"])
     if spec.get("all"):
         _delete_subsystem(api, nqn)
-        return {"gone": True}
+        return {"gone": True, "stacked": None}
     sub = subsystem(api, nqn)
     if sub is None:
-        return {"gone": True}
+        return {"gone": True, "stacked": None}
     hosts = hosts_of(sub)
     remove = [h for h in spec["hosts"] if h in hosts]
     if not [h for h in hosts if h not in remove]:
         _delete_subsystem(api, nqn)   # the last host: no need to remove it first
-        return {"gone": True}
+        return {"gone": True, "stacked": stacked(spec["uuid"], sub)}
     results = parallel(*(lambda h=h: api.call("nvmf_subsystem_remove_host",
                                               {"nqn": nqn, "host": h}) for h in remove))
     _raise_transport_first(results)
@@ -300,8 +325,9 @@ def _delete_subsystem(api: Api, nqn: str) -> None:
 # --- delete ----------------------------------------------------------------------
 def delete_volume(api: Api, spec: dict) -> dict:
     """``{uuid}``: delete a volume lvol that no host is allowed on, and its
-    host-less subsystem. Returns ``{"bdev"}`` as it was before the delete
-    (None: already gone), for the caller's reclaim and accounting."""
+    host-less subsystem. Returns ``{"bdev", "stacked"}``: the lvol as it was
+    before the delete (None: already gone), for the caller's reclaim and
+    accounting, and whether a crypto bdev was on it (``stacked``)."""
     uuid = spec["uuid"]
     nqn = contract.subsystem_nqn(uuid)
     (found, e1), (sub, e2) = parallel(lambda: bdev(api, uuid), lambda: subsystem(api, nqn))
@@ -321,7 +347,7 @@ def delete_volume(api: Api, spec: dict) -> dict:
         _delete_subsystem(api, nqn)
     with contextlib.suppress(SpdkNotFound):
         api.call("bdev_lvol_delete", {"name": uuid})
-    return {"bdev": found}
+    return {"bdev": found, "stacked": stacked(uuid, sub, found)}
 
 
 _TABLE: dict[str, Callable[[Api, dict], dict]] = {

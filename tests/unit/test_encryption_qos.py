@@ -7,22 +7,14 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from controller_fixtures import (
-    block_cap,
-    call,
-    create_req,
-    expect_code,
-    make_env,
-    publish_req,
-    uuid_of,
-)
+from controller_fixtures import block_cap, call, create_req, expect_code, make_env, uuid_of
+from encryption_fixtures import MULTI, crash_at, crypto_left, publish_req_of
 
 from csi_spdk import contract
 from csi_spdk.controller import qos
 from csi_spdk.proto import csi_pb2
 
 C = grpc.StatusCode
-MULTI = csi_pb2.VolumeCapability.AccessMode.MULTI_NODE_MULTI_WRITER
 TARGET = {"encryption": "target", "auth": "none", "maxIOPS": "2000"}
 
 
@@ -36,12 +28,6 @@ def env(tmp_path):
 def _create(env):
     return call(env.servicer, "CreateVolume",
                 create_req("v-held", caps=[block_cap(MULTI)], params=TARGET)).volume
-
-
-def _publish_req(vol, node="node-a"):
-    req = publish_req(vol.volume_id, node, cap=block_cap(MULTI))
-    req.volume_context.update(vol.volume_context)
-    return req
 
 
 def _modify_req(vol, iops: str):
@@ -66,11 +52,8 @@ def _leave_hold(env, vol) -> str:
     hold (the lvol as namespace, no host, no listener) stays on the target."""
     uuid = uuid_of(vol.volume_id)
     call(env.servicer, "ControllerModifyVolume", _modify_req(vol, "3000"))  # QoS now active
-    env.t0.api.arm(3)       # create subsystem, add namespace, *delete subsystem*
-    try:
-        expect_code(C.INTERNAL, env.servicer, "ControllerModifyVolume", _modify_req(vol, "5000"))
-    finally:
-        env.t0.api.arm(0)
+    # create subsystem, add namespace, *delete subsystem*
+    crash_at(env, 3, "ControllerModifyVolume", _modify_req(vol, "5000"))
     sub = _sub(env, uuid)
     assert _namespaces(env, uuid) == [(uuid, uuid)] and not sub["hosts"]
     assert env.t0.raw.bdev_get(uuid)["claim_type"] == "exclusive_write"   # by the hold
@@ -81,7 +64,7 @@ def _leave_hold(env, vol) -> str:
 def test_publish_over_a_crashed_hold_stacks_crypto_and_exports_only_ciphertext(env):
     vol = _create(env)
     uuid = _leave_hold(env, vol)
-    ctx = call(env.servicer, "ControllerPublishVolume", _publish_req(vol)).publish_context
+    ctx = call(env.servicer, "ControllerPublishVolume", publish_req_of(vol)).publish_context
     assert ctx[contract.PC_NS_UUID] == uuid
     crypt = contract.crypto_bdev_name(uuid)
     assert env.t0.raw.bdev_get(crypt)["driver_specific"]["crypto"]["base_bdev_name"] == uuid
@@ -103,7 +86,7 @@ def test_a_subsystem_exporting_the_lvol_in_clear_is_refused_and_left_alone(env):
     env.t0.raw.call("nvmf_subsystem_add_host", {"nqn": contract.subsystem_nqn(uuid),
                                                 "host": contract.host_nqn("intruder")})
     message = expect_code(C.FAILED_PRECONDITION, env.servicer, "ControllerPublishVolume",
-                          _publish_req(vol))
+                          publish_req_of(vol))
     assert "unencrypted" in message and "unpublish" in message
     assert _namespaces(env, uuid) == [(uuid, uuid)]          # not deleted, not joined
     assert [h["nqn"] for h in _sub(env, uuid)["hosts"]] == [contract.host_nqn("intruder")]
@@ -117,11 +100,8 @@ def test_hold_of_a_volume_with_its_crypto_bdev_stacked_holds_the_crypto_bdev(env
     vol = _create(env)
     uuid = uuid_of(vol.volume_id)
     call(env.servicer, "ControllerModifyVolume", _modify_req(vol, "3000"))
-    env.t0.api.arm(3)       # accel key, crypto bdev, *the export's subsystem*
-    try:
-        expect_code(C.INTERNAL, env.servicer, "ControllerPublishVolume", _publish_req(vol))
-    finally:
-        env.t0.api.arm(0)
+    # accel key, crypto bdev, *the export's subsystem*
+    crash_at(env, 3, "ControllerPublishVolume", publish_req_of(vol))
     crypt = contract.crypto_bdev_name(uuid)
     assert env.t0.raw.bdev_get(crypt) is not None and _sub(env, uuid) is None
     held = []
@@ -142,7 +122,43 @@ def test_hold_of_a_volume_with_its_crypto_bdev_stacked_holds_the_crypto_bdev(env
     call(env.servicer, "ControllerModifyVolume", _modify_req(vol, "6000"))
     assert held and held[0] == [(crypt, uuid)]      # held through the crypto bdev
     assert _iops(env, uuid) == 6000
-    assert _sub(env, uuid) is None                  # and the hold released
-    call(env.servicer, "ControllerPublishVolume", _publish_req(vol))
+    assert _sub(env, uuid) is None                  # and the hold released,
+    assert crypto_left(env, uuid) == (None, [])    # with the crypto bdev and its key
+    assert env.t0.raw.bdev_get(uuid)["claimed"] is False
+    call(env.servicer, "ControllerPublishVolume", publish_req_of(vol))
     assert _namespaces(env, uuid) == [(crypt, uuid)]
     assert [h["nqn"] for h in _sub(env, uuid)["hosts"]] == [contract.host_nqn("node-a")]
+    assert len(crypto_left(env, uuid)[1]) == 1     # stacked again by the publish
+
+
+def test_a_crashed_hold_through_the_crypto_bdev_is_released_with_it(env):
+    """The hold above dies at its subsystem delete; the next
+    ControllerModifyVolume releases it (release_hold) and, unpublished, the
+    crypto bdev and accel key it held go too (not only at the next unpublish)."""
+    vol = _create(env)
+    uuid = uuid_of(vol.volume_id)
+    call(env.servicer, "ControllerModifyVolume", _modify_req(vol, "3000"))
+    # accel key, crypto bdev, *the export's subsystem*
+    crash_at(env, 3, "ControllerPublishVolume", publish_req_of(vol))
+    crypt = contract.crypto_bdev_name(uuid)
+    # the hold's subsystem, its namespace, *its delete*
+    crash_at(env, 3, "ControllerModifyVolume", _modify_req(vol, "6000"))
+    assert _namespaces(env, uuid) == [(crypt, uuid)] and not _sub(env, uuid)["hosts"]
+    assert crypto_left(env, uuid)[0] is not None
+    call(env.servicer, "ControllerModifyVolume", _modify_req(vol, "6000"))   # no change
+    assert _sub(env, uuid) is None and crypto_left(env, uuid) == (None, [])
+    assert env.t0.raw.bdev_get(uuid)["claimed"] is False and _iops(env, uuid) == 6000
+
+
+def test_releasing_a_hold_on_the_lvol_makes_no_crypto_call(env):
+    """An unencrypted hold (the lvol as namespace): release_hold asks SPDK
+    nothing about crypto (what the subsystem read said is enough)."""
+    vol = call(env.servicer, "CreateVolume", create_req(
+        "v-plain-held", caps=[block_cap(MULTI)], params={"auth": "none",
+                                                         "maxIOPS": "2000"})).volume
+    uuid = _leave_hold(env, vol)
+    mark = len(env.t0.api.log)
+    call(env.servicer, "ControllerModifyVolume", _modify_req(vol, "5000"))
+    assert _sub(env, uuid) is None
+    assert not [m for m in env.t0.api.log[mark:]
+                if m in ("bdev_crypto_delete", "accel_crypto_key_destroy")]
