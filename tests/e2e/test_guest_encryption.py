@@ -1,26 +1,37 @@
 """Encryption at rest in the QEMU guest, one boot for every scenario: the
-simulator with its kernel data plane (``sim --nvmet``: a crypto bdev is a real
-dm-crypt mapping over the lvol's file), the agent, controller and node, the
-real NVMe/TCP initiator, cryptsetup/dm-crypt for node mode.
+agent, controller and node, the real NVMe/TCP initiator, cryptsetup/dm-crypt
+for node mode, and as SPDK either the simulator with its kernel data plane
+(``sim --nvmet``: a crypto bdev is a real dm-crypt mapping over the lvol's
+file) or, when CSI_SPDK_TEST_RPC names one (``host_rpc``), a real spdk_tgt on
+the host with its AES-XTS crypto bdev (ISA-L crypto).
 
 Per mode (node, target) and access type (ext4, raw block), plus ``none`` as
 the control that proves the plaintext check can fail: write a pattern, read
-the lvol's backing file directly (pattern absent; present for ``none``), read
 back through the volume (present); snapshot and clone, the clone staged with
-its copied key shows the data; a wrong key is refused (node: NodeStage,
-target: ControllerPublish); expand online (the filesystem / block device
-grew); teardown leaves no mapping, loop device, lvol or key file, and no
-volume key appears in any log (csi_stack_stop checks).
+its copied key shows the data; a wrong key is refused with
+FAILED_PRECONDITION (node: NodeStage, target: ControllerPublish, naming where
+the key is kept) and leaves no crypto bdev or accel key; expand online (the
+filesystem / block device grew); after the unpublish no crypto bdev and no
+accel key of the volume is left in SPDK (while published, target mode has
+exactly one of each: the control), and the lvol's raw bytes read THROUGH SPDK
+(the lvol exported on its own and read from the guest) do not show the
+pattern (they do for ``none``); with the simulator the lvol's backing file is
+checked directly too. Teardown leaves no mapping, loop device, lvol, crypto
+bdev, accel key, subsystem or key file, and no volume key appears in any log
+(csi_stack_stop checks; with CSI_SPDK_TEST_LOG the real target's log too).
 
 The target/block volume uses a key the test chose (the provisioner secret),
-and the test checks the lvol's ciphertext on the host: AES-XTS with
-key||key2 and dm-crypt's plain64 tweak, and NOT SPDK's SIMPLE_LBA tweak (LBA
-in the high 64 bits; see sim/nvmet_crypt.py)."""
+and the test checks the lvol's ciphertext on the host: with the simulator
+AES-XTS with key||key2 and dm-crypt's plain64 tweak over 512-byte sectors;
+with a real target AES-XTS with key||key2, one data unit per lvol block, and
+SPDK's SIMPLE_LBA tweak (LBA in the high 64 bits; see sim/nvmet_crypt.py)."""
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+from pathlib import Path
 
 import pytest
 from guest.harness import GuestOptions
@@ -42,11 +53,15 @@ def pattern() -> bytes:
 
 DRIVER = r'''
 import glob, json, os, subprocess, sys, time
+import uuid as uuid_mod
 from pathlib import Path
 
 import grpc
+from csi_spdk import contract
 from csi_spdk.proto import csi_pb2 as csi
 from csi_spdk.proto import csi_pb2_grpc as csi_grpc
+from csi_spdk.spdk.api import SpdkApi
+from csi_spdk.spdk.client import SpdkClient
 
 MiB = 1 << 20
 RUN = "/run/csi"
@@ -61,6 +76,12 @@ node = csi_grpc.NodeStub(grpc.insecure_channel(f"unix://{RUN}/node.sock"))
 AM = csi.VolumeCapability.AccessMode
 NODE_ID = node.NodeGetInfo(csi.NodeGetInfoRequest()).node_id
 SIZE, NEW_SIZE = 64 * MiB, 128 * MiB
+# the simulator in this guest, or a real spdk_tgt on the host (host_rpc):
+# its listener stays on the host's 127.0.0.1, the guest dials the host
+SIM = not os.environ.get("GUEST_SPDK_RPC")
+spdk = SpdkApi(SpdkClient(os.environ.get("GUEST_SPDK_RPC") or f"{RUN}/spdk.sock"))
+LISTEN, DIAL = "127.0.0.1", "127.0.0.1" if SIM else "10.0.2.2"
+RAW_NQN = "nqn.2016-06.io.spdk:csi-test-raw"
 
 
 def step(msg):
@@ -80,6 +101,53 @@ def lvol_file(uuid):
     found = glob.glob(f"/tmp/sim/**/{uuid}.img", recursive=True)
     assert len(found) == 1, found
     return Path(found[0])
+
+
+def raw_scan(uuid):
+    """The lvol's bytes as SPDK holds them, read through SPDK: the lvol (no
+    consumer may hold it: the volume is unpublished) exported on its own to
+    this guest and read to its end. Returns (pattern found, first 8 KiB)."""
+    ns, hostid = str(uuid_mod.uuid4()), str(uuid_mod.uuid4())
+    spdk.call("nvmf_create_subsystem", {"nqn": RAW_NQN, "allow_any_host": True,
+                                        "serial_number": "CSITESTRAW0001"})
+    try:
+        spdk.call("nvmf_subsystem_add_ns", {"nqn": RAW_NQN, "namespace": {
+            "bdev_name": uuid, "uuid": ns}})
+        spdk.call("nvmf_subsystem_add_listener", {"nqn": RAW_NQN, "listen_address": {
+            "trtype": "TCP", "adrfam": "IPv4", "traddr": LISTEN, "trsvcid": "4420"}})
+        subprocess.run(["nvme", "connect", "-t", "tcp", "-a", DIAL, "-s", "4420",
+                        "-n", RAW_NQN, "--hostnqn",
+                        f"nqn.2014-08.org.nvmexpress:uuid:{hostid}", "--hostid", hostid],
+                       check=True, capture_output=True)
+        try:
+            dev = None
+            for _ in range(100):
+                dev = next((f"/dev/{Path(b).name}" for b in glob.glob("/sys/block/nvme*")
+                            if Path(b, "uuid").exists() and Path(b, "uuid").read_text().strip()
+                            == ns and Path(f"/dev/{Path(b).name}").exists()), None)
+                if dev:
+                    break
+                time.sleep(0.1)
+            assert dev, f"raw export of {uuid} did not show up"
+            found, head, tail = False, b"", b""
+            with open(dev, "rb", buffering=0) as f:
+                while chunk := f.read(4 * MiB):
+                    head = head or chunk[:8192]
+                    found = found or MARK in tail + chunk
+                    tail = chunk[-len(MARK):]
+            return found, head
+        finally:
+            subprocess.run(["nvme", "disconnect", "-n", RAW_NQN], capture_output=True)
+    finally:
+        spdk.call("nvmf_delete_subsystem", {"nqn": RAW_NQN})
+
+
+def crypto_state(uuid):
+    """(crypto bdev of the volume open?, names of the accel keys made for it)"""
+    bdevs = [b["name"] for b in spdk.call("bdev_get_bdevs")]
+    keys = [k["name"] for k in spdk.call("accel_crypto_keys_get")]
+    return (contract.crypto_bdev_name(uuid) in bdevs,
+            sorted(k for k in keys if k.startswith(contract.crypto_bdev_name(uuid))))
 
 
 def kept_key(uuid):
@@ -191,18 +259,22 @@ def scenario(mode, kind):
             assert part not in contexts, "key material in volume_context/publish_context"
     if mode == "node":
         assert len(mappings()) == 1, mappings()
+    key_name = contract.crypto_key_name(uuid, sec.get("encryptionKey", ""))
+    if mode == "target":   # the control for "destroyed after unexport" below
+        assert crypto_state(uuid) == (True, [key_name]), crypto_state(uuid)
+    else:
+        assert crypto_state(uuid) == (False, []), crypto_state(uuid)
     step(f"[{tag}] write the pattern; the lvol's file must not show it")
     a.write(PATTERN)
     drop_caches()
-    raw = lvol_file(uuid).read_bytes()
-    if mode == "none":
-        assert MARK in raw, "control: plaintext volume does not show the pattern"
-    else:
-        assert MARK not in raw, "pattern readable in the lvol's backing file"
-    if mode == "node":
-        assert raw[:6] == b"LUKS\xba\xbe", raw[:6]
-    if tag == "target-block":
-        print("CIPHERTEXT " + raw[:8192].hex(), flush=True)
+    if SIM:   # the backing file itself (a real target's lvol: raw_scan below)
+        raw = lvol_file(uuid).read_bytes()
+        if mode == "none":
+            assert MARK in raw, "control: plaintext volume does not show the pattern"
+        else:
+            assert MARK not in raw, "pattern readable in the lvol's backing file"
+        if mode == "node":
+            assert raw[:6] == b"LUKS\xba\xbe", raw[:6]
     assert a.read(len(PATTERN)) == PATTERN, "read back through the volume differs"
 
     step(f"[{tag}] snapshot + clone with the copied key")
@@ -244,8 +316,18 @@ def scenario(mode, kind):
                                  volume_capability=cap_of(kind),
                                  volume_context=dict(clone.volume_context), secrets=wrong)))
             assert "not the key of volume" in msg and wrong["encryptionKey"] not in msg, msg
-        craw = lvol_file(clone.volume_context["lvolUuid"]).read_bytes()
-        assert MARK not in craw
+            # names where the key is kept (here the key file standing in for the Secret)
+            assert str(KEYS / f"{clone.volume_context['lvolUuid']}.json") in msg, msg
+        for part in (wrong["encryptionKey"][:64], wrong["encryptionKey"][64:]):
+            assert part not in msg, msg
+        # nothing opened with the wrong key, nothing left of the refused attempt
+        assert crypto_state(clone.volume_context["lvolUuid"]) == (False, []), \
+            crypto_state(clone.volume_context["lvolUuid"])
+        if SIM:
+            craw = lvol_file(clone.volume_context["lvolUuid"]).read_bytes()
+            assert MARK not in craw
+        found, _ = raw_scan(clone.volume_context["lvolUuid"])
+        assert not found, "pattern readable in the clone's lvol through SPDK"
     c = Attached(clone, kind, csec, tag + "-clone")
     assert c.read(len(PATTERN)) == PATTERN, "clone does not show the snapshot's data"
     c.detach()
@@ -267,6 +349,21 @@ def scenario(mode, kind):
 
     step(f"[{tag}] teardown")
     a.detach()
+    # unexported: no crypto bdev and no accel key of the volume left in SPDK
+    assert crypto_state(uuid) == (False, []), crypto_state(uuid)
+    step(f"[{tag}] the lvol's raw bytes through SPDK")
+    found, head = raw_scan(uuid)
+    if mode == "none":
+        assert found, "control: plaintext lvol read through SPDK does not show the pattern"
+    else:
+        assert not found, "pattern readable in the lvol through SPDK"
+    if mode == "node":
+        assert head[:6] == b"LUKS\xba\xbe", head[:6]
+    if tag == "target-block":
+        if SIM:
+            assert head == lvol_file(uuid).read_bytes()[:len(head)]
+        block = spdk.call("bdev_get_bdevs", {"name": uuid})[0]["block_size"]
+        print(f"CIPHERTEXT {block} {head.hex()}", flush=True)
     ctrl.DeleteVolume(csi.DeleteVolumeRequest(volume_id=vol.volume_id))
     assert mappings() == [], mappings()
     assert loops() == BASE_LOOPS, loops()   # no loop device of the data plane left
@@ -278,23 +375,41 @@ for spec in sys.argv[2:]:
     scenario(*spec.split(":"))
 left = list(KEYS.glob("*.json")) if KEYS.exists() else []
 assert left == [], left
+step("nothing is left in SPDK: lvols, crypto bdevs, accel keys, subsystems")
+assert not [lv["name"] for lv in spdk.lvols() if lv["name"].startswith("csi")]
+assert not [b["name"] for b in spdk.call("bdev_get_bdevs")
+            if b["name"].startswith(contract.CRYPTO_PREFIX)]
+assert not [k["name"] for k in spdk.call("accel_crypto_keys_get")
+            if k["name"].startswith(contract.CRYPTO_PREFIX)]
+assert not [s["nqn"] for s in spdk.subsystems()
+            if s["nqn"].startswith(contract.NQN_PREFIX) or s["nqn"] == RAW_NQN]
 print("ENCRYPTION-OK", flush=True)
 '''
 
 SCENARIOS = ["none:block", "node:mount", "node:block", "target:mount", "target:block"]
 
 
-def _xts(key: bytes, data: bytes, tweak) -> bytes:
+def _xts(key: bytes, data: bytes, unit: int, tweak) -> bytes:
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     out = b""
-    for i in range(len(data) // 512):
+    for i in range(len(data) // unit):
         enc = Cipher(algorithms.AES(key), modes.XTS(tweak(i))).encryptor()
-        out += enc.update(data[i * 512:(i + 1) * 512]) + enc.finalize()
+        out += enc.update(data[i * unit:(i + 1) * unit]) + enc.finalize()
     return out
 
 
+def plain64(i: int) -> bytes:
+    """dm-crypt's plain64 IV: the sector number, little-endian, low 64 bits."""
+    return i.to_bytes(16, "little")
+
+
+def simple_lba(i: int) -> bytes:
+    """SPDK's SIMPLE_LBA tweak (lib/accel/accel_sw.c): the LBA in the HIGH 64 bits."""
+    return bytes(8) + i.to_bytes(8, "little")
+
+
 @pytest.mark.timeout(1500)
-def test_guest_encryption_modes(guest):
+def test_guest_encryption_modes(guest, host_rpc):
     user_key = secrets.token_hex(32) + secrets.token_hex(32)
     data = pattern()
     res = guest.run(f"""
@@ -307,16 +422,32 @@ def test_guest_encryption_modes(guest):
         [ "$rc" = 0 ] || csi_stack_logs 80
         exit $rc
         """, timeout=900, files={"/root/encryption.py": DRIVER, "/root/pattern.bin": data},
-        options=GuestOptions(), check=True)
+        options=GuestOptions(host_rpc=host_rpc), check=True)
     assert "ENCRYPTION-OK" in res.output
     assert "no key material in" in res.output
-    assert user_key not in res.output.replace(f"encryption.py {user_key}", "")
-    found = re.search(r"CIPHERTEXT ([0-9a-f]+)", res.output)
+    halves = (user_key, user_key[:64], user_key[64:])
+    out = res.output.replace(f"encryption.py {user_key}", "")
+    assert not [h for h in halves if h in out], "the user's key in the guest's output"
+    target_log = os.environ.get("CSI_SPDK_TEST_LOG")   # the real target's own log
+    if host_rpc and target_log:
+        assert not [h for h in halves if h in Path(target_log).read_text(errors="replace")], \
+            f"the user's key in {target_log}"
+    found = re.search(r"CIPHERTEXT (\d+) ([0-9a-f]+)", res.output)
     assert found, "no ciphertext printed"
-    cipher = bytes.fromhex(found.group(1))
+    block, cipher = int(found.group(1)), bytes.fromhex(found.group(2))
     key = bytes.fromhex(user_key)
-    plain64 = _xts(key, data[:len(cipher)], lambda i: i.to_bytes(16, "little"))
-    spdk = _xts(key, data[:len(cipher)], lambda i: bytes(8) + i.to_bytes(8, "little"))
-    assert cipher == plain64, "the data plane is not AES-XTS(key||key2) with plain64"
+    if host_rpc:
+        # SPDK's crypto bdev: AES-XTS(key||key2), one data unit per block of
+        # the lvol, SIMPLE_LBA tweak; dm-crypt's plain64 agrees on unit 0 only
+        assert len(cipher) >= 2 * block, (len(cipher), block)
+        spdk = _xts(key, data[:len(cipher)], block, simple_lba)
+        assert cipher == spdk, "the lvol is not AES-XTS(key||key2) with SPDK's SIMPLE_LBA tweak"
+        dm = _xts(key, data[:len(cipher)], block, plain64)
+        assert cipher[:block] == dm[:block] and cipher[block:2 * block] != dm[block:2 * block]
+        return
+    # the simulator's data plane: dm-crypt aes-xts-plain64 over 512-byte sectors
+    dm = _xts(key, data[:len(cipher)], 512, plain64)
+    spdk = _xts(key, data[:len(cipher)], 512, simple_lba)
+    assert cipher == dm, "the data plane is not AES-XTS(key||key2) with plain64"
     # SPDK's crypto bdev agrees on sector 0 only (see sim/nvmet_crypt.py)
     assert cipher[:512] == spdk[:512] and cipher[512:1024] != spdk[512:1024]
