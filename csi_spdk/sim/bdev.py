@@ -79,6 +79,7 @@ class Bdev:
         self.claim_type: str | None = None      # "exclusive_write" / "read_many_write_one"
         self.qos = dict.fromkeys(QOS_KEYS, 0)
         self.qos_active = False                  # SPDK's bdev->internal.qos exists (sim/qos.py)
+        self.qos_thread = False                  # its QoS runs on a thread (sim/qos.py)
         self.iostat = IoStat()
         self.channel_stat = IoStat()             # the one nvmf I/O channel, while open
         # SPDK's examine modules read every new bdev: 3 reads, 36 KiB + a block.

@@ -170,6 +170,10 @@ class Crypto:
             raise errno_error(EPERM)
         bdev = CryptoBdev(self.state, name, base, key)
         base.claim_type = "exclusive_write"
+        # the examine of the new vbdev opens an I/O channel on the base: QoS
+        # already enabled there starts running and stays while the vbdev
+        # keeps its descriptor open (sim/qos.py)
+        base.qos_thread = base.qos_active
         self.state.register_bdev(bdev)
         return name
 
@@ -183,6 +187,7 @@ class Crypto:
     def _remove(self, bdev: CryptoBdev) -> None:
         self.state.unregister_bdev(bdev)
         bdev.base.claim_type = None
+        bdev.base.qos_thread = False      # its last descriptor closed (bdev_qos_destroy)
 
     # --- hooks from the bdev layer ----------------------------------------
     def base_removed(self, base: Bdev) -> None:

@@ -17,11 +17,17 @@ What the real target does, step by step, and how it is modelled here:
    a bdev nobody has opened, the first call that creates the QoS structure
    succeeds and every later call (a disable too) fails EAGAIN until a
    consumer opens it with an I/O channel (an nvmf namespace, or an lvstore
-   on a base bdev: any claim; a crypto vbdev only while a consumer holds
-   *it*: a real v25.09 target answers EAGAIN for the base of a crypto bdev
-   nobody exports, and accepts the change once an nvmf namespace holds the
-   crypto bdev). Closing the last consumer keeps
-   the limits (``bdev_qos_destroy`` copies them) and the EAGAIN returns.
+   on a base bdev: any claim). A crypto vbdev keeps a descriptor on its base
+   but opens the base's channels only inside its own; once one was opened
+   while QoS was enabled (by the examine of a crypto vbdev created on a base
+   whose QoS is on, or by an nvmf namespace on the vbdev), the base's QoS
+   runs on that thread for as long as the vbdev exists (``qos_thread``),
+   exported or not. Checked on a real v25.09 target: QoS on, crypto vbdev
+   created, changes accepted; crypto vbdev first, then QoS on, the second
+   change EAGAIN until a namespace holds the vbdev, and accepted after that
+   namespace is gone; EAGAIN again once the vbdev is deleted. Closing the
+   last consumer keeps the limits (``bdev_qos_destroy`` copies them) and the
+   EAGAIN returns.
 6. Only zeros given and no other limit active: QoS is disabled and the
    structure freed (``assigned_rate_limits`` reads all 0 again). Otherwise a
    given 0 turns that one limit off and the structure stays.
@@ -71,8 +77,10 @@ def set_qos_limit(state: SimState, p: dict[str, Any]) -> bool:
     if not given:
         raise RpcError(-EINVAL, "No rate limits specified")
     given = {k: _normalise(k, v) for k, v in given.items()}
-    if bdev.qos_active and not _has_channel(state, bdev):
+    if bdev.qos_active and not bdev.qos_thread and not _has_channel(state, bdev):
         raise RpcError(-32602, "Failed to configure rate limit: " + os.strerror(EAGAIN))
+    if bdev.claim_type is not None and any(c.base is bdev for c in state.crypto.bdevs()):
+        bdev.qos_thread = _has_channel(state, bdev) or bdev.qos_thread
     disable = not any(given.values()) and not any(
         bdev.qos[k] for k in QOS_KEYS if k not in given)
     if disable:

@@ -323,11 +323,9 @@ def scenario(mode, kind):
         # nothing opened with the wrong key, nothing left of the refused attempt
         assert crypto_state(clone.volume_context["lvolUuid"]) == (False, []), \
             crypto_state(clone.volume_context["lvolUuid"])
-        if SIM:
+        if SIM:   # (a real target's: the volume's raw_scan below covers the shared clusters)
             craw = lvol_file(clone.volume_context["lvolUuid"]).read_bytes()
             assert MARK not in craw
-        found, _ = raw_scan(clone.volume_context["lvolUuid"])
-        assert not found, "pattern readable in the clone's lvol through SPDK"
     c = Attached(clone, kind, csec, tag + "-clone")
     assert c.read(len(PATTERN)) == PATTERN, "clone does not show the snapshot's data"
     c.detach()
@@ -408,7 +406,7 @@ def simple_lba(i: int) -> bytes:
     return bytes(8) + i.to_bytes(8, "little")
 
 
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2100)
 def test_guest_encryption_modes(guest, host_rpc):
     user_key = secrets.token_hex(32) + secrets.token_hex(32)
     data = pattern()
@@ -421,7 +419,7 @@ def test_guest_encryption_modes(guest, host_rpc):
         csi_stack_stop || rc=1
         [ "$rc" = 0 ] || csi_stack_logs 80
         exit $rc
-        """, timeout=900, files={"/root/encryption.py": DRIVER, "/root/pattern.bin": data},
+        """, timeout=1800, files={"/root/encryption.py": DRIVER, "/root/pattern.bin": data},
         options=GuestOptions(host_rpc=host_rpc), check=True)
     assert "ENCRYPTION-OK" in res.output
     assert "no key material in" in res.output

@@ -47,6 +47,7 @@ print(verb, "done")
 '''
 
 
+@pytest.mark.timeout(600)   # the guest's own 240 s + boot margin, on a loaded host
 def test_guest_luks_mapping_follows_a_reconnected_namespace(guest, host_rpc):
     ns_uuid = str(uuid.uuid4())
     host_id = str(uuid.uuid4())

@@ -25,9 +25,23 @@ def env(tmp_path):
     e.close()
 
 
-def _create(env):
-    return call(env.servicer, "CreateVolume",
-                create_req("v-held", caps=[block_cap(MULTI)], params=TARGET)).volume
+def _create(env, params=None):
+    return call(env.servicer, "CreateVolume", create_req(
+        "v-held", caps=[block_cap(MULTI)], params=TARGET if params is None else params)).volume
+
+
+def _stacked_before_qos(env):
+    """A target-mode volume without limits whose publish died after stacking,
+    before exporting (the crypto bdev claims the lvol, nobody exports it),
+    then its first limit set: SPDK's QoS on the lvol exists but runs on no
+    thread, so the next change is EAGAIN until something holds it open."""
+    vol = _create(env, {"encryption": "target", "auth": "none"})
+    # accel key, crypto bdev, *the export's subsystem*
+    crash_at(env, 3, "ControllerPublishVolume", publish_req_of(vol))
+    uuid = uuid_of(vol.volume_id)
+    assert crypto_left(env, uuid)[0] is not None and _sub(env, uuid) is None
+    call(env.servicer, "ControllerModifyVolume", _modify_req(vol, "3000"))
+    return vol, uuid
 
 
 def _modify_req(vol, iops: str):
@@ -94,16 +108,12 @@ def test_a_subsystem_exporting_the_lvol_in_clear_is_refused_and_left_alone(env):
 
 
 def test_hold_of_a_volume_with_its_crypto_bdev_stacked_holds_the_crypto_bdev(env, monkeypatch):
-    """A publish that died after stacking, before exporting: the crypto bdev
-    claims the lvol. A QoS change then holds the crypto bdev (SPDK refuses the
-    claimed lvol as a namespace), and the next publish completes the export."""
-    vol = _create(env)
-    uuid = uuid_of(vol.volume_id)
-    call(env.servicer, "ControllerModifyVolume", _modify_req(vol, "3000"))
-    # accel key, crypto bdev, *the export's subsystem*
-    crash_at(env, 3, "ControllerPublishVolume", publish_req_of(vol))
+    """A QoS change on the volume of ``_stacked_before_qos`` holds the crypto
+    bdev (SPDK refuses the claimed lvol as a namespace); releasing the hold
+    takes the leftover crypto bdev and key along, and the next publish
+    stacks and exports again."""
+    vol, uuid = _stacked_before_qos(env)
     crypt = contract.crypto_bdev_name(uuid)
-    assert env.t0.raw.bdev_get(crypt) is not None and _sub(env, uuid) is None
     held = []
     real = qos._set_held_open
 
@@ -135,11 +145,7 @@ def test_a_crashed_hold_through_the_crypto_bdev_is_released_with_it(env):
     """The hold above dies at its subsystem delete; the next
     ControllerModifyVolume releases it (release_hold) and, unpublished, the
     crypto bdev and accel key it held go too (not only at the next unpublish)."""
-    vol = _create(env)
-    uuid = uuid_of(vol.volume_id)
-    call(env.servicer, "ControllerModifyVolume", _modify_req(vol, "3000"))
-    # accel key, crypto bdev, *the export's subsystem*
-    crash_at(env, 3, "ControllerPublishVolume", publish_req_of(vol))
+    vol, uuid = _stacked_before_qos(env)
     crypt = contract.crypto_bdev_name(uuid)
     # the hold's subsystem, its namespace, *its delete*
     crash_at(env, 3, "ControllerModifyVolume", _modify_req(vol, "6000"))
@@ -148,6 +154,23 @@ def test_a_crashed_hold_through_the_crypto_bdev_is_released_with_it(env):
     call(env.servicer, "ControllerModifyVolume", _modify_req(vol, "6000"))   # no change
     assert _sub(env, uuid) is None and crypto_left(env, uuid) == (None, [])
     assert env.t0.raw.bdev_get(uuid)["claimed"] is False and _iops(env, uuid) == 6000
+
+
+def test_qos_on_before_the_crypto_bdev_changes_without_a_hold(env, monkeypatch):
+    """QoS enabled before the crypto bdev was stacked: the vbdev's examine ran
+    the lvol's QoS on a thread, so a change needs no hold while the crypto
+    bdev exists, exported or not (a real v25.09 target accepts it)."""
+    vol = _create(env)                      # maxIOPS 2000 from CreateVolume
+    uuid = uuid_of(vol.volume_id)
+    crash_at(env, 3, "ControllerPublishVolume", publish_req_of(vol))
+    holds = []
+    monkeypatch.setattr(qos, "_set_held_open", lambda *a: holds.append(a))
+    call(env.servicer, "ControllerModifyVolume", _modify_req(vol, "6000"))
+    call(env.servicer, "ControllerModifyVolume", _modify_req(vol, "7000"))
+    assert holds == [] and _iops(env, uuid) == 7000
+    call(env.servicer, "ControllerUnpublishVolume", csi_pb2.ControllerUnpublishVolumeRequest(
+        volume_id=vol.volume_id, node_id="node-a"))
+    assert crypto_left(env, uuid) == (None, [])
 
 
 def test_releasing_a_hold_on_the_lvol_makes_no_crypto_call(env):
