@@ -385,6 +385,8 @@ print("ENCRYPTION-OK", flush=True)
 '''
 
 SCENARIOS = ["none:block", "node:mount", "node:block", "target:mount", "target:block"]
+# a focused run (e.g. "target:block"), for a slow real-target rig; CI runs all
+SCENARIOS = os.environ.get("CSI_SPDK_TEST_ENCRYPTION_SCENARIOS", "").split() or SCENARIOS
 
 
 def _xts(key: bytes, data: bytes, unit: int, tweak) -> bytes:
@@ -431,6 +433,8 @@ def test_guest_encryption_modes(guest, host_rpc):
         assert not [h for h in halves if h in Path(target_log).read_text(errors="replace")], \
             f"the user's key in {target_log}"
     found = re.search(r"CIPHERTEXT (\d+) ([0-9a-f]+)", res.output)
+    if "target:block" not in SCENARIOS:
+        return
     assert found, "no ciphertext printed"
     block, cipher = int(found.group(1)), bytes.fromhex(found.group(2))
     key = bytes.fromhex(user_key)
