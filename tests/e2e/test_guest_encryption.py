@@ -82,6 +82,7 @@ SIM = not os.environ.get("GUEST_SPDK_RPC")
 spdk = SpdkApi(SpdkClient(os.environ.get("GUEST_SPDK_RPC") or f"{RUN}/spdk.sock"))
 LISTEN, DIAL = "127.0.0.1", "127.0.0.1" if SIM else "10.0.2.2"
 RAW_NQN = "nqn.2016-06.io.spdk:csi-test-raw"
+PORT = os.environ.get("GUEST_TARGET_PORT", "4420")   # a real target's (harness.py)
 
 
 def step(msg):
@@ -114,8 +115,8 @@ def raw_scan(uuid):
         spdk.call("nvmf_subsystem_add_ns", {"nqn": RAW_NQN, "namespace": {
             "bdev_name": uuid, "uuid": ns}})
         spdk.call("nvmf_subsystem_add_listener", {"nqn": RAW_NQN, "listen_address": {
-            "trtype": "TCP", "adrfam": "IPv4", "traddr": LISTEN, "trsvcid": "4420"}})
-        subprocess.run(["nvme", "connect", "-t", "tcp", "-a", DIAL, "-s", "4420",
+            "trtype": "TCP", "adrfam": "IPv4", "traddr": LISTEN, "trsvcid": PORT}})
+        subprocess.run(["nvme", "connect", "-t", "tcp", "-a", DIAL, "-s", PORT,
                         "-n", RAW_NQN, "--hostnqn",
                         f"nqn.2014-08.org.nvmexpress:uuid:{hostid}", "--hostid", hostid],
                        check=True, capture_output=True)

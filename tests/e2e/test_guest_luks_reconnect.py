@@ -20,7 +20,7 @@ pytestmark = pytest.mark.guest
 
 # export/unexport NQN NSUUID HOSTNQN on the real target ($GUEST_SPDK_RPC)
 SPDK_EXPORT = r'''
-import sys
+import os, sys
 from csi_spdk.spdk.client import SpdkClient
 rpc = SpdkClient(sys.argv[1])
 verb, nqn = sys.argv[2], sys.argv[3]
@@ -34,7 +34,8 @@ if verb == "export":
     rpc.call("nvmf_subsystem_add_ns", {"nqn": nqn, "namespace": {"bdev_name": bdev,
                                                                  "uuid": ns}})
     rpc.call("nvmf_subsystem_add_listener", {"nqn": nqn, "listen_address": {
-        "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "4420"}})
+        "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1",
+        "trsvcid": os.environ.get("GUEST_TARGET_PORT", "4420")}})
     rpc.call("nvmf_subsystem_add_host", {"nqn": nqn, "host": host})
 else:
     for method, params in (("nvmf_delete_subsystem", {"nqn": nqn}),
@@ -68,8 +69,8 @@ def test_guest_luks_mapping_follows_a_reconnected_namespace(guest, host_rpc):
             nvmet_export_file {nqn} /tmp/ns.img {ns_uuid} {host}
             addr=127.0.0.1
         fi
-        conn() {{ nvme connect -t tcp -a $addr -s 4420 -n {nqn} --hostnqn {host} \\
-                    --hostid {host_id}; wait_for 10 nvme_dev_for_uuid {ns_uuid}; }}
+        conn() {{ nvme connect -t tcp -a $addr -s ${{GUEST_TARGET_PORT:-4420}} -n {nqn} \\
+                    --hostnqn {host} --hostid {host_id}; wait_for 10 nvme_dev_for_uuid {ns_uuid}; }}
         conn
         old=$(nvme_dev_for_uuid {ns_uuid})
         cat /tmp/key | cryptsetup luksFormat --type luks2 --batch-mode \\

@@ -578,6 +578,11 @@ def _write_initrd(work: Path, base: Path, script: str, timeout: int,
         }
         if opts.host_rpc:
             genv["GUEST_SPDK_RPC"] = "{}:{}".format(*GUEST_RPC_ADDR)
+            # the real target's NVMe/TCP port on the host's 127.0.0.1, when
+            # 4420 is taken there (another target on the same machine)
+            port = os.environ.get("CSI_SPDK_TEST_NVMF_PORT") or "4420"
+            genv["GUEST_TARGET_PORT"] = port
+            genv.setdefault("CSI_NVMF_PORT", port)     # lib.sh's controller config
         if opts.host_agent:
             genv["GUEST_AGENT"] = "{}:{}".format(*GUEST_AGENT_ADDR)
         genv.update(env or {})
