@@ -36,6 +36,8 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 REAL_RPC = os.environ.get("CSI_SPDK_TEST_RPC", "")
 THROUGH_AGENT = os.environ.get("CSI_SPDK_TEST_AGENT", "1") not in ("0", "false", "no")
+# a real target's first NVMe/TCP port (4420 on 127.0.0.1 may be another target's)
+NVMF_PORT = int(os.environ.get("CSI_SPDK_TEST_NVMF_PORT") or 4420)
 
 MUTATING = ("create", "delete", "resize", "snapshot", "clone", "rename", "add", "remove")
 
@@ -199,7 +201,7 @@ def make_env(tmp: Path, n_targets: int = 1, lvs_mib: int = 256, cluster_mib: int
         env.targets[name] = TargetEnv(name, lvs_names[0], f"csitest{suffix}m{i}x0", raw, api,
                                       rpc, server)
         t: dict = {"name": name, **reach,
-                   "nvmf": {"listenAddress": "127.0.0.1", "port": 4420 + i,
+                   "nvmf": {"listenAddress": "127.0.0.1", "port": NVMF_PORT + i,
                             "dialAddress": "10.0.2.2"},
                    "lvstores": lvs_names}
         if nodes and i < len(nodes) and nodes[i]:
