@@ -139,6 +139,9 @@ def test_hold_of_a_volume_with_its_crypto_bdev_stacked_holds_the_crypto_bdev(env
     assert _namespaces(env, uuid) == [(crypt, uuid)]
     assert [h["nqn"] for h in _sub(env, uuid)["hosts"]] == [contract.host_nqn("node-a")]
     assert len(crypto_left(env, uuid)[1]) == 1     # stacked again by the publish
+    call(env.servicer, "ControllerUnpublishVolume", csi_pb2.ControllerUnpublishVolumeRequest(
+        volume_id=vol.volume_id, node_id="node-a"))
+    assert crypto_left(env, uuid) == (None, [])    # (accel keys outlive the test's lvstore)
 
 
 def test_a_crashed_hold_through_the_crypto_bdev_is_released_with_it(env):
