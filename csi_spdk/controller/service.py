@@ -4,7 +4,8 @@
 names to ``SpdkApi`` objects (tests inject wrapped ones), by default each
 target gets ``SpdkApi(SpdkClient(rpc, rpcTimeout))``. The create paths live
 in ``create.py``, request validation in ``requests.py``, the snapshot RPCs in
-``snapshots.py``, the model of one SPDK target in ``target.py``.
+``snapshots.py``, what it reports (ListVolumes, ControllerGetVolume,
+GetCapacity) in ``reporting.py``, the model of one SPDK target in ``target.py``.
 
 Concurrency: every RPC holds a try-lock on its volume id or name (``@rpc``), a
 second call on the same key is ABORTED, different volumes run in parallel. A
@@ -20,13 +21,10 @@ a second host's publish) only refine answers for the cases SPDK cannot hold.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-
-from google.protobuf import wrappers_pb2
 
 from .. import contract
 from ..errors import (
@@ -46,8 +44,8 @@ from ..locks import KeyedLocks
 from ..proto import csi_pb2, csi_pb2_grpc
 from ..rpc import rpc
 from ..spdk.api import SpdkApi
-from ..spdk.errors import SpdkError, SpdkNoSpace, SpdkNotFound, SpdkTransportError
-from ..spdk.intents import IntentError, is_volume
+from ..spdk.errors import SpdkError, SpdkNoSpace, SpdkNotFound
+from ..spdk.intents import IntentError
 from . import dhchap_strength, placement, qos
 from .auth import AgentKeyCustody, SameHostKeyCustody, SecretStore, StaticSecrets, VolumeAuth
 from .capacity import PROVISIONED_TTL
@@ -55,6 +53,7 @@ from .config import Config
 from .create import CreateRequest, create_empty, create_from_snapshot, create_from_volume
 from .encryption import FileKeyStore, KeyStore, SecretKeyStore, VolumeEncryption
 from .health import TargetHealth
+from .reporting import VolumeReports
 from .requests import (
     IMMUTABLE_KEYS,
     K8S_PARAM_PREFIX,
@@ -68,7 +67,7 @@ from .requests import (
     parse_params,
     segments_of,
 )
-from .snapshots import SnapshotService, paginate
+from .snapshots import SnapshotService
 from .target import Lvol, Target, Targets
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
@@ -129,13 +128,7 @@ def _source_uuid(source: csi_pb2.VolumeContentSource | None) -> str:
         return ""
 
 
-def _topology(target: Target) -> list[csi_pb2.Topology]:
-    """No constraint unless the target has labels (then nodes must carry them)."""
-    segment = target.cfg.segment()
-    return [csi_pb2.Topology(segments=segment)] if segment else []
-
-
-class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
+class ControllerServicer(SnapshotService, VolumeReports, csi_pb2_grpc.ControllerServicer):
     """The CSI Controller service over the configured SPDK targets."""
 
     def __init__(self, config: Config, driver_name: str,
@@ -219,18 +212,6 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
                 t.api.client.close()
 
     # --- helpers -----------------------------------------------------------------
-    @staticmethod
-    def _volume_msg(target: Target, lv: Lvol, fs_type: str = "") -> csi_pb2.Volume:
-        """The CSI Volume of an lvol; its volume_context is the node's contract."""
-        ctx = {contract.VC_TARGET: target.name, contract.VC_LVSTORE: lv.lvstore,
-               contract.VC_LVOL_UUID: lv.uuid, contract.VC_THIN: str(lv.thin).lower()}
-        if fs_type:
-            ctx[contract.VC_FS_TYPE] = fs_type
-        ctx.update(qos.context(lv.qos))
-        return csi_pb2.Volume(volume_id=str(contract.ObjectId(target.name, lv.uuid)),
-                              capacity_bytes=lv.size, volume_context=ctx,
-                              accessible_topology=_topology(target))
-
     def _volume_response(self, target: Target, lv: Lvol, params: VolumeParams,
                          source: csi_pb2.VolumeContentSource | None, name: str,
                          secrets: Mapping[str, str] | None = None
@@ -496,129 +477,6 @@ class ControllerServicer(SnapshotService, csi_pb2_grpc.ControllerServicer):
             parameters=request.parameters,
             mutable_parameters=request.mutable_parameters)
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
-
-    def _node_list(self, hosts: list[str]) -> list[str]:
-        """CSI node ids of the host NQNs allowed on a subsystem: read from the
-        NQN itself (contract.host_nqn embeds the node id), so they survive a
-        restart; only hash-form or legacy NQNs fall back to in-memory hints."""
-        out = set()
-        with self._hints:
-            for h in hosts:
-                node = contract.node_of_host(h) or self._node_ids.get(h)
-                if node is not None:
-                    out.add(node)
-        return sorted(out)
-
-    def _node_names(self, hosts: list[str]) -> list[str]:
-        """For messages: node ids where known, else the host NQN."""
-        with self._hints:
-            return [contract.node_of_host(h) or self._node_ids.get(h, h) for h in hosts]
-
-    def _condition(self, target: Target, lv: Lvol, lvs_uuids: set[str]
-                   ) -> csi_pb2.VolumeCondition:
-        up, error = self.health.status(target.name)
-        if up is False:
-            return csi_pb2.VolumeCondition(abnormal=True, message=(
-                f"target {target.name} failed its last health check: {error}"))
-        if lv.lvs_uuid and lv.lvs_uuid not in lvs_uuids:
-            return csi_pb2.VolumeCondition(abnormal=True, message=(
-                f"lvol {lv.alias} belongs to lvstore {lv.lvs_uuid}, which target "
-                f"{target.name} no longer reports"))
-        return csi_pb2.VolumeCondition(abnormal=False, message="volume is healthy")
-
-    @rpc()
-    def ListVolumes(self, request, context):
-        """A scan of every target (lvol bdevs, lvstores and subsystems: three
-        RPCs each), in volume id order; the token is the last id returned, so
-        pages stay consistent when volumes come and go between calls. Only
-        the page is kept and built (``max_entries`` + 1 ids while scanning,
-        not every volume of every target): memory follows the page size."""
-        if request.max_entries < 0:
-            raise InvalidArgument("max_entries must not be negative")
-        start = request.starting_token
-        if start:
-            paginate([], start, 0)   # (ABORTED for a token that is no volume id)
-        limit = request.max_entries or 0
-        page = self._page(start, limit + 1 if limit else 0)
-        token = ""
-        if limit and len(page) > limit:
-            page = page[:limit]
-            token = page[-1][0]
-        out, seen = [], {}
-        for _, target, lv in page:
-            if target.name not in seen:   # read once per target with volumes on the page
-                seen[target.name] = ({s["uuid"] for s in target.api.lvstores()},
-                                     target.exporter.exported_hosts(
-                                         {e[2].uuid for e in page if e[1] is target}))
-            stores, exported = seen[target.name]
-            status = csi_pb2.ListVolumesResponse.VolumeStatus(
-                published_node_ids=self._node_list(exported.get(lv.uuid, [])),
-                volume_condition=self._condition(target, lv, stores))
-            out.append(csi_pb2.ListVolumesResponse.Entry(
-                volume=self._volume_msg(target, lv), status=status))
-        return csi_pb2.ListVolumesResponse(entries=out, next_token=token)
-
-    def _page(self, after: str, keep: int) -> list[tuple[str, Target, Lvol]]:
-        """(volume id, target, lvol) of the volumes after ``after``, in id
-        order: the first ``keep`` only (0: all), picked while scanning."""
-        def volumes():
-            for target in self.targets.values():
-                for lv in target.iter_lvols(lambda b, t=target: is_volume(b) and str(
-                        contract.ObjectId(t.name, b.get("uuid") or b["name"])) > after):
-                    yield str(contract.ObjectId(target.name, lv.uuid)), target, lv
-        key = lambda e: e[0]  # noqa: E731
-        if keep:
-            return heapq.nsmallest(keep, volumes(), key=key)
-        return sorted(volumes(), key=key)
-
-    @rpc(lock=("volume_id",))
-    def ControllerGetVolume(self, request, context):
-        """A volume on a target that cannot be reached right now is reported
-        with an abnormal condition (and size 0: unknown), not as an error."""
-        require(request.volume_id, "volume_id")
-        try:
-            target, lv = self.targets.volume(request.volume_id)
-            stores = {s["uuid"] for s in target.api.lvstores()}
-            hosts = target.exporter.hosts(lv.uuid)
-        except SpdkTransportError as err:
-            oid = contract.parse_id(request.volume_id)
-            condition = csi_pb2.VolumeCondition(abnormal=True, message=(
-                f"target {oid.target} is unreachable: {err.message}"))
-            status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
-                volume_condition=condition)
-            return csi_pb2.ControllerGetVolumeResponse(
-                volume=csi_pb2.Volume(volume_id=request.volume_id), status=status)
-        vol = self._volume_msg(target, lv)
-        status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
-            published_node_ids=self._node_list(hosts),
-            volume_condition=self._condition(target, lv, stores))
-        return csi_pb2.ControllerGetVolumeResponse(volume=vol, status=status)
-
-    @rpc()
-    def GetCapacity(self, request, context):
-        """Free bytes (thick) or overcommit headroom (thin) of the lvstores that
-        the parameters and the topology segment select; also refreshes the
-        lvstore gauges."""
-        params = parse_params(request.parameters, self.config)
-        segment = dict(request.accessible_topology.segments) \
-            if request.HasField("accessible_topology") else {}
-        ratio = self.config.thin_overcommit_ratio
-        available = largest = 0
-        for target in self.targets.values():
-            if params.target and target.name != params.target:
-                continue
-            if segment and not placement.accessible(target.cfg, [segment]):
-                continue
-            for lvs in target.lvstores():
-                if params.lvstore and lvs["name"] != params.lvstore:
-                    continue
-                pool = target.pool(lvs, max_age=0.0)
-                room = pool.available(params.thin, ratio)
-                available += room
-                largest = max(largest, placement.align_down(room, pool.cluster_size))
-        return csi_pb2.GetCapacityResponse(
-            available_capacity=available,
-            maximum_volume_size=wrappers_pb2.Int64Value(value=largest))
 
     @rpc()
     def ControllerGetCapabilities(self, request, context):
