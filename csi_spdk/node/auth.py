@@ -6,7 +6,8 @@
 * dhchap: ``--dhchap-secret`` and ``--dhchap-ctrl-secret`` (bidirectional).
   Needs the kernel's in-band authentication (CONFIG_NVME_HOST_AUTH; Linux
   6.1 as Debian 12 builds it has none).
-* tls: ``--tls`` with the PSK inserted first into the kernel's ``.nvme``
+* tls: ``--tls`` with the TLS PSK (derived from the interchange key as SPDK
+  derives it: ``csi_spdk/tls_psk.py``) added first to the kernel's ``.nvme``
   keyring for (host NQN, subsystem NQN), where the handshake daemon
   ``tlshd`` (ktls-utils) finds it. Needs CONFIG_NVME_TCP_TLS and tlshd.
 
@@ -23,7 +24,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .. import contract, nvme_keys
+from .. import contract, nvme_keys, tls_psk
 from ..errors import FailedPrecondition, Internal, InvalidArgument
 
 _KEY_TEXT = re.compile(r"(DHHC-1|NVMeTLSkey-1):[0-9A-Fa-f]{2}:[A-Za-z0-9+/=]+:?")
@@ -142,18 +143,15 @@ class ConnectAuth:
         return []
 
     def prepare(self, nvme: str, host_nqn: str, subsys_nqn: str) -> None:
-        """tls: the PSK into the ``.nvme`` keyring before connecting."""
+        """tls: the derived TLS PSK into the ``.nvme`` keyring before connecting
+        (derived here, not by ``nvme check-tls-key``: see csi_spdk/tls_psk.py)."""
         if self.mode != contract.AUTH_TLS:
             return
-        proc = subprocess.run([nvme, "check-tls-key", "--insert", "--keyring=.nvme",
-                               f"--hostnqn={host_nqn}", f"--subsysnqn={subsys_nqn}",
-                               "--identity=0", f"--keydata={self.tls_psk}"],
-                              capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL, check=False)
-        if proc.returncode != 0:
-            raise Internal(f"inserting the volume's TLS PSK into the .nvme keyring failed "
-                           f"(exit {proc.returncode}): "
-                           f"{redact((proc.stderr + proc.stdout).strip(), self.secrets)}")
+        try:
+            tls_psk.insert(self.tls_psk, host_nqn, subsys_nqn)
+        except (tls_psk.KeyringError, OSError, subprocess.SubprocessError) as e:
+            raise Internal("inserting the volume's TLS PSK into the .nvme keyring failed: "
+                           f"{redact(str(e), self.secrets)}") from None
 
 
 def _secret(secrets: Mapping[str, str], name: str, parse) -> str:

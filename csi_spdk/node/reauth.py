@@ -25,6 +25,8 @@ import contextlib
 import errno
 import logging
 import os
+import re
+import threading
 import time
 
 from ..errors import FailedPrecondition, Unavailable
@@ -122,17 +124,69 @@ def converge(sysfs_root: str, controllers: list[str], host_key: str, ctrl_key: s
     return done
 
 
+def io_queue_failed(lines: list[str], ctrl: str) -> bool:
+    """Did an I/O queue of ``ctrl`` fail its re-authentication? (the kernel logs
+    only the admin queue's success; an I/O queue's failure is "qid N:
+    authentication failed" / "qid N: controller authentication failed")."""
+    for line in lines:
+        m = _QID_FAILED.search(line)
+        if m and m.group(1) == ctrl and m.group(2) != "0":
+            return True
+    return False
+
+
+_QID_FAILED = re.compile(r"(nvme\d+): qid (\d+): (?:controller )?authentication failed")
+# A DHHC-1 value the kernel's key parser rejects (3-byte key). Its store
+# first runs nvme_auth_stop() (cancel_work_sync of the re-authentication
+# work), then fails to parse it and returns -EINVAL without changing the key
+# or queueing a new re-authentication: a write that returns once the running
+# re-authentication of every queue has ended.
+_BARRIER = b"DHHC-1:00:AAAA:"
+
+
+def settle(path: str, timeout: float) -> bool:
+    """Wait until the controller's running re-authentication (admin queue, then
+    every I/O queue, which the kernel does after logging the admin queue's
+    success) has ended. False if it did not end within ``timeout``."""
+    def barrier() -> None:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, _BARRIER)
+        except OSError:
+            pass                      # EINVAL: the barrier key is refused by design
+        finally:
+            os.close(fd)
+    t = threading.Thread(target=barrier, name="reauth-settle", daemon=True)
+    t.start()
+    t.join(timeout)
+    return not t.is_alive()
+
+
 def _write_and_wait(path: str, value: str, ctrl: str, kmsg: str, timeout: float) -> bool | None:
+    """True once the admin queue re-authenticated *and* every I/O queue's
+    re-authentication ended without a failure. Waiting for the I/O queues
+    matters: the caller moves the target to the next key as soon as this
+    returns, and an I/O queue still re-authenticating with the previous pair
+    then fails ("qid 1: controller authentication failed") and the kernel
+    drops the controller (seen against spdk_tgt v25.09)."""
     klog = KernelLog(kmsg)
     try:
         with open(path, "w", encoding="ascii") as f:
             f.write(value)
         deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        ok = None
         while time.monotonic() < deadline:
-            ok = verdict(klog.lines(), ctrl)
+            seen += klog.lines()
+            ok = verdict(seen, ctrl)
             if ok is not None:
-                return ok
+                break
             time.sleep(0.1)
-        return None
+        if ok is not True:
+            return ok
+        if not settle(path, max(deadline - time.monotonic(), 1.0)):
+            return None
+        seen += klog.lines()
+        return not io_queue_failed(seen, ctrl)
     finally:
         klog.close()

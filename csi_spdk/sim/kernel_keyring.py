@@ -2,15 +2,16 @@
 
 nvmet-tcp (and the host's nvme-tcp) hand the TLS handshake to ``tlshd``,
 which looks the PSK up in the ``.nvme`` keyring by its identity
-``NVMe<v>R<hh> <hostnqn> <subsysnqn> ...``. nvme-cli derives the retained PSK
-from the interchange form and inserts it (``nvme check-tls-key --insert``);
-keyutils' ``keyctl`` lists and unlinks. The PSK is passed on the command line
-of a short-lived process inside the test guest only, and never logged.
+``NVMe<v>R<hh> <hostnqn> <subsysnqn> ...``. The TLS PSK is derived from the
+interchange form as SPDK derives it (``csi_spdk.tls_psk``) and added with
+keyutils' ``keyctl`` (key bytes on stdin), which also lists and unlinks.
 """
 
 from __future__ import annotations
 
 import subprocess
+
+from csi_spdk import tls_psk
 
 
 class KeyringError(RuntimeError):
@@ -18,13 +19,15 @@ class KeyringError(RuntimeError):
 
 
 def insert_tls_psk(host_nqn: str, subsys_nqn: str, psk: str) -> None:
-    proc = subprocess.run(["nvme", "check-tls-key", "--insert", "--keyring=.nvme",
-                           f"--hostnqn={host_nqn}", f"--subsysnqn={subsys_nqn}",
-                           "--identity=0", f"--keydata={psk}"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
+    """The TLS PSK SPDK derives from ``psk`` for (host, subsystem): not
+    ``nvme check-tls-key --insert``, whose libnvme < 1.16 derives another one
+    that SPDK refuses (csi_spdk/tls_psk.py), so a host that inserted that one
+    is refused here too."""
+    try:
+        tls_psk.insert(psk, host_nqn, subsys_nqn)
+    except (tls_psk.KeyringError, OSError, subprocess.SubprocessError) as e:
         raise KeyringError(f"inserting the TLS PSK of {host_nqn} for {subsys_nqn} into the "
-                           f".nvme keyring failed (nvme check-tls-key exit {proc.returncode})")
+                           f".nvme keyring failed ({type(e).__name__})") from None
 
 
 def _keyctl(*args: str) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ Mapping (configfs layout of Linux 6.1):
   ``dhchap_key``, ``dhchap_ctrl_key``, ``dhchap_hash``, ``dhchap_dhgroup``: the
   kernel then runs DH-HMAC-CHAP on every connect, as SPDK does. A ``psk`` ->
   the PSK inserted into the kernel's ``.nvme`` keyring for (host, subsystem)
-  with ``nvme check-tls-key --insert``.
+  as SPDK derives it (``csi_spdk.tls_psk``).
 
 One difference from SPDK: nvmet keeps one DH-HMAC-CHAP key pair per host NQN
 (``hosts/<nqn>`` is shared by all subsystems), SPDK one per (subsystem, host).

@@ -204,7 +204,7 @@ import subprocess, sys, time
 from pathlib import Path
 
 sys.path.insert(0, "/root")
-from csi_spdk import contract
+from csi_spdk import contract, tls_psk
 from target_driver import HOSTNQN, MiB, NVMET, Target, controllers, run, wait_dev, \
     write_read_back
 
@@ -214,11 +214,17 @@ OTHER = contract.host_nqn("intruder")
 
 
 def insert_psk(keyring, key, nqn):
-    # the host's PSK for (host NQN, subsystem NQN), TLS identity version 0
-    # ("NVMe0R01 <hostnqn> <subnqn>", SPDK's and nvmet's form)
-    p = run("nvme", "check-tls-key", "--insert", f"--keyring={keyring}", f"--hostnqn={HOSTNQN}",
-            f"--subsysnqn={nqn}", "--identity=0", f"--keydata={key}")
-    assert p.returncode == 0, "inserting the PSK failed"
+    # the host's TLS PSK for (host NQN, subsystem NQN), identity version 0
+    # ("NVMe0R01 <hostnqn> <subnqn>"), derived as the node derives it
+    serial = tls_psk.insert(key, HOSTNQN, nqn, keyring=keyring)
+    assert serial.isdigit(), "inserting the PSK failed"
+    return serial
+
+
+def readable(serial):
+    # tlshd must be able to read it (else the refusal would be tlshd's, not the
+    # handshake's): user read+view besides the possessor's rights
+    assert run("keyctl", "setperm", serial, "0x3f0b0000").returncode == 0
 
 
 def refused(label, p, nqn):
@@ -245,13 +251,19 @@ try:
     ring = run("keyctl", "newring", "csi-wrong", "@u").stdout.strip()
     assert ring.isdigit(), "keyctl newring failed"
     assert run("keyctl", "setperm", ring, "0x3f3f0000").returncode == 0
-    insert_psk("csi-wrong", K["psk_wrong"], nqn)
-    wrong = run("keyctl", "search", ring, "psk", f"NVMe0R01 {HOSTNQN} {nqn}").stdout.strip()
-    assert wrong.isdigit(), "the wrong PSK is not in its keyring"
-    # tlshd must be able to read it (else the refusal would be tlshd's, not the
-    # handshake's): user read+view besides the possessor's rights
-    assert run("keyctl", "setperm", wrong, "0x3f0b0000").returncode == 0
+    wrong = insert_psk("csi-wrong", K["psk_wrong"], nqn)
+    readable(wrong)
     refused("wrong psk", T.connect(nqn, "--tls", f"--tls-key={wrong}", port=port), nqn)
+    # the right interchange key, but the TLS PSK Debian 13's libnvme 1.13
+    # derives from it (nvme check-tls-key --insert: HkdfLabel without length
+    # bytes, libnvme's *_compat since 1.16): SPDK refuses it, so must the sim
+    p = run("nvme", "check-tls-key", "--insert", "--keyring=csi-wrong", f"--hostnqn={HOSTNQN}",
+            f"--subsysnqn={nqn}", "--identity=0", f"--keydata={K['psk']}")
+    assert p.returncode == 0, "nvme check-tls-key --insert failed"
+    compat = run("keyctl", "search", ring, "psk", f"NVMe0R01 {HOSTNQN} {nqn}").stdout.strip()
+    assert compat.isdigit() and compat != wrong, "the libnvme-derived PSK is not in its keyring"
+    readable(compat)
+    refused("libnvme-derived psk", T.connect(nqn, "--tls", f"--tls-key={compat}", port=port), nqn)
     tlshd_log = Path("/tmp/tlshd.log").read_text(errors="replace")
     assert "Failed to read key" not in tlshd_log, "tlshd could not read the wrong PSK"
     assert "start ClientHello handshake" in tlshd_log, "no TLS handshake was tried"
@@ -259,8 +271,7 @@ try:
     api.host_add(nqn, OTHER)
     refused("no-psk identity", T.connect(nqn, "--tls", port=port, hostnqn=OTHER), nqn)
     api.host_remove(nqn, OTHER)
-    if T.real:       # the simulator put the target's PSK into this kernel's .nvme
-        insert_psk(".nvme", K["psk"], nqn)
+    insert_psk(".nvme", K["psk"], nqn)   # as the node does (the sim put the same there)
     print(run("keyctl", "show", "%:.nvme").stdout, flush=True)
     p = T.connect(nqn, "--tls", port=port)
     assert p.returncode == 0, "the host with the PSK was refused"
@@ -293,7 +304,8 @@ def test_guest_tls_psk_enforced_by_kernel(guest, host_rpc):
     assert_no_key_material(keys, res.output, res.console, target_log())
     assert res.exit_code == 0, res.describe()
     assert ("real spdk_tgt" in res.output) == bool(host_rpc), "ran against the wrong target"
-    for marker in ("REFUSED wrong psk", "REFUSED plain", "REFUSED no-psk identity",
+    for marker in ("REFUSED wrong psk", "REFUSED libnvme-derived psk", "REFUSED plain",
+                   "REFUSED no-psk identity",
                    "TLS-DATA-OK", "REFUSED after host removal", "TLS-OK"):
         assert marker in res.output, marker
 

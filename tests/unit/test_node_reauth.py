@@ -3,7 +3,9 @@ other DH-HMAC-CHAP keys re-keys the live controller through sysfs, one
 attribute per re-authentication, and reads the kernel's verdict from its log.
 The kernel is a fake here (sysfs attribute files and a kernel-log file, with
 a thread that answers each write as nvme_ctrl_auth_work logs it, against a
-target's key pair); the guest tests run the real one."""
+target's key pair: the admin queue's verdict first, then the I/O queues',
+which fail if the target's pair changed meanwhile, and the settle barrier
+returning when they are done); the guest tests run the real one."""
 
 from __future__ import annotations
 
@@ -19,7 +21,11 @@ from csi_spdk.node import reauth
 
 
 class FakeKernel:
+    IO_TIME = 0.3        # the I/O queues re-authenticate after the admin queue
+
     def __init__(self, root: Path, ctrl: str, host: str, ctrl_key: str) -> None:
+        self.idle = threading.Event()
+        self.idle.set()
         self.dir = root / "class" / "nvme" / ctrl
         self.dir.mkdir(parents=True)
         (self.dir / "dhchap_secret").write_text(host + "\n")
@@ -50,14 +56,38 @@ class FakeKernel:
                 self._seen = now
                 ok = now == self.target
                 msg = "authenticated with hash hmac(sha256)" if ok else "authentication failed"
+                self.idle.clear()
                 with open(self.kmsg, "a") as f:
                     f.write(f"4,2,2,-;nvme {self.ctrl}: qid 0: {msg}\n"
                             " SUBSYSTEM=nvme\n")
+                if ok:
+                    time.sleep(self.IO_TIME)
+                    if now != self.target:       # the target moved under qid 1
+                        with open(self.kmsg, "a") as f:
+                            f.write(f"4,3,3,-;nvme {self.ctrl}: qid 1: controller "
+                                    "authentication failed\n")
+                self.idle.set()
             time.sleep(0.01)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+@pytest.fixture(autouse=True)
+def fake_settle(monkeypatch):
+    """The kernel's barrier (a refused write that waits for the running
+    re-authentication work) on the fake: wait for its I/O-queue phase."""
+    kernels: list[FakeKernel] = []
+    orig = FakeKernel.__init__
+
+    def init(self, *a, **kw):
+        orig(self, *a, **kw)
+        kernels.append(self)
+    monkeypatch.setattr(FakeKernel, "__init__", init)
+    monkeypatch.setattr(reauth, "settle",
+                        lambda path, timeout: all(k.idle.wait(timeout) for k in kernels))
+    return kernels
 
 
 def _k() -> str:
@@ -110,3 +140,56 @@ def test_kernel_without_live_rekeying(tmp_path, keys):
     with pytest.raises(FailedPrecondition, match="dhchap_secret"):
         reauth.converge(str(tmp_path), ["nvme0"], keys["h2"], keys["c1"],
                         str(tmp_path / "kmsg"), timeout=1)
+
+
+def test_waits_for_the_io_queues_before_reporting(tmp_path, keys):
+    """The admin queue's success is logged before the I/O queues re-authenticate:
+    converge returns only after they did, so a target moved right after it
+    cannot meet an I/O queue still on the previous pair (against spdk_tgt
+    v25.09 that fails with "qid 1: controller authentication failed" and the
+    kernel drops the controller)."""
+    k = FakeKernel(tmp_path, "nvme0", keys["h1"], keys["c1"])
+    try:
+        k.target = (keys["h2"], keys["c1"])
+        assert reauth.converge(str(tmp_path), ["nvme0"], keys["h2"], keys["c1"],
+                               str(k.kmsg), timeout=5) == ["nvme0/dhchap_secret"]
+        assert k.idle.is_set(), "returned while the I/O queues were re-authenticating"
+        k.target = (keys["h2"], keys["c2"])
+        assert reauth.converge(str(tmp_path), ["nvme0"], keys["h2"], keys["c2"],
+                               str(k.kmsg), timeout=5) == ["nvme0/dhchap_ctrl_secret"]
+        assert "qid 1" not in k.kmsg.read_text()
+    finally:
+        k.stop()
+
+
+def test_io_queue_failure_is_unavailable(tmp_path, keys):
+    """An I/O queue that fails its re-authentication (the target changed during
+    it) fails the step: UNAVAILABLE, the previous secret written back."""
+    k = FakeKernel(tmp_path, "nvme0", keys["h1"], keys["c1"])
+    try:
+        k.target = (keys["h2"], keys["c1"])
+
+        def move_target():                      # during the I/O-queue phase
+            while "qid 0: authenticated with" not in k.kmsg.read_text().split("(at connect)")[1]:
+                time.sleep(0.01)
+            k.target = (keys["h1"], keys["c1"])
+        mover = threading.Thread(target=move_target, daemon=True)
+        mover.start()
+        with pytest.raises(Unavailable, match="failed"):
+            reauth.converge(str(tmp_path), ["nvme0"], keys["h2"], keys["c1"],
+                            str(k.kmsg), timeout=5)
+        mover.join(5)
+        assert "nvme0: qid 1: controller authentication failed" in k.kmsg.read_text()
+        assert k._state() == (keys["h1"], keys["c1"])
+    finally:
+        k.stop()
+
+
+def test_io_queue_failure_lines():
+    lines = ["nvme nvme0: qid 0: authenticated with hash hmac(sha256) dhgroup ffdhe2048",
+             "nvme nvme1: qid 2: authentication failed"]
+    assert not reauth.io_queue_failed(lines, "nvme0")
+    assert reauth.io_queue_failed(lines, "nvme1")
+    assert reauth.io_queue_failed(["nvme nvme0: qid 1: controller authentication failed"],
+                                  "nvme0")
+    assert not reauth.io_queue_failed(["nvme nvme0: qid 0: authentication failed"], "nvme0")
