@@ -34,6 +34,7 @@ import os, sys, time
 from pathlib import Path
 
 sys.path.insert(0, "/root")
+from csi_spdk.node import reauth as node_reauth
 from target_driver import (HOSTNQN, MiB, NVMET, Target, controllers, dmesg_count, run,
                            wait_dev, write_read_back)
 
@@ -101,13 +102,17 @@ try:
     cdir = Path("/sys/class/nvme") / ctrl
 
     def reauth(attr, value):
+        # the node's own step (csi_spdk/node/reauth.py): the write, the admin
+        # queue's verdict, then the end of every I/O queue's re-authentication
+        # before the target moves on (else qid 1 meets the next pair)
         n = dmesg_count("authenticated")
-        with open(cdir / attr, "w") as f:
-            f.write(value)
-        deadline = time.monotonic() + 60
-        while dmesg_count("authenticated") <= n and time.monotonic() < deadline:
-            time.sleep(0.2)
+        pair = {"dhchap_secret": (value, K["ctrl1"]), "dhchap_ctrl_secret": (K["host2"], value)}
+        done = node_reauth.converge("/sys", [ctrl], *pair[attr], timeout=120)
+        assert done == [f"{ctrl}/{attr}"], done
         assert dmesg_count("authenticated") > n, f"no re-authentication after writing {attr}"
+        assert dmesg_count("qid 1: ") == io_failed, "an I/O queue failed to re-authenticate"
+
+    io_failed = dmesg_count("qid 1: ")
 
     n_auth = dmesg_count("authenticated")
     api.host_set_keys(nqn, HOSTNQN, dhchap_key=h2, dhchap_ctrlr_key=c1)

@@ -64,3 +64,29 @@ def test_per_host_and_subsystem():
     assert a != tls_psk.tls_psk(psk, HOST + "x", SUB)
     assert a != tls_psk.tls_psk(psk, HOST, SUB + "x")
     assert a == tls_psk.tls_psk(nvme_keys.parse_tls_psk(psk.text), HOST, SUB)
+
+
+def test_insert_passes_the_derived_key_on_stdin_only(tmp_path, monkeypatch):
+    """keyctl padd psk <identity> %keyring:.nvme with the derived bytes on
+    stdin: neither form of the key is on a command line."""
+    log = tmp_path / "calls"
+    fake = tmp_path / "keyctl"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {log}.args\ncat > {log}.stdin\necho 123\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    psk = nvme_keys.generate_tls_psk()
+    assert tls_psk.insert(psk.text, HOST, SUB) == "123"
+    args = (tmp_path / "calls.args").read_text().splitlines()
+    assert args == ["padd", "psk", f"NVMe0R01 {HOST} {SUB}", "%keyring:.nvme"]
+    assert (tmp_path / "calls.stdin").read_bytes() == tls_psk.tls_psk(psk, HOST, SUB)
+
+
+def test_insert_failure_names_no_key(tmp_path, monkeypatch):
+    fake = tmp_path / "keyctl"
+    fake.write_text("#!/bin/sh\necho 'add_key: Required key not available' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    psk = nvme_keys.generate_tls_psk()
+    with pytest.raises(tls_psk.KeyringError, match="exit 1") as err:
+        tls_psk.insert(psk.text, HOST, SUB)
+    assert psk.text.split(":")[2] not in str(err.value)
