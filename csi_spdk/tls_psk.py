@@ -27,12 +27,9 @@ from __future__ import annotations
 import struct
 import subprocess
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from csi_spdk import nvme_keys
 
-_HASHES = {1: hashes.SHA256, 2: hashes.SHA384}
+_HASHES = {1: "SHA256", 2: "SHA384"}     # the interchange format's hash id
 
 
 class KeyringError(RuntimeError):
@@ -42,9 +39,15 @@ class KeyringError(RuntimeError):
 def _expand_label(secret: bytes, hash_id: int, label: str, context: bytes,
                   length: int) -> bytes:
     """HKDF-Extract(0, secret) then HKDF-Expand with RFC 8446's HkdfLabel."""
+    # imported here: only a TLS volume needs it, and the node plugin's start-up
+    # stays free of it (tests/unit/test_cli_imports.py)
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     full = b"tls13 " + label.encode()
     info = struct.pack("!H", length) + bytes([len(full)]) + full + bytes([len(context)]) + context
-    return HKDF(algorithm=_HASHES[hash_id](), length=length, salt=None, info=info).derive(secret)
+    algorithm = getattr(hashes, _HASHES[hash_id])()
+    return HKDF(algorithm=algorithm, length=length, salt=None, info=info).derive(secret)
 
 
 def identity(psk: nvme_keys.TlsPsk, host_nqn: str, subsys_nqn: str) -> str:
