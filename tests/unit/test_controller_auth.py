@@ -99,15 +99,20 @@ def test_dhchap_is_the_default_and_publish_attaches_keys_by_name(env, tmp_path, 
     assert not any(s.split(":")[2] in text for s in secrets), "key material leaked"
 
 
-def test_keys_stay_while_another_node_is_published(env):
-    req = create_req("v-multi", caps=[mount_cap(csi_pb2.VolumeCapability.AccessMode
-                                                .MULTI_NODE_READER_ONLY)])
+def _published_to_two_nodes(env, name: str):
+    """A read-only many-node volume published to node-a and node-b: (volume, uuid)."""
+    req = create_req(name, caps=[mount_cap(csi_pb2.VolumeCapability.AccessMode
+                                           .MULTI_NODE_READER_ONLY)])
     vol = call(env.servicer, "CreateVolume", req).volume
-    uuid = uuid_of(vol.volume_id)
     for node in ("node-a", "node-b"):
         r = publish_req(vol.volume_id, node, cap=req.volume_capabilities[0], readonly=True)
         r.volume_context.update(vol.volume_context)
         call(env.servicer, "ControllerPublishVolume", r)
+    return vol, uuid_of(vol.volume_id)
+
+
+def test_keys_stay_while_another_node_is_published(env):
+    vol, uuid = _published_to_two_nodes(env, "v-multi")
     names = env.secrets.get(uuid).names(uuid)
     assert sorted(h["nqn"] for h in _host_entry(env, uuid)) == sorted(
         contract.host_nqn(n) for n in ("node-a", "node-b"))
@@ -215,14 +220,7 @@ def test_unpublish_without_a_node_unpublishes_every_node(env):
     """CSI: an unset node_id MAY unpublish from all nodes: the subsystem goes
     with both hosts, and so do the volume's keys on the target; ListVolumes
     then names no node; the volume itself stays."""
-    req = create_req("v-all", caps=[mount_cap(csi_pb2.VolumeCapability.AccessMode
-                                              .MULTI_NODE_READER_ONLY)])
-    vol = call(env.servicer, "CreateVolume", req).volume
-    uuid = uuid_of(vol.volume_id)
-    for node in ("node-a", "node-b"):
-        r = publish_req(vol.volume_id, node, cap=req.volume_capabilities[0], readonly=True)
-        r.volume_context.update(vol.volume_context)
-        call(env.servicer, "ControllerPublishVolume", r)
+    vol, uuid = _published_to_two_nodes(env, "v-all")
     assert len(_host_entry(env, uuid)) == 2 and len(env.t0.raw.keyring_keys()) == 2
     call(env.servicer, "ControllerUnpublishVolume",
          csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vol.volume_id))
