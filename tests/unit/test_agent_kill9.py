@@ -185,17 +185,22 @@ def controller_view(servicer: ControllerServicer, ids: list[str]) -> dict:
     return out
 
 
+def _controller(agent: Agent, tmp: Path, port: int) -> ControllerServicer:
+    """The controller in-process, reaching target store-1 only through ``agent``
+    (its NVMe/TCP listener on ``port``), with in-memory Secrets."""
+    cfg = cfgmod.parse({"targets": [{"name": "store-1", "agent": {"address": agent.address},
+                                     "nvmf": {"listenAddress": "127.0.0.1", "port": port},
+                                     "lvstores": ["pool0"]}],
+                        "auth": {"keyDir": str(tmp / "ckeys")}})
+    return ControllerServicer(cfg, "csi-spdk.io", secret_store=MemorySecrets())
+
+
 @pytest.mark.timeout(600)
 def test_kill9_of_spdk_tgt_under_the_agent_restores_every_export(short_tmp: Path) -> None:
     agent = Agent(short_tmp)
     raw = SpdkApi(SpdkClient(agent.spdk_sock, timeout=30))
     port = free_port()
-    cfg = cfgmod.parse({"targets": [{"name": "store-1", "agent": {"address": agent.address},
-                                     "nvmf": {"listenAddress": "127.0.0.1", "port": port},
-                                     "lvstores": ["pool0"]}],
-                        "auth": {"keyDir": str(short_tmp / "ckeys")}})
-    secrets = MemorySecrets()
-    servicer = ControllerServicer(cfg, "csi-spdk.io", secret_store=secrets)
+    servicer = _controller(agent, short_tmp, port)
     try:
         agent.wait_pool(raw)
         lvs_uuid = {s["name"]: s["uuid"] for s in raw.lvstores()}["pool0"]
@@ -279,12 +284,7 @@ def test_qos_changed_online_is_what_a_kill9_restores(short_tmp: Path) -> None:
     bdev_get_bdevs on the target's own socket, and from ControllerGetVolume."""
     agent = Agent(short_tmp)
     raw = SpdkApi(SpdkClient(agent.spdk_sock, timeout=30))
-    cfg = cfgmod.parse({"targets": [{"name": "store-1", "agent": {"address": agent.address},
-                                     "nvmf": {"listenAddress": "127.0.0.1",
-                                              "port": free_port()},
-                                     "lvstores": ["pool0"]}],
-                        "auth": {"keyDir": str(short_tmp / "ckeys")}})
-    servicer = ControllerServicer(cfg, "csi-spdk.io", secret_store=MemorySecrets())
+    servicer = _controller(agent, short_tmp, free_port())
 
     def modify(vid: str, **params: str) -> None:
         call(servicer, "ControllerModifyVolume", csi_pb2.ControllerModifyVolumeRequest(
@@ -358,12 +358,7 @@ def test_kill9_of_the_agent_mid_journal_write_loses_nothing_acknowledged(
     host3 = contract.host_nqn("node-3")
     agent = Agent(short_tmp, crashpoint=f"{point}@{host3}")
     raw = SpdkApi(SpdkClient(agent.spdk_sock, timeout=30))
-    cfg = cfgmod.parse({"targets": [{"name": "store-1", "agent": {"address": agent.address},
-                                     "nvmf": {"listenAddress": "127.0.0.1",
-                                              "port": free_port()},
-                                     "lvstores": ["pool0"]}],
-                        "auth": {"keyDir": str(short_tmp / "ckeys")}})
-    servicer = ControllerServicer(cfg, "csi-spdk.io", secret_store=MemorySecrets())
+    servicer = _controller(agent, short_tmp, free_port())
     agents = [agent]
     try:
         agent.wait_pool(raw)
