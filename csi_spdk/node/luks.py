@@ -90,17 +90,22 @@ class Luks:
     def path(self, name: str) -> str:
         return os.path.join(self.mapper_dir, name)
 
+    def _tool(self, argv: list[str], what: str, stdin: str) -> subprocess.CompletedProcess:
+        """Run cryptsetup or dmsetup with ``stdin`` (a key or a table: never on
+        the command line); a missing tool or a hang is INTERNAL naming ``what``."""
+        try:
+            return self._run(argv, input=stdin, capture_output=True, text=True,
+                             timeout=_TIMEOUT, check=False)
+        except FileNotFoundError as err:
+            raise Internal(f"{argv[0]} is not installed on this node ({what})") from err
+        except subprocess.TimeoutExpired as err:
+            raise Internal(f"{what}: {argv[0]} {argv[1]} did not finish in "
+                           f"{_TIMEOUT:.0f}s") from err
+
     def _cryptsetup(self, args: list[str], what: str, key: str | None = None,
                     ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
         argv = ["cryptsetup", *args] + (["--key-file", "-"] if key is not None else [])
-        try:
-            res = self._run(argv, input=key if key is not None else "", capture_output=True,
-                            text=True, timeout=_TIMEOUT, check=False)
-        except FileNotFoundError as err:
-            raise Internal(f"cryptsetup is not installed on this node ({what})") from err
-        except subprocess.TimeoutExpired as err:
-            raise Internal(f"{what}: cryptsetup {args[0]} did not finish in "
-                           f"{_TIMEOUT:.0f}s") from err
+        res = self._tool(argv, what, key if key is not None else "")
         if res.returncode not in ok:
             raise Internal(f"{what} failed: cryptsetup {' '.join(args)} (exit "
                            f"{res.returncode}): {(res.stderr or res.stdout).strip()[:500]}")
@@ -159,14 +164,7 @@ class Luks:
 
     def _dmsetup(self, args: list[str], what: str, table: str = "",
                  ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
-        try:
-            res = self._run(["dmsetup", *args], input=table, capture_output=True, text=True,
-                            timeout=_TIMEOUT, check=False)
-        except FileNotFoundError as err:
-            raise Internal(f"dmsetup is not installed on this node ({what})") from err
-        except subprocess.TimeoutExpired as err:
-            raise Internal(f"{what}: dmsetup {args[0]} did not finish in "
-                           f"{_TIMEOUT:.0f}s") from err
+        res = self._tool(["dmsetup", *args], what, table)
         if res.returncode not in ok:
             said = (res.stderr or "").strip()[:300]
             for word in table.split():      # the table holds the volume key
