@@ -11,9 +11,13 @@ from csi_spdk import contract
 from csi_spdk.proto import csi_pb2
 
 MULTI = csi_pb2.VolumeCapability.AccessMode.MULTI_NODE_MULTI_WRITER
+NODE = "node-a"
+# StorageClass parameters of each mode (auth off: the tests are about the key)
+TARGET = {"encryption": "target", "auth": "none"}
+NODE_MODE = {"encryption": "node", "auth": "none"}
 
 
-def publish_req_of(vol, node: str = "node-a"):
+def publish_req_of(vol, node: str = NODE):
     """ControllerPublishVolume of ``vol`` (raw block, multi-node) with its context."""
     req = publish_req(vol.volume_id, node, cap=block_cap(MULTI))
     req.volume_context.update(vol.volume_context)

@@ -22,6 +22,7 @@ from controller_fixtures import (
     publish_req,
     uuid_of,
 )
+from encryption_fixtures import MULTI, NODE, NODE_MODE, TARGET
 
 from csi_spdk import contract
 from csi_spdk.controller.encryption import VolumeKey
@@ -30,10 +31,6 @@ from csi_spdk.log import JsonFormatter
 from csi_spdk.proto import csi_pb2
 
 C = grpc.StatusCode
-MULTI = csi_pb2.VolumeCapability.AccessMode.MULTI_NODE_MULTI_WRITER
-NODE = "node-a"
-TARGET = {"encryption": "target", "auth": "none"}
-NODE_MODE = {"encryption": "node", "auth": "none"}
 
 
 @pytest.fixture

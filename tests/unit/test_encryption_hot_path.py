@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import pytest
 from controller_fixtures import block_cap, call, create_req, make_env, uuid_of
-from encryption_fixtures import MULTI, crash_at, crypto_left, publish_req_of
+from encryption_fixtures import (
+    MULTI,
+    NODE,
+    NODE_MODE,
+    TARGET,
+    crash_at,
+    crypto_left,
+    publish_req_of,
+)
 
 from csi_spdk import contract
 from csi_spdk.proto import csi_pb2
 
-NODE = "node-a"
-TARGET = {"encryption": "target", "auth": "none"}
 PLAIN = {"auth": "none"}
-NODE_MODE = {"encryption": "node", "auth": "none"}
 
 
 @pytest.fixture
