@@ -84,7 +84,12 @@ def storage_pod(image: str, nvme_port: int) -> dict:
                           "--tls-cert", "/etc/node/agent/tls.crt",
                           "--tls-key", "/etc/node/agent/tls.key",
                           "--tls-client-ca", "/etc/node/agent/ca.crt",
-                          "--pools", "/etc/node/agent/pools.yaml"],
+                          "--pools", "/etc/node/agent/pools.yaml",
+                          # 0.5 s by default: each poll costs both Python
+                          # processes CPU, which a TCG node cannot spare (the
+                          # agent was the busiest container); no scenario
+                          # kills the simulator
+                          "--spdk-poll-interval", "5"],
                  "volumeMounts": [*common, {"name": "agent-conf", "mountPath": "/etc/node/agent",
                                             "readOnly": True}]},
             ],
@@ -103,6 +108,11 @@ def storage_pod(image: str, nvme_port: int) -> dict:
 # minutes (startup: up to 30 min), and a probe answer many seconds.
 RIG_PROBES = {"startup": {"periodSeconds": 10, "timeoutSeconds": 30, "failureThreshold": 180},
               "liveness": {"periodSeconds": 30, "timeoutSeconds": 30, "failureThreshold": 10}}
+# The livenessprobe sidecar answers kubelet's liveness probe with a CSI Probe
+# of its own, 1 s by default: in a TCG node one Probe can take longer, and a
+# 500 then restarts a healthy driver (seen: the node driver restarted once
+# mid start-up). Inside kubelet's 30 s probe timeout.
+LIVENESS_ARGS = ["--probe-timeout=25s"]
 
 
 def chart_values(imgs: images_mod.Images, agent_port: int, nvme_port: int) -> dict:
@@ -110,10 +120,11 @@ def chart_values(imgs: images_mod.Images, agent_port: int, nvme_port: int) -> di
     return {
         "images": imgs.values,
         "controller": {"replicas": 1, "probes": RIG_PROBES,
+                       "extraArgs": {"livenessProbe": LIVENESS_ARGS},
                        "nodeSelector": {"kubernetes.io/hostname": STORAGE_NODE,
                                         CONTROLLER_LABEL: "true"}},
-        "node": {"probes": RIG_PROBES},
-        "capacityTracking": {"enabled": True, "pollInterval": "10s"},
+        "node": {"probes": RIG_PROBES, "extraArgs": {"livenessProbe": LIVENESS_ARGS}},
+        "capacityTracking": {"enabled": True, "pollInterval": "1m"},
         "config": {"targets": [{
             "name": TARGET,
             "agent": {"address": f"10.0.2.2:{agent_port}", "serverName": "csi-spdk-agent"},
@@ -237,7 +248,7 @@ class Cluster:
         self._mark("csinode-registered", self._t0)
         k.run("label", "node", STORAGE_NODE, f"{CONTROLLER_LABEL}=true", "--overwrite")
         self.wait_pods(ns, "app.kubernetes.io/component=controller",
-                       values["controller"]["replicas"], 1200)
+                       values["controller"]["replicas"], 1800)
 
     def wait_pods(self, ns: str, selector: str, count: int, timeout: float) -> None:
         k = self.kubectl
