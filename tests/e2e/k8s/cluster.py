@@ -195,6 +195,8 @@ def _certs(d: Path, extra_ips: tuple[str, ...] = ()) -> dict[str, Path]:
           .serial_number(x509.random_serial_number()).not_valid_before(now)
           .not_valid_after(later)
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
           .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                        content_commitment=False, key_encipherment=False,
                                        data_encipherment=False, key_agreement=False,
@@ -206,6 +208,7 @@ def _certs(d: Path, extra_ips: tuple[str, ...] = ()) -> dict[str, Path]:
         b = (x509.CertificateBuilder().subject_name(name(cn, org)).issuer_name(ca.subject)
              .public_key(k.public_key()).serial_number(x509.random_serial_number())
              .not_valid_before(now).not_valid_after(later)
+             .add_extension(_aki(ca), critical=False)
              .add_extension(x509.ExtendedKeyUsage(
                  [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
                  critical=False))
@@ -236,6 +239,15 @@ def _certs(d: Path, extra_ips: tuple[str, ...] = ()) -> dict[str, Path]:
     return out
 
 
+def _aki(ca):
+    """The issuer's key identifier: Python 3.13's ssl verifies strictly
+    (VERIFY_X509_STRICT) and refuses a certificate without one ("Missing
+    Authority Key Identifier": the in-cluster kubernetes client of the
+    controller Pod, whose image has Python 3.13), as real clusters' never lack."""
+    from cryptography import x509
+    return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key())
+
+
 def client_cert(d: Path, label: str, cn: str, org: str | None = None, *,
                 server_names: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """A certificate signed by the rig's CA in ``d`` (made by ``_certs``): a
@@ -259,6 +271,7 @@ def client_cert(d: Path, label: str, cn: str, org: str | None = None, *,
     b = (x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(ca.subject)
          .public_key(k.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=2))
+         .add_extension(_aki(ca), critical=False)
          .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
     if server_names:
         sans = []
