@@ -58,12 +58,12 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
                 checks.append(check)
         self.ready = lambda: all(c() for c in checks)
 
-    @rpc()
+    @rpc(quiet=True)
     def GetPluginInfo(self, request, context):
         return csi_pb2.GetPluginInfoResponse(name=self.driver_name,
                                              vendor_version=self.version)
 
-    @rpc()
+    @rpc(quiet=True)
     def GetPluginCapabilities(self, request, context):
         caps = []
         if self.controller:
@@ -77,7 +77,7 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
                 type=_PluginCap.VolumeExpansion.ONLINE)))
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)
 
-    @rpc()
+    @rpc(quiet=True)
     def Probe(self, request, context):
         try:
             ok = bool(self.ready())

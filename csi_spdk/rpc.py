@@ -44,12 +44,17 @@ def _subject(request: Any) -> str:
     return ""
 
 
-def rpc(lock: Sequence[str] = ()) -> Callable:
+def rpc(lock: Sequence[str] = (), quiet: bool = False) -> Callable:
     """Wrap a servicer method with logging, metrics, locking and error mapping.
 
     ``lock`` names request fields whose values are held in the servicer's
-    ``locks`` (a ``KeyedLocks``) for the duration of the call.
+    ``locks`` (a ``KeyedLocks``) for the duration of the call. ``quiet``:
+    a successful call logs at debug, not info (Probe and the plugin info
+    calls, which every sidecar and kubelet's probes repeat: at info they were
+    most of the log and, in a slow node, of the process's time); a failed
+    one still warns.
     """
+    ok_level = logging.DEBUG if quiet else logging.INFO
 
     def decorate(fn: Callable) -> Callable:
         method = fn.__name__
@@ -82,8 +87,9 @@ def rpc(lock: Sequence[str] = ()) -> Callable:
                 }
                 if message:
                     fields["error"] = message
-                level = logging.INFO if code == grpc.StatusCode.OK else logging.WARNING
-                log.log(level, method, extra={"f": fields})
+                level = ok_level if code == grpc.StatusCode.OK else logging.WARNING
+                if log.isEnabledFor(level):
+                    log.log(level, method, extra={"f": fields})
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("request", extra={"f": {"method": method,
                                                        "request": redact(request)}})

@@ -46,6 +46,12 @@ class Servicer:
             self.release.wait(5)
         return csi_pb2.DeleteVolumeResponse()
 
+    @rpc(quiet=True)
+    def Probe(self, request, context):
+        if request == csi_pb2.ProbeRequest() and getattr(self, "fail", False):
+            raise NotFound("gone")
+        return csi_pb2.ProbeResponse()
+
 
 def _counter(method: str, code: str) -> float:
     return metrics.CSI_REQUESTS.labels(method, code)._value.get()
@@ -101,6 +107,26 @@ def test_one_structured_log_line_per_call(caplog: pytest.LogCaptureFixture) -> N
     assert line["code"] == "NOT_FOUND"
     assert line["duration_ms"] >= 0
     assert line["level"] == "warning"
+
+
+def test_quiet_call_logs_success_at_debug_and_failure_as_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Probe-like calls repeat every second from each sidecar: their success
+    is not an info line; their failure still is a warning."""
+    caplog.set_level(logging.INFO, logger="csi_spdk.rpc")
+    s = Servicer()
+    s.Probe(csi_pb2.ProbeRequest(), FakeContext())
+    assert [r for r in caplog.records if r.name == "csi_spdk.rpc"] == []
+    caplog.set_level(logging.DEBUG, logger="csi_spdk.rpc")
+    s.Probe(csi_pb2.ProbeRequest(), FakeContext())
+    assert [r.levelname for r in caplog.records
+            if r.name == "csi_spdk.rpc" and r.getMessage() == "Probe"] == ["DEBUG"]
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="csi_spdk.rpc")
+    s.fail = True
+    with pytest.raises(Aborted):
+        s.Probe(csi_pb2.ProbeRequest(), FakeContext())
+    assert [r.levelname for r in caplog.records if r.name == "csi_spdk.rpc"] == ["WARNING"]
 
 
 def test_secrets_are_redacted_everywhere() -> None:
