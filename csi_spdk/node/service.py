@@ -1,5 +1,13 @@
 """CSI Node service: stage (connect + mkfs-if-empty + mount), publish (bind), stats, expand.
 
+The RPCs and their guard clauses are here; the steps they call are in small
+modules named after what they do: ``capability.py`` (which capabilities the
+node serves), ``records.py`` (the stage records and host identity files),
+``stage.py`` (the staging mount, the wait for a live path), ``publish.py``
+(the binds at a target path), ``stats.py`` (usage and the volume condition,
+with the reconnect of a vanished controller), ``expand.py`` (the wait for
+the grown namespace).
+
 State: one small JSON record per staged volume in ``<state_dir>/volumes/``
 (written *before* connecting, so an unstage after a crash or restart still
 knows which subsystem to disconnect). Without a record, unstage falls back to
@@ -18,13 +26,9 @@ something else is an error, never a silent success.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
 
 import grpc
 
@@ -35,138 +39,30 @@ from ..errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    Unavailable,
     require,
 )
 from ..locks import KeyedLocks
 from ..proto import csi_pb2, csi_pb2_grpc
 from ..rpc import rpc
-from . import luks
+from . import expand, luks, stats
+from .capability import access_type, check_capability, is_read_only
 from .luks import Luks
-from .mount import SUPPORTED_FS, Mounter
+from .mount import Mounter
+from .publish import publish_block, publish_mount
 from .readonly_block import ReadOnlyLoops
+from .records import StageRecord, StateStore, persist_host_identity
+from .stage import mount_staging, wait_live
 
 log = logging.getLogger("csi_spdk.node")
 
-Mode = csi_pb2.VolumeCapability.AccessMode
-_READ_ONLY_MODES = {Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY}
-_SUPPORTED_MODES = {Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_READER_ONLY,
-                    Mode.MULTI_NODE_READER_ONLY, Mode.MULTI_NODE_SINGLE_WRITER,
-                    Mode.MULTI_NODE_MULTI_WRITER, Mode.SINGLE_NODE_SINGLE_WRITER,
-                    Mode.SINGLE_NODE_MULTI_WRITER}
-# A mounted (non-cluster) filesystem must not be written by two nodes.
-_MOUNT_REFUSED_MODES = {Mode.MULTI_NODE_MULTI_WRITER}
 _NODE_CAPS = ("STAGE_UNSTAGE_VOLUME", "GET_VOLUME_STATS", "EXPAND_VOLUME",
               "VOLUME_CONDITION", "SINGLE_NODE_MULTI_WRITER")
-_EXPAND_WAIT = 15.0
 # Errors after which kubelet treats NodeStage as finished (it will not call
 # NodeUnstage): what this call set up must be undone. The others are retried
 # (the operation is "in progress") and keep their record for the retry.
 _RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
                             grpc.StatusCode.DEADLINE_EXCEEDED,
                             grpc.StatusCode.RESOURCE_EXHAUSTED})
-
-
-@dataclass
-class StageRecord:
-    """What unstage/publish/stats/expand need to know about a staged volume."""
-
-    volume_id: str
-    nqn: str
-    ns_uuid: str
-    staging_path: str
-    access: str             # "block" or "mount"
-    fstype: str = ""
-    device: str = ""
-    readonly: bool = False
-    state: str = "connecting"   # "connecting" until the stage completed, then "staged"
-    traddr: str = ""            # where to reconnect when the kernel dropped the controller
-    trsvcid: str = ""
-    mapper: str = ""            # encryption: node: the LUKS mapping over ``device``
-
-
-class StateStore:
-    """Per-volume JSON records under ``<state_dir>/volumes``; atomic writes."""
-
-    def __init__(self, state_dir: str) -> None:
-        self.dir = os.path.join(state_dir, "volumes")
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-
-    def _path(self, volume_id: str) -> str:
-        return os.path.join(self.dir, hashlib.sha256(volume_id.encode()).hexdigest()[:40]
-                            + ".json")
-
-    def load(self, volume_id: str) -> StageRecord | None:
-        try:
-            with open(self._path(volume_id), encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as err:
-            log.warning("unreadable stage record", extra={"f": {"volume": volume_id,
-                                                                "error": str(err)}})
-            return None
-        known = StageRecord.__dataclass_fields__
-        return StageRecord(**{k: v for k, v in data.items() if k in known})
-
-    def save(self, rec: StageRecord) -> None:
-        _atomic_write(self._path(rec.volume_id), json.dumps(asdict(rec), indent=1) + "\n")
-
-    def delete(self, volume_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(volume_id))
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def persist_host_identity(state_dir: str, node_id: str) -> tuple[str, str]:
-    """Write the derived host NQN/ID to ``state_dir/hostnqn`` and ``hostid``
-    (for operators); warn when an existing file disagrees. Returns both."""
-    os.makedirs(state_dir, exist_ok=True)
-    values = {"hostnqn": contract.host_nqn(node_id), "hostid": contract.host_id(node_id)}
-    for name, value in values.items():
-        path = os.path.join(state_dir, name)
-        try:
-            with open(path, encoding="utf-8") as f:
-                old = f.read().strip()
-        except FileNotFoundError:
-            old = None
-        if old == value:
-            continue
-        if old is not None:
-            log.warning("host identity file disagrees with the node id; rewriting it",
-                        extra={"f": {"file": path, "old": old, "new": value,
-                                     "node_id": node_id}})
-        _atomic_write(path, value + "\n")
-    return values["hostnqn"], values["hostid"]
-
-
-def _access_type(cap: csi_pb2.VolumeCapability) -> str:
-    kind = cap.WhichOneof("access_type")
-    if kind not in ("block", "mount"):
-        raise InvalidArgument("volume_capability needs an access type (block or mount)")
-    return kind
-
-
-def _check_capability(cap: csi_pb2.VolumeCapability) -> str:
-    kind = _access_type(cap)
-    if not cap.HasField("access_mode") or cap.access_mode.mode not in _SUPPORTED_MODES:
-        raise InvalidArgument("volume_capability has no supported access mode")
-    if kind == "mount":
-        if cap.access_mode.mode in _MOUNT_REFUSED_MODES:
-            raise InvalidArgument("a mounted filesystem cannot be MULTI_NODE_MULTI_WRITER; "
-                                  "use volumeMode: Block")
-        if cap.mount.fs_type and cap.mount.fs_type not in SUPPORTED_FS:
-            raise InvalidArgument(f"fsType {cap.mount.fs_type!r} is not supported "
-                                  f"(use one of {', '.join(SUPPORTED_FS)})")
-    return kind
 
 
 class NodeServicer(csi_pb2_grpc.NodeServicer):
@@ -210,12 +106,6 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         the namespace."""
         return self.luks.path(rec.mapper) if rec.mapper else self._current_device(rec)
 
-    def _same_device(self, mount_major_minor: str, device: str) -> bool:
-        try:
-            return self.mounter.device_number(device) == mount_major_minor
-        except OSError:
-            return False
-
     def _record(self, volume_id: str) -> StageRecord:
         rec = self.store.load(volume_id)
         if rec is None:
@@ -229,7 +119,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         require(request.staging_target_path, "staging_target_path")
         require(request.HasField("volume_capability"), "volume_capability")
         cap = request.volume_capability
-        kind = _check_capability(cap)
+        kind = check_capability(cap)
         pc = dict(request.publish_context)
         for key in (contract.PC_NQN, contract.PC_TRADDR, contract.PC_TRSVCID,
                     contract.PC_NS_UUID):
@@ -241,7 +131,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         # then the StorageClass fsType the controller put in volume_context
         want_fs = (cap.mount.fs_type or request.volume_context.get(contract.VC_FS_TYPE, "")) \
             if kind == "mount" else ""
-        readonly = cap.access_mode.mode in _READ_ONLY_MODES
+        readonly = is_read_only(cap)
         rec = self.store.load(request.volume_id)
         if rec is not None and rec.state == "staged":
             if rec.staging_path != staging:
@@ -268,8 +158,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 rec.mapper = luks.mapper_name(request.volume_id)
                 data = self.luks.open(device, rec.mapper, key, readonly)
             if kind == "mount":
-                rec.fstype = self._stage_mount(data, staging, want_fs, cap, readonly,
-                                               previous)
+                rec.fstype = mount_staging(self.mounter, self.luks, device=data,
+                                           staging=staging, cap=cap, want_fs=want_fs,
+                                           readonly=readonly, previous=previous)
         except CsiError as err:
             if err.code not in _RETRIED_CODES and (previous is None or
                                                    previous.state != "staged"):
@@ -289,47 +180,6 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.store.save(rec)
         return csi_pb2.NodeStageVolumeResponse()
 
-    def _stage_mount(self, device: str, staging: str, want_fs: str,
-                     cap: csi_pb2.VolumeCapability, readonly: bool,
-                     previous: StageRecord | None = None) -> str:
-        existing = self.mounter.mounted_at(staging)
-        if existing is not None:
-            if self._same_device(existing.major_minor, device) and existing.root == "/":
-                return existing.fstype
-            old = self.luks.path(previous.mapper) if previous is not None and \
-                previous.mapper else previous.device if previous is not None else ""
-            if previous is not None and previous.state == "staged" and old \
-                    and old != device and existing.source == old:
-                # Our own stage, but the kernel dropped that controller and the
-                # namespace came back as another device: the old mount is dead.
-                log.warning("staged volume's device was replaced; remounting", extra={"f": {
-                    "volume": previous.volume_id, "old": previous.device, "new": device}})
-                self.mounter.unmount(staging)
-                existing = None
-        if existing is not None:
-            raise FailedPrecondition(f"staging path {staging} already has {existing.source} "
-                                     f"({existing.fstype}) mounted; refusing to stage over it")
-        if readonly:
-            found = self.mounter.probe(device)
-            if not found.fstype:
-                raise FailedPrecondition(f"read-only volume on {device} has no filesystem "
-                                         "and cannot be formatted")
-            fstype = found.fstype
-            if want_fs and fstype != want_fs:
-                raise FailedPrecondition(f"{device} holds {fstype}, not {want_fs}")
-        else:
-            fstype, _ = self.mounter.ensure_filesystem(device, want_fs)
-        flags = list(cap.mount.mount_flags)
-        if readonly:
-            flags.append("ro")
-            if fstype == "xfs":
-                flags.append("norecovery")
-            elif fstype == "ext4":
-                flags.append("noload")
-        os.makedirs(staging, exist_ok=True)
-        self.mounter.mount(device, staging, fstype, flags)
-        return fstype
-
     @rpc(lock=("volume_id",))
     def NodeUnstageVolume(self, request, context):
         require(request.volume_id, "volume_id")
@@ -339,7 +189,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if not nqn:
             with contextlib.suppress(Exception):
                 nqn = contract.subsystem_nqn(contract.parse_id(request.volume_id).lvol_uuid)
-        if nqn and self.initiator.is_connected(nqn) and not self._wait_live(nqn):
+        if nqn and self.initiator.is_connected(nqn) and \
+                not wait_live(self.initiator, nqn, self.unstage_grace):
             # The target is gone (the controller keeps reconnecting: ctrl_loss_tmo
             # -1): an unmount would wait for I/O forever. Disconnecting first
             # fails the queued I/O, so the unmount below finishes.
@@ -358,15 +209,6 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.store.delete(request.volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
 
-    def _wait_live(self, nqn: str) -> bool:
-        """Wait up to ``unstage_grace`` seconds for a live path to ``nqn``."""
-        deadline = time.monotonic() + self.unstage_grace
-        while not self.initiator.path_live(nqn):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-        return True
-
     # --- publish / unpublish ----------------------------------------------------------
     @rpc(lock=("volume_id",))
     def NodePublishVolume(self, request, context):
@@ -374,7 +216,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         require(request.staging_target_path, "staging_target_path")
         require(request.target_path, "target_path")
         require(request.HasField("volume_capability"), "volume_capability")
-        kind = _check_capability(request.volume_capability)
+        kind = check_capability(request.volume_capability)
         rec = self.store.load(request.volume_id)
         if rec is None or rec.state != "staged":
             raise FailedPrecondition(f"volume {request.volume_id} is not staged on this node; "
@@ -382,69 +224,15 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if rec.access != kind:
             raise AlreadyExists(f"volume {request.volume_id} was staged as {rec.access}, "
                                 f"not {kind}")
-        readonly = request.readonly or \
-            request.volume_capability.access_mode.mode in _READ_ONLY_MODES
+        readonly = request.readonly or is_read_only(request.volume_capability)
         target = request.target_path
         if kind == "block":
-            self._publish_block(rec, target, readonly)
+            publish_block(self.mounter, self.ro_loops, volume_id=rec.volume_id,
+                          device=self._volume_device(rec), target=target, readonly=readonly)
         else:
-            self._publish_mount(rec, request.staging_target_path, target, readonly)
+            publish_mount(self.mounter, staging=request.staging_target_path, target=target,
+                          readonly=readonly)
         return csi_pb2.NodePublishVolumeResponse()
-
-    def _existing_ok(self, target: str, same: bool, readonly: bool, existing) -> bool:
-        if not same:
-            raise FailedPrecondition(f"target path {target} already has {existing.source} "
-                                     "mounted, which is not this volume")
-        if existing.readonly != readonly:
-            raise AlreadyExists(f"volume is already published at {target} with "
-                                f"readonly={existing.readonly}")
-        return True
-
-    def _publish_block(self, rec: StageRecord, target: str, readonly: bool) -> None:
-        device = self._volume_device(rec)
-        if not device or not os.path.exists(device):
-            raise FailedPrecondition(f"the block device of {rec.volume_id} is gone; "
-                                     "restage the volume")
-        existing = self.mounter.mounted_at(target)
-        if existing is not None:
-            ro = self.ro_loops.load(target)
-            source = ro["loop"] if ro is not None else device
-            try:
-                same = os.stat(target).st_rdev == os.stat(source).st_rdev
-            except OSError:
-                same = False
-            self._existing_ok(target, same, readonly, existing)
-            return
-        if os.path.isdir(target):
-            try:
-                os.rmdir(target)
-            except OSError as err:
-                raise FailedPrecondition(f"block target {target} is a non-empty "
-                                         "directory") from err
-        if not readonly:
-            self.mounter.bind_device(device, target)
-            return
-        # A read-only bind of the device node would not stop writes to it.
-        loop = self.ro_loops.attach(rec.volume_id, target, device)
-        try:
-            self.mounter.bind_device(loop, target, readonly=True)
-        except Exception:
-            self.ro_loops.detach(target)
-            raise
-
-    def _publish_mount(self, rec: StageRecord, staging: str, target: str,
-                       readonly: bool) -> None:
-        staged = self.mounter.mounted_at(staging)
-        if staged is None:
-            raise FailedPrecondition(f"staging path {staging} is not mounted; restage the "
-                                     "volume")
-        os.makedirs(target, exist_ok=True)
-        existing = self.mounter.mounted_at(target)
-        if existing is not None:
-            same = existing.major_minor == staged.major_minor and existing.root == staged.root
-            self._existing_ok(target, same, readonly, existing)
-            return
-        self.mounter.bind_mount(staging, target, readonly)
 
     @rpc(lock=("volume_id",))
     def NodeUnpublishVolume(self, request, context):
@@ -480,75 +268,27 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             problems.append(f"{path} is not mounted")
         if rec.nqn and rec.state == "staged" and rec.traddr and \
                 not self.initiator.is_connected(rec.nqn):
-            problems.append(self._reconnect(rec))
+            problems.append(stats.reconnect(self.initiator, self.luks, rec,
+                                            min(self.connect_timeout, 10.0)))
         if rec.nqn and not self.initiator.path_live(rec.nqn):
             problems.append(f"no live NVMe/TCP path to {rec.nqn}")
-        Unit = csi_pb2.VolumeUsage
-        usage = []
-        try:
-            if self.mounter.is_block(path):
-                usage.append(Unit(unit=Unit.BYTES, total=self.mounter.block_size(path)))
-            elif self.mounter.mounted_at(path) is not None:
-                st = self.mounter.fs_stats(path)
-                usage += [Unit(unit=Unit.BYTES, total=st.total_bytes,
-                               available=st.available_bytes, used=st.used_bytes),
-                          Unit(unit=Unit.INODES, total=st.total_inodes,
-                               available=st.free_inodes, used=st.used_inodes)]
-        except OSError as err:
-            problems.append(f"cannot read {path}: {err.strerror or err}")
+        usage, unreadable = stats.usage(self.mounter, path)
+        problems += unreadable
         condition = csi_pb2.VolumeCondition(abnormal=bool(problems),
                                             message="; ".join(problems) or "healthy")
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
-
-    def _reconnect(self, rec: StageRecord) -> str:
-        """The kernel deleted the controller of a staged volume (ctrl_loss_tmo ran
-        out while the target was away): connect again from the stage record. A
-        filesystem mounted on the old device stays broken until the volume is
-        staged again (NodeStageVolume then remounts it)."""
-        pc = {contract.PC_NQN: rec.nqn, contract.PC_TRTYPE: "tcp",
-              contract.PC_TRADDR: rec.traddr, contract.PC_TRSVCID: rec.trsvcid,
-              contract.PC_NS_UUID: rec.ns_uuid}
-        try:
-            device = self.initiator.connect(pc, min(self.connect_timeout, 10.0))
-        except CsiError as err:
-            return f"the NVMe/TCP controller of {rec.nqn} was gone; reconnecting failed: " \
-                   f"{err.message}"
-        log.warning("reconnected a staged volume", extra={"f": {
-            "volume": rec.volume_id, "device": device}})
-        if rec.mapper:
-            return self._repoint_luks(rec, device)
-        if device != rec.device and rec.access == "mount":
-            return (f"the NVMe/TCP controller of {rec.nqn} was gone and was reconnected as "
-                    f"{device}; the filesystem mounted from {rec.device} must be staged again")
-        return f"the NVMe/TCP controller of {rec.nqn} was gone and was reconnected"
-
-    def _repoint_luks(self, rec: StageRecord, device: str) -> str:
-        """encryption: node: the LUKS mapping follows the reconnected device by
-        a dm table reload (luks.py ``repoint``: NodeGetVolumeStats has no
-        secret to reopen it with, the reload needs none); the filesystem or
-        block target on the mapping keeps its device."""
-        was = f"the NVMe/TCP controller of {rec.nqn} was gone and was reconnected as {device}"
-        try:
-            open_ = self.luks.repoint(rec.mapper, device)
-        except CsiError as err:
-            return f"{was}, but its LUKS mapping {rec.mapper} could not follow it " \
-                   f"({err.message}); stage the volume again"
-        if not open_:
-            return f"{was}; its LUKS mapping {rec.mapper} is not open: stage the volume " \
-                   "again (NodeStageVolume opens it with the key from the node-stage secret)"
-        return f"{was}; LUKS mapping {rec.mapper} reads from it again"
 
     @rpc(lock=("volume_id",))
     def NodeExpandVolume(self, request, context):
         rec, path = self._volume_at_path(request)
         kind = rec.access
         if request.HasField("volume_capability"):
-            kind = _access_type(request.volume_capability)
+            kind = access_type(request.volume_capability)
         required = request.capacity_range.required_bytes if \
             request.HasField("capacity_range") else 0
         self.initiator.rescan(rec.nqn)
         device = self._current_device(rec)
-        size = self._wait_size(device, required)
+        size = expand.wait_size(self.mounter, device, required)
         if rec.mapper:   # the LUKS mapping grows first, then the filesystem on it
             key = luks.key_from_secrets(dict(request.secrets)) \
                 if request.secrets.get(contract.SECRET_ENCRYPTION_KEY) else None
@@ -559,25 +299,6 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             fstype = rec.fstype or self.mounter.probe(device).fstype
             self.mounter.resize_fs(device, mount_point, fstype)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
-
-    def _wait_size(self, device: str, required: int) -> int:
-        """The kernel applies a namespace resize asynchronously after a rescan."""
-        deadline = time.monotonic() + _EXPAND_WAIT
-        interval = 0.02
-        while True:
-            try:
-                size = self.mounter.block_size(device)
-            except OSError as err:
-                raise FailedPrecondition(f"cannot open {device}: {err}; restage the "
-                                         "volume") from err
-            if size >= required or time.monotonic() >= deadline:
-                break
-            time.sleep(interval)
-            interval = min(interval * 2, 0.5)
-        if size < required:
-            raise Unavailable(f"{device} is {size} bytes, expected at least {required} after "
-                              "the controller expansion; retry")
-        return size
 
     # --- info -------------------------------------------------------------------------------
     @rpc()

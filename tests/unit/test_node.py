@@ -291,8 +291,8 @@ def test_ext4_expand(env):
 
 
 def test_expand_waits_then_gives_up_when_device_did_not_grow(env, monkeypatch):
-    import csi_spdk.node.service as node_mod
-    monkeypatch.setattr(node_mod, "_EXPAND_WAIT", 0.2)
+    from csi_spdk.node import expand
+    monkeypatch.setattr(expand, "EXPAND_WAIT", 0.2)
     env.export()
     env.stage()
     assert code_of(env.expand, "staging", 128 * MiB) == grpc.StatusCode.UNAVAILABLE

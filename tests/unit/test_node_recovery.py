@@ -14,6 +14,7 @@ from test_node import UUID1, VOL1, block_cap, code_of, make_env, mount_cap  # no
 from csi_spdk import contract
 from csi_spdk.cli import build_parser
 from csi_spdk.node.initiator import NvmeTcpInitiator
+from csi_spdk.node.stage import same_device
 from csi_spdk.proto import csi_pb2
 
 NQN = contract.subsystem_nqn(UUID1)
@@ -121,7 +122,7 @@ def test_restage_remounts_when_the_namespace_came_back_as_another_device(env):
     env.ini.devices[NQN] = new
     env.stage()
     m = env.node.mounter.mounted_at(env.path("staging"))
-    assert m is not None and env.node._same_device(m.major_minor, new)
+    assert m is not None and same_device(env.node.mounter, m.major_minor, new)
     with open(env.path("staging") + "/data") as f:
         assert f.read() == "kept"
     assert env.node.store.load(VOL1).device == new
