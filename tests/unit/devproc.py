@@ -33,6 +33,17 @@ class Dev:
     def output(self) -> str:
         return self.log.read_text()
 
+    def wait_decided(self) -> int | None:
+        """Until the process exits (its code) or says it is running (None).
+
+        No deadline of its own: how long a start takes on a loaded machine
+        is not what a test asserts, and the test's timeout bounds a hang."""
+        while "csi-spdk dev is running" not in self.output():
+            if self.proc.poll() is not None:
+                return self.proc.returncode
+            time.sleep(0.05)
+        return None
+
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:

@@ -31,8 +31,10 @@ def test_second_dev_on_the_same_socket_dir_is_refused(tmp_path):
     try:
         assert (first.sock_dir / "dev.lock").read_text().strip() == str(first.proc.pid)
         second = start_dev(tmp_path, sock_dir=first.sock_dir, wait=False)
-        rc = second.proc.wait(60)
+        rc = second.wait_decided()
         out = second.output().strip().splitlines()
+        if rc is None:
+            second.stop()
         assert rc == 1, out
         assert out[-1] == (f"csi-spdk dev: {first.sock_dir} is in use by another csi-spdk dev "
                            f"(pid {first.proc.pid}); stop it (kill {first.proc.pid}) or give "
