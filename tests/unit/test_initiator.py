@@ -42,6 +42,33 @@ def env(tmp_path, monkeypatch):
     return ini, str(sysfs), str(dev), str(log)
 
 
+class VirtualClock:
+    """The initiator module's ``time``: ``monotonic`` moves only by ``sleep``.
+
+    What a wait test asserts is how long the initiator decided to wait (its
+    timeout, its poll steps), not how long a loaded machine took to run the
+    fake ``nvme`` around it: the wall clock measured both."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.on_sleep = lambda: None
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+        self.on_sleep()
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import csi_spdk.node.initiator as initiator_mod
+    c = VirtualClock()
+    monkeypatch.setattr(initiator_mod, "time", c)
+    return c
+
+
 def pc(nqn=NQN1, ns=NS1, addr="10.0.2.2", port="4420"):
     return {contract.PC_NQN: nqn, contract.PC_TRTYPE: "tcp", contract.PC_TRADDR: addr,
             contract.PC_TRSVCID: port, contract.PC_ADRFAM: "ipv4", contract.PC_NS_UUID: ns,
@@ -104,13 +131,15 @@ def test_connect_failure_is_unavailable(env, monkeypatch):
         ini.connect(pc(), timeout=1)
 
 
-def test_namespace_never_appears_disconnects_again(env, monkeypatch):
+def test_namespace_never_appears_disconnects_again(env, monkeypatch, clock):
     ini, _sysfs, _dev, log = env
     monkeypatch.setenv("FAKE_NVME_EXPORTS", "{}")
-    t0 = time.monotonic()
+    t0 = clock.t
     with pytest.raises(Unavailable, match="did not appear"):
         ini.connect(pc(), timeout=0.5)
-    assert time.monotonic() - t0 < 3
+    # it waited its timeout once: this call made the connection, so no rescan
+    # and second wait before it disconnects
+    assert clock.t - t0 == pytest.approx(0.5)
     assert [a[0] for a in fakesys.read_log(log)] == ["connect", "disconnect"]
     assert not ini.is_connected(NQN1)
 
@@ -123,28 +152,39 @@ def test_missing_publish_context_key(env):
         ini.connect(bad)
 
 
-def test_find_device_waits_for_late_namespace(env):
+def test_find_device_waits_for_late_namespace(env, clock):
     ini, sysfs, dev, _log = env
     subsys, ctrl = fakesys.add_fabrics_subsystem(sysfs, dev, NQN1, [])
+    t0 = clock.t
 
-    def later():
-        time.sleep(0.3)
-        fakesys.add_namespace(sysfs, dev, subsys, ctrl, NS1)
+    def appears_at_0_3s():
+        if clock.t - t0 >= 0.3 and not os.path.exists(os.path.join(dev, "nvme0n1")):
+            fakesys.add_namespace(sysfs, dev, subsys, ctrl, NS1)
 
-    t = threading.Thread(target=later)
-    t0 = time.monotonic()
-    t.start()
+    clock.on_sleep = appears_at_0_3s
     found = ini.find_device(NQN1, NS1, timeout=5)
+    assert found == os.path.join(dev, "nvme0n1")
+    assert clock.t - t0 < 0.3 + 0.25   # short polls (at most 0.25 s), not one-second steps
+
+
+def test_find_device_waits_in_a_thread_for_a_namespace_another_thread_adds(env):
+    """The same wait on the real clock: the device made by another thread
+    while find_device polls is found (no timing asserted)."""
+    ini, sysfs, dev, _log = env
+    subsys, ctrl = fakesys.add_fabrics_subsystem(sysfs, dev, NQN1, [])
+    t = threading.Thread(target=lambda: (time.sleep(0.3), fakesys.add_namespace(
+        sysfs, dev, subsys, ctrl, NS1)))
+    t.start()
+    found = ini.find_device(NQN1, NS1, timeout=300)
     t.join()
     assert found == os.path.join(dev, "nvme0n1")
-    assert time.monotonic() - t0 < 1.5   # short polls, not one-second steps
 
 
-def test_find_device_times_out(env):
+def test_find_device_times_out(env, clock):
     ini, *_ = env
-    t0 = time.monotonic()
+    t0 = clock.t
     assert ini.find_device(NQN1, NS1, timeout=0.3) is None
-    assert 0.25 < time.monotonic() - t0 < 1.5
+    assert clock.t - t0 == pytest.approx(0.3)   # the whole timeout, and no more
 
 
 def test_connected_to_other_address_connects_again(env):
