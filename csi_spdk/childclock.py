@@ -8,27 +8,31 @@ running, and ``csi-spdk dev`` gave up on an agent that was importing its
 modules. The kernel counts that wait per thread (``/proc/<pid>/task/<tid>/
 schedstat``, second field: nanoseconds spent on a run queue); this clock is
 wall time minus it, so a deadline on it means "the child had that long to
-itself and did not get there". Where the kernel does not report it
-(no CONFIG_SCHED_INFO, not Linux) the clock is wall time.
+itself and did not get there". The processes its answer passes through
+(the caller, a target the child fronts) are watched too: a reply that waits
+for them to get a CPU is as late as one that waits for the child's own.
+Where the kernel does not report it (no CONFIG_SCHED_INFO, not Linux) the
+clock is wall time.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 class ChildClock:
-    """Seconds since ``pid`` was started, less its threads' run-queue waits.
+    """Seconds since ``pid`` was started, less its threads' run-queue waits
+    (and those of the processes ``also`` names).
 
     Per call, the wait subtracted is that of the thread that waited most in
     the interval (threads wait in parallel, so their sum would count the
     same second twice), never more than the interval itself."""
 
-    def __init__(self, pid: int, proc_root: str = "/proc",
+    def __init__(self, pid: int, also: Sequence[int] = (), proc_root: str = "/proc",
                  now: Callable[[], float] = time.monotonic) -> None:
-        self.pid = pid
+        self.pids = [pid, *also]
         self.proc_root = proc_root
         self.now = now
         self.started = self.last = now()
@@ -37,18 +41,19 @@ class ChildClock:
 
     def _run_queue_ns(self) -> dict[str, int]:
         """Each live thread's total run-queue wait (ns); {} when unreadable."""
-        tasks = os.path.join(self.proc_root, str(self.pid), "task")
         out: dict[str, int] = {}
-        try:
-            tids = os.listdir(tasks)
-        except OSError:
-            return out
-        for tid in tids:
+        for pid in self.pids:
+            tasks = os.path.join(self.proc_root, str(pid), "task")
             try:
-                with open(os.path.join(tasks, tid, "schedstat"), encoding="ascii") as f:
-                    out[tid] = int(f.read().split()[1])
-            except (OSError, ValueError, IndexError):
-                continue  # the thread ended, or no schedstat in this kernel
+                tids = os.listdir(tasks)
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    with open(os.path.join(tasks, tid, "schedstat"), encoding="ascii") as f:
+                        out[f"{pid}/{tid}"] = int(f.read().split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue  # the thread ended, or no schedstat in this kernel
         return out
 
     def elapsed(self) -> float:

@@ -54,15 +54,16 @@ def _die_with_parent() -> None:
 
 
 def _start_child(argv: list[str], client: SpdkClient | AgentClient, what: str,
-                 timeout: float) -> subprocess.Popen:
+                 timeout: float, via: subprocess.Popen | None = None) -> subprocess.Popen:
     """Run ``csi-spdk <argv>`` and wait until ``client`` gets an answer.
 
     ``timeout`` counts the child's own time (``childclock.py``): the time a
-    loaded machine keeps it waiting for a CPU does not count, so a slow start
-    is waited for and only a child that does not get there is given up on."""
+    loaded machine keeps it, this process or ``via`` (the target the child
+    answers through) waiting for a CPU does not count, so a slow start is
+    waited for and only a child that does not get there is given up on."""
     proc = subprocess.Popen([sys.executable, "-m", "csi_spdk", *argv],
                             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-    clock = ChildClock(proc.pid)
+    clock = ChildClock(proc.pid, also=[os.getpid(), *([via.pid] if via else [])])
     try:
         while True:
             if proc.poll() is not None:
@@ -90,12 +91,14 @@ def start_simulator(rpc: str, data_dir: Path, log_level: str) -> subprocess.Pope
                         f"the SPDK simulator on {rpc}", SIM_START_TIMEOUT)
 
 
-def start_agent(listen: str, rpc: str, state_dir: Path, log_level: str) -> subprocess.Popen:
-    """Run ``csi-spdk agent`` on ``listen`` (a Unix socket) in front of ``rpc``."""
+def start_agent(listen: str, rpc: str, state_dir: Path, log_level: str,
+                sim: subprocess.Popen | None = None) -> subprocess.Popen:
+    """Run ``csi-spdk agent`` on ``listen`` (a Unix socket) in front of ``rpc``
+    (``sim``: the simulator process serving it, when dev started one)."""
     return _start_child(["agent", "--listen", listen, "--spdk-rpc", rpc,
                          "--state-dir", str(state_dir), "--log-level", log_level],
                         AgentClient(listen, timeout=2.0),
-                        f"the storage agent on {listen}", AGENT_START_TIMEOUT)
+                        f"the storage agent on {listen}", AGENT_START_TIMEOUT, via=sim)
 
 
 def stop_child(proc: subprocess.Popen) -> None:
@@ -272,7 +275,7 @@ def _run_locked(args: argparse.Namespace, sock_dir: Path) -> int:
     try:
         before = target_objects(rpc)
         lvstores, made_lvstore = ensure_lvstore(rpc)
-        agent = start_agent(agent_address, rpc, work / "agent-state", args.log_level)
+        agent = start_agent(agent_address, rpc, work / "agent-state", args.log_level, sim)
         static_keys, sanity_secrets = write_dev_secrets(work)
         config = {
             "targets": [{

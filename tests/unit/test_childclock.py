@@ -55,6 +55,15 @@ def test_parallel_waits_count_once_and_never_more_than_the_interval(tmp_path):
     assert c.elapsed() == pytest.approx(1.0)
 
 
+def test_the_processes_the_answer_passes_through_count_too(tmp_path):
+    p, via = FakeProc(tmp_path), FakeProc(tmp_path, pid=77)
+    c = ChildClock(p.pid, also=[via.pid], proc_root=str(tmp_path), now=lambda: p.t)
+    p.t += 4.0
+    p.waited(1, 1.0)
+    via.waited(9, 3.0)                    # the target it fronts waited for a CPU longer
+    assert c.elapsed() == pytest.approx(1.0)
+
+
 def test_without_schedstat_it_is_wall_time(tmp_path):
     p = FakeProc(tmp_path)                # no task directory at all
     c = p.clock()
