@@ -48,6 +48,7 @@ import re
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -367,14 +368,16 @@ class Pools:
             return
         st.state, st.message, st.lvstore = state, why, lvs
 
-    def wait_lvstores(self, timeout: float = 30.0) -> bool:
-        """True once every ready pool's lvstore is visible (after a restart)."""
-        deadline = time.monotonic() + timeout
+    def wait_lvstores(self, timeout: float = 30.0,
+                      clock: Callable[[], float] = time.monotonic) -> bool:
+        """True once every ready pool's lvstore is visible (after a restart).
+        ``timeout`` is on ``clock`` (the supervisor's: the target's own time)."""
+        deadline = clock() + timeout
         while True:
             names = {lvs["name"] for lvs in self.api.lvstores()}
             if all(s.name in names for s in self.specs if self.status[s.name].ready):
                 return True
-            if time.monotonic() >= deadline:
+            if clock() >= deadline:
                 return False
             time.sleep(0.1)
 

@@ -13,12 +13,18 @@ lvstores (SPDK's examine loads them) and replays the desired exports, then
 logs and counts what it fixed. Hosts connected over NVMe/TCP keep retrying
 for their ``ctrl_loss_tmo`` meanwhile, so a recovery inside it is invisible
 to the Pods above them.
+
+The start, hang and lvstore timeouts of a spdk_tgt of ours count its own
+time (``childclock.py``): the time a loaded host keeps it (or this agent)
+waiting for a CPU does not count, so a starved target is not killed as a
+hung one and restarted over and over.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shlex
 import signal
 import socket
@@ -32,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import metrics
+from ..childclock import ChildClock
 from ..spdk.api import SpdkApi
 from ..spdk.client import SpdkClient, parse_address
 from ..spdk.errors import SpdkError, SpdkTransportError
@@ -196,6 +203,7 @@ class Supervisor:
         self._pid: int | None = None
         self._started_at = 0.0
         self._failures = 0
+        self._clock: ChildClock | None = None
 
     # --- public ------------------------------------------------------------------
     def start(self) -> Supervisor:
@@ -275,8 +283,8 @@ class Supervisor:
                     first, spawned = False, ""
                 seen_pid = pid or seen_pid
             elif self.proc is not None and self.proc.poll() is None:
-                down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since > self.config.hang_timeout:
+                down_since = self._own_time() if down_since is None else down_since
+                if self._own_time() - down_since > self.config.hang_timeout:
                     log.error("spdk_tgt pid %d has not answered for %.0fs; killing it",
                               self.proc.pid, self.config.hang_timeout)
                     self._kill_proc(signal.SIGKILL)
@@ -327,20 +335,26 @@ class Supervisor:
                                 * (2 ** self._failures)))
             return False
         self._started_at = time.monotonic()
+        self._clock = ChildClock(self.proc.pid, also=[os.getpid()])
         log.info("started spdk_tgt pid %d: %s", self.proc.pid, shlex.join(cmd))
-        deadline = time.monotonic() + self.config.start_timeout
         while not self._stop.is_set():
             if self.proc.poll() is not None:
                 return False                   # died during start-up: next loop backs off
             if self._probe():
                 return True
-            if time.monotonic() > deadline:
+            if self._own_time() > self.config.start_timeout:
                 log.error("spdk_tgt pid %d did not answer on %s within %.0fs; killing it",
                           self.proc.pid, self.config.rpc_socket, self.config.start_timeout)
                 self._kill_proc(signal.SIGKILL)
                 return False
             time.sleep(0.05)
         return False
+
+    def _own_time(self) -> float:
+        """Seconds of our spdk_tgt's own time since it started (wall time when
+        it is not ours)."""
+        clock = self._clock if self.proc is not None else None
+        return clock.elapsed() if clock is not None else time.monotonic()
 
     def _kill_proc(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -367,7 +381,8 @@ class Supervisor:
         try:
             if self.pools is not None:
                 self.pools.attach()
-                if not self.pools.wait_lvstores(self.config.lvstore_timeout):
+                if not self.pools.wait_lvstores(self.config.lvstore_timeout,
+                                                clock=self._own_time):
                     log.warning("not every pool's lvstore appeared within %.0fs",
                                 self.config.lvstore_timeout)
                 rec.pools = self.pools.report()

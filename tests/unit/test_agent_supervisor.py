@@ -323,3 +323,53 @@ def test_a_hung_managed_target_is_killed_and_restarted(short_tmp: Path) -> None:
             assert SpdkApi(c).subsystem_get("nqn.2016-06.io.spdk:hung") is not None
     finally:
         sup.stop()
+
+
+def _late_target(short_tmp: Path) -> list[str]:
+    """A target that answers only after 2 s of sleep (its own time, not a wait for a CPU)."""
+    sock = str(short_tmp / "spdk.sock")
+    return ["/bin/sh", "-c", "sleep 2; exec \"$0\" \"$@\"",
+            *sim_command(sock, str(short_tmp / "data"))]
+
+
+def test_a_start_slower_than_start_timeout_on_its_own_time_is_killed(short_tmp, caplog):
+    """The start timeout counts the target's own time: 2 s of sleep is more
+    than a 1 s start_timeout, so it is killed (and started again)."""
+    cfg = SupervisorConfig(str(short_tmp / "spdk.sock"), command=_late_target(short_tmp),
+                           poll_interval=0.1, probe_timeout=0.5, start_timeout=1.0,
+                           check_memory=False, backoff_initial=5.0, backoff_max=5.0)
+    sup = Supervisor(cfg).start()
+    try:
+        deadline = time.monotonic() + 120
+        while "did not answer on" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        sup.stop()
+    assert "did not answer on" in caplog.text and "within 1s; killing it" in caplog.text
+    assert sup.recoveries() == []
+
+
+def test_a_target_kept_waiting_for_a_cpu_is_not_killed_as_hung(short_tmp, monkeypatch):
+    """The same start on a machine that kept it waiting for a CPU the whole
+    time (a clock that says so): not killed, it comes up and is recovered."""
+    import csi_spdk.agent.supervisor as supmod
+
+    class Starved:
+        """Every second of wall time was spent on a run queue."""
+
+        def __init__(self, pid: int, also=()) -> None:
+            self.pid = pid
+
+        def elapsed(self) -> float:
+            return 0.0
+
+    monkeypatch.setattr(supmod, "ChildClock", Starved)
+    cfg = SupervisorConfig(str(short_tmp / "spdk.sock"), command=_late_target(short_tmp),
+                           poll_interval=0.1, probe_timeout=0.5, start_timeout=1.0,
+                           check_memory=False)
+    sup = Supervisor(cfg).start()
+    try:
+        recs = sup.wait_recoveries(1, 120)
+    finally:
+        sup.stop()
+    assert [r.reason for r in recs] == ["start"]

@@ -64,6 +64,16 @@ def test_the_processes_the_answer_passes_through_count_too(tmp_path):
     assert c.elapsed() == pytest.approx(1.0)
 
 
+def test_descendants_count_too(tmp_path):
+    p, grandchild = FakeProc(tmp_path), FakeProc(tmp_path, pid=99)
+    p.waited(1, 0.0)
+    (tmp_path / str(p.pid) / "task" / "1" / "children").write_text("99\n")
+    c = p.clock()
+    p.t += 3.0
+    grandchild.waited(5, 2.5)             # the target the child started waited for a CPU
+    assert c.elapsed() == pytest.approx(0.5)
+
+
 def test_without_schedstat_it_is_wall_time(tmp_path):
     p = FakeProc(tmp_path)                # no task directory at all
     c = p.clock()
