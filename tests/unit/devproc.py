@@ -46,9 +46,17 @@ class Dev:
         return None
 
     def stop(self) -> int:
+        """SIGTERM, and its exit code once it stopped: within 30 s of its own
+        time (its children's and ours too, ``ChildClock``), else SIGKILL."""
+        clock = ChildClock(self.proc.pid, also=[os.getpid()])
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(30)
+            while True:
+                try:
+                    return self.proc.wait(0.2)
+                except subprocess.TimeoutExpired:
+                    if clock.elapsed() > 30:
+                        raise
         finally:
             self.proc.kill()
 

@@ -26,6 +26,7 @@ def probe(endpoint: str) -> bool:
         return csi_pb2_grpc.IdentityStub(ch).Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value
 
 
+@pytest.mark.timeout(900)   # two devs (ten processes) started, one stopped: 277 s at load 40
 def test_second_dev_on_the_same_socket_dir_is_refused(tmp_path):
     first = start_dev(tmp_path)
     try:
