@@ -5,7 +5,12 @@ names to ``SpdkApi`` objects (tests inject wrapped ones), by default each
 target gets ``SpdkApi(SpdkClient(rpc, rpcTimeout))``. The create paths live
 in ``create.py``, request validation in ``requests.py``, the snapshot RPCs in
 ``snapshots.py``, what it reports (ListVolumes, ControllerGetVolume,
-GetCapacity) in ``reporting.py``, the model of one SPDK target in ``target.py``.
+GetCapacity) in ``reporting.py``, the model of one SPDK target in ``target.py``;
+below the guard clauses of the others: ``delete.py`` (the delete intent and
+the reclaim it allows), ``expand.py`` (an admitted online growth),
+``refusals.py`` (what an intent's refusal is to the CO); beside the RPCs:
+``reconciler.py`` (the background sweep), ``stores.py`` (the default secret
+and key stores).
 
 Concurrency: every RPC holds a try-lock on its volume id or name (``@rpc``), a
 second call on the same key is ABORTED, different volumes run in parallel. A
@@ -22,20 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Callable, Mapping
 
 from .. import contract
 from ..errors import (
-    AlreadyExists,
     CsiError,
-    FailedPrecondition,
-    Internal,
     InvalidArgument,
     NotFound,
     OutOfRange,
-    ResourceExhausted,
     Unimplemented,
     echo,
     require,
@@ -44,15 +44,17 @@ from ..locks import KeyedLocks
 from ..proto import csi_pb2, csi_pb2_grpc
 from ..rpc import rpc
 from ..spdk.api import SpdkApi
-from ..spdk.errors import SpdkError, SpdkNoSpace, SpdkNotFound
 from ..spdk.intents import IntentError
-from . import dhchap_strength, placement, qos
-from .auth import AgentKeyCustody, SameHostKeyCustody, SecretStore, StaticSecrets, VolumeAuth
-from .capacity import PROVISIONED_TTL
+from . import dhchap_strength, qos
+from .auth import SecretStore, VolumeAuth
 from .config import Config
 from .create import CreateRequest, create_empty, create_from_snapshot, create_from_volume
-from .encryption import FileKeyStore, KeyStore, SecretKeyStore, VolumeEncryption
+from .delete import delete_lvol, reclaim_after_delete
+from .encryption import KeyStore, VolumeEncryption
+from .expand import grow
 from .health import TargetHealth
+from .reconciler import RECONCILE_INTERVAL, Reconciler
+from .refusals import delete_refusal, publish_refusal
 from .reporting import VolumeReports
 from .requests import (
     IMMUTABLE_KEYS,
@@ -68,6 +70,7 @@ from .requests import (
     segments_of,
 )
 from .snapshots import SnapshotService
+from .stores import KeyCustodies, default_key_store, default_secret_store
 from .target import Lvol, Target, Targets
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
@@ -81,37 +84,6 @@ CONTROLLER_CAPABILITIES = (
 
 
 log = logging.getLogger("csi_spdk.controller")
-RECONCILE_INTERVAL = 300.0   # seconds between reconciler passes
-
-
-def _default_store(config: Config) -> SecretStore | None:
-    """Static keys (dev/tests) when configured, Kubernetes Secrets in a
-    cluster (or with $KUBECONFIG), else none (auth: dhchap volumes are then
-    FAILED_PRECONDITION)."""
-    if config.auth.static_secrets_file:
-        return StaticSecrets(config.auth.static_secrets_file)
-    if _kubernetes_reachable():
-        from .k8s_secrets import KubernetesSecrets
-        return KubernetesSecrets(config.auth.secret_namespace)
-    return None
-
-
-def _default_key_store(config: Config) -> KeyStore | None:
-    """Per-volume key files (dev/tests) when configured, the volumes' Secrets
-    in a cluster (or with $KUBECONFIG), else none (encrypted volumes are then
-    FAILED_PRECONDITION)."""
-    if config.encryption.key_dir:
-        return FileKeyStore(config.encryption.key_dir)
-    if _kubernetes_reachable():
-        return SecretKeyStore(config.auth.secret_namespace)
-    return None
-
-
-def _kubernetes_reachable() -> bool:
-    """In a Pod, or pointed at an API server with $KUBECONFIG (the rig, a
-    workstation): the Secret-backed stores apply."""
-    from .k8s_secrets import in_cluster
-    return in_cluster() or bool(os.environ.get("KUBECONFIG"))
 
 
 def _source_uuid(source: csi_pb2.VolumeContentSource | None) -> str:
@@ -148,54 +120,22 @@ class ControllerServicer(SnapshotService, VolumeReports, csi_pb2_grpc.Controller
         # lvol uuid -> host NQN -> the publish's signature (only published volumes)
         self._publishes: dict[str, dict[str, str]] = {}
         SnapshotService.__init__(self, self.targets, self.locks, config)
-        self._custodies: dict[str, SameHostKeyCustody | AgentKeyCustody] = {}
-        self.auth = VolumeAuth(secret_store or _default_store(config),
-                               key_custody or self._key_custody)
-        self.encryption = VolumeEncryption(key_store or _default_key_store(config))
+        self.auth = VolumeAuth(secret_store or default_secret_store(config),
+                               key_custody or KeyCustodies(self.targets, config.auth.key_dir))
+        self.encryption = VolumeEncryption(key_store or default_key_store(config))
         self.health = TargetHealth(self.targets)
-        self._reconciler: threading.Thread | None = None
-        self._stopping = threading.Event()
         # False on a standby replica (controller/lease.py): no reconciling there
         self.active: Callable[[], bool] = lambda: True
+        self.reconciler = Reconciler(self.targets, lambda: self.active())
 
     def start_background(self, reconcile_interval: float = RECONCILE_INTERVAL) -> None:
         """The target health checker and the reconciler (daemon threads)."""
         self.health.start()
-        if self._reconciler is None:
-            self._reconciler = threading.Thread(
-                target=self._reconcile_loop, args=(reconcile_interval,),
-                name="reconciler", daemon=True)
-            self._reconciler.start()
+        self.reconciler.start(reconcile_interval)
 
     def reconcile(self) -> None:
-        """Reclaim what abandoned or crashed calls left on every reachable
-        target (``Target.sweep``: clone sources of CreateVolumes never retried,
-        hidden snapshots whose clones are gone, orphaned markers), except what
-        a running call is using. Off the request path; only on the active
-        replica (a standby does not know the active one's running calls)."""
-        if not self.active():
-            return
-        for target in self.targets.values():
-            try:
-                target.sweep(self.targets.busy())
-            except CsiError as err:
-                log.warning("reconcile failed", extra={"f": {"target": target.name,
-                                                             "error": err.message}})
-
-    def _reconcile_loop(self, interval: float) -> None:
-        while not self._stopping.wait(interval):
-            self.reconcile()
-
-    def _key_custody(self, target_name: str) -> SameHostKeyCustody | AgentKeyCustody:
-        """Through the target's agent when it has one (the keys live on the
-        storage host), else 0600 files on this host (a same-host target)."""
-        with self._hints:
-            if target_name not in self._custodies:
-                api = self.targets[target_name].api
-                self._custodies[target_name] = AgentKeyCustody(api) \
-                    if hasattr(api.client, "put_key") else SameHostKeyCustody(
-                        api, os.path.join(self.config.auth.key_dir, target_name))
-            return self._custodies[target_name]
+        """One reconciler pass now (``reconciler.py``)."""
+        self.reconciler.run_once()
 
     def ready(self) -> bool:
         """For Identity.Probe: the process is up and can serve. Targets' own
@@ -204,7 +144,7 @@ class ControllerServicer(SnapshotService, VolumeReports, csi_pb2_grpc.Controller
         return True
 
     def close(self) -> None:
-        self._stopping.set()
+        self.reconciler.stop()
         self.health.stop()
         for t in self.targets.values():
             t.stop()
@@ -305,57 +245,13 @@ class ControllerServicer(SnapshotService, VolumeReports, csi_pb2_grpc.Controller
 
     def _delete_volume(self, request, target: Target, oid: contract.ObjectId):
         try:
-            try:
-                result = target.api.intent("delete_volume", {"uuid": oid.lvol_uuid})
-            except SpdkError:
-                # a target-mode crypto bdev holds the lvol open: the intent
-                # deleted the subsystem (no host was allowed), so it can go now;
-                # any other failure is the caller's to see
-                if not self.encryption.stacked(target.api, oid.lvol_uuid):
-                    raise
-                self.encryption.unexported(target.api, oid.lvol_uuid, True)
-                result = target.api.intent("delete_volume", {"uuid": oid.lvol_uuid})
+            found, stacked = delete_lvol(target, oid.lvol_uuid, self.encryption)
         except IntentError as ierr:
-            raise self._delete_error(request, ierr) from None
-        found = result["bdev"]
-        # whether a crypto bdev was on it, from what the intent read (no
-        # look-up of its own); only an lvol the intent found can say "nothing"
-        stacked = result.get("stacked") if found is not None else None
-        lv = Lvol.from_bdev(found)
-        if lv is not None:
-            # The reclaim of its hidden parents reads the lineage after the
-            # delete, under the lock DeleteSnapshot holds while it reads the
-            # clones: the two cannot interleave into an unreclaimed snapshot.
-            with target.lineage:
-                target.deleted_lvol(lv)
-        elif target.take_unfinished():
-            # Maybe a retry after a crash between the delete and the reclaim of
-            # the volume's internal parent snapshot: finish that (one scan).
-            # Only when a delete may have been cut short since the last sweep
-            # (this process's start counts): a retry after a lost reply, or
-            # any other delete of a missing volume, makes no scan.
-            try:
-                target.sweep(self.targets.busy())
-            except BaseException:
-                target.unfinished_delete()
-                raise
+            raise delete_refusal(request.volume_id, ierr, self._node_names) from None
+        reclaim_after_delete(self.targets, target, found)
         self.auth.deleted(target.name, oid.lvol_uuid)
         self.encryption.deleted(target.api, oid.lvol_uuid, stacked)
         return csi_pb2.DeleteVolumeResponse()
-
-    def _delete_error(self, request, err: IntentError) -> CsiError:
-        if err.reason == "foreign":
-            return FailedPrecondition(f"lvol {err.details.get('alias', '?')} was not created "
-                                      "by csi-spdk; refusing to delete it")
-        if err.reason == "not_volume":
-            return FailedPrecondition(f"{request.volume_id} is a snapshot, not a volume; "
-                                      "use DeleteSnapshot")
-        if err.reason == "published":
-            return FailedPrecondition(
-                f"volume {request.volume_id} is still published to "
-                f"{', '.join(self._node_names(err.details.get('hosts', [])))}; "
-                "unpublish it first")
-        return Internal(f"delete of {request.volume_id}: {err.message}")
 
     # --- publish -----------------------------------------------------------------
     @rpc(lock=("volume_id",))
@@ -398,7 +294,8 @@ class ControllerServicer(SnapshotService, VolumeReports, csi_pb2_grpc.Controller
                 model=contract.model_number(host, signature, request.readonly),
                 single_node=is_single_node(cap), keys=keys, bdev=bdev)
         except IntentError as err:
-            raise self._publish_error(request, err) from None
+            raise publish_refusal(request.volume_id, request.node_id, err,
+                                  self._node_names) from None
         if keys:
             ctx[contract.PC_AUTH] = mode
         with self._hints:
@@ -406,19 +303,6 @@ class ControllerServicer(SnapshotService, VolumeReports, csi_pb2_grpc.Controller
         if request.readonly:
             ctx[contract.PC_READONLY] = "true"
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=ctx)
-
-    def _publish_error(self, request, err: IntentError) -> CsiError:
-        if err.reason == "not_volume":
-            return NotFound(f"volume {request.volume_id} does not exist")
-        if err.reason == "conflict":
-            return AlreadyExists(f"volume {request.volume_id} is already published to node "
-                                 f"{echo(request.node_id)} with a different capability or "
-                                 "readonly flag")
-        if err.reason == "single_node":
-            return FailedPrecondition(
-                f"volume {request.volume_id} has a single-node access mode and is already "
-                f"published to {', '.join(self._node_names(err.details.get('hosts', [])))}")
-        return Internal(f"publish of {request.volume_id}: {err.message}")
 
     @rpc(lock=("volume_id",))
     def ControllerUnpublishVolume(self, request, context):
@@ -501,33 +385,8 @@ class ControllerServicer(SnapshotService, VolumeReports, csi_pb2_grpc.Controller
         if required <= lv.size:
             return csi_pb2.ControllerExpandVolumeResponse(
                 capacity_bytes=lv.size, node_expansion_required=node_expansion)
-        lvs = next((s for s in target.api.lvstores() if s["uuid"] == lv.lvs_uuid), None)
-        if lvs is None:
-            raise FailedPrecondition(f"lvstore {lv.lvstore} of volume {request.volume_id} is "
-                                     f"not reported by target {target.name}")
-        size = placement.align(required, int(lvs["cluster_size"]))
-        if limit and size > limit:
-            raise OutOfRange(f"{required} bytes rounded to whole clusters ({size}) exceeds "
-                             f"limit_bytes {limit}")
-        with self.targets.admission:
-            grow = size - lv.size
-            for max_age in (PROVISIONED_TTL, 0.0):   # a refusal is decided on fresh figures
-                why = placement.shortfall(target.pool(lvs, max_age=max_age),
-                                          self.config.thin_overcommit_ratio,
-                                          grow if lv.thin else 0, 0 if lv.thin else grow)
-                if not why:
-                    break
-            if why:
-                raise ResourceExhausted(f"cannot grow volume {request.volume_id} to {size} "
-                                        f"bytes: {why}")
-            try:
-                target.api.lvol_resize(lv.uuid, size)
-            except SpdkNoSpace as err:
-                raise ResourceExhausted(f"lvstore {lv.lvstore} has no room to grow the volume "
-                                        f"to {size} bytes") from err
-            except SpdkNotFound as err:
-                raise NotFound(f"volume {request.volume_id} does not exist") from err
-            target.adjust_provisioned(lv.lvstore, size - lv.size)
+        size = grow(self.targets, target, lv, volume_id=request.volume_id, required=required,
+                    limit=limit, overcommit=self.config.thin_overcommit_ratio)
         return csi_pb2.ControllerExpandVolumeResponse(
             capacity_bytes=size, node_expansion_required=node_expansion)
 
