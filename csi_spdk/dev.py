@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import contract
@@ -53,9 +54,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def _start_child(argv: list[str], client: SpdkClient | AgentClient, what: str,
-                 timeout: float, via: subprocess.Popen | None = None) -> subprocess.Popen:
-    """Run ``csi-spdk <argv>`` and wait until ``client`` gets an answer.
+def _start_child(argv: list[str], make_client: Callable[[], SpdkClient | AgentClient],
+                 what: str, timeout: float,
+                 via: subprocess.Popen | None = None) -> subprocess.Popen:
+    """Run ``csi-spdk <argv>`` and wait until a ``make_client()`` gets an answer.
+
+    The client is made after the fork: a gRPC channel alive in this process
+    when it forks lets gRPC's fork handlers run in the child before its exec
+    (``preexec_fn``), and the agent child aborted there once (SIGABRT,
+    "epoll_wait error: Bad file descriptor").
 
     ``timeout`` counts the child's own time (``childclock.py``): the time a
     loaded machine keeps it, this process or ``via`` (the target the child
@@ -64,6 +71,7 @@ def _start_child(argv: list[str], client: SpdkClient | AgentClient, what: str,
     proc = subprocess.Popen([sys.executable, "-m", "csi_spdk", *argv],
                             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     clock = ChildClock(proc.pid, also=[os.getpid(), *([via.pid] if via else [])])
+    client = make_client()
     try:
         while True:
             if proc.poll() is not None:
@@ -87,7 +95,7 @@ def _start_child(argv: list[str], client: SpdkClient | AgentClient, what: str,
 def start_simulator(rpc: str, data_dir: Path, log_level: str) -> subprocess.Popen:
     """Run ``csi-spdk sim`` on ``rpc`` and wait until it answers."""
     return _start_child(["sim", "--rpc-socket", rpc, "--data-dir", str(data_dir),
-                         "--log-level", log_level], SpdkClient(rpc, timeout=2.0),
+                         "--log-level", log_level], lambda: SpdkClient(rpc, timeout=2.0),
                         f"the SPDK simulator on {rpc}", SIM_START_TIMEOUT)
 
 
@@ -97,7 +105,7 @@ def start_agent(listen: str, rpc: str, state_dir: Path, log_level: str,
     (``sim``: the simulator process serving it, when dev started one)."""
     return _start_child(["agent", "--listen", listen, "--spdk-rpc", rpc,
                          "--state-dir", str(state_dir), "--log-level", log_level],
-                        AgentClient(listen, timeout=2.0),
+                        lambda: AgentClient(listen, timeout=2.0),
                         f"the storage agent on {listen}", AGENT_START_TIMEOUT, via=sim)
 
 

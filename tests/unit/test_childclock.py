@@ -117,8 +117,15 @@ def test_start_child_gives_up_on_a_child_that_never_answers(tmp_path, monkeypatc
 
     monkeypatch.setattr(dev.subprocess, "Popen", popen)
     sock = tmp_path / "other.sock"
+    made = []
+
+    def client():
+        made.append(len(started))          # how many children were forked before it
+        return SpdkClient(str(tmp_path / "nobody.sock"), timeout=1.0)
+
     with pytest.raises(RuntimeError, match=r"did not answer within 3s of its own time"):
         dev._start_child(["sim", "--rpc-socket", str(sock), "--data-dir", str(tmp_path / "d")],
-                         SpdkClient(str(tmp_path / "nobody.sock"), timeout=1.0),
-                         "the test child", timeout=3.0)
+                         client, "the test child", timeout=3.0)
     assert started and started[0].poll() is not None   # not left running
+    # the client (for the agent: a gRPC channel) is made after the fork, never before
+    assert made == [1]
