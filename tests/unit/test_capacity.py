@@ -378,3 +378,94 @@ def test_over_counted_snapshot_never_refuses_what_fits(env1, monkeypatch):
     assert size > total - kept
     vol = call(env1.servicer, "CreateVolume", create_req("big", size)).volume
     assert env1.t0.raw.bdev_get(uuid_of(vol.volume_id)) is not None
+
+
+def test_a_delete_gives_its_size_back_to_the_kept_figures(tmp_path, monkeypatch):
+    """The driver's own DeleteVolume takes the volume's size off the kept
+    provisioned bytes at once: with no rescan in between, the kept figure is
+    what SPDK holds, and a create that fits only because of the delete is
+    admitted from it (no scan on the request path)."""
+    env = make_env(tmp_path, lvs_mib=64, ratio=2.0, agent=False)
+    try:
+        a = call(env.servicer, "CreateVolume", create_req("a", 80 * MiB, params=THIN)).volume
+        call(env.servicer, "CreateVolume", create_req("b", 16 * MiB, params=THIN))
+        target = env.servicer.targets[env.t0.name]
+        monkeypatch.setattr(target, "_kick_refresh", lambda: None)   # no rescan in between
+        call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=a.volume_id))
+        assert env.t0.raw.bdev_get(uuid_of(a.volume_id)) is None
+        assert target.provisioned(lvs(env)) == 16 * MiB
+        scans: list[int] = []
+        real_bdevs = target.api.bdevs
+        monkeypatch.setattr(target.api, "bdevs", lambda: scans.append(1) or real_bdevs())
+        c = call(env.servicer, "CreateVolume", create_req("c", 100 * MiB, params=THIN)).volume
+        assert scans == []                     # 16 + 100 <= 2 x 64 on the kept figures
+        b = env.t0.raw.bdev_get(uuid_of(c.volume_id))
+        assert b["num_blocks"] * b["block_size"] == 100 * MiB
+        assert target.provisioned(lvs(env), max_age=0) == 116 * MiB   # a fresh scan agrees
+    finally:
+        env.close()
+
+
+def test_clone_from_volume_needs_room_for_its_snapshot(env1):
+    """A clone of a written thin volume takes a csic- snapshot that holds the
+    source's clusters: at ratio 1.0 the clone is admitted only when its size
+    plus those clusters fit, else RESOURCE_EXHAUSTED with nothing created;
+    what is admitted can be fully rewritten."""
+    s = env1.servicer
+    src = call(s, "CreateVolume", create_req("src", 8 * MiB, params=THIN)).volume
+    fill(env1, src.volume_id, 8 * MiB)
+    total = lvs(env1)["total_data_clusters"] * MiB
+    before = lvol_names(env1)
+    # src (8) + the snapshot's 8 + the clone: one cluster too many
+    expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", create_req(
+        "c", total - 15 * MiB, volume=src.volume_id, params=THIN))
+    assert lvol_names(env1) == before
+    clone = call(s, "CreateVolume", create_req("c", total - 16 * MiB, volume=src.volume_id,
+                                               params=THIN)).volume
+    assert clone.capacity_bytes == total - 16 * MiB
+    fill(env1, clone.volume_id, total - 16 * MiB, 0x11)
+    fill(env1, src.volume_id, 8 * MiB, 0x22)
+
+
+def test_clone_from_a_thick_volume_needs_room_to_keep_it_thick(tmp_path):
+    """The csic- snapshot takes a thick source's clusters and the source is
+    inflated back so it stays thick: a clone of it needs the source's size in
+    free clusters (RESOURCE_EXHAUSTED with nothing created when they are not
+    there), and once they are, the source owns all its clusters again."""
+    env = make_env(tmp_path, lvs_mib=64, ratio=2.0)
+    try:
+        s = env.servicer
+        thick = {"thinProvision": "false"}
+        src = call(s, "CreateVolume", create_req("src", 16 * MiB, params=thick)).volume
+        filler = call(s, "CreateVolume", create_req(
+            "filler", (lvs(env)["free_clusters"] - 8) * MiB, params=thick)).volume
+        before = lvol_names(env)
+        msg = expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", create_req(
+            "c", 16 * MiB, volume=src.volume_id, params=THIN))
+        assert "thick (allocated) space" in msg
+        assert lvol_names(env) == before
+        call(s, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=filler.volume_id))
+        call(s, "CreateVolume", create_req("c", 16 * MiB, volume=src.volume_id, params=THIN))
+        lv = env.t0.raw.bdev_get(uuid_of(src.volume_id))["driver_specific"]["lvol"]
+        assert lv["thin_provision"] is False and lv["num_allocated_clusters"] == 16
+    finally:
+        env.close()
+
+
+def test_clone_from_volume_counts_its_snapshot_before_the_rescan(env1, monkeypatch):
+    """Until the rescan, the csic- snapshot a clone from a volume takes is
+    counted at its source's size (an upper bound of what it holds): a thin
+    create that fits only if that snapshot held nothing is refused, never
+    admitted on an under-count."""
+    s = env1.servicer
+    src = call(s, "CreateVolume", create_req("src", 8 * MiB, params=THIN)).volume
+    fill(env1, src.volume_id, 8 * MiB)
+    target = s.targets[env1.t0.name]
+    monkeypatch.setattr(target, "_kick_refresh", lambda: None)   # no rescan in between
+    call(s, "CreateVolume", create_req("c", 8 * MiB, volume=src.volume_id, params=THIN))
+    total = lvs(env1)["total_data_clusters"] * MiB
+    assert target.provisioned(lvs(env1)) >= 24 * MiB      # src + the snapshot's 8 + clone
+    before = lvol_names(env1)
+    expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", create_req(
+        "x", total - 23 * MiB, params=THIN))
+    assert lvol_names(env1) == before

@@ -166,3 +166,123 @@ def test_unfinished_clone_of_a_deleted_snapshot_is_deleted_by_the_retry(env):
         msg = expect_code(C.NOT_FOUND, s, "CreateVolume", request)
         assert snap.snapshot_id in msg
         assert names(env) == [contract.volume_lvol_name("src")]
+
+
+LAST = "ffffffff-ffff-4fff-8fff-ffffffffffff"   # its NQN sorts after every other one
+
+
+def drivers(raw) -> list[str]:
+    """The NQNs of the driver's subsystems, in SPDK's order."""
+    return [sub["nqn"] for sub in raw.subsystems() if sub["nqn"].startswith(contract.NQN_PREFIX)]
+
+
+def test_reconciler_sweeps_past_the_subsystems_it_keeps(env):
+    """SPDK lists subsystems ordered by NQN, so an orphan may come after the
+    host-less subsystems the sweep keeps: a volume's QoS hold, a bdev that is
+    not the driver's, a volume in an lvstore the config does not name. The
+    sweep goes on past each of them and deletes the orphan; they all stay."""
+    s = env.servicer
+    raw = env.t0.raw
+    held = call(s, "CreateVolume", create_req("h", 4 * MiB, params=THIN)).volume
+    malloc = raw.malloc_create(f"{env.t0.malloc}f", 4 * MiB)
+    other = f"{env.t0.malloc}o"
+    raw.malloc_create(other, 16 * MiB)
+    raw.lvstore_create(other, "other-lvs", cluster_sz=MiB)
+    theirs = raw.lvol_create("other-lvs", contract.volume_lvol_name("x"), 4 * MiB, True)
+    kept = [uuid_of(held.volume_id), raw.bdev_get(malloc)["uuid"], theirs]
+    try:
+        for uuid in (*kept, LAST):
+            raw.subsystem_create(contract.subsystem_nqn(uuid), contract.serial_number(uuid),
+                                 contract.MODEL_NUMBER)
+        assert drivers(raw)[-1] == contract.subsystem_nqn(LAST)     # after every kept one
+        s.reconcile()
+        assert drivers(raw) == sorted(contract.subsystem_nqn(u) for u in kept)
+    finally:
+        for uuid in kept:
+            raw.subsystem_delete(contract.subsystem_nqn(uuid))
+        raw.lvol_delete(theirs)
+        raw.call("bdev_lvol_delete_lvstore", {"lvs_name": "other-lvs"})
+        raw.call("bdev_malloc_delete", {"name": other})
+        raw.call("bdev_malloc_delete", {"name": malloc})
+
+
+def test_one_delete_reclaims_a_chain_of_two_hidden_snapshots(env):
+    """Two user-deleted snapshots, s2 right below s1, each hidden for its two
+    clones; the reclaim of s1 when its other clone went failed, so s1 is left
+    with s2 as its only clone. Deleting s2's last other clone then reclaims
+    both, up the chain, with their markers and meta lvols: only the volume
+    they merged into is left, a clone of nothing, its data intact."""
+    s = env.servicer
+    raw = env.t0.raw
+    v = call(s, "CreateVolume", create_req("v", 8 * MiB, params=THIN)).volume
+    io = env.t0.server          # the simulator's I/O path (None on a real target)
+    if io is not None:
+        io.write(uuid_of(v.volume_id), 0, b"\x5a" * MiB)
+    s1 = call(s, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
+        name="s1", source_volume_id=v.volume_id)).snapshot
+    c1 = call(s, "CreateVolume", create_req("c1", 8 * MiB, snapshot=s1.snapshot_id,
+                                            params=THIN)).volume
+    s2 = call(s, "CreateSnapshot", csi_pb2.CreateSnapshotRequest(
+        name="s2", source_volume_id=v.volume_id)).snapshot
+    c2 = call(s, "CreateVolume", create_req("c2", 8 * MiB, snapshot=s2.snapshot_id,
+                                            params=THIN)).volume
+    for snap in (s1, s2):
+        call(s, "DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    lv1 = raw.bdev_get(uuid_of(s1.snapshot_id))["driver_specific"]["lvol"]
+    lv2 = raw.bdev_get(uuid_of(s2.snapshot_id))["driver_specific"]["lvol"]
+    assert lv2["base_snapshot"] == contract.snapshot_lvol_name("s1")
+    assert len(lv1["clones"]) == len(lv2["clones"]) == 2
+    env.t0.api.arm(2)           # c1 goes, then the reclaim of s1 fails
+    expect_code(C.INTERNAL, s, "DeleteVolume", csi_pb2.DeleteVolumeRequest(
+        volume_id=c1.volume_id))
+    env.t0.api.arm(0)
+    lv1 = raw.bdev_get(uuid_of(s1.snapshot_id))["driver_specific"]["lvol"]
+    assert lv1["clones"] == [contract.snapshot_lvol_name("s2")]
+    call(s, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=c2.volume_id))
+    assert names(env) == [contract.volume_lvol_name("v")]
+    lv = raw.bdev_get(uuid_of(v.volume_id))["driver_specific"]["lvol"]
+    assert not lv["clone"] and lv.get("base_snapshot") is None
+    if io is not None:
+        assert io.read(uuid_of(v.volume_id), 0, MiB) == b"\x5a" * MiB
+
+
+def test_reconciler_keeps_a_volume_named_like_a_snapshot_meta_lvol(env):
+    """A CSI name can make a volume's lvol name exactly as long as a
+    snapshot's meta lvol ("csim-" + 55 characters of base64url and hex): only
+    the "csim-" prefix makes a meta lvol, so the reconciler, which deletes the
+    meta lvols of snapshots that are gone, keeps the volume."""
+    s = env.servicer
+    name = "x" + "A" * 22 + "B" * 22 + "0" * 11
+    vol = call(s, "CreateVolume", create_req(name, 4 * MiB, params=THIN)).volume
+    lvol = contract.volume_lvol_name(name)
+    assert len(lvol) == len(contract.SNAPSHOT_META_PREFIX) + 55
+    s.reconcile()
+    assert names(env) == [lvol]
+    assert env.t0.raw.bdev_get(uuid_of(vol.volume_id))["aliases"] == [f"{env.t0.lvs}/{lvol}"]
+
+
+def test_reconciler_leaves_the_clone_source_of_a_running_create_alone(env):
+    """The reconciler runs while a CreateVolume from a volume is between its
+    csic- snapshot and the clone (the snapshot has one clone then, the source:
+    what the sweep reclaims when nobody uses it): the snapshot stays, and the
+    CreateVolume answers a clone of it."""
+    s = env.servicer
+    src = call(s, "CreateVolume", create_req("src", 8 * MiB, params=THIN)).volume
+    api = env.t0.api
+    real_clone = api.clone
+    swept: list[list[str]] = []
+
+    def clone_after_a_reconcile(snapshot_name, clone_name):
+        s.reconcile()
+        swept.append(names(env))
+        return real_clone(snapshot_name, clone_name)
+
+    api.clone = clone_after_a_reconcile
+    vol = call(s, "CreateVolume", create_req("c", 8 * MiB, volume=src.volume_id,
+                                             params=THIN)).volume
+    csic = contract.clone_source_lvol_name("c")
+    assert len(swept) == 1 and csic in swept[0]
+    lv = env.t0.raw.bdev_get(uuid_of(vol.volume_id))["driver_specific"]["lvol"]
+    assert lv["base_snapshot"] == csic
+    assert names(env) == sorted([csic, contract.volume_lvol_name("c"),
+                                 contract.volume_lvol_name("src")])

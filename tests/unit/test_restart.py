@@ -131,3 +131,15 @@ def test_single_node_publish_to_a_node_an_older_driver_allowed_is_no_conflict(en
     assert hosts == sorted([contract.host_nqn("node-1"), contract.legacy_host_nqn("node-1")])
     expect_code(C.FAILED_PRECONDITION, s2, "ControllerPublishVolume",
                 publish_req(vol.volume_id, "node-2"))
+
+
+def test_names_an_older_driver_wrote_are_the_names_read_now():
+    """What one driver version derives and leaves behind, the next must derive
+    the same: the host id a node connected with (the kernel refuses a second
+    connect under the same host NQN with another host id), and the name of a
+    volume's accel key in SPDK (a restarted or upgraded controller destroys
+    the key by that name). The values are recorded from the current derivation: changing one needs a
+    migration, never a silent edit."""
+    assert contract.host_id("node-1") == "b93a22ee-d3b5-5f44-89fb-f6ea48b82097"
+    assert contract.crypto_key_name("0f0e0d0c-0b0a-4909-8807-060504030201", "a" * 64) == \
+        "csie-0f0e0d0c-0b0a-4909-8807-060504030201-ffe054fe"

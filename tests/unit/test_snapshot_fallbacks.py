@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 
 import grpc
-from controller_fixtures import MiB, call, create_req, expect_code, uuid_of
+from controller_fixtures import MiB, block_cap, call, create_req, expect_code, uuid_of
+from encryption_fixtures import MULTI, NODE_MODE
 
 from csi_spdk import contract
 from csi_spdk.proto import csi_pb2
@@ -157,3 +158,26 @@ def test_a_metaless_snapshot_is_dated_when_first_seen_each_its_own(env):
     assert again[first.snapshot_id] == t1
     assert again[second.snapshot_id] >= before > t1
     assert listed() == again
+
+
+def test_delete_snapshot_retried_after_a_crash_drops_its_key_record(env):
+    """A snapshot of an encrypted volume has its own copy of the key in the
+    key store. A crash after SPDK deleted the snapshot, before that record
+    went: the retry (the snapshot id no longer resolves) deletes the record,
+    and the volume's own key stays."""
+    s = env.servicer
+    store = s.encryption.store
+    v = call(s, "CreateVolume", create_req("v", 4 * MiB, caps=[block_cap(MULTI)],
+                                           params={**NODE_MODE, **THIN})).volume
+    snap = snapshot(env, "s", v.volume_id)
+    snap_uuid, vol_uuid = uuid_of(snap.snapshot_id), uuid_of(v.volume_id)
+    assert store.get(snap_uuid).material == store.get(vol_uuid).material
+    request = csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id)
+    env.t0.api.arm(2)          # SPDK deletes the snapshot, the next step fails
+    expect_code(C.INTERNAL, s, "DeleteSnapshot", request)
+    env.t0.api.arm(0)
+    assert env.t0.raw.bdev_get(snap_uuid) is None and store.get(snap_uuid) is not None
+    call(s, "DeleteSnapshot", request)
+    assert store.get(snap_uuid) is None
+    assert store.get(vol_uuid) is not None
+    assert names(env) == [contract.volume_lvol_name("v")]
