@@ -190,6 +190,9 @@ def test_thick_clone_owns_its_clusters(env1, kind):
     again = call(s, "CreateVolume", create_req(          # a retry answers the same volume
         "c", 12 * MiB, params={"thinProvision": "false"}, **source)).volume
     assert again.volume_id == clone.volume_id
+    if kind == "volume":        # and takes no new csic- snapshot of the source
+        assert lvol_names(env1) == sorted([contract.volume_lvol_name("src"),
+                                           contract.volume_lvol_name("c")])
     fill(env1, clone.volume_id, 12 * MiB, 0x11)
     fill(env1, src.volume_id, 8 * MiB, 0x22)             # and the source still can
 
@@ -469,3 +472,31 @@ def test_clone_from_volume_counts_its_snapshot_before_the_rescan(env1, monkeypat
     expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", create_req(
         "x", total - 23 * MiB, params=THIN))
     assert lvol_names(env1) == before
+
+
+def test_clone_retry_after_the_snapshot_of_a_thick_source_needs_room_to_reinflate(tmp_path):
+    """A crash right after the csic- snapshot of a thick source, before the
+    source was inflated back, leaves the source a thin clone of that snapshot:
+    the retry still needs the source's size in free clusters to make it thick
+    again (RESOURCE_EXHAUSTED with nothing created without them), and with
+    them it finishes: the source owns all its clusters again."""
+    env = make_env(tmp_path, lvs_mib=64, ratio=2.0)
+    try:
+        s = env.servicer
+        thick = {"thinProvision": "false"}
+        src = call(s, "CreateVolume", create_req("src", 16 * MiB, params=thick)).volume
+        env.t0.raw.call("bdev_lvol_snapshot", {           # what the crash left
+            "lvol_name": uuid_of(src.volume_id),
+            "snapshot_name": contract.clone_source_lvol_name("c")})
+        filler = call(s, "CreateVolume", create_req(
+            "filler", (lvs(env)["free_clusters"] - 8) * MiB, params=thick)).volume
+        before = lvol_names(env)
+        expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", create_req(
+            "c", 16 * MiB, volume=src.volume_id, params=THIN))
+        assert lvol_names(env) == before
+        call(s, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=filler.volume_id))
+        call(s, "CreateVolume", create_req("c", 16 * MiB, volume=src.volume_id, params=THIN))
+        lv = env.t0.raw.bdev_get(uuid_of(src.volume_id))["driver_specific"]["lvol"]
+        assert lv["thin_provision"] is False and lv["num_allocated_clusters"] == 16
+    finally:
+        env.close()

@@ -47,7 +47,7 @@ def lvol_names(env):
     return sorted(lv["name"] for lv in env.t0.raw.lvols(env.t0.lvs))
 
 
-@pytest.mark.parametrize("step", [1, 2, 3])
+@pytest.mark.parametrize("step", [1, 2, 3, 4, 5])   # snapshot, marker, clone, resize, marker
 def test_create_from_volume_crash(env, step):
     src = call(env.servicer, "CreateVolume", create_req("src", 8 * MiB)).volume
     vol = crash_then_retry(env, step, "CreateVolume",
