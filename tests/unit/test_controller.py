@@ -613,3 +613,25 @@ def test_lvstores_not_configured_are_not_the_drivers(env):
             raw.lvol_delete(lv["uuid"])
         raw.call("bdev_lvol_delete_lvstore", {"lvs_name": "other-lvs"})
         raw.call("bdev_malloc_delete", {"name": malloc})
+
+
+def test_a_clone_is_not_answered_with_a_same_named_volume_of_another_target(tmp_path):
+    """Two targets whose lvstores have the same name. A thick volume "c"
+    exists on the second; CreateVolume "c" as a thick clone of a volume on the
+    first is ALREADY_EXISTS (another content source), never that volume, and
+    takes no snapshot of the source."""
+    env = make_env(tmp_path, n_targets=2)
+    try:
+        a, b = env.targets
+        assert env.targets[a].lvs == env.targets[b].lvs
+        s = env.servicer
+        thick = {"thinProvision": "false"}
+        src = call(s, "CreateVolume", create_req("src", 4 * MiB, params={**thick,
+                                                                         "target": a})).volume
+        call(s, "CreateVolume", create_req("c", 4 * MiB, params={**thick, "target": b}))
+        expect_code(grpc.StatusCode.ALREADY_EXISTS, s, "CreateVolume", create_req(
+            "c", 4 * MiB, volume=src.volume_id, params=thick))
+        assert sorted(lv["name"] for lv in env.targets[a].raw.lvols(env.targets[a].lvs)) == \
+            [contract.volume_lvol_name("src")]
+    finally:
+        env.close()
