@@ -251,3 +251,22 @@ def test_delete_last_clone_of_deleted_snapshot_crash(env, step):
     env.t0.api.arm(0)
     call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=c.volume_id))
     assert lvol_names(env) == [contract.volume_lvol_name("v")]
+
+
+def test_create_from_volume_retry_after_the_source_grew_clones_the_first_snapshot(env):
+    """A CreateVolume from a volume fails right after its csic- snapshot, and
+    the source is expanded before the retry: the retry clones that snapshot
+    (the source as the first attempt saw it), so a clone that fits limit_bytes
+    then still fits it now."""
+    s = env.servicer
+    src = call(s, "CreateVolume", create_req("src", 8 * MiB, params=THIN)).volume
+    request = create_req("c", 8 * MiB, limit=8 * MiB, volume=src.volume_id, params=THIN)
+    env.t0.api.arm(2)            # the snapshot is taken, the pending marker fails
+    expect_code(C.INTERNAL, s, "CreateVolume", request)
+    env.t0.api.arm(0)
+    call(s, "ControllerExpandVolume", csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=src.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=16 * MiB)))
+    vol = call(s, "CreateVolume", request).volume
+    b = env.t0.raw.bdev_get(uuid_of(vol.volume_id))
+    assert b["num_blocks"] * b["block_size"] == 8 * MiB == vol.capacity_bytes
+    assert b["driver_specific"]["lvol"]["base_snapshot"] == contract.clone_source_lvol_name("c")
