@@ -448,6 +448,13 @@ def test_clone_from_a_thick_volume_needs_room_to_keep_it_thick(tmp_path):
         assert "thick (allocated) space" in msg
         assert lvol_names(env) == before
         call(s, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=filler.volume_id))
+        # room for the source but not also for a thick clone of it (16 + 16)
+        call(s, "CreateVolume", create_req(
+            "filler", (lvs(env)["free_clusters"] - 24) * MiB, params=thick))
+        msg = expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", create_req(
+            "t", 16 * MiB, volume=src.volume_id, params=thick))
+        assert "thick (allocated) space" in msg
+        assert lvol_names(env) == before
         call(s, "CreateVolume", create_req("c", 16 * MiB, volume=src.volume_id, params=THIN))
         lv = env.t0.raw.bdev_get(uuid_of(src.volume_id))["driver_specific"]["lvol"]
         assert lv["thin_provision"] is False and lv["num_allocated_clusters"] == 16
@@ -491,8 +498,9 @@ def test_clone_retry_after_the_snapshot_of_a_thick_source_needs_room_to_reinflat
         filler = call(s, "CreateVolume", create_req(
             "filler", (lvs(env)["free_clusters"] - 8) * MiB, params=thick)).volume
         before = lvol_names(env)
-        expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", create_req(
+        msg = expect_code(C.RESOURCE_EXHAUSTED, s, "CreateVolume", create_req(
             "c", 16 * MiB, volume=src.volume_id, params=THIN))
+        assert "thick (allocated) space" in msg      # the driver's check, before SPDK's
         assert lvol_names(env) == before
         call(s, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=filler.volume_id))
         call(s, "CreateVolume", create_req("c", 16 * MiB, volume=src.volume_id, params=THIN))
@@ -500,3 +508,20 @@ def test_clone_retry_after_the_snapshot_of_a_thick_source_needs_room_to_reinflat
         assert lv["thin_provision"] is False and lv["num_allocated_clusters"] == 16
     finally:
         env.close()
+
+
+def test_thick_clone_of_a_thin_volume_retried_answers_the_same_volume(env1):
+    """A thick clone of a thin volume is inflated and its csic- snapshot
+    merged back into the source: a retry (no snapshot left to look at)
+    answers the same volume and leaves nothing behind."""
+    s = env1.servicer
+    src = call(s, "CreateVolume", create_req("src", 8 * MiB, params=THIN)).volume
+    request = create_req("c", 8 * MiB, volume=src.volume_id, params={"thinProvision": "false"})
+    clone = call(s, "CreateVolume", request).volume
+    assert lvol_names(env1) == sorted([contract.volume_lvol_name("src"),
+                                       contract.volume_lvol_name("c")])
+    assert call(s, "CreateVolume", request).volume.volume_id == clone.volume_id
+    assert lvol_names(env1) == sorted([contract.volume_lvol_name("src"),
+                                       contract.volume_lvol_name("c")])
+    lv = env1.t0.raw.bdev_get(uuid_of(clone.volume_id))["driver_specific"]["lvol"]
+    assert lv["thin_provision"] is False and lv["num_allocated_clusters"] == 8
