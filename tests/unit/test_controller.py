@@ -635,3 +635,17 @@ def test_a_clone_is_not_answered_with_a_same_named_volume_of_another_target(tmp_
             [contract.volume_lvol_name("src")]
     finally:
         env.close()
+
+
+def test_content_source_on_a_target_that_is_not_configured_is_not_found(env):
+    """A snapshot or volume id naming a target this controller does not
+    have: NOT_FOUND that says which kind of source and which target."""
+    s = env.servicer
+    uuid = "0f0e0d0c-0b0a-4909-8807-060504030201"
+    for kind, source in (("snapshot", {"snapshot": f"elsewhere:{uuid}"}),
+                         ("volume", {"volume": f"elsewhere:{uuid}"})):
+        msg = expect_code(grpc.StatusCode.NOT_FOUND, s, "CreateVolume",
+                          create_req("c", 4 * MiB, **source))
+        assert msg.startswith(f"{kind} elsewhere:{uuid} does not exist") and \
+            "'elsewhere'" in msg
+    assert env.t0.raw.lvols(env.t0.lvs) == []
