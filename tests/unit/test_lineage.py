@@ -74,7 +74,8 @@ def test_create_from_a_deleted_snapshot_is_not_found_not_a_same_named_volume(env
     call(s, "DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     msg = expect_code(C.NOT_FOUND, s, "CreateVolume",
                       create_req("x", 8 * MiB, snapshot=snap.snapshot_id))
-    assert f"volume {other.volume_id} holds the name 'x' " in msg   # says what holds it
+    assert msg == (f"snapshot {snap.snapshot_id} does not exist; volume {other.volume_id} "
+                   "holds the name 'x' (delete it if an earlier attempt left it)")
     msg = expect_code(C.NOT_FOUND, s, "CreateVolume",         # nothing holds this one
                       create_req("y", 8 * MiB, snapshot=snap.snapshot_id))
     assert msg == f"snapshot {snap.snapshot_id} does not exist"
