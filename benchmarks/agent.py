@@ -10,7 +10,10 @@ call so drift hits all of them alike:
 - direct: ``SpdkClient`` on the SPDK Unix socket (the baseline);
 - agent/unix: ``AgentClient`` to an agent subprocess on a Unix socket (dev);
 - agent/mTLS: ``AgentClient`` to an agent subprocess on 127.0.0.1 with mutual
-  TLS (production), certificates made with ``cryptography``.
+  TLS (production), certificates made with ``cryptography``;
+- unary/unix, unary/mTLS: the same agents called with one unary ``Call`` RPC
+  per SPDK call (the transport before the ``Session`` stream ``AgentClient``
+  uses), so what the stream saves shows in the same run.
 
 Operations: ``bdev_get_bdevs`` of one lvol (a read: forwarded unchecked) and a
 ``bdev_lvol_create`` + ``bdev_lvol_delete`` pair (both checked; the delete
@@ -19,8 +22,11 @@ agent); and per CSI call, publish and unpublish (the export/unexport intents)
 run over the direct socket, in the controller passing each SPDK call through
 the agent, and in the agent itself (one round trip). Reports p50/p99 per
 way, the p50 the agent adds over direct, and the gRPC floor: a no-op call
-(grpc.health.v1 Check) to the same agent process, so added ~= floor + the
-agent's own work (checks, JSON, metrics, the desired-state write).
+(grpc.health.v1 Check, unary) to the same agent process, so the unary ways'
+added ~= floor + the agent's own work (checks, JSON, metrics, the
+desired-state write), and a raw Python Unix socket echo (another process,
+one thread each side): what any Python client/server round trip costs here
+before gRPC adds its own.
 
 ``--recorded N`` starts both agents with N volumes already in their desired
 state (subsystem, namespace, listener, host with two DH-HMAC-CHAP key names,
@@ -28,7 +34,8 @@ QoS: what a published volume leaves), written as the format-1 whole file an
 earlier agent kept (a current agent migrates it at start), so the cost of a
 recorded change at that size shows; the agents replay it onto the target at
 start (most objects fail: their lvols do not exist) and the benchmark waits
-for that. It prints the agents' resident memory (VmRSS) at the end.
+for that. It prints the agents' resident memory at the end: VmRSS (now) and VmHWM
+(the peak, reached while loading the record).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -121,11 +129,55 @@ def wait_replayed(log: Path, proc: subprocess.Popen, timeout: float = 1200) -> N
         time.sleep(0.5)
 
 
-def rss_mib(pid: int) -> float:
+def memory_mib(pid: int, field: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class UnaryClient:
+    """One unary ``Call`` RPC per SPDK call: the agent transport before the
+    Session stream (the baseline the stream is compared with)."""
+
+    def __init__(self, channel) -> None:
+        from csi_spdk.proto import agent_pb2_grpc
+        self.channel, self.stub = channel, agent_pb2_grpc.AgentStub(channel)
+
+    def call(self, method: str, params: dict | None = None, timeout: float | None = None):
+        import json
+
+        from csi_spdk.proto import agent_pb2
+        from csi_spdk.spdk.errors import from_response
+        reply = self.stub.Call(agent_pb2.CallRequest(
+            method=method, params_json=json.dumps(params) if params is not None else "",
+            timeout=timeout or 30), timeout=(timeout or 30) + 2)
+        if reply.HasField("error"):
+            raise from_response(method, {"code": reply.error.code,
+                                         "message": reply.error.message})
+        return json.loads(reply.result_json) if reply.result_json else None
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+ECHO = """import socket, sys
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); print("ready", flush=True)
+c, _ = s.accept()
+while (d := c.recv(65536)):
+    c.sendall(d)
+"""
+
+
+def socket_echo(tmp: Path) -> tuple[subprocess.Popen, socket.socket]:
+    """A raw Unix socket echo in another Python process: the floor of any
+    Python request/reply here (two context switches, two syscalls a side)."""
+    proc = subprocess.Popen([sys.executable, "-c", ECHO, str(tmp / "echo.sock")],
+                            stdout=subprocess.PIPE)
+    proc.stdout.readline()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(tmp / "echo.sock"))
+    return proc, sock
 
 
 def timed(fn) -> float:
@@ -146,6 +198,7 @@ def csi_call_hop(ways: dict[str, SpdkApi], probe: str, calls: int) -> None:
             "signature": "s", "listen": listen, "keys": {}}
     runs = {"direct": lambda n, s: intents.run(ways["direct"], n, s),
             "agent, per SPDK call": lambda n, s: intents.run(ways["agent/unix"], n, s),
+            "unary, per SPDK call": lambda n, s: intents.run(ways["unary/unix"], n, s),
             "agent, intent": lambda n, s: ways["agent/unix"].intent(n, s)}
     pub: dict[str, list[float]] = {w: [] for w in runs}
     unpub: dict[str, list[float]] = {w: [] for w in runs}
@@ -214,28 +267,47 @@ def bench(calls: int, rpc: str, tmp: Path, recorded: int = 0) -> int:
         direct.lvstore_create(malloc, lvs, cluster_sz=MiB)
         probe = direct.lvol_create(lvs, contract.volume_lvol_name(f"probe-{suffix}"), MiB,
                                    True)
-        ways = {"direct": direct, "agent/unix": unix, "agent/mTLS": tls}
+        import grpc
+        rd = lambda p: Path(p).read_bytes()  # noqa: E731
+        creds = grpc.ssl_channel_credentials(rd(pki.ca), rd(pki.client.key), rd(pki.client.cert))
+        ways = {"direct": direct, "agent/unix": unix, "agent/mTLS": tls,
+                "unary/unix": SpdkApi(UnaryClient(grpc.insecure_channel(
+                    f"unix://{tmp}/agent.sock"))),
+                "unary/mTLS": SpdkApi(UnaryClient(grpc.secure_channel(
+                    f"127.0.0.1:{port}", creds,
+                    options=[("grpc.ssl_target_name_override", SERVER_NAME)])))}
         read: dict[str, list[float]] = {w: [] for w in ways}
         pair: dict[str, list[float]] = {w: [] for w in ways}
         for _ in range(50):  # warm up connections and caches
             for api in ways.values():
                 api.bdev_get(probe)
-        import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"unix://{tmp}/agent.sock"))
+        echo_proc, echo = socket_echo(tmp)
+        procs.append(echo_proc)
         floor: list[float] = []
+        raw: list[float] = []
+        payload = b'{"method": "bdev_get_bdevs", "params": {"name": "%s"}}' % probe.encode()
+
+        def echo_once() -> None:
+            echo.sendall(payload)
+            echo.recv(65536)
         for i in range(calls):
             floor.append(timed(lambda: health.Check(health_pb2.HealthCheckRequest())))
+            raw.append(timed(echo_once))
             for way, api in ways.items():
                 read[way].append(timed(lambda a=api: a.bdev_get(probe)))
 
-                def create_delete(a=api, n=f"csi-b{i}-{way[-4:]}-{suffix}") -> None:
+                tag = way.replace("/", "-")
+
+                def create_delete(a=api, n=f"csi-b{i}-{tag}-{suffix}") -> None:
                     a.lvol_delete(a.lvol_create(lvs, n, MiB, True))
                 pair[way].append(timed(create_delete))
 
         print(f"agent hop, {calls} calls per way ({target}), ms:")
         print(f"{'':22}{'p50':>9}{'p99':>9}{'mean':>9}{'+p50':>9}")
         worst = 0.0
+        worst_unary = 0.0
         for op, table, per in (("bdev_get_bdevs", read, 1), ("create+delete pair", pair, 2)):
             base = statistics.median(table["direct"])
             for way, values in table.items():
@@ -244,16 +316,21 @@ def bench(calls: int, rpc: str, tmp: Path, recorded: int = 0) -> int:
                       f"{statistics.median(values):9.3f}{pct(values, 0.99):9.3f}"
                       f"{statistics.fmean(values):9.3f}"
                       f"{'' if way == 'direct' else f'{added:9.3f}'}")
-                if way != "direct":
+                if way.startswith("agent/"):
                     worst = max(worst, added / per)
+                elif way.startswith("unary/"):
+                    worst_unary = max(worst_unary, added / per)
         csi_call_hop(ways, probe, calls)
-        print(f"{'gRPC floor':20}  {'agent/unix':10}{statistics.median(floor):9.3f}"
-              f"{pct(floor, 0.99):9.3f}{statistics.fmean(floor):9.3f}")
-        print(f"worst p50 added per SPDK call: {worst:.3f} ms (target < {TARGET_ADDED_P50_MS}); "
+        print(f"{'floors':20}  {'gRPC unary':10}{statistics.median(floor):9.3f}"
+              f"{pct(floor, 0.99):9.3f}{statistics.fmean(floor):9.3f}   (health Check)")
+        print(f"{'':20}  {'raw socket':10}{statistics.median(raw):9.3f}"
+              f"{pct(raw, 0.99):9.3f}{statistics.fmean(raw):9.3f}   (Python echo)")
+        print(f"worst p50 added per SPDK call: session {worst:.3f} ms, unary "
+              f"{worst_unary:.3f} ms (target < {TARGET_ADDED_P50_MS}); "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-        print("agent resident memory (VmRSS), MiB: " + ", ".join(
-            f"{way} {rss_mib(p.pid):.1f}" for way, p in agent_procs.items())
-            + f" ({recorded} volumes recorded)")
+        print("agent memory, MiB: " + ", ".join(
+            f"{way} VmRSS {memory_mib(p.pid):.1f} VmHWM {memory_mib(p.pid, 'VmHWM'):.1f}"
+            for way, p in agent_procs.items()) + f" ({recorded} volumes recorded)")
         direct.lvol_delete(probe)
         with contextlib.suppress(Exception):
             direct.call("bdev_lvol_delete_lvstore", {"lvs_name": lvs})

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import grpc
@@ -35,12 +36,17 @@ from ..proto import agent_pb2, agent_pb2_grpc
 from ..spdk import intents
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkError, SpdkNotFound
-from . import policy
+from . import policy, session
 from .keys import KeyStore
 
 log = logging.getLogger("csi_spdk.agent")
 
 MAX_TIMEOUT = 600.0
+INTENTS = ("create_lvol", "export", "unexport", "delete_volume")
+# Requests of all sessions run at once at most; more wait for a thread. As
+# many as the gRPC server's own workers, so a session is no narrower than
+# unary calls were.
+SESSION_WORKERS = 64
 
 
 class State(Protocol):
@@ -117,11 +123,23 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self.keys = keys
         self.state = state or NullState()
         self.default_timeout = default_timeout
+        self._pool = ThreadPoolExecutor(SESSION_WORKERS, thread_name_prefix="agent-session")
 
     # --- plumbing ---------------------------------------------------------------
     def _serve(self, context: grpc.ServicerContext, rpc: str, method: str,
                fn: Callable[[], tuple[Any, str]], fields: dict | None = None) -> Any:
-        """Run ``fn`` (-> reply, outcome); log, count, map errors to a status."""
+        """A unary RPC: ``_run`` it; a failure aborts the call with its status."""
+        reply, code, message = self._run(context, rpc, method, fn, fields)
+        if code != grpc.StatusCode.OK:
+            context.abort(code, message)
+        return reply
+
+    def _run(self, context: grpc.ServicerContext, rpc: str, method: str,
+             fn: Callable[[], tuple[Any, str]], fields: dict | None = None,
+             ) -> tuple[Any, grpc.StatusCode, str]:
+        """Run ``fn`` (-> reply, outcome); log, count, map errors to a status.
+        Returns (reply, code, message): the unary RPC aborts with a failure's
+        code, a Session answers the request's id with it."""
         start = time.monotonic()
         label = method if rpc != "Call" else policy.metric_label(method)
         outcome, code, message, reply = "error", grpc.StatusCode.INTERNAL, "", None
@@ -157,9 +175,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             if message:
                 line["error"] = message
             log.log(level, "refused" if outcome == "refused" else rpc, extra={"f": line})
-        if code != grpc.StatusCode.OK:
-            context.abort(code, message)
-        return reply
+        return reply, code, message
 
     def _record(self, method: str, params: dict | None, result: Any = None) -> None:
         """Tell the desired-state store; ``result`` is SPDK's reply (e.g. the nsid
@@ -205,6 +221,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
     # --- intents (spdk/intents.py) -------------------------------------------------
     def _intent(self, name: str, request, context):
+        return self._serve(context, name, name, self._intent_fn(name, request))
+
+    def _intent_fn(self, name: str, request) -> Callable[[], tuple[Any, str]]:
         def run() -> tuple[agent_pb2.IntentReply, str]:
             try:
                 spec = json.loads(request.spec_json or "{}")
@@ -239,7 +258,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 raise InvalidArgument(f"{name}: malformed spec ({type(err).__name__}: "
                                       f"{str(err)[:80]})") from None
             return agent_pb2.IntentReply(result_json=json.dumps(result)), "ok"
-        return self._serve(context, name, name, run)
+        return run
 
     @staticmethod
     def _settle(store: Any, name: str, spec: dict, result: dict) -> None:
@@ -266,16 +285,56 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
     # --- keys ---------------------------------------------------------------------
     def PutKey(self, request, context):  # noqa: N802
+        return self._serve(context, "PutKey", "PutKey", self._put_key_fn(request),
+                           {"key": request.name[:80]})
+
+    def _put_key_fn(self, request) -> Callable[[], tuple[Any, str]]:
         def put() -> tuple[agent_pb2.PutKeyReply, str]:
             path = self.keys.put(request.name, bytes(request.material))
             self._record("keyring_file_add_key", {"name": request.name, "path": path})
             return agent_pb2.PutKeyReply(name=request.name, path=path), "ok"
-        return self._serve(context, "PutKey", "PutKey", put, {"key": request.name[:80]})
+        return put
 
     def DeleteKey(self, request, context):  # noqa: N802
+        return self._serve(context, "DeleteKey", "DeleteKey", self._delete_key_fn(request),
+                           {"key": request.name[:80]})
+
+    def _delete_key_fn(self, request) -> Callable[[], tuple[Any, str]]:
         def delete() -> tuple[agent_pb2.DeleteKeyReply, str]:
             self.keys.delete(request.name)
             self._record("keyring_file_remove_key", {"name": request.name})
             return agent_pb2.DeleteKeyReply(), "ok"
-        return self._serve(context, "DeleteKey", "DeleteKey", delete,
-                           {"key": request.name[:80]})
+        return delete
+
+    # --- Session: the same requests multiplexed on one stream --------------------------
+    def Session(self, request_iterator, context):  # noqa: N802
+        """Each request runs on the session pool (a slow intent holds up no
+        other request) and its reply goes back as soon as it is ready."""
+        return session.serve(request_iterator, context, self._session_one, self._pool)
+
+    def _session_one(self, req: agent_pb2.SessionRequest,
+                     context: grpc.ServicerContext) -> agent_pb2.SessionReply:
+        kind = req.WhichOneof("kind")
+        if kind == "call":
+            reply, code, message = self._run(context, "Call", req.call.method,
+                                             lambda: self._call(req.call))
+        elif kind == "intent" and req.intent.name in INTENTS:
+            name = req.intent.name
+            reply, code, message = self._run(context, name, name,
+                                             self._intent_fn(name, req.intent.request))
+        elif kind == "put_key":
+            reply, code, message = self._run(context, "PutKey", "PutKey",
+                                             self._put_key_fn(req.put_key),
+                                             {"key": req.put_key.name[:80]})
+        elif kind == "delete_key":
+            reply, code, message = self._run(context, "DeleteKey", "DeleteKey",
+                                             self._delete_key_fn(req.delete_key),
+                                             {"key": req.delete_key.name[:80]})
+        else:
+            what = f"intent {req.intent.name[:40]!r}" if kind == "intent" else "request"
+            return session.status(req.id, grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"session: unknown {what} (this agent serves "
+                                  f"call, {', '.join(sorted(INTENTS))}, put_key, delete_key)")
+        if code != grpc.StatusCode.OK:
+            return session.status(req.id, code, message)
+        return agent_pb2.SessionReply(id=req.id, **{kind: reply})

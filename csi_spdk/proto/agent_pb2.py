@@ -24,33 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x10\x63sispdk.agent.v1\"3\n\rIntentRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\x0f\n\x07timeout\x18\x02 \x01(\x01\"F\n\rIntentRefusal\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x03 \x01(\t\"\x80\x01\n\x0bIntentReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1b.csispdk.agent.v1.SpdkError\x12\x30\n\x07refusal\x18\x03 \x01(\x0b\x32\x1f.csispdk.agent.v1.IntentRefusal\"C\n\x0b\x43\x61llRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0bparams_json\x18\x02 \x01(\t\x12\x0f\n\x07timeout\x18\x03 \x01(\x01\"*\n\tSpdkError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x03\x12\x0f\n\x07message\x18\x02 \x01(\t\"L\n\tCallReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1b.csispdk.agent.v1.SpdkError\"/\n\rPutKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08material\x18\x02 \x01(\x0c\")\n\x0bPutKeyReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\" \n\x10\x44\x65leteKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x10\n\x0e\x44\x65leteKeyReply2\xaa\x04\n\x05\x41gent\x12\x44\n\x04\x43\x61ll\x12\x1d.csispdk.agent.v1.CallRequest\x1a\x1b.csispdk.agent.v1.CallReply\"\x00\x12J\n\x06PutKey\x12\x1f.csispdk.agent.v1.PutKeyRequest\x1a\x1d.csispdk.agent.v1.PutKeyReply\"\x00\x12S\n\tDeleteKey\x12\".csispdk.agent.v1.DeleteKeyRequest\x1a .csispdk.agent.v1.DeleteKeyReply\"\x00\x12N\n\nCreateLvol\x12\x1f.csispdk.agent.v1.IntentRequest\x1a\x1d.csispdk.agent.v1.IntentReply\"\x00\x12J\n\x06\x45xport\x12\x1f.csispdk.agent.v1.IntentRequest\x1a\x1d.csispdk.agent.v1.IntentReply\"\x00\x12L\n\x08Unexport\x12\x1f.csispdk.agent.v1.IntentRequest\x1a\x1d.csispdk.agent.v1.IntentReply\"\x00\x12P\n\x0c\x44\x65leteVolume\x12\x1f.csispdk.agent.v1.IntentRequest\x1a\x1d.csispdk.agent.v1.IntentReply\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x10\x63sispdk.agent.v1\"\xf2\x01\n\x0eSessionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12-\n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x1d.csispdk.agent.v1.CallRequestH\x00\x12/\n\x06intent\x18\x03 \x01(\x0b\x32\x1d.csispdk.agent.v1.NamedIntentH\x00\x12\x32\n\x07put_key\x18\x04 \x01(\x0b\x32\x1f.csispdk.agent.v1.PutKeyRequestH\x00\x12\x38\n\ndelete_key\x18\x05 \x01(\x0b\x32\".csispdk.agent.v1.DeleteKeyRequestH\x00\x42\x06\n\x04kind\"M\n\x0bNamedIntent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x07request\x18\x02 \x01(\x0b\x32\x1f.csispdk.agent.v1.IntentRequest\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x96\x02\n\x0cSessionReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x1b.csispdk.agent.v1.CallReplyH\x00\x12/\n\x06intent\x18\x03 \x01(\x0b\x32\x1d.csispdk.agent.v1.IntentReplyH\x00\x12\x30\n\x07put_key\x18\x04 \x01(\x0b\x32\x1d.csispdk.agent.v1.PutKeyReplyH\x00\x12\x36\n\ndelete_key\x18\x05 \x01(\x0b\x32 .csispdk.agent.v1.DeleteKeyReplyH\x00\x12*\n\x06status\x18\x06 \x01(\x0b\x32\x18.csispdk.agent.v1.StatusH\x00\x42\x06\n\x04kind\"3\n\rIntentRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\x0f\n\x07timeout\x18\x02 \x01(\x01\"F\n\rIntentRefusal\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x03 \x01(\t\"\x80\x01\n\x0bIntentReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1b.csispdk.agent.v1.SpdkError\x12\x30\n\x07refusal\x18\x03 \x01(\x0b\x32\x1f.csispdk.agent.v1.IntentRefusal\"C\n\x0b\x43\x61llRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0bparams_json\x18\x02 \x01(\t\x12\x0f\n\x07timeout\x18\x03 \x01(\x01\"*\n\tSpdkError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x03\x12\x0f\n\x07message\x18\x02 \x01(\t\"L\n\tCallReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1b.csispdk.agent.v1.SpdkError\"/\n\rPutKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08material\x18\x02 \x01(\x0c\")\n\x0bPutKeyReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\" \n\x10\x44\x65leteKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x10\n\x0e\x44\x65leteKeyReply2\xfd\x04\n\x05\x41gent\x12\x44\n\x04\x43\x61ll\x12\x1d.csispdk.agent.v1.CallRequest\x1a\x1b.csispdk.agent.v1.CallReply\"\x00\x12J\n\x06PutKey\x12\x1f.csispdk.agent.v1.PutKeyRequest\x1a\x1d.csispdk.agent.v1.PutKeyReply\"\x00\x12S\n\tDeleteKey\x12\".csispdk.agent.v1.DeleteKeyRequest\x1a .csispdk.agent.v1.DeleteKeyReply\"\x00\x12N\n\nCreateLvol\x12\x1f.csispdk.agent.v1.IntentRequest\x1a\x1d.csispdk.agent.v1.IntentReply\"\x00\x12J\n\x06\x45xport\x12\x1f.csispdk.agent.v1.IntentRequest\x1a\x1d.csispdk.agent.v1.IntentReply\"\x00\x12L\n\x08Unexport\x12\x1f.csispdk.agent.v1.IntentRequest\x1a\x1d.csispdk.agent.v1.IntentReply\"\x00\x12P\n\x0c\x44\x65leteVolume\x12\x1f.csispdk.agent.v1.IntentRequest\x1a\x1d.csispdk.agent.v1.IntentReply\"\x00\x12Q\n\x07Session\x12 .csispdk.agent.v1.SessionRequest\x1a\x1e.csispdk.agent.v1.SessionReply\"\x00(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INTENTREQUEST']._serialized_start=33
-  _globals['_INTENTREQUEST']._serialized_end=84
-  _globals['_INTENTREFUSAL']._serialized_start=86
-  _globals['_INTENTREFUSAL']._serialized_end=156
-  _globals['_INTENTREPLY']._serialized_start=159
-  _globals['_INTENTREPLY']._serialized_end=287
-  _globals['_CALLREQUEST']._serialized_start=289
-  _globals['_CALLREQUEST']._serialized_end=356
-  _globals['_SPDKERROR']._serialized_start=358
-  _globals['_SPDKERROR']._serialized_end=400
-  _globals['_CALLREPLY']._serialized_start=402
-  _globals['_CALLREPLY']._serialized_end=478
-  _globals['_PUTKEYREQUEST']._serialized_start=480
-  _globals['_PUTKEYREQUEST']._serialized_end=527
-  _globals['_PUTKEYREPLY']._serialized_start=529
-  _globals['_PUTKEYREPLY']._serialized_end=570
-  _globals['_DELETEKEYREQUEST']._serialized_start=572
-  _globals['_DELETEKEYREQUEST']._serialized_end=604
-  _globals['_DELETEKEYREPLY']._serialized_start=606
-  _globals['_DELETEKEYREPLY']._serialized_end=622
-  _globals['_AGENT']._serialized_start=625
-  _globals['_AGENT']._serialized_end=1179
+  _globals['_SESSIONREQUEST']._serialized_start=34
+  _globals['_SESSIONREQUEST']._serialized_end=276
+  _globals['_NAMEDINTENT']._serialized_start=278
+  _globals['_NAMEDINTENT']._serialized_end=355
+  _globals['_STATUS']._serialized_start=357
+  _globals['_STATUS']._serialized_end=396
+  _globals['_SESSIONREPLY']._serialized_start=399
+  _globals['_SESSIONREPLY']._serialized_end=677
+  _globals['_INTENTREQUEST']._serialized_start=679
+  _globals['_INTENTREQUEST']._serialized_end=730
+  _globals['_INTENTREFUSAL']._serialized_start=732
+  _globals['_INTENTREFUSAL']._serialized_end=802
+  _globals['_INTENTREPLY']._serialized_start=805
+  _globals['_INTENTREPLY']._serialized_end=933
+  _globals['_CALLREQUEST']._serialized_start=935
+  _globals['_CALLREQUEST']._serialized_end=1002
+  _globals['_SPDKERROR']._serialized_start=1004
+  _globals['_SPDKERROR']._serialized_end=1046
+  _globals['_CALLREPLY']._serialized_start=1048
+  _globals['_CALLREPLY']._serialized_end=1124
+  _globals['_PUTKEYREQUEST']._serialized_start=1126
+  _globals['_PUTKEYREQUEST']._serialized_end=1173
+  _globals['_PUTKEYREPLY']._serialized_start=1175
+  _globals['_PUTKEYREPLY']._serialized_end=1216
+  _globals['_DELETEKEYREQUEST']._serialized_start=1218
+  _globals['_DELETEKEYREQUEST']._serialized_end=1250
+  _globals['_DELETEKEYREPLY']._serialized_start=1252
+  _globals['_DELETEKEYREPLY']._serialized_end=1268
+  _globals['_AGENT']._serialized_start=1271
+  _globals['_AGENT']._serialized_end=1908
 # @@protoc_insertion_point(module_scope)

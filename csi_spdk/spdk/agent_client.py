@@ -41,6 +41,7 @@ import grpc
 from .. import metrics
 from ..errors import CsiError, Internal, InvalidArgument
 from ..proto import agent_pb2, agent_pb2_grpc
+from .agent_session import Session, SessionError
 from .client import DEFAULT_TIMEOUT
 from .errors import SpdkTransportError, from_response
 from .intents import IntentError
@@ -119,6 +120,7 @@ class AgentClient:
             self._channel = self._secure_channel(tls)   # raises naming a missing file
             self._tls_version = tls.version()           # (a renewal meanwhile: seen later)
         self._current = agent_pb2_grpc.AgentStub(self._channel)
+        self._session: Session | None = None
         self._channel_lock = threading.Lock()
         self._checked_at = time.monotonic()
         self._retired: list[threading.Timer] = []
@@ -176,6 +178,31 @@ class AgentClient:
             log.info("agent TLS certificates renewed; new connections use them",
                      extra={"f": {"agent": self.address, "cert": tls.cert_file}})
 
+    def _request(self, timeout: float, **kind: Any) -> Any:
+        """One request on this client's Session stream (opened on first use and
+        again after it broke: the reconnection); the reply message of its kind.
+        A request the stream never took (it broke just before) is sent once
+        more on a new one: it cannot have reached the agent."""
+        for attempt in (1, 2):
+            session = self._open_session()
+            try:
+                return session.request(timeout, **kind)
+            except SessionError as err:
+                if err.sent or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _open_session(self) -> Session:
+        self._stub                                   # noqa: B018 - a renewal swaps the channel
+        session = self._session
+        if session is not None and session.alive and session.channel is self._channel:
+            return session
+        with self._channel_lock:
+            session = self._session
+            if session is None or not session.alive or session.channel is not self._channel:
+                session = self._session = Session(self._channel)
+            return session
+
     # --- errors -------------------------------------------------------------------
     def _error(self, what: str, err: grpc.RpcError) -> CsiError:
         code, details = err.code(), err.details() or ""
@@ -199,7 +226,7 @@ class AgentClient:
         start = time.monotonic()
         outcome = "transport"
         try:
-            reply = self._stub.Call(request, timeout=timeout + DEADLINE_MARGIN)
+            reply = self._request(timeout + DEADLINE_MARGIN, call=request)
             if reply.HasField("error"):
                 outcome = "error"
                 raise from_response(method, {"code": reply.error.code,
@@ -227,9 +254,9 @@ class AgentClient:
         start = time.monotonic()
         outcome = "transport"
         try:
-            reply = getattr(self._stub, rpc)(
-                agent_pb2.IntentRequest(spec_json=json.dumps(spec), timeout=timeout),
-                timeout=timeout + DEADLINE_MARGIN)
+            reply = self._request(timeout + DEADLINE_MARGIN, intent=agent_pb2.NamedIntent(
+                name=name, request=agent_pb2.IntentRequest(spec_json=json.dumps(spec),
+                                                           timeout=timeout)))
             if reply.HasField("refusal"):
                 outcome = "declined"
                 raise IntentError(reply.refusal.reason, reply.refusal.message,
@@ -258,6 +285,8 @@ class AgentClient:
                     timer.cancel()
                     timer.function(*timer.args)
                 self._retired.clear()
+                if self._session is not None:
+                    self._session.close()
                 self._channel.close()
 
     def __enter__(self) -> AgentClient:
@@ -270,15 +299,15 @@ class AgentClient:
     def put_key(self, name: str, material: bytes, timeout: float | None = None) -> str:
         """Give the target a key; returns its path on the storage host."""
         try:
-            reply = self._stub.PutKey(agent_pb2.PutKeyRequest(name=name, material=material),
-                                      timeout=(timeout or self.timeout) + DEADLINE_MARGIN)
+            reply = self._request((timeout or self.timeout) + DEADLINE_MARGIN,
+                                  put_key=agent_pb2.PutKeyRequest(name=name, material=material))
         except grpc.RpcError as err:
             raise self._error("PutKey", err) from None
         return reply.path
 
     def delete_key(self, name: str, timeout: float | None = None) -> None:
         try:
-            self._stub.DeleteKey(agent_pb2.DeleteKeyRequest(name=name),
-                                 timeout=(timeout or self.timeout) + DEADLINE_MARGIN)
+            self._request((timeout or self.timeout) + DEADLINE_MARGIN,
+                          delete_key=agent_pb2.DeleteKeyRequest(name=name))
         except grpc.RpcError as err:
             raise self._error("DeleteKey", err) from None
