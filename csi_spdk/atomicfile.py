@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,22 @@ def _tmp_name(path: Path) -> Path:
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` atomically and durably (file mode ``mode``)."""
+    write_chunks(path, (data,), mode)
+
+
+def write_chunks(path: str | os.PathLike[str], chunks: Iterable[bytes],
+                 mode: int = 0o600) -> None:
+    """``write_bytes`` of the concatenated ``chunks``, written as they come (a
+    large file is never one buffer in memory)."""
     path = Path(path)
     tmp = _tmp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for data in chunks:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)

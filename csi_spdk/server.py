@@ -56,13 +56,16 @@ class GrpcServer:
     health service reports SERVING for "" and every named service until
     ``stop`` flips it to NOT_SERVING before draining in-flight calls.
     ``credentials`` (``grpc.ssl_server_credentials``) serve TLS instead of
-    plaintext (the agent's TCP port).
+    plaintext (the agent's TCP port). ``on_stop`` callbacks run before the
+    drain (the agent ends its Session streams there).
     """
 
     def __init__(self, endpoint: str, register: Iterable[Callable[[grpc.Server], None]],
                  service_names: Iterable[str] = (), max_workers: int = 64,
-                 credentials: grpc.ServerCredentials | None = None) -> None:
+                 credentials: grpc.ServerCredentials | None = None,
+                 on_stop: Iterable[Callable[[], None]] = ()) -> None:
         self.address, self.socket_path = parse_endpoint(endpoint)
+        self.on_stop = list(on_stop)
         self.credentials = credentials
         self.port = 0
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
@@ -97,6 +100,8 @@ class GrpcServer:
     def stop(self, grace: float = 10.0) -> None:
         for name in self.service_names:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for hook in self.on_stop:        # e.g. end long-lived streams so the grace
+            hook()                       # period is not always spent waiting on them
         self.server.stop(grace).wait()
         if self.socket_path and os.path.exists(self.socket_path):
             os.unlink(self.socket_path)

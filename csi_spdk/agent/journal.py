@@ -47,10 +47,13 @@ import logging
 import os
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .. import atomicfile
+from . import packed
+from .packed import Packed
 
 log = logging.getLogger("csi_spdk.agent.journal")
 
@@ -86,12 +89,12 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def section(data: dict[str, Any], name: str) -> dict[str, Any]:
+def section(data: dict[str, Any], name: str) -> Packed:
     """One of the state's maps by name; ``crypto.keys`` is ``data["crypto"]["keys"]``."""
     if "." in name:
         top, sub = name.split(".", 1)
-        return data.setdefault(top, {}).setdefault(sub, {})
-    return data.setdefault(name, {})
+        return data.setdefault(top, {}).setdefault(sub, Packed())
+    return data.setdefault(name, Packed())
 
 
 def apply(data: dict[str, Any], ops: list[Op]) -> None:
@@ -102,6 +105,15 @@ def apply(data: dict[str, Any], ops: list[Op]) -> None:
             section(data, op[1]).pop(op[2], None)
         else:
             raise StateError(f"unknown journal operation {op[0]!r}")
+
+
+def _merged(empty: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """The loaded sections over the empty ones (nested sections merged too)."""
+    out = {**empty, **data}
+    for name in packed.NESTED:
+        if isinstance(empty.get(name), dict) and isinstance(data.get(name), dict):
+            out[name] = {**empty[name], **data[name]}
+    return out
 
 
 class Journal:
@@ -126,6 +138,7 @@ class Journal:
         records, torn = self._read_journal(base)
         for rec in records:
             apply(data, rec["ops"])
+            packed.settle(data)
         self.seq = records[-1]["seq"] if records else base
         if torn:
             log.warning("desired state: dropped a torn last journal record of %s (a change "
@@ -151,12 +164,13 @@ class Journal:
                 time.sleep(0.05)   # the owner compacted between the two reads
         for rec in records:
             apply(data, rec["ops"])
+            packed.settle(data)
         self.seq = records[-1]["seq"] if records else base
         return data
 
     def _read_snapshot(self, empty: dict[str, Any]) -> tuple[dict[str, Any], int, bool]:
         try:
-            raw = atomicfile.read_json(self.path)
+            raw = self._parse_snapshot()
         except (ValueError, OSError) as err:
             raise StateError(f"desired state {self.path} is unreadable ({err}); move it "
                              "away (with desired.journal) to start empty, every export it "
@@ -167,13 +181,25 @@ class Journal:
             raise StateError(f"desired state {self.path} has an unknown format")
         if raw.get("format") == LEGACY_FORMAT:             # an earlier agent's whole file
             data = {k: v for k, v in raw.items() if k != "format"}
-            return {**empty, **data}, 0, True
+            return _merged(empty, data), 0, True
         if raw.get("format") != FORMAT or not isinstance(raw.get("state"), dict) \
                 or not isinstance(raw.get("seq"), int):
             raise StateError(f"desired state {self.path} has an unknown format "
                              f"({raw.get('format')!r}; this agent reads {LEGACY_FORMAT} "
                              f"and {FORMAT})")
-        return {**empty, **raw["state"]}, raw["seq"], False
+        return _merged(empty, raw["state"]), raw["seq"], False
+
+    def _parse_snapshot(self) -> Any:
+        """The snapshot's top-level value, its sections packed entry by entry
+        (``packed.load``: the file is never one tree of Python objects); None
+        when there is none."""
+        try:
+            text = self.path.read_bytes().decode()
+        except FileNotFoundError:
+            return None
+        if text.lstrip()[:1] != "{":
+            return json.loads(text)          # not an object: ValueError or an unknown format
+        return packed.load(text)
 
     def _read_journal(self, base: int) -> tuple[list[dict[str, Any]], bool]:
         """The records after ``base``; and whether a torn last one was dropped."""
@@ -239,10 +265,18 @@ class Journal:
 
     def compact(self, data: dict[str, Any]) -> None:
         """Write ``data`` (the state at ``seq``) as the snapshot; empty the journal."""
-        body = json.dumps({"format": FORMAT, "seq": self.seq, "state": data},
-                          separators=(",", ":"), sort_keys=True).encode() + b"\n"
-        atomicfile.write_bytes(self.path, body, 0o600)
-        self._snapshot_bytes = len(body)
+        # what json.dumps(sort_keys, compact) of the whole record gives, built
+        # from the packed entries without decoding them
+        size = 0
+
+        def counted() -> Iterator[bytes]:
+            nonlocal size
+            for chunk in packed.chunks(b'{"format":%d,"seq":%d,"state":' % (FORMAT, self.seq),
+                                       data, b"}\n"):
+                size += len(chunk)
+                yield chunk
+        atomicfile.write_chunks(self.path, counted(), 0o600)
+        self._snapshot_bytes = size
         header = _line({"format": FORMAT, "base": self.seq})
         atomicfile.write_bytes(self.journal_path, header, 0o600)
         self.close()

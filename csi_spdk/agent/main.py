@@ -103,7 +103,8 @@ def agent_server(args: argparse.Namespace, state: State | None = None) -> GrpcSe
     servicer = AgentServicer(api, keys, state or NullState(), default_timeout=args.rpc_timeout)
     return GrpcServer(args.listen, [
         lambda s: agent_pb2_grpc.add_AgentServicer_to_server(servicer, s),
-    ], service_names=[SERVICE_NAME], credentials=tls.credentials() if tls else None)
+    ], service_names=[SERVICE_NAME], credentials=tls.credentials() if tls else None,
+        on_stop=[servicer.end_sessions])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -124,6 +124,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self.state = state or NullState()
         self.default_timeout = default_timeout
         self._pool = ThreadPoolExecutor(SESSION_WORKERS, thread_name_prefix="agent-session")
+        self.sessions = session.Open()
 
     # --- plumbing ---------------------------------------------------------------
     def _serve(self, context: grpc.ServicerContext, rpc: str, method: str,
@@ -310,7 +311,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     def Session(self, request_iterator, context):  # noqa: N802
         """Each request runs on the session pool (a slow intent holds up no
         other request) and its reply goes back as soon as it is ready."""
-        return session.serve(request_iterator, context, self._session_one, self._pool)
+        return session.serve(request_iterator, context, self._session_one, self._pool,
+                             self.sessions)
+
+    def end_sessions(self) -> None:
+        """Before the server stops: the sessions end once their replies are sent."""
+        self.sessions.end()
 
     def _session_one(self, req: agent_pb2.SessionRequest,
                      context: grpc.ServicerContext) -> agent_pb2.SessionReply:

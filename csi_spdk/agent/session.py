@@ -39,13 +39,52 @@ def status(request_id: int, code: grpc.StatusCode, message: str) -> agent_pb2.Se
         code=code.value[0], message=message))
 
 
+class Open:
+    """The sessions being served, so that a stopping agent can end them: a
+    client's stream never ends by itself, and the server's grace period
+    would otherwise always run out on it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._replies: set[queue.SimpleQueue] = set()
+        self.ending = False
+
+    def add(self, replies: queue.SimpleQueue) -> None:
+        with self._lock:
+            self._replies.add(replies)
+
+    def discard(self, replies: queue.SimpleQueue) -> None:
+        with self._lock:
+            self._replies.discard(replies)
+
+    def end(self) -> None:
+        """Let every session send the replies it owes and end (status OK);
+        a client's next call opens a new stream, to whoever listens then."""
+        with self._lock:
+            self.ending = True
+            for replies in self._replies:
+                replies.put(_END)
+
+
 def serve(requests: Iterator[agent_pb2.SessionRequest], context: grpc.ServicerContext,
           handle: Callable[[agent_pb2.SessionRequest, grpc.ServicerContext],
                            agent_pb2.SessionReply],
-          pool: Executor) -> Iterator[agent_pb2.SessionReply]:
+          pool: Executor, sessions: Open) -> Iterator[agent_pb2.SessionReply]:
     """The replies of a session, as ``handle`` produces them on ``pool``."""
     replies: queue.SimpleQueue = queue.SimpleQueue()
     context.add_callback(lambda: replies.put(_GONE))
+    sessions.add(replies)
+    try:
+        yield from _replies(requests, context, handle, pool, replies, sessions)
+    finally:
+        sessions.discard(replies)
+
+
+def _replies(requests: Iterator[agent_pb2.SessionRequest], context: grpc.ServicerContext,
+             handle: Callable[[agent_pb2.SessionRequest, grpc.ServicerContext],
+                              agent_pb2.SessionReply],
+             pool: Executor, replies: queue.SimpleQueue,
+             sessions: Open) -> Iterator[agent_pb2.SessionReply]:
 
     def run(req: agent_pb2.SessionRequest) -> None:
         try:
@@ -65,8 +104,10 @@ def serve(requests: Iterator[agent_pb2.SessionRequest], context: grpc.ServicerCo
                 with lock:
                     owed[0] += 1
                 try:
+                    if sessions.ending:
+                        raise RuntimeError("stopping")
                     pool.submit(run, req)
-                except RuntimeError:      # the pool is shut down: the agent is stopping
+                except RuntimeError:      # the agent is stopping: nothing new starts
                     replies.put(status(req.id, grpc.StatusCode.UNAVAILABLE,
                                        "the storage agent is stopping"))
         except Exception:  # noqa: BLE001 - the stream broke: the callback ends it

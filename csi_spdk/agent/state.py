@@ -18,9 +18,7 @@ holds key *names* and key file *paths* only, never key material.
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
-import json
 import logging
 import os
 import threading
@@ -31,7 +29,7 @@ from typing import Any
 from .. import atomicfile
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkError, SpdkExists
-from . import crypto_state
+from . import crypto_state, packed
 from .journal import Journal, Op, StateError, section
 
 log = logging.getLogger("csi_spdk.agent.state")
@@ -52,7 +50,7 @@ __all__ = ["DesiredState", "StateError", "RECORDED"]
 
 
 def _empty() -> dict[str, Any]:
-    return {"transports": {}, "keys": {}, "subsystems": {}, "qos": {}}
+    return packed.empty()
 
 
 def _listener_key(addr: dict[str, Any]) -> tuple[str, str, str]:
@@ -144,11 +142,14 @@ class DesiredState:
         with self._lock:
             touched = self._touches(method, p)
             before = [self._dump(sec, key) for sec, key in touched]
-            if method in crypto_state.METHODS:
-                # material goes to a 0600 file; the record keeps name and path
-                crypto_state.record(self._data, self.path, method, p)
-            else:
-                getattr(self, "_on_" + method)(p, result)
+            try:
+                if method in crypto_state.METHODS:
+                    # material goes to a 0600 file; the record keeps name and path
+                    crypto_state.record(self._data, self.path, method, p)
+                else:
+                    getattr(self, "_on_" + method)(p, result)
+            finally:
+                packed.settle(self._data)       # the entries it changed, packed again
             changed = [t for t, b in zip(touched, before, strict=True) if self._dump(*t) != b]
             if not changed:
                 return False
@@ -178,13 +179,13 @@ class DesiredState:
             return [("crypto.bdevs", p.get("name"))]
         return [("subsystems", p.get("nqn"))]
 
-    def _dump(self, sec: str, key: Any) -> str:
+    def _dump(self, sec: str, key: Any) -> bytes:
         entries = section(self._data, sec)
-        return json.dumps(entries[key], sort_keys=True) if key in entries else ""
+        return entries.raw(key) if key in entries else b""
 
     def _op(self, sec: str, key: Any) -> Op:
         entries = section(self._data, sec)
-        return ["set", sec, key, entries[key]] if key in entries else ["del", sec, key]
+        return ["set", sec, key, entries.value(key)] if key in entries else ["del", sec, key]
 
     def _append(self, ops: list[Op]) -> None:
         """One durable journal record (under the lock); compact when due.
@@ -263,9 +264,9 @@ class DesiredState:
             self.record("nvmf_subsystem_remove_host", {"nqn": nqn, "host": host})
 
     def snapshot(self) -> dict[str, Any]:
-        """A deep copy of the record (for reports and tests)."""
+        """A deep copy of the record as plain dicts (for reports and tests)."""
         with self._lock:
-            return copy.deepcopy(self._data)
+            return packed.plain(self._data)
 
     def _sub(self, nqn: str) -> dict[str, Any] | None:
         return self._data["subsystems"].get(nqn)
@@ -377,7 +378,10 @@ class DesiredState:
         of one object (say, an lvol not loaded yet) does not stop the rest.
         """
         with self._lock:       # held throughout: the record cannot change under it,
-            return _Replay(api, self._data).run()   # so no copy (30 MiB at 10,000)
+            try:               # so no copy; each entry is decoded while it is replayed
+                return _Replay(api, self._data).run()
+            finally:
+                packed.settle(self._data)
 
 
 class _Replay:

@@ -99,7 +99,7 @@ def _agent(spdk_rpc: str, tmp: Path, **extra_env: str) -> subprocess.Popen:
 
 
 def _until_up(api: SpdkApi, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600          # a liveness bound (a loaded CI machine)
     while True:
         try:
             api.version()
@@ -156,3 +156,22 @@ def test_a_stream_broken_mid_call_is_unavailable_and_the_next_call_reconnects(
                 p.wait(20)
         raw.call("bdev_lvol_delete_lvstore", {"lvs_name": f"sess{suffix}"})
         raw.call("bdev_malloc_delete", {"name": f"sess{suffix}"})
+
+
+def test_a_stopping_agent_ends_its_sessions_and_starts_nothing_new(agent_env):
+    env = agent_env
+    assert env.api.version()["version"].startswith("SPDK")
+    session = env.client._session
+    assert session is not None and session.alive
+    for hook in env.agent.server.on_stop:          # what GrpcServer.stop runs first
+        hook()
+    deadline = time.monotonic() + 30
+    while session.alive:                            # the stream ended (status OK)
+        assert time.monotonic() < deadline, "the session did not end"
+        time.sleep(0.05)
+    with pytest.raises(SpdkTransportError) as err:  # a new stream: refused, not run
+        env.client.call("bdev_lvol_create", {"lvs_name": env.lvs, "lvol_name": "csi-x",
+                                             "size_in_mib": 1})
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE and "stopping" in err.value.message
+    assert env.client._session is not session
+    assert env.raw.lvols(env.lvs) == []             # nothing was created
