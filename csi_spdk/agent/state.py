@@ -102,6 +102,7 @@ class DesiredState:
         except BaseException:
             self.close()
             raise
+        packed.release_freed_heap()    # the file's text and the compaction's chunks
 
     def _take_lock(self) -> None:
         lock = self.path.with_suffix(".lock")
@@ -382,6 +383,7 @@ class DesiredState:
                 return _Replay(api, self._data).run()
             finally:
                 packed.settle(self._data)
+                packed.release_freed_heap()
 
 
 class _Replay:

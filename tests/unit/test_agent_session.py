@@ -15,9 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client import REGISTRY
 
-from csi_spdk import contract
+from csi_spdk import contract, metrics
 from csi_spdk.errors import CsiError
 from csi_spdk.proto import agent_pb2
 from csi_spdk.spdk.agent_client import AgentClient
@@ -31,7 +30,7 @@ MiB = 1 << 20
 
 
 def refused_total() -> float:
-    return sum(s.value for m in REGISTRY.collect() if m.name == "csi_spdk_agent_refused"
+    return sum(s.value for m in metrics.AGENT_REFUSED.collect()
                for s in m.samples if s.name == "csi_spdk_agent_refused_total")
 
 
