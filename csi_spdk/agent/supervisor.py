@@ -42,6 +42,7 @@ from ..childclock import ChildClock
 from ..spdk.api import SpdkApi
 from ..spdk.client import SpdkClient, parse_address
 from ..spdk.errors import SpdkError, SpdkTransportError
+from .packed import release_freed_heap
 from .pools import Pools
 from .state import DesiredState
 
@@ -405,11 +406,35 @@ class Supervisor:
         log.info("spdk_tgt %s (pid %s): %d/%d pools ready, %d objects fixed, %d failed, "
                  "%.3fs", reason, pid, ready, len(rec.pools), rec.replay.get("fixed", 0),
                  len(rec.replay.get("failed", [])), rec.duration)
+        rec.replay = _kept(rec.replay)
         with self._cond:
             self._recoveries.append(rec)
             self._cond.notify_all()
+        release_freed_heap()
         if self.on_recovered is not None:
             self.on_recovered(rec)
+
+
+# Ids of each kind a kept Recovery holds: a replay of 10,000 volumes names
+# ~40,000 objects (~10 MiB), and every recovery is kept.
+KEPT_IDS = 50
+
+
+def _kept(report: dict[str, Any]) -> dict[str, Any]:
+    """What a kept Recovery holds of a replay report: every count
+    (``counts``), and the first ``KEPT_IDS`` of each list (the log line and
+    the metrics had them all)."""
+    if not report:
+        return report
+    created, removed = report.get("created", {}), report.get("removed", {})
+    failed = report.get("failed", [])
+    return {**report,
+            "counts": {"created": {k: len(v) for k, v in created.items()},
+                       "removed": {k: len(v) for k, v in removed.items()},
+                       "failed": len(failed)},
+            "created": {k: v[:KEPT_IDS] for k, v in created.items()},
+            "removed": {k: v[:KEPT_IDS] for k, v in removed.items()},
+            "failed": failed[:KEPT_IDS]}
 
 
 def sim_command(rpc_socket: str, data_dir: str, *extra: str) -> list[str]:

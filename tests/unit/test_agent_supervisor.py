@@ -373,3 +373,16 @@ def test_a_target_kept_waiting_for_a_cpu_is_not_killed_as_hung(short_tmp, monkey
     finally:
         sup.stop()
     assert [r.reason for r in recs] == ["start"]
+
+
+def test_a_kept_recovery_holds_the_counts_and_a_bounded_sample_of_ids():
+    from csi_spdk.agent.supervisor import KEPT_IDS, _kept
+    report = {"created": {"subsystems": [f"nqn-{i}" for i in range(3 * KEPT_IDS)], "hosts": []},
+              "removed": {"hosts": ["h"]}, "fixed": 3 * KEPT_IDS + 1,
+              "failed": [{"object": f"ns {i}", "error": "e"} for i in range(2 * KEPT_IDS)]}
+    kept = _kept(report)
+    assert kept["counts"] == {"created": {"subsystems": 3 * KEPT_IDS, "hosts": 0},
+                              "removed": {"hosts": 1}, "failed": 2 * KEPT_IDS}
+    assert kept["created"]["subsystems"] == report["created"]["subsystems"][:KEPT_IDS]
+    assert kept["failed"] == report["failed"][:KEPT_IDS] and kept["removed"] == {"hosts": ["h"]}
+    assert kept["fixed"] == 3 * KEPT_IDS + 1 and _kept({}) == {}
