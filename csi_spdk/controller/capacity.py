@@ -5,12 +5,16 @@ per-lvstore provisioned bytes (volume sizes + clusters held by snapshots)
 are kept so that no CreateVolume waits on a scan; they are re-read off the
 request path (``_refresh_loop``) every ``PROVISIONED_TTL`` seconds and right
 after a snapshot change. What makes them safe to admit with is in
-``Target``'s docstring (target.py). A mixin of ``Target``: it uses its
-``api``, ``name`` and ``lvstores()``.
+``Target``'s docstring (target.py). The same scan refreshes the kept
+volumes (``volumes.KeptVolumes``). A mixin of ``Target``: it uses its
+``api``, ``name``, ``lvstores()`` and the ``_volumes_*`` hooks of
+``KeptVolumes``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -32,6 +36,23 @@ PROVISIONED_TTL = 30.0
 # 1/SCAN_DUTY of the time: at 10,000 volumes a scan is long enough that every
 # 30 s would be felt by the calls that arrive during it
 SCAN_DUTY = 100.0
+
+
+def _libc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None    # not glibc: the memory stays with the process's allocator
+
+
+_TRIM = _libc_trim()
+
+
+def release_memory() -> None:
+    """After a scan: hand the heap it freed back to the system (glibc keeps
+    freed memory for reuse, so the RSS would stay at the scan's peak)."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class KeptCapacity:
@@ -82,11 +103,18 @@ class KeptCapacity:
     def _scan_provisioned_locked(self) -> None:
         with self._prov_lock:
             self._scan_deltas = {}
+            self._volumes_scan_started()
         now = time.monotonic()
         try:
             self._scan_parts(now)
+        except BaseException:
+            with self._prov_lock:
+                self._scan_deltas = None
+                self._volumes_scan_failed()
+            raise
         finally:
             self._last_scan = time.monotonic() - now
+            release_memory()
 
     def refresh_wait(self) -> float:
         """Seconds until the next periodic rescan: PROVISIONED_TTL, or longer
@@ -95,17 +123,27 @@ class KeptCapacity:
         return max(PROVISIONED_TTL, SCAN_DUTY * self._last_scan)
 
     def _scan_parts(self, now: float) -> None:
+        """One bdev_get_bdevs, decoded one bdev at a time: the provisioned
+        parts of every lvstore and the volumes of the driver's lvstores
+        (``volumes.KeptVolumes``); nothing else of the reply is kept."""
         parts: dict[str, list[int]] = {}
+        found: dict = {}
+        allowed = set(self.cfg.lvstores)
         from .target import Lvol  # (target.py builds on this module)
-        for bdev in self.api.bdevs():
+
+        def one(bdev: dict) -> None:
             lv = Lvol.from_bdev(bdev)
             if lv is None:
-                continue
+                return None
             part = parts.setdefault(lv.lvstore, [0, 0])
             if lv.holds_clusters_only:
                 part[1] += lv.allocated_clusters
             else:
                 part[0] += lv.size
+            if lv.is_volume and (not allowed or lv.lvstore in allowed):
+                found[lv.uuid] = lv
+            return None
+        self.api.bdevs(each=one)
         with self._prov_lock:
             deltas, self._scan_deltas = self._scan_deltas or {}, None
             self._prov = {name: (now, b + max(0, deltas.get(name, 0)), c)
@@ -113,6 +151,7 @@ class KeptCapacity:
             for name, d in deltas.items():
                 if name not in self._prov and d > 0:
                     self._prov[name] = (now, d, 0)
+            self._volumes_scanned(found, now)
 
     def _refresh_loop(self) -> None:
         """Off the request path: rescan when asked (a snapshot changed what

@@ -75,13 +75,13 @@ class NvmfExporter:
     def exported_hosts(self, only: set[str] | None = None) -> dict[str, list[str]]:
         """lvol uuid -> allowed host NQNs, for every volume subsystem (one RPC;
         ``only``: just these uuids, so a page keeps what it shows)."""
-        out: dict[str, list[str]] = {}
-        for sub in self.api.subsystems():
+        def one(sub: dict) -> tuple[str, list[str]] | None:
             nqn = sub.get("nqn", "")
             uuid = nqn[len(contract.NQN_PREFIX):]
             if nqn.startswith(contract.NQN_PREFIX) and (only is None or uuid in only):
-                out[uuid] = self.hosts_of(sub)
-        return out
+                return uuid, self.hosts_of(sub)
+            return None
+        return dict(self.api.subsystems(each=one))   # (decoded one subsystem at a time)
 
     def publish_context(self, lvol_uuid: str, tls: bool = False) -> dict[str, str]:
         t = self.target

@@ -3,9 +3,12 @@ GetCapacity, and the CSI Volume message every answer builds from an lvol.
 
 A mixin of ``ControllerServicer`` (service.py): it reads ``self.targets``,
 ``self.health``, ``self.config`` and the node-id hints (``self._hints``,
-``self._node_ids``) the service keeps. Every answer is derived from what SPDK
-reports at the time of the call (docs/DESIGN.md "Where each CSI answer comes
-from"); these RPCs change nothing, so a retry is always safe.
+``self._node_ids``) the service keeps. ControllerGetVolume reads SPDK at the
+time of the call; ListVolumes and GetCapacity answer from what each target
+keeps (its volumes and provisioned bytes, refreshed off the request path,
+docs/DESIGN.md "At scale") plus one read of the lvstores and, for
+ListVolumes, the page's subsystems. These RPCs change nothing, so a retry is
+always safe.
 """
 
 from __future__ import annotations
@@ -19,11 +22,33 @@ from ..errors import InvalidArgument, require
 from ..proto import csi_pb2
 from ..rpc import rpc
 from ..spdk.errors import SpdkTransportError
-from ..spdk.intents import is_volume
+from ..spdk.intents import parallel
 from . import placement, qos
 from .requests import parse_params
 from .snapshots import paginate
 from .target import Lvol, Target
+
+# A page's subsystems are read one by one (together, this many at a time, so
+# other calls keep connections) up to PAGE_SUBSYSTEMS volumes on a target;
+# a bigger page (an unpaged ListVolumes) reads the subsystem listing once.
+PAGE_LOOKUPS = 16
+PAGE_SUBSYSTEMS = 1024
+
+
+def _hosts_of(target: Target, uuids: list[str]) -> dict[str, list[str]]:
+    """lvol uuid -> allowed host NQNs of these volumes (none: unpublished)."""
+    if len(uuids) > PAGE_SUBSYSTEMS:
+        return target.exporter.exported_hosts(set(uuids))
+    out: dict[str, list[str]] = {}
+    for i in range(0, len(uuids), PAGE_LOOKUPS):
+        batch = uuids[i:i + PAGE_LOOKUPS]
+        for uuid, (sub, err) in zip(batch, parallel(
+                *(lambda u=u: target.exporter.subsystem(u) for u in batch)), strict=True):
+            if err is not None:
+                raise err
+            if sub is not None:
+                out[uuid] = target.exporter.hosts_of(sub)
+    return out
 
 
 def _topology(target: Target) -> list[csi_pb2.Topology]:
@@ -78,11 +103,15 @@ class VolumeReports:
 
     @rpc()
     def ListVolumes(self, request, context):
-        """A scan of every target (lvol bdevs, lvstores and subsystems: three
-        RPCs each), in volume id order; the token is the last id returned, so
-        pages stay consistent when volumes come and go between calls. Only
-        the page is kept and built (``max_entries`` + 1 ids while scanning,
-        not every volume of every target): memory follows the page size."""
+        """The volumes each target keeps (``volumes.KeptVolumes``: no scan
+        per page, only the first call of a process waits for one), in volume
+        id order; the token is the last id returned, so a volume that exists
+        throughout is listed exactly once however volumes come and go between
+        pages, and a token that is no volume id is ABORTED. Per page: one
+        lvstore read per target and the subsystem of each volume on it (read
+        together, ``PAGE_LOOKUPS`` at a time), so published nodes and
+        conditions are current. Only the page is built: memory follows the
+        page size."""
         if request.max_entries < 0:
             raise InvalidArgument("max_entries must not be negative")
         start = request.starting_token
@@ -98,8 +127,8 @@ class VolumeReports:
         for _, target, lv in page:
             if target.name not in seen:   # read once per target with volumes on the page
                 seen[target.name] = ({s["uuid"] for s in target.api.lvstores()},
-                                     target.exporter.exported_hosts(
-                                         {e[2].uuid for e in page if e[1] is target}))
+                                     _hosts_of(target, [e[2].uuid for e in page
+                                                        if e[1] is target]))
             stores, exported = seen[target.name]
             status = csi_pb2.ListVolumesResponse.VolumeStatus(
                 published_node_ids=self._node_list(exported.get(lv.uuid, [])),
@@ -109,13 +138,14 @@ class VolumeReports:
         return csi_pb2.ListVolumesResponse(entries=out, next_token=token)
 
     def _page(self, after: str, keep: int) -> list[tuple[str, Target, Lvol]]:
-        """(volume id, target, lvol) of the volumes after ``after``, in id
-        order: the first ``keep`` only (0: all), picked while scanning."""
+        """(volume id, target, lvol) of the kept volumes after ``after``, in id
+        order: the first ``keep`` only (0: all)."""
         def volumes():
             for target in self.targets.values():
-                for lv in target.iter_lvols(lambda b, t=target: is_volume(b) and str(
-                        contract.ObjectId(t.name, b.get("uuid") or b["name"])) > after):
-                    yield str(contract.ObjectId(target.name, lv.uuid)), target, lv
+                for lv in target.kept_volumes():
+                    vid = str(contract.ObjectId(target.name, lv.uuid))
+                    if vid > after:
+                        yield vid, target, lv
         key = lambda e: e[0]  # noqa: E731
         if keep:
             return heapq.nsmallest(keep, volumes(), key=key)
@@ -148,7 +178,11 @@ class VolumeReports:
     def GetCapacity(self, request, context):
         """Free bytes (thick) or overcommit headroom (thin) of the lvstores that
         the parameters and the topology segment select; also refreshes the
-        lvstore gauges."""
+        lvstore gauges. One lvstore read per target (free clusters as SPDK
+        has them now) and the kept provisioned bytes (no scan: the driver's
+        own changes counted at once, a snapshot at its source's full size,
+        anything done behind its back from the next rescan; docs/DESIGN.md
+        "At scale")."""
         params = parse_params(request.parameters, self.config)
         segment = dict(request.accessible_topology.segments) \
             if request.HasField("accessible_topology") else {}
@@ -162,7 +196,7 @@ class VolumeReports:
             for lvs in target.lvstores():
                 if params.lvstore and lvs["name"] != params.lvstore:
                     continue
-                pool = target.pool(lvs, max_age=0.0)
+                pool = target.pool(lvs)   # kept provisioned bytes: no scan
                 room = pool.available(params.thin, ratio)
                 available += room
                 largest = max(largest, placement.align_down(room, pool.cluster_size))

@@ -220,6 +220,7 @@ class ControllerServicer(SnapshotService, VolumeReports, csi_pb2_grpc.Controller
         # Clones and restores too: SPDK does not copy QoS to a clone, and the new
         # volume gets its own request's limits, not its source's.
         lv.qos = qos.apply(target, lv.uuid, params.qos, lv.qos)
+        target.volume_kept(lv)   # ListVolumes shows it at once (volumes.py)
         return self._volume_response(target, lv, params, source, request.name,
                                      request.secrets)
 
@@ -249,6 +250,7 @@ class ControllerServicer(SnapshotService, VolumeReports, csi_pb2_grpc.Controller
         except IntentError as ierr:
             raise delete_refusal(request.volume_id, ierr, self._node_names) from None
         reclaim_after_delete(self.targets, target, found)
+        target.volume_gone(oid.lvol_uuid)   # ListVolumes stops showing it (volumes.py)
         self.auth.deleted(target.name, oid.lvol_uuid)
         self.encryption.deleted(target.api, oid.lvol_uuid, stacked)
         return csi_pb2.DeleteVolumeResponse()
@@ -387,6 +389,9 @@ class ControllerServicer(SnapshotService, VolumeReports, csi_pb2_grpc.Controller
                 capacity_bytes=lv.size, node_expansion_required=node_expansion)
         size = grow(self.targets, target, lv, volume_id=request.volume_id, required=required,
                     limit=limit, overcommit=self.config.thin_overcommit_ratio)
+        if size != lv.size:
+            lv.size = size
+            target.volume_kept(lv)
         return csi_pb2.ControllerExpandVolumeResponse(
             capacity_bytes=size, node_expansion_required=node_expansion)
 
@@ -399,7 +404,8 @@ class ControllerServicer(SnapshotService, VolumeReports, csi_pb2_grpc.Controller
         require(request.mutable_parameters, "mutable_parameters")
         wanted = qos.parse_mutable(request.mutable_parameters, IMMUTABLE_KEYS)
         target, lv = self.targets.volume(request.volume_id)
-        qos.apply(target, lv.uuid, wanted, lv.qos)
+        lv.qos = qos.apply(target, lv.uuid, wanted, lv.qos)
+        target.volume_kept(lv)
         qos.release_hold(target, lv.uuid)
         return csi_pb2.ControllerModifyVolumeResponse()
 

@@ -20,6 +20,7 @@ Concurrency: safe to share between threads; callers hold the per-volume locks.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,13 +34,20 @@ from . import qos
 from .capacity import KeptCapacity
 from .config import TargetConfig
 from .export import NvmfExporter
+from .volumes import KeptVolumes
 
 MARK_BYTES = 1024 * 1024  # a deleted-snapshot marker's size (thin: no cluster is used)
 
 
-@dataclass
+# the QoS of an lvol with no limit (most): one shared value, never mutated
+# (a change assigns a new dict), so 10,000 kept volumes do not hold 10,000
+NO_QOS = qos.full({})
+
+
+@dataclass(slots=True)
 class Lvol:
-    """An lvol as SPDK reports it in bdev_get_bdevs."""
+    """An lvol as SPDK reports it in bdev_get_bdevs (slots: the controller
+    keeps one per volume, see ``volumes.KeptVolumes``)."""
 
     uuid: str
     name: str
@@ -52,7 +60,7 @@ class Lvol:
     base_snapshot: str | None = None
     clones: list[str] = field(default_factory=list)
     # limits in force (assigned_rate_limits); a new lvol (the default) has none
-    qos: qos.Limits = field(default_factory=lambda: qos.full({}))
+    qos: qos.Limits = field(default_factory=lambda: NO_QOS)
     allocated_clusters: int = 0
 
     @property
@@ -68,13 +76,21 @@ class Lvol:
         if lv is None or not aliases or "/" not in aliases[0]:
             return None
         lvs, _, name = aliases[0].partition("/")
-        return cls(uuid=bdev.get("uuid") or bdev["name"], name=name, lvstore=lvs,
-                   lvs_uuid=lv.get("lvol_store_uuid", ""),
+        limits = qos.in_force(bdev)
+        # the lvstore's name and uuid are the same string for thousands of lvols
+        return cls(uuid=bdev.get("uuid") or bdev["name"], name=name, lvstore=sys.intern(lvs),
+                   lvs_uuid=sys.intern(lv.get("lvol_store_uuid", "")),
                    size=int(bdev.get("num_blocks", 0)) * int(bdev.get("block_size", 0)),
                    thin=bool(lv.get("thin_provision")), snapshot=bool(lv.get("snapshot")),
                    clone=bool(lv.get("clone")), base_snapshot=lv.get("base_snapshot"),
-                   clones=list(lv.get("clones") or []), qos=qos.in_force(bdev),
+                   clones=list(lv.get("clones") or []),
+                   qos=limits if any(limits.values()) else NO_QOS,
                    allocated_clusters=int(lv.get("num_allocated_clusters") or 0))
+
+    @property
+    def is_volume(self) -> bool:
+        """A CSI volume (not a snapshot, marker or internal lvol)."""
+        return contract.is_volume_lvol(self.name) and not self.snapshot
 
     @property
     def holds_clusters_only(self) -> bool:
@@ -99,9 +115,10 @@ def volumes_below(target_name: str, snap: Lvol, by_name: dict[str, Lvol]) -> lis
     return sorted(out)
 
 
-class Target(KeptCapacity):
+class Target(KeptCapacity, KeptVolumes):
     """One configured SPDK target with its API client and NVMe/TCP exporter
-    (its capacity figures: ``capacity.KeptCapacity``)."""
+    (its capacity figures: ``capacity.KeptCapacity``; its volumes, kept for
+    ListVolumes: ``volumes.KeptVolumes``; one scan refreshes both)."""
 
     def __init__(self, cfg: TargetConfig, api: SpdkApi) -> None:
         self.cfg = cfg
@@ -116,6 +133,7 @@ class Target(KeptCapacity):
         # error in it) since the last sweep: see take_unfinished
         self._unfinished = True
         self._init_capacity()
+        self._init_volumes()
 
     @property
     def name(self) -> str:
@@ -148,14 +166,16 @@ class Target(KeptCapacity):
 
     def iter_lvols(self, keep=None) -> Iterator[Lvol]:
         """The same scan, one lvol at a time; ``keep(bdev)`` filters before an
-        ``Lvol`` is built (ListVolumes keeps only its page)."""
+        ``Lvol`` is built. The reply is decoded one bdev at a time and only
+        the ``Lvol``s are held, never the whole reply."""
         allowed = set(self.cfg.lvstores)
-        for bdev in self.api.bdevs():
+
+        def one(bdev: dict) -> Lvol | None:
             if keep is not None and not keep(bdev):
-                continue
+                return None
             lv = Lvol.from_bdev(bdev)
-            if lv is not None and (not allowed or lv.lvstore in allowed):
-                yield lv
+            return lv if lv is not None and (not allowed or lv.lvstore in allowed) else None
+        yield from self.api.bdevs(each=one)
 
     # --- user-deleted snapshots and reclaim -------------------------------------
     def deleted_mark(self, snap: Lvol) -> Lvol | None:
@@ -320,10 +340,10 @@ class Target(KeptCapacity):
         """A publish creates the subsystem while it looks the lvol up
         (``intents.export``); a crash right there after finding no volume
         leaves a host-less subsystem of a uuid that is no volume: delete it."""
-        for sub in self.api.subsystems():
+        def hostless(sub: dict) -> str | None:   # (decoded one subsystem at a time)
             nqn = sub.get("nqn", "")
-            if not nqn.startswith(contract.NQN_PREFIX) or sub.get("hosts"):
-                continue
+            return nqn if nqn.startswith(contract.NQN_PREFIX) and not sub.get("hosts") else None
+        for nqn in self.api.subsystems(each=hostless):
             uuid = nqn[len(contract.NQN_PREFIX):]
             lv = by_uuid.get(uuid)
             if lv is not None and contract.is_volume_lvol(lv.name) and not lv.snapshot:
@@ -349,6 +369,7 @@ class Target(KeptCapacity):
             self.forget_provisioned()
         else:
             self.adjust_provisioned(lv.lvstore, -lv.size)
+            self.volume_gone(lv.uuid)
         self.reclaim(lv.lvstore, lv.base_snapshot)
 
     # --- thick volumes stay thick ------------------------------------------------

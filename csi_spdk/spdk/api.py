@@ -10,6 +10,7 @@ Concurrency: stateless; safe to share between threads (the client is).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .client import SpdkClient
@@ -22,8 +23,18 @@ class SpdkApi:
     def __init__(self, client: SpdkClient) -> None:
         self.client = client
 
-    def call(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
-        return self.client.call(method, params, timeout=timeout)
+    def call(self, method: str, params: dict | None = None, timeout: float | None = None,
+             each: Callable[[Any], Any] | None = None) -> Any:
+        """``each``: the result is an array; only ``each(element)`` of the
+        elements is kept (those that are not None). A client that can
+        (``streams``) decodes the reply one element at a time, so a listing
+        at 10,000 volumes is never held whole; others decode it, then map."""
+        if each is None:
+            return self.client.call(method, params, timeout=timeout)
+        if getattr(self.client, "streams", False):
+            return self.client.call(method, params, timeout=timeout, each=each)
+        found = self.client.call(method, params, timeout=timeout)
+        return [k for k in map(each, found or []) if k is not None]
 
     # --- intents (spdk/intents.py) ------------------------------------------
     @property
@@ -55,8 +66,11 @@ class SpdkApi:
             return None
         return found[0] if found else None
 
-    def bdevs(self) -> list[dict]:
-        return self.call("bdev_get_bdevs")
+    def bdevs(self, each: Callable[[dict], Any] | None = None) -> list:
+        """Every bdev; with ``each``, only what it keeps of each (see ``call``)."""
+        if each is None:
+            return self.call("bdev_get_bdevs")
+        return self.call("bdev_get_bdevs", each=each)
 
     def malloc_create(self, name: str, size_bytes: int, block_size: int = 4096) -> str:
         return self.call("bdev_malloc_create", {
@@ -143,8 +157,11 @@ class SpdkApi:
             return None
         return found[0] if found else None
 
-    def subsystems(self) -> list[dict]:
-        return self.call("nvmf_get_subsystems")
+    def subsystems(self, each: Callable[[dict], Any] | None = None) -> list:
+        """Every subsystem; with ``each``, only what it keeps of each."""
+        if each is None:
+            return self.call("nvmf_get_subsystems")
+        return self.call("nvmf_get_subsystems", each=each)
 
     def subsystem_create(self, nqn: str, serial_number: str, model_number: str,
                          max_namespaces: int = 1) -> None:

@@ -15,14 +15,17 @@ and raises the typed errors of ``spdk.errors``.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import metrics
@@ -86,6 +89,15 @@ class CrashHook:
 
 _CRASH = CrashHook.from_env()
 
+# How SPDK (and the simulator) start a reply whose result is an array: the
+# result's elements can then be decoded one at a time (``_Connection.call``'s
+# ``each``) instead of the whole reply at once.
+_ARRAY_HEAD = re.compile(r'\s*\{\s*"jsonrpc"\s*:\s*"2\.0"\s*,\s*"id"\s*:\s*(\d+)\s*,'
+                         r'\s*"result"\s*:\s*\[')
+_WS = re.compile(r"\s*")
+# a reply head longer than this that is not an array result is decoded whole
+_HEAD_MAX = 512
+
 
 def parse_address(address: str) -> tuple[int, Any]:
     """Map ``unix:///path``, ``/path`` or ``host:port`` to (family, sockaddr)."""
@@ -115,29 +127,91 @@ class _Connection:
         self.chunks: list[bytes] = []
         self.decoder = json.JSONDecoder()
 
-    def call(self, payload: bytes, deadline: float) -> dict:
+    def call(self, payload: bytes, deadline: float,
+             each: Callable[[Any], Any] | None = None) -> dict:
         """Send one request, read its reply.
 
         SPDK ends every reply with a newline (spdk-golden/README.md, "JSON-RPC
         framing"), so the reply is decoded only when a chunk ends with one:
         once per reply instead of once per 64 KiB chunk (a 16,000-lvol
         bdev_get_bdevs is ~250 chunks). A newline inside a formatted reply
-        just means one more attempt."""
+        just means one more attempt. ``each``: see ``_read_items``."""
         self.sock.settimeout(max(0.001, deadline - time.monotonic()))
         self.sock.sendall(payload)
+        if each is not None:
+            return self._read_items(deadline, each)
+        return self._read_whole(deadline)
+
+    def _read_whole(self, deadline: float) -> dict:
         while True:
             if self.chunks and self.chunks[-1].endswith(b"\n"):
                 reply = self._decode()
                 if reply is not None:
                     return reply
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no complete reply before the deadline")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("SPDK closed the connection")
-            self.chunks.append(chunk)
+            self.chunks.append(self._recv(deadline))
+
+    def _recv(self, deadline: float) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no complete reply before the deadline")
+        self.sock.settimeout(remaining)
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("SPDK closed the connection")
+        return chunk
+
+    def _read_items(self, deadline: float, each: Callable[[Any], Any]) -> dict:
+        """A reply whose result is an array, decoded one element at a time as
+        the chunks arrive: ``each(element)`` is kept (None: dropped), so what
+        the caller keeps, not the whole reply, is what is held (a
+        bdev_get_bdevs of 20,000 lvols is ~25 MB of text and ~10 times that
+        as Python objects). Any other reply (an error, a result that is no
+        array) is decoded whole, ``each`` applied to an array result."""
+        utf8 = codecs.getincrementaldecoder("utf-8")()
+        buf = utf8.decode(b"".join(self.chunks))
+        self.chunks = []
+        head = None
+        while head is None:
+            head = _ARRAY_HEAD.match(buf)
+            if head is None and (len(buf) > _HEAD_MAX or buf.rstrip().endswith("}")):
+                self.chunks = [buf.encode()]
+                reply = self._read_whole(deadline)
+                if isinstance(reply.get("result"), list):
+                    reply["result"] = [k for k in map(each, reply["result"]) if k is not None]
+                return reply
+            if head is None:
+                buf += utf8.decode(self._recv(deadline))
+        items: list[Any] = []
+        pos = head.end()
+        while True:
+            while True:
+                pos = _WS.match(buf, pos).end()
+                if pos >= len(buf):
+                    break
+                c = buf[pos]
+                if c == ",":
+                    pos += 1
+                    continue
+                if c == "]":
+                    end = _WS.match(buf, pos + 1).end()
+                    if end >= len(buf):
+                        break              # the closing brace is still to come
+                    if buf[end] != "}":
+                        raise ConnectionError("malformed reply after the result array")
+                    rest = buf[end + 1:].strip()
+                    self.chunks = [rest.encode()] if rest else []
+                    return {"jsonrpc": "2.0", "id": int(head.group(1)), "result": items}
+                if c not in "{[":
+                    raise ConnectionError(f"unexpected {c!r} in a result array")
+                try:
+                    obj, pos = self.decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError:
+                    break                  # the element is not complete yet
+                kept = each(obj)
+                if kept is not None:
+                    items.append(kept)
+            buf, pos = buf[pos:], 0
+            buf += utf8.decode(self._recv(deadline))
 
     def _decode(self) -> dict | None:
         data = b"".join(self.chunks)
@@ -174,8 +248,15 @@ class SpdkClient:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(pool_size)
 
-    def call(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
-        """Send one request and return its ``result``; raise a typed error otherwise."""
+    streams = True   # ``call`` takes ``each`` (SpdkApi uses it for the listings)
+
+    def call(self, method: str, params: dict | None = None, timeout: float | None = None,
+             each: Callable[[Any], Any] | None = None) -> Any:
+        """Send one request and return its ``result``; raise a typed error otherwise.
+
+        ``each``: the result is an array; keep ``each(element)`` of every
+        element that is not None, decoding one element at a time (the reply
+        is never held whole)."""
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         request: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": next(self._ids)}
         if params is not None:
@@ -187,7 +268,7 @@ class SpdkClient:
             raise SpdkTransportError(self.address, method, "all connections busy until timeout")
         nth = _CRASH.before(method) if _CRASH is not None else 0
         try:
-            reply = self._exchange(method, payload, deadline)
+            reply = self._exchange(method, payload, deadline, each)
             if _CRASH is not None:
                 _CRASH.after(method, nth)
             if reply.get("id") != request["id"]:
@@ -202,12 +283,13 @@ class SpdkClient:
             self._slots.release()
             metrics.SPDK_LATENCY.labels(method, outcome).observe(time.monotonic() - start)
 
-    def _exchange(self, method: str, payload: bytes, deadline: float) -> dict:
+    def _exchange(self, method: str, payload: bytes, deadline: float,
+                  each: Callable[[Any], Any] | None = None) -> dict:
         """Run one request on a pooled connection; retry once on a stale idle one."""
         for attempt in (0, 1):
             conn, reused = self._checkout(method, deadline)
             try:
-                reply = conn.call(payload, deadline)
+                reply = conn.call(payload, deadline, each)
             except (BrokenPipeError, ConnectionResetError, ConnectionError) as err:
                 conn.close()
                 # A pooled connection may have died with a restarted target; so

@@ -80,13 +80,13 @@ class FlakyApi(SpdkApi):
         self.count = 0
         self.log: list[str] = []
 
-    def call(self, method, params=None, timeout=None):
+    def call(self, method, params=None, timeout=None, **kw):
         if any(w in method for w in MUTATING) and method != "bdev_get_bdevs":
             self.count += 1
             if self.fail_at and self.count == self.fail_at:
                 raise Crash(method)
         self.log.append(method)
-        return super().call(method, params, timeout)
+        return super().call(method, params, timeout, **kw)
 
     def arm(self, n: int) -> None:
         self.fail_at, self.count = n, 0

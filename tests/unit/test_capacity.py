@@ -68,12 +68,12 @@ def no_mutations(env, monkeypatch) -> list[str]:
     seen: list[str] = []
     real = env.t0.api.call
 
-    def guarded(method, params=None, timeout=None):
+    def guarded(method, params=None, timeout=None, **kw):
         if method.startswith(("bdev_lvol_create", "bdev_lvol_resize", "bdev_lvol_snapshot",
                               "bdev_lvol_clone", "bdev_lvol_inflate")):
             seen.append(method)
             raise AssertionError(f"{method} called for a request that cannot be met")
-        return real(method, params, timeout)
+        return real(method, params, timeout, **kw)
 
     monkeypatch.setattr(env.t0.api, "call", guarded)
     return seen
@@ -318,9 +318,9 @@ def test_request_path_never_scans(tmp_path, monkeypatch):
         scans: list[str] = []
         real_bdevs = api.bdevs
 
-        def counting_bdevs():
+        def counting_bdevs(**kw):
             scans.append(threading.current_thread().name)
-            return real_bdevs()
+            return real_bdevs(**kw)
         monkeypatch.setattr(api, "bdevs", counting_bdevs)
         main = threading.current_thread().name
         for i in range(6):

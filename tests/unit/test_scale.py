@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import threading
 
+import grpc
 import pytest
 from controller_fixtures import REAL_RPC, MiB, call, create_req, make_env, publish_req, uuid_of
 
@@ -45,14 +46,14 @@ class Recorder:
         self._real = api.call
         api.call = self
 
-    def __call__(self, method, params=None, timeout=None):
+    def __call__(self, method, params=None, timeout=None, **kw):
         if threading.current_thread().name.startswith(BACKGROUND):
-            return self._real(method, params, timeout)   # off the request path
+            return self._real(method, params, timeout, **kw)   # off the request path
         one = bool(params) and any(k in params for k in ("name", "nqn"))
         if method == "bdev_lvol_get_lvols":
             one = bool(params)
         self.seen[(method, one or method not in {m for m, _ in LISTINGS})] += 1
-        return self._real(method, params, timeout)
+        return self._real(method, params, timeout, **kw)
 
     def take(self) -> dict:
         out, self.seen = dict(self.seen), collections.Counter()
@@ -207,38 +208,168 @@ def test_restarted_controller_drops_keys_a_previous_one_put(tmp_path):
         env.close()
 
 
-def test_list_volumes_pages_keep_only_the_page(tmp_path, monkeypatch):
-    """Every page costs the same three SPDK reads per target (lvol bdevs,
-    lvstores, subsystems), builds only its own entries (conditions, node
-    lists), and the pages together are every volume once, in id order, with
-    the nodes each is published to."""
+def _list_all(servicer, rec, per_page: int, between=None) -> tuple[list[str], list[dict]]:
+    """Every page of ListVolumes: the ids in order and each page's SPDK calls;
+    ``between(page_no, ids_so_far)`` runs between pages."""
+    token, seen, calls = "", [], []
+    while True:
+        r = call(servicer, "ListVolumes", csi_pb2.ListVolumesRequest(
+            max_entries=per_page, starting_token=token))
+        calls.append(rec.take())
+        seen += [e.volume.volume_id for e in r.entries]
+        token = r.next_token
+        if not token:
+            return seen, calls
+        if between is not None:
+            between(len(calls), seen)
+
+
+def test_list_volumes_pages_scan_nothing(tmp_path, monkeypatch):
+    """No page lists the bdevs or the subsystems (issue #12: at 10,000
+    volumes each such scan took seconds): a page reads the lvstores once
+    and the subsystem of each of its volumes, builds only its own entries
+    (conditions, node lists), and the pages together are every volume once,
+    in id order, with the nodes each is published to."""
     env = make_env(tmp_path, lvs_mib=256, ratio=1000.0, agent=False)
     try:
         made = _background(env, "none", 0, 23)
         node_of = {v: f"node-{i}" for i, v in enumerate(made)}
-        ids = sorted(made)
         built = []
         real = env.servicer._condition
         monkeypatch.setattr(env.servicer, "_condition",
                             lambda *a: built.append(a[1].uuid) or real(*a))
         rec = Recorder(env.t0.api)
-        token, seen, pages = "", [], 0
-        while True:
-            built.clear()
-            r = call(env.servicer, "ListVolumes", csi_pb2.ListVolumesRequest(
-                max_entries=5, starting_token=token))
-            calls = rec.take()
-            assert calls == {("bdev_get_bdevs", False): 1, ("bdev_lvol_get_lvstores", True): 1,
-                             ("nvmf_get_subsystems", False): 1}, calls
-            assert len(built) == len(r.entries) <= 5
-            for e in r.entries:
-                assert list(e.status.published_node_ids) == [node_of[e.volume.volume_id]]
-                assert e.volume.capacity_bytes == MiB and not e.status.volume_condition.abnormal
-            seen += [e.volume.volume_id for e in r.entries]
-            pages, token = pages + 1, r.next_token
-            if not token:
-                break
-        assert seen == ids and pages == 5
+        seen, calls = _list_all(env.servicer, rec, 5)
+        assert seen == sorted(made) and len(calls) == 5
+        sizes = [5, 5, 5, 5, 3]
+        for got, n in zip(calls, sizes, strict=True):
+            assert got == {("bdev_lvol_get_lvstores", True): 1,
+                           ("nvmf_get_subsystems", True): n}, got
+        assert len(built) == len(made)
+        r = call(env.servicer, "ListVolumes", csi_pb2.ListVolumesRequest(max_entries=50))
+        for e in r.entries:
+            assert list(e.status.published_node_ids) == [node_of[e.volume.volume_id]]
+            assert e.volume.capacity_bytes == MiB and not e.status.volume_condition.abnormal
+            assert e.volume.volume_context["lvolUuid"] == uuid_of(e.volume.volume_id) \
+                if "lvolUuid" in e.volume.volume_context else True
+        # unpublished: no node; an unpaged listing reads the same way
+        call(env.servicer, "ControllerUnpublishVolume", csi_pb2.ControllerUnpublishVolumeRequest(
+            volume_id=made[0], node_id="node-0"))
+        rec.take()
+        r = call(env.servicer, "ListVolumes", csi_pb2.ListVolumesRequest())
+        by_id = {e.volume.volume_id: e for e in r.entries}
+        assert sorted(by_id) == sorted(made)
+        assert list(by_id[made[0]].status.published_node_ids) == []
+        assert list(by_id[made[1]].status.published_node_ids) == [node_of[made[1]]]
+        assert not [k for k in rec.take() if k in LISTINGS]
+    finally:
+        env.close()
+
+
+def test_list_volumes_between_pages(tmp_path):
+    """Volumes made and deleted by the controller between pages: a volume
+    that exists throughout is listed exactly once, a new one after the
+    cursor shows, a deleted one is not listed any more, the token of a
+    deleted volume still pages on, and a token that is no volume id is
+    ABORTED."""
+    from controller_fixtures import expect_code
+
+    env = make_env(tmp_path, lvs_mib=256, ratio=1000.0, agent=False)
+    try:
+        order = _background(env, "none", 0, 12)
+        node_of = {v: f"node-{i}" for i, v in enumerate(order)}
+        made = sorted(order)
+        rec = Recorder(env.t0.api)
+        extra: list[str] = []
+        gone: list[str] = []
+
+        def between(page: int, seen: list[str]) -> None:
+            if page == 1:
+                v = call(env.servicer, "CreateVolume",
+                         create_req("late", MiB, params=_params("none"))).volume.volume_id
+                extra.append(v)
+                # the last one listed goes: its id (the token) still pages on
+                last = seen[-1]
+                call(env.servicer, "ControllerUnpublishVolume",
+                     csi_pb2.ControllerUnpublishVolumeRequest(
+                         volume_id=last, node_id=node_of[last]))
+                call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=last))
+                # and one not listed yet
+                victim = made[-1]
+                call(env.servicer, "ControllerUnpublishVolume",
+                     csi_pb2.ControllerUnpublishVolumeRequest(
+                         volume_id=victim, node_id=node_of[victim]))
+                call(env.servicer, "DeleteVolume",
+                     csi_pb2.DeleteVolumeRequest(volume_id=victim))
+                gone.append(victim)
+                rec.take()   # (only the pages' own calls are looked at)
+        seen, calls = _list_all(env.servicer, rec, 4, between)
+        throughout = [v for v in made if v != made[-1]]
+        assert len(seen) == len(set(seen))
+        assert set(throughout) <= set(seen)
+        assert gone[0] not in seen
+        assert (extra[0] in seen) == (extra[0] > seen[3])   # after the cursor: shown
+        for c in calls:
+            assert not [k for k in c if k in LISTINGS], c
+        for bad in ("nonsense", "bench:not-a-uuid"):
+            expect_code(grpc.StatusCode.ABORTED, env.servicer, "ListVolumes",
+                        csi_pb2.ListVolumesRequest(max_entries=2, starting_token=bad))
+    finally:
+        env.close()
+
+
+def test_kept_volumes_follow_a_scan_and_changes_behind_the_controller(tmp_path, monkeypatch):
+    """What the controller keeps is reconciled by the rescan: an lvol made
+    behind its back shows after the next one, one deleted behind its back
+    goes; a create and a delete made while a scan runs (after SPDK
+    answered it, before the result is kept) are not lost by it; a new
+    controller process scans once, at its first ListVolumes, then pages
+    scan nothing."""
+    from csi_spdk import contract
+
+    env = make_env(tmp_path, lvs_mib=256, ratio=1000.0, agent=False)
+    try:
+        order = _background(env, "none", 0, 4)
+        made = sorted(order)
+        target = env.servicer.targets[env.t0.name]
+
+        def listed() -> list[str]:
+            r = call(env.servicer, "ListVolumes", csi_pb2.ListVolumesRequest())
+            return sorted(e.volume.volume_id for e in r.entries)
+        oob = env.t0.raw.lvol_create(env.t0.lvs, contract.volume_lvol_name("oob"), MiB, True)
+        oob_id = str(contract.ObjectId(env.t0.name, oob))
+        assert oob_id not in listed()                 # not rescanned yet
+        target._scan_provisioned()
+        assert oob_id in listed()
+        env.t0.raw.lvol_delete(oob)
+        assert oob_id in listed()
+        target._scan_provisioned()
+        assert oob_id not in listed()
+        # changes during a scan: SPDK answered the listing before them
+        real = target.api.bdevs
+        during: dict[str, str] = {}
+
+        def racing(**kw):
+            out = real(**kw)
+            during["new"] = call(env.servicer, "CreateVolume", create_req(
+                "during", MiB, params=_params("none"))).volume.volume_id
+            call(env.servicer, "ControllerUnpublishVolume",
+                 csi_pb2.ControllerUnpublishVolumeRequest(
+                     volume_id=made[0], node_id=f"node-{order.index(made[0])}"))
+            call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=made[0]))
+            return out
+        monkeypatch.setattr(target.api, "bdevs", racing)
+        target._scan_provisioned()
+        monkeypatch.undo()
+        assert listed() == sorted(made[1:] + [during["new"]])
+        # a new process: one scan at its first ListVolumes, none after
+        fresh = ControllerServicer(env.config, "csi-spdk.io",
+                                   apis={n: t.api for n, t in env.targets.items()},
+                                   secret_store=env.secrets)
+        rec = Recorder(env.t0.api)
+        _, calls = _list_all(fresh, rec, 2)
+        assert calls[0][("bdev_get_bdevs", False)] == 1
+        assert all(("bdev_get_bdevs", False) not in c for c in calls[1:])
     finally:
         env.close()
 
