@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -63,6 +65,10 @@ from csi_spdk.spdk.client import SpdkClient  # noqa: E402
 from csi_spdk.spdk.errors import SpdkNotFound  # noqa: E402
 
 MiB = 1024 * 1024
+# the NVMe/TCP port of the listeners (another target may hold 4420): --nvmf-port
+NVMF_PORT = 4420
+# a CSI call that has not answered by then is an error, not a silent hang
+CALL_DEADLINE = 600.0
 OPS = ("CreateVolume", "ControllerPublishVolume", "ControllerUnpublishVolume", "DeleteVolume")
 
 
@@ -162,7 +168,8 @@ class Stack:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.procs: list[subprocess.Popen] = []
         self.agent_metrics = ""
-        target: dict = {"name": "bench", "nvmf": {"listenAddress": "127.0.0.1", "port": 4420},
+        target: dict = {"name": "bench",
+                        "nvmf": {"listenAddress": "127.0.0.1", "port": NVMF_PORT},
                         "lvstores": [lvs]}
         if agent:
             asock = f"/tmp/csi-bench-{tag}-agent.sock"
@@ -225,15 +232,18 @@ class Volumes:
             self.ids[i] = s.CreateVolume(csi_pb2.CreateVolumeRequest(
                 name=f"bench-{self.tag}-{i}", volume_capabilities=[cap()],
                 parameters={"thinProvision": "true", "auth": "none"},
-                capacity_range=csi_pb2.CapacityRange(required_bytes=MiB))).volume.volume_id
+                capacity_range=csi_pb2.CapacityRange(required_bytes=MiB)),
+                timeout=CALL_DEADLINE).volume.volume_id
         elif op == "ControllerPublishVolume":
             s.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
-                volume_id=self.ids[i], node_id=f"node-{i % 8}", volume_capability=cap()))
+                volume_id=self.ids[i], node_id=f"node-{i % 8}", volume_capability=cap()),
+                timeout=CALL_DEADLINE)
         elif op == "ControllerUnpublishVolume":
             s.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
-                volume_id=self.ids[i], node_id=f"node-{i % 8}"))
+                volume_id=self.ids[i], node_id=f"node-{i % 8}"), timeout=CALL_DEADLINE)
         else:
-            s.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=self.ids[i]))
+            s.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=self.ids[i]),
+                           timeout=CALL_DEADLINE)
 
 
 class Bare:
@@ -247,7 +257,7 @@ class Bare:
         self.lvs, self.tag, self.ids = lvs, tag, {}
         self.pool = ThreadPoolExecutor(3 * inflight)
         self.listen = {"trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1",
-                       "trsvcid": "4420"}
+                       "trsvcid": str(NVMF_PORT)}
         if not any(t.get("trtype", "").upper() == "TCP"
                    for t in self.client.call("nvmf_get_transports")):
             self.client.call("nvmf_create_transport", {"trtype": "TCP"})
@@ -356,6 +366,8 @@ def timing_pass(steppers: dict, n: int, spdk: str, at_scale=None,
                 t = time.perf_counter()
                 probe.call("spdk_get_version")
                 out["_period"][op].append(time.perf_counter() - t)
+            if (i + 1) % max(1, n // 10) == 0:
+                say(f"    {op} {i + 1}/{n}")   # where a run that dies stopped
         say(phase_line(op, out, n))   # as it goes: a 10,000-volume run is long
         if op == "ControllerPublishVolume" and at_scale is not None:
             at_scale(out)
@@ -370,21 +382,27 @@ def measure_at_scale(stack: Stack, tag: str):
         times["_rss"] = [rss_mib(stack.ctl.pid)] + (
             [rss_mib(stack.agent.pid)] if stack.agent_metrics else [])
         t = time.perf_counter()
-        pages, token, entries = 0, "", 0
+        pages, token, entries, page_t = 0, "", 0, []
         while True:
+            t1 = time.perf_counter()
             r = stack.stub.ListVolumes(csi_pb2.ListVolumesRequest(
-                max_entries=500, starting_token=token))
+                max_entries=500, starting_token=token), timeout=CALL_DEADLINE)
+            page_t.append(time.perf_counter() - t1)
             pages, entries, token = pages + 1, entries + len(r.entries), r.next_token
             if not token:
                 break
         times["_list"] = [time.perf_counter() - t, pages, entries]
+        times["_pages"] = page_t
         t = time.perf_counter()
-        stack.stub.ListVolumes(csi_pb2.ListVolumesRequest())
+        stack.stub.ListVolumes(csi_pb2.ListVolumesRequest(), timeout=CALL_DEADLINE)
         times["_list_all"] = [time.perf_counter() - t]
-        t = time.perf_counter()
-        stack.stub.GetCapacity(csi_pb2.GetCapacityRequest(parameters={
-            "thinProvision": "true"}))
-        times["_cap"] = [time.perf_counter() - t]
+        caps = []
+        for _ in range(5):
+            t = time.perf_counter()
+            stack.stub.GetCapacity(csi_pb2.GetCapacityRequest(parameters={
+                "thinProvision": "true"}), timeout=CALL_DEADLINE)
+            caps.append(time.perf_counter() - t)
+        times["_cap"] = [statistics.median(caps)]
         times["_rates"] = [throughput(lambda k: Volumes(stack.stub, f"{tag}s{k}"), 4 * k, k)
                            for k in (1, 8, 32)]
         times["_rss_after"] = [rss_mib(stack.ctl.pid), hwm_mib(stack.ctl.pid)]
@@ -470,7 +488,8 @@ def bench(n: int, real_rpc: str, agent: bool, tmp: Path) -> None:
             say(f"N={n}: at scale (ListVolumes, GetCapacity, RSS, volumes/s)")
             csi_at_scale(out["csi"])
             c = out["csi"]
-            say(f"  ListVolumes {c['_list'][0] * 1000:.0f} ms ({c['_list'][1]:.0f} pages), "
+            say(f"  ListVolumes {c['_list'][0] * 1000:.0f} ms ({c['_list'][1]:.0f} pages, p50 "
+                f"{_p50(c['_pages']):.0f} ms, first {c['_pages'][0] * 1000:.0f} ms), "
                 f"unpaged {c['_list_all'][0] * 1000:.0f} ms, GetCapacity "
                 f"{c['_cap'][0] * 1000:.0f} ms, RSS {c['_rss'][0]:.1f} MiB -> "
                 f"{c['_rss_after'][0]:.1f} (peak {c['_rss_after'][1]:.1f}); CSI lifecycles/s "
@@ -535,8 +554,10 @@ def report(n: int, real_rpc: str, agent: bool, counts: dict, hop: float,
         for i, r, br in zip((1, 8, 32), times["_rates"], bare["_rates"], strict=True)))
     lt, pages, entries = times["_list"]
     print(f"with {n} volumes published: ListVolumes {lt * 1000:.1f} ms for {pages:.0f} "
-          f"pages of 500 ({entries:.0f} entries), unpaged {times['_list_all'][0] * 1000:.1f} ms; "
-          f"GetCapacity {times['_cap'][0] * 1000:.1f} ms; controller RSS "
+          f"pages of 500 ({entries:.0f} entries; a page p50 {_p50(times['_pages']):.1f} ms, "
+          f"max {max(times['_pages']) * 1000:.1f} ms), unpaged "
+          f"{times['_list_all'][0] * 1000:.1f} ms; "
+          f"GetCapacity {times['_cap'][0] * 1000:.1f} ms (p50 of 5); controller RSS "
           f"{times['_rss'][0]:.1f} MiB (after the throughput runs "
           f"{times['_rss_after'][0]:.1f}, peak {times['_rss_after'][1]:.1f})"
           + (f", agent RSS {times['_rss'][1]:.1f} MiB" if agent else ""))
@@ -548,7 +569,12 @@ def main() -> int:
     ap.add_argument("--rpc", default=os.environ.get("CSI_SPDK_TEST_RPC", ""),
                     help="a real spdk_tgt RPC socket (default: simulator)")
     ap.add_argument("--agent", action="store_true", help="the controller goes through an agent")
+    ap.add_argument("--nvmf-port", type=int, default=NVMF_PORT,
+                    help="NVMe/TCP port of the listeners (default 4420)")
     args = ap.parse_args()
+    globals()["NVMF_PORT"] = args.nvmf_port
+    # a run killed from outside says so, with where each thread was
+    faulthandler.register(signal.SIGTERM, chain=True)
     for n in args.volumes:
         with tempfile.TemporaryDirectory(prefix="csi-bench-", dir="/tmp") as tmp:
             bench(n, args.rpc.removeprefix("unix://"), args.agent, Path(tmp))
