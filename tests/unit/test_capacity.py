@@ -26,6 +26,7 @@ from csi_spdk.proto import csi_pb2
 
 C = grpc.StatusCode
 THIN = {"thinProvision": "true"}
+THICK = {"thinProvision": "false"}
 HUGE = 2**63 - 1
 pytestmark = pytest.mark.skipif(bool(REAL_RPC), reason="needs the simulator's write path")
 
@@ -399,7 +400,7 @@ def test_a_delete_gives_its_size_back_to_the_kept_figures(tmp_path, monkeypatch)
         assert target.provisioned(lvs(env)) == 16 * MiB
         scans: list[int] = []
         real_bdevs = target.api.bdevs
-        monkeypatch.setattr(target.api, "bdevs", lambda: scans.append(1) or real_bdevs())
+        monkeypatch.setattr(target.api, "bdevs", lambda **kw: scans.append(1) or real_bdevs(**kw))
         c = call(env.servicer, "CreateVolume", create_req("c", 100 * MiB, params=THIN)).volume
         assert scans == []                     # 16 + 100 <= 2 x 64 on the kept figures
         b = env.t0.raw.bdev_get(uuid_of(c.volume_id))
@@ -525,3 +526,116 @@ def test_thick_clone_of_a_thin_volume_retried_answers_the_same_volume(env1):
                                        contract.volume_lvol_name("c")])
     lv = env1.t0.raw.bdev_get(uuid_of(clone.volume_id))["driver_specific"]["lvol"]
     assert lv["thin_provision"] is False and lv["num_allocated_clusters"] == 8
+
+
+def _truth(env, ratio: float) -> tuple[int, int]:
+    """(thin room, thick room) from SPDK itself, with a full scan: the
+    lvstore's total x ratio less every volume's size and the clusters
+    snapshots and markers hold; free clusters (and at ratio <= 1 the thin
+    promises too) for thick."""
+    lvs = env.t0.raw.lvstores(env.t0.lvs)[0]
+    cluster = int(lvs["cluster_size"])
+    total = int(lvs["total_data_clusters"]) * cluster
+    free = int(lvs["free_clusters"]) * cluster
+    provisioned = 0
+    for b in env.t0.raw.bdevs():
+        lv = (b.get("driver_specific") or {}).get("lvol")
+        if lv is None or not b["aliases"][0].startswith(f"{env.t0.lvs}/"):
+            continue
+        name = b["aliases"][0].split("/", 1)[1]
+        if lv.get("snapshot") or name.startswith(contract.MARKER_PREFIXES):
+            provisioned += int(lv["num_allocated_clusters"]) * cluster
+        else:
+            provisioned += int(b["num_blocks"]) * int(b["block_size"])
+    thin = max(0, int(total * ratio) - provisioned)
+    thick = max(0, min(free, total - provisioned)) if ratio <= 1.0 else free
+    return thin, thick
+
+
+@pytest.mark.parametrize("ratio", [1.0, 3.0])
+def test_kept_figures_never_report_more_room_than_spdk_has(tmp_path, monkeypatch, ratio):
+    """Capacity never lies, from kept figures (issue #12: GetCapacity makes
+    no scan). After every step of creates (thin, thick), writes, deletes,
+    snapshots and clones, GetCapacity's thin and thick room is at most what
+    a full scan of SPDK gives; an lvol made behind the controller's back
+    takes thick room at once (free clusters are read fresh) and its size
+    counts from the next rescan, which makes the figures SPDK's again; and
+    no GetCapacity lists the bdevs on its thread."""
+    import threading
+
+    env = make_env(tmp_path, lvs_mib=64, ratio=ratio, agent=False)
+    try:
+        s = env.servicer
+        target = s.targets[env.t0.name]
+        scans: list[str] = []
+        real_bdevs = target.api.bdevs
+
+        def counting(**kw):
+            scans.append(threading.current_thread().name)
+            return real_bdevs(**kw)
+        monkeypatch.setattr(target.api, "bdevs", counting)
+
+        def check(step: str, exact: bool = False) -> None:
+            thin, thick = capacity(env, THIN)[0], capacity(env, THICK)[0]
+            want_thin, want_thick = _truth(env, ratio)
+            assert thin <= want_thin and thick <= want_thick, (step, thin, want_thin,
+                                                                thick, want_thick)
+            if exact:
+                assert (thin, thick) == (want_thin, want_thick), step
+        main = threading.current_thread().name
+        call(s, "CreateVolume", create_req("warm", 4 * MiB, params=THIN))
+        scans.clear()
+        check("start", exact=True)
+        a = call(s, "CreateVolume", create_req("a", 12 * MiB, params=THIN)).volume
+        check("thin create")
+        b = call(s, "CreateVolume", create_req("b", 8 * MiB)).volume
+        check("thick create")
+        fill(env, a.volume_id, 6 * MiB)
+        check("writes into the thin volume")
+        snap = snapshot(env, "sa", a.volume_id)
+        check("snapshot of the thin volume")
+        snapshot(env, "sb", b.volume_id)
+        check("snapshot of the thick volume (inflated back)")
+        clone = call(s, "CreateVolume", create_req(
+            "c", 12 * MiB, params=THIN, snapshot=snap.snapshot_id)).volume
+        check("clone")
+        call(s, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=a.volume_id))
+        check("delete of the snapshot's source")
+        call(s, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=clone.volume_id))
+        check("delete of the clone")
+        assert main not in scans
+        # behind the controller's back: a thin and a thick lvol
+        env.t0.raw.lvol_create(env.t0.lvs, "oob-thin", 16 * MiB, True)
+        env.t0.raw.lvol_create(env.t0.lvs, "oob-thick", 6 * MiB, False)
+        # SPDK's free clusters are read fresh: never more thick room than them
+        # (the thin promises of the out-of-band lvol count from the rescan)
+        free = env.t0.raw.lvstores(env.t0.lvs)[0]["free_clusters"] * MiB
+        assert capacity(env, THICK)[0] <= free
+        assert main not in scans
+        target._scan_provisioned()
+        check("rescan after the out-of-band lvols", exact=True)
+    finally:
+        env.close()
+
+
+def test_stale_cache_never_admits_a_thick_volume_after_an_out_of_band_lvol(tmp_path):
+    """An lvol made behind the controller's back took free clusters it
+    does not know of: a thick CreateVolume beyond SPDK's real room is
+    RESOURCE_EXHAUSTED with nothing created (SPDK refuses it, and the
+    refusal re-reads the lvstore), one within it is made and writable."""
+    env = make_env(tmp_path, lvs_mib=64, ratio=1.0)
+    try:
+        call(env.servicer, "CreateVolume", create_req("warm", 4 * MiB))
+        target = env.servicer.targets[env.t0.name]
+        kept_free = target.cached_lvstores()[0]["free_clusters"]
+        env.t0.raw.lvol_create(env.t0.lvs, "oob", 40 * MiB, False)
+        real_free = env.t0.raw.lvstores(env.t0.lvs)[0]["free_clusters"]
+        assert kept_free >= real_free + 40
+        expect_code(C.RESOURCE_EXHAUSTED, env.servicer, "CreateVolume",
+                    create_req("big", (real_free + 4) * MiB))
+        assert env.t0.raw.bdev_get(f"{env.t0.lvs}/{contract.volume_lvol_name('big')}") is None
+        assert capacity(env, THICK)[0] <= real_free * MiB
+        ok = call(env.servicer, "CreateVolume", create_req("fits", (real_free - 2) * MiB)).volume
+        fill(env, ok.volume_id, (real_free - 2) * MiB)
+    finally:
+        env.close()
