@@ -210,9 +210,12 @@ def bench(n: int, spdk: str, inflight: int, port: int, tmp: Path) -> None:
             stack.stop()
         with contextlib.suppress(Exception):
             ours = {lv["uuid"] for lv in api.call("bdev_lvol_get_lvols", {"lvs_name": lvs})}
-            for nqn in api.call("nvmf_get_subsystems", each=lambda s: s["nqn"] if s["nqn"][
-                    len(contract.NQN_PREFIX):] in ours else None):   # (only this run's)
-                api.call("nvmf_delete_subsystem", {"nqn": nqn})
+            nqns = api.call("nvmf_get_subsystems", each=lambda s: s["nqn"] if s["nqn"][
+                len(contract.NQN_PREFIX):] in ours else None)   # (only this run's)
+            gone = SpdkClient(spdk, timeout=600, pool_size=inflight, idle=inflight)
+            with ThreadPoolExecutor(inflight) as pool:   # together: N serial calls take long
+                list(pool.map(lambda q: gone.call("nvmf_delete_subsystem", {"nqn": q}), nqns))
+            gone.close()
             api.call("bdev_lvol_delete_lvstore", {"lvs_name": lvs})
             api.call("bdev_malloc_delete", {"name": malloc})
         api.close()
