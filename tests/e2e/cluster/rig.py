@@ -120,6 +120,12 @@ def chart_values(imgs: images_mod.Images, agent_port: int, nvme_port: int) -> di
     return {
         "images": imgs.values,
         "controller": {"replicas": 1, "probes": RIG_PROBES,
+                       # with two TCG nodes on two cores an apiserver round
+                       # trip from the node took over 10 s: every sidecar
+                       # lost its lease ("Failed to renew lease: context
+                       # deadline exceeded"), exited and crash-looped
+                       "leaderElection": {"leaseDuration": "120s", "renewDeadline": "90s",
+                                          "retryPeriod": "20s"},
                        "extraArgs": {"livenessProbe": LIVENESS_ARGS},
                        "nodeSelector": {"kubernetes.io/hostname": STORAGE_NODE,
                                         CONTROLLER_LABEL: "true"}},
