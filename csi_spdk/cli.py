@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
     p.add_argument("--topology", action="append", default=[], metavar="KEY=VALUE",
                    help="extra topology segment label (repeatable)")
+    p.add_argument("--acks", choices=["auto", "on", "off"], default="auto",
+                   help="acknowledge rotated keys in ConfigMap csi-spdk-node-<node> (auto: "
+                        "when a ServiceAccount token or $KUBECONFIG is there)")
+    p.add_argument("--acks-namespace", default="",
+                   help="the driver's namespace for those ConfigMaps (default $POD_NAMESPACE)")
     p.set_defaults(impl="csi_spdk.node.main:run")
 
     p = sub.add_parser("agent", help="serve the storage agent beside spdk_tgt (the controller's "
@@ -274,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-type", choices=["mount", "block"], default="mount",
                    help="how the volumes are staged on the nodes (their capability)")
     p.add_argument("--fs-type", default="", help="their filesystem (mount)")
+    p.add_argument("--node-timeout", type=_seconds, default=300.0,
+                   help="seconds to wait for the nodes' acknowledgements of each step "
+                        "(kubelet republishes about once a minute); then the rotation "
+                        "stays pending and a rerun resumes it")
     _common(p)
     p.set_defaults(impl="csi_spdk.controller.rotate_cli:main")
 

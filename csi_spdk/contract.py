@@ -267,6 +267,57 @@ SECRET_DHCHAP_CTRL_KEY = "dhchapCtrlKey"  # DHHC-1:... the controller's (bidirec
 SECRET_TLS_PSK = "tlsPsk"                # NVMeTLSkey-1:... configured PSK
 SECRET_KEYS = (SECRET_DHCHAP_KEY, SECRET_DHCHAP_CTRL_KEY, SECRET_TLS_PSK)
 
+# Key rotation in a cluster (docs/DESIGN.md "Re-keying live connections"):
+# the volume's Secret keeps the next keys under SECRET_NEXT_PREFIX and says
+# in SECRET_ROTATION_STEP (not secret) which pair the target holds: "1" =
+# (next host key, current controller key), "2" = (next, next), absent = the
+# current pair. The controller moves the target first and the Secret second,
+# so a node acting on the Secret (kubelet's republish hands it over) never
+# writes a pair the target does not hold. Each node acknowledges the pair its
+# live controller holds, as key fingerprints (no key material), in its own
+# ConfigMap ACK_CONFIGMAP_PREFIX + <node name> in the driver's namespace:
+# data <lvol uuid>: "<host fp>/<controller fp>".
+SECRET_NEXT_PREFIX = "next."
+SECRET_ROTATION_STEP = "rotationStep"
+ROTATION_STEPS = ("1", "2")
+ACK_CONFIGMAP_PREFIX = "csi-spdk-node-"
+ACK_LABEL = "csi-spdk.io/node-acks"
+
+
+def key_fingerprint(material: str) -> str:
+    """First 8 hex of the key's SHA-256 (what the target's key names carry)."""
+    return hashlib.sha256(material.encode()).hexdigest()[:8]
+
+
+def pair_fingerprint(host_key: str, ctrl_key: str) -> str:
+    """The ack ConfigMap's value for a pair."""
+    return f"{key_fingerprint(host_key)}/{key_fingerprint(ctrl_key) if ctrl_key else ''}"
+
+
+def ack_configmap_name(node: str) -> str:
+    return ACK_CONFIGMAP_PREFIX + node
+
+
+def rotation_pair(secrets: dict[str, str]) -> tuple[str, str]:
+    """The DH-HMAC-CHAP pair the target holds, read from the volume's Secret
+    data (the current pair, or the next keys as its rotation step says).
+    INVALID_ARGUMENT (never a value) when the step needs keys that are missing."""
+    step = (secrets.get(SECRET_ROTATION_STEP) or "").strip()
+    host = (secrets.get(SECRET_DHCHAP_KEY) or "").strip()
+    ctrl = (secrets.get(SECRET_DHCHAP_CTRL_KEY) or "").strip()
+    if not step:
+        return host, ctrl
+    if step not in ROTATION_STEPS:
+        raise InvalidArgument(f"secret {SECRET_ROTATION_STEP!r} is {step!r}: expected "
+                              f"{' or '.join(ROTATION_STEPS)} (or absent)")
+    nxt_host = (secrets.get(SECRET_NEXT_PREFIX + SECRET_DHCHAP_KEY) or "").strip()
+    nxt_ctrl = (secrets.get(SECRET_NEXT_PREFIX + SECRET_DHCHAP_CTRL_KEY) or "").strip()
+    if not nxt_host or (step == "2" and ctrl and not nxt_ctrl):
+        raise InvalidArgument(f"secret {SECRET_ROTATION_STEP!r} is {step} but the next keys "
+                              f"({SECRET_NEXT_PREFIX}{SECRET_DHCHAP_KEY}, "
+                              f"{SECRET_NEXT_PREFIX}{SECRET_DHCHAP_CTRL_KEY}) are missing")
+    return nxt_host, (nxt_ctrl if step == "2" else ctrl)
+
 # Encryption at rest (StorageClass parameter ``encryption``, issue #16):
 # ``node`` = LUKS2 on the node between the namespace and the filesystem/block
 # device; ``target`` = SPDK's AES-XTS crypto bdev stacked on the lvol and

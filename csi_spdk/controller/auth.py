@@ -385,6 +385,11 @@ class VolumeAuth:
         if mode == contract.AUTH_NONE:
             return {}
         keys = VolumeKeys.from_secrets(secrets, "controller-publish secret") if secrets else None
+        if keys is not None and mode == contract.AUTH_DHCHAP and \
+                secrets.get(contract.SECRET_ROTATION_STEP):
+            # mid-rotation: the pair the other nodes' entries hold, which is
+            # also what this node derives from the same Secret (node/rekey.py)
+            keys = VolumeKeys(*contract.rotation_pair(dict(secrets)))
         if (keys is None or not keys.has(mode)) and self.store is not None:
             keys = self.store.get(lvol_uuid)
         if keys is None or not keys.has(mode):

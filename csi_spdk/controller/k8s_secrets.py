@@ -26,11 +26,13 @@ import logging
 import os
 from pathlib import Path
 
+from .. import contract
 from ..errors import Unavailable
 from .auth import LABEL_MANAGED, LABEL_VOLUME, VolumeKeys, secret_name
 
 log = logging.getLogger("csi_spdk.auth")
-NEXT = "next."   # data key prefix of keys a rotation has not committed yet
+NEXT = contract.SECRET_NEXT_PREFIX   # keys a rotation has not committed yet
+STEP = contract.SECRET_ROTATION_STEP  # which pair the target holds (rotation)
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -133,6 +135,20 @@ class KubernetesSecrets:
                    {"stringData": {NEXT + k: v for k, v in keys.secrets().items()}})
         return keys
 
+    def set_step(self, lvol_uuid: str, step: int) -> None:
+        """Say in the Secret which pair the target holds (``contract.rotation_pair``):
+        kubelet's republish hands it to the nodes."""
+        for secret in self._find(lvol_uuid):
+            if (secret.data or {}).get(STEP) == base64.b64encode(str(step).encode()).decode():
+                continue
+            self._call("patching a Secret", self.api.patch_namespaced_secret,
+                       secret.metadata.name, self.namespace,
+                       {"stringData": {STEP: str(step)}})
+            return
+        if not self._find(lvol_uuid):
+            raise Unavailable(f"no Secret labelled {LABEL_VOLUME}={lvol_uuid} in namespace "
+                              f"{self.namespace}")
+
     def commit(self, lvol_uuid: str) -> None:
         """The pending keys become the volume's keys (one patch: current keys
         replaced and the next ones removed together)."""
@@ -141,7 +157,10 @@ class KubernetesSecrets:
             nxt = {k[len(NEXT):]: v for k, v in data.items() if k.startswith(NEXT)}
             if not nxt:
                 continue
-            patch = {k: None for k in data if k.startswith(NEXT) or k not in nxt}
+            # the next keys replace the current ones; the step and every other
+            # entry (an encryption key, its mode) stay as they are or go
+            patch = {k: None for k in data if k.startswith(NEXT) or k == STEP or (
+                k in contract.SECRET_KEYS and k not in nxt)}
             patch.update(nxt)
             self._call("patching a Secret", self.api.patch_namespaced_secret,
                        secret.metadata.name, self.namespace, {"data": patch})

@@ -37,7 +37,9 @@ from .target import Lvol, Target
 log = logging.getLogger("csi_spdk.rotate")
 
 # (volume id, node id, host NQN, the pair the target now holds) -> the node re-keys
-# (an optional ``reaches(node id) -> bool`` says which nodes it can reach)
+# (an optional ``reaches(node id) -> bool`` says which nodes it can reach, an
+# optional ``sync_all(volume id, lvol uuid, step, [(node, host)], pair)`` does
+# a whole step at once: controller/rotate_nodes.py)
 NodeSync = Callable[[str, str, str, VolumeKeys], None]
 
 
@@ -51,6 +53,31 @@ class Outcome:
         nodes = ", ".join(self.hosts) or "no connected node"
         return (f"{self.volume_id}: keys rotated ({nodes})"
                 + (" [finished an interrupted rotation]" if self.resumed else ""))
+
+
+def sync_nodes(node_sync: NodeSync | None, volume_id: str, lvol_uuid: str, step: int,
+               nodes: list[tuple[str, str]], keys: VolumeKeys) -> None:
+    """Every node in ``nodes`` ((node id, host NQN)) re-keys its live
+    controller to ``keys``, the pair the target holds now (rotation step
+    ``step``): at once where the NodeSync can (``sync_all``: the cluster's,
+    controller/rotate_nodes.py), else node by node."""
+    if not nodes:
+        return
+    batch = getattr(node_sync, "sync_all", None)
+    if batch is not None:
+        batch(volume_id, lvol_uuid, step, nodes, keys)
+        return
+    for node, host in nodes:
+        node_sync(volume_id, node, host, keys)
+
+
+def _say_step(store, lvol_uuid: str, step: int) -> None:
+    """The Secret says which pair the target now holds (after the target
+    moved, never before): kubelet's republish hands it to the nodes, which
+    re-key to it (node/rekey.py), whichever NodeSync waits for them."""
+    set_step = getattr(store, "set_step", None)
+    if set_step is not None:
+        set_step(lvol_uuid, step)
 
 
 def _pair(keys: VolumeKeys, lvol_uuid: str) -> tuple[str, str]:
@@ -92,19 +119,32 @@ def rotate(target: Target, lv: Lvol, auth: VolumeAuth, node_sync: NodeSync | Non
         for name, material in new.material(lv.uuid).items():
             auth.put_key(target.name, name, material)
     for h in hosts:
-        host, node = h["nqn"], node_of(h["nqn"])
         have = (h.get("dhchap_key", ""), h.get("dhchap_ctrlr_key", ""))
         if have not in ((o_h, o_c), (n_h, o_c), (n_h, n_c)):
-            raise FailedPrecondition(f"volume {vid}: the target's host entry for {node} holds "
-                                     "keys that are neither the Secret's nor the pending "
-                                     "ones; publish the volume again to converge it first")
-        if have[1] == o_c:                                  # step 1
-            if have[0] != n_h:
-                api.host_set_keys(nqn, host, dhchap_key=n_h, dhchap_ctrlr_key=o_c)
-            node_sync(vid, node, host, VolumeKeys(new.dhchap_key, old.dhchap_ctrl_key))
-            api.host_set_keys(nqn, host, dhchap_key=n_h, dhchap_ctrlr_key=n_c)
-        node_sync(vid, node, host, new)                      # step 2
-        out.hosts.append(node)
+            raise FailedPrecondition(f"volume {vid}: the target's host entry for "
+                                     f"{node_of(h['nqn'])} holds keys that are neither the "
+                                     "Secret's nor the pending ones; publish the volume again "
+                                     "to converge it first")
+    # Every host entry moves before any node is asked (the cluster's nodes
+    # read one Secret, so one step at a time for all of them):
+    # step 1: (N host, O controller) ...
+    step1 = [h for h in hosts if h.get("dhchap_ctrlr_key", "") == o_c]
+    for h in step1:
+        if h.get("dhchap_key", "") != n_h:
+            api.host_set_keys(nqn, h["nqn"], dhchap_key=n_h, dhchap_ctrlr_key=o_c)
+    if step1:
+        _say_step(store, lv.uuid, 1)
+    sync_nodes(node_sync, vid, lv.uuid, 1, [(node_of(h["nqn"]), h["nqn"]) for h in step1],
+               VolumeKeys(new.dhchap_key, old.dhchap_ctrl_key))
+    # ... step 2: (N, N)
+    for h in hosts:
+        if h.get("dhchap_ctrlr_key", "") != n_c:
+            api.host_set_keys(nqn, h["nqn"], dhchap_key=n_h, dhchap_ctrlr_key=n_c)
+    if hosts:
+        _say_step(store, lv.uuid, 2)
+    sync_nodes(node_sync, vid, lv.uuid, 2, [(node_of(h["nqn"]), h["nqn"]) for h in hosts],
+               new)
+    out.hosts = [node_of(h["nqn"]) for h in hosts]
     store.commit(lv.uuid)                                    # step 3
     auth.drop_target_keys(target.name, lv.uuid, keep=(n_h, n_c) if hosts else ())
     log.info("volume keys rotated", extra={"f": {"volume": vid, "nodes": out.hosts}})

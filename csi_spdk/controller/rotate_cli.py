@@ -2,12 +2,14 @@
 
 Runs where the controller runs (its config file, its Secret store: in the
 controller Pod, ``kubectl exec ... -- csi-spdk rotate-keys --all``). Nodes
-with a live connection re-key through their node plugin's CSI endpoint
-(``--node NODE=ENDPOINT``): a repeated NodeStageVolume with the pair the
-target holds (node/reauth.py), at kubelet's staging path of the volume and
-with its capability (``--access-type``/``--fs-type``, or the PV's when the
-Kubernetes API answers). One line per volume; exit 1 when any failed (run
-it again: it resumes).
+with a live connection re-key through kubelet's republish: the command says
+the target's pair in the volume's Secret and waits up to ``--node-timeout``
+for each node's acknowledgement (controller/rotate_nodes.py). For dev and
+the test rig, ``--node NODE=ENDPOINT`` calls the node plugins instead: a
+repeated NodeStageVolume with the pair the target holds (node/reauth.py), at
+kubelet's staging path of the volume and with its capability
+(``--access-type``/``--fs-type``). One line per volume; exit 1 when any
+failed (run it again: it resumes).
 """
 
 from __future__ import annotations
@@ -81,6 +83,16 @@ def _endpoints(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def cluster_sync(store, timeout: float):
+    """In a cluster (the Secrets are Kubernetes'): wait for the nodes'
+    acknowledgements of kubelet's republish (controller/rotate_nodes.py)."""
+    api = getattr(store, "api", None)
+    if api is None or not hasattr(store, "set_step"):
+        return None
+    from .rotate_nodes import ClusterNodeSync, ConfigMapAckWatch
+    return ClusterNodeSync(ConfigMapAckWatch(api, store.namespace), timeout)
+
+
 def main(args: argparse.Namespace) -> int:
     from .service import ControllerServicer
     if bool(args.volume) == bool(args.all):
@@ -94,7 +106,8 @@ def main(args: argparse.Namespace) -> int:
             return ctx
 
         sync = GrpcNodeSync(_endpoints(args.node), args.driver_name, args.access_type,
-                            args.fs_type, publish_context) if args.node else None
+                            args.fs_type, publish_context) if args.node else \
+            cluster_sync(servicer.auth.store, args.node_timeout)
 
         def node_of(host: str) -> str:
             return contract.node_of_host(host) or host

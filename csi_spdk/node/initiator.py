@@ -328,8 +328,7 @@ class NvmeTcpInitiator:
         if auth.mode == contract.AUTH_DHCHAP and \
                 self._connected_to(nqn, pc[contract.PC_TRADDR], pc[contract.PC_TRSVCID]):
             # a repeated stage with other keys: rotation (node/reauth.py)
-            reauth.converge(self.sysfs_root, [c.name for c in self.controllers(nqn)],
-                            auth.dhchap_key, auth.dhchap_ctrl_key, self.kmsg)
+            self.rekey(nqn, auth.dhchap_key, auth.dhchap_ctrl_key)
         if not self._connected_to(nqn, pc[contract.PC_TRADDR], pc[contract.PC_TRSVCID]):
             auth.prepare(self.nvme, self.host_nqn, nqn)
             res = self._run(self.connect_command(pc) + auth.connect_args())
@@ -355,6 +354,18 @@ class NvmeTcpInitiator:
             raise Unavailable(f"namespace {ns_uuid} of {nqn} did not appear as a block "
                               f"device within {timeout:.0f}s")
         return device
+
+    def rekey(self, nqn: str, host_key: str, ctrl_key: str) -> list[str]:
+        """Give the live controllers of ``nqn`` this DH-HMAC-CHAP pair (one
+        re-authentication per changed secret, node/reauth.py); returns what
+        was written. UNAVAILABLE when no controller is connected (nothing
+        could hold the pair) or the kernel refused it."""
+        names = [c.name for c in self.controllers(nqn) if not c.state or
+                 c.state in _ALIVE_STATES]
+        if not names:
+            raise Unavailable(f"no NVMe controller of {nqn} is connected on this node: its "
+                              "keys cannot be rotated until it reconnects")
+        return reauth.converge(self.sysfs_root, names, host_key, ctrl_key, self.kmsg)
 
     def _require_fabrics(self) -> None:
         """Fail clearly (not as a retryable fault) on a kernel without NVMe/TCP.

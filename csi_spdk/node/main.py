@@ -9,6 +9,7 @@ from .. import log as logsetup
 from ..identity import IdentityServicer
 from ..proto import csi_pb2_grpc
 from ..server import GrpcServer, serve
+from . import acks
 from .initiator import NvmeTcpInitiator
 from .mount import Mounter
 from .service import NodeServicer
@@ -29,6 +30,8 @@ def node_server(args: argparse.Namespace) -> GrpcServer:
         mounter=Mounter(), max_volumes=args.max_volumes,
         topology=topology.segments,
         connect_timeout=args.connect_timeout, unstage_grace=args.unstage_grace,
+        acks=acks.from_args(args.node_id, getattr(args, "acks_namespace", ""),
+                            getattr(args, "acks", "off")),
     )
     # controller=True: plugin capabilities are driver-wide (see identity.py)
     identity = IdentityServicer(args.driver_name, controller=True, node=node)

@@ -36,6 +36,7 @@ class StageRecord:
     traddr: str = ""            # where to reconnect when the kernel dropped the controller
     trsvcid: str = ""
     mapper: str = ""            # encryption: node: the LUKS mapping over ``device``
+    acked: str = ""             # dhchap: fingerprints of the pair acknowledged (rekey.py)
 
 
 class StateStore:

@@ -6,7 +6,8 @@ node serves), ``records.py`` (the stage records and host identity files),
 ``stage.py`` (the staging mount, the wait for a live path), ``publish.py``
 (the binds at a target path), ``stats.py`` (usage and the volume condition,
 with the reconnect of a vanished controller), ``expand.py`` (the wait for
-the grown namespace).
+the grown namespace), ``rekey.py`` (the pair a mid-rotation Secret says the
+target holds, the re-key on kubelet's republish and its acknowledgement).
 
 State: one small JSON record per staged volume in ``<state_dir>/volumes/``
 (written *before* connecting, so an unstage after a crash or restart still
@@ -51,6 +52,7 @@ from .mount import Mounter
 from .publish import publish_block, publish_mount
 from .readonly_block import ReadOnlyLoops
 from .records import StageRecord, StateStore, persist_host_identity
+from .rekey import Rekeyer, connect_secrets
 from .stage import mount_staging, wait_live
 
 log = logging.getLogger("csi_spdk.node")
@@ -74,7 +76,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def __init__(self, node_id: str, state_dir: str, initiator, mounter: Mounter | None = None,
                  max_volumes: int = 0, topology_segments: Mapping[str, str] | None = None,
                  connect_timeout: float = 30.0, unstage_grace: float = 30.0,
-                 topology: Callable[[], Mapping[str, str]] | None = None) -> None:
+                 topology: Callable[[], Mapping[str, str]] | None = None,
+                 acks=None) -> None:
+        """``acks``: where key rotations are acknowledged (node/acks.py), or None."""
         if not node_id:
             raise InvalidArgument("node id is required")
         self.node_id = node_id
@@ -93,6 +97,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.store = StateStore(state_dir)
         self.ro_loops = ReadOnlyLoops(state_dir, run=self.mounter.run)
         self.luks = Luks(self.mounter.probe)
+        self.rekeyer = Rekeyer(initiator, acks)
         persist_host_identity(state_dir, node_id)
 
     # --- helpers ------------------------------------------------------------------
@@ -148,11 +153,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         encrypted = request.volume_context.get(contract.VC_ENCRYPTION) == \
             contract.ENCRYPTION_NODE
         key = luks.key_from_secrets(dict(request.secrets)) if encrypted else ""
+        secrets = connect_secrets(pc, request.secrets)   # mid-rotation: the target's pair
         was_connected = self.initiator.is_connected(rec.nqn)
         self.store.save(rec)
         try:
-            device = self.initiator.connect(pc, self.connect_timeout,
-                                            secrets=request.secrets)
+            device = self.initiator.connect(pc, self.connect_timeout, secrets=secrets)
             data = device
             if encrypted:
                 rec.mapper = luks.mapper_name(request.volume_id)
@@ -177,6 +182,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             raise
         rec.device = device
         rec.state = "staged"
+        rec.acked = self.rekeyer.staged(rec, pc, secrets)
         self.store.save(rec)
         return csi_pb2.NodeStageVolumeResponse()
 
@@ -206,6 +212,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 self.luks.close(rec.mapper)
         if nqn:
             self.initiator.disconnect(nqn)
+        if rec is not None and rec.acked:
+            self.rekeyer.forget(request.volume_id)
         self.store.delete(request.volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
 
@@ -224,6 +232,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if rec.access != kind:
             raise AlreadyExists(f"volume {request.volume_id} was staged as {rec.access}, "
                                 f"not {kind}")
+        # kubelet's republish (requiresRepublish) with the Secret fetched afresh:
+        # a rotation in progress re-keys the live controller (node/rekey.py)
+        acked = self.rekeyer.republish(rec, request.publish_context, request.secrets)
+        if acked is not None:
+            rec.acked = acked
+            self.store.save(rec)
         readonly = request.readonly or is_read_only(request.volume_capability)
         target = request.target_path
         if kind == "block":
