@@ -380,7 +380,9 @@ def test_every_image_is_pinned():
 # (group, resource) -> verbs.
 # The driver itself (and external-attacher, which reads the controller-publish
 # secret): the per-volume key Secrets, in the release namespace only.
-DRIVER_RBAC_NS = {("", "secrets"): {"get", "list", "create", "delete", "patch"}}
+DRIVER_RBAC_NS = {("", "secrets"): {"get", "list", "create", "delete", "patch"},
+                  # rotate-keys waits for the nodes' acknowledgements
+                  ("", "configmaps"): {"get", "list", "watch"}}
 
 SIDECAR_RBAC = {
     "provisioner": {
@@ -506,8 +508,9 @@ def test_rbac_follows_switched_off_features():
     objs = render_docs("metrics-off")  # resizer, snapshotter, capacity tracking off
     names = {r["metadata"]["name"] for r in by_kind(objs, "ClusterRole")}
     assert not any(n.endswith(("-resizer", "-snapshotter")) for n in names)
-    (role,) = by_kind(objs, "Role")
-    assert set(_grants(role["rules"])) == {("coordination.k8s.io", "leases"), ("", "secrets")}
+    role = one(objs, "Role", "-controller")
+    assert set(_grants(role["rules"])) == {("coordination.k8s.io", "leases"), ("", "secrets"),
+                                           ("", "configmaps")}
     node_sa = [s for s in by_kind(objs, "ServiceAccount")
                if s["metadata"]["name"].endswith("-node")]
     assert node_sa and node_sa[0]["automountServiceAccountToken"] is False
