@@ -69,7 +69,7 @@ RIG_POD = "csi-spdk-controller-rig-0"
 # The chart objects the rig applies (not the workloads: no kubelet runs them).
 APPLY_KINDS = ("CSIDriver", "StorageClass", "VolumeSnapshotClass", "ServiceAccount",
                "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap",
-               "Deployment")
+               "Deployment", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
 
 
 class Spdk:
