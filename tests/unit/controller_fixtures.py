@@ -249,10 +249,29 @@ class MemorySecrets:
     def set_pending(self, lvol_uuid: str, keys: VolumeKeys) -> VolumeKeys:
         return self.next.setdefault(lvol_uuid, keys)
 
+    @property
+    def steps(self) -> dict[str, int]:
+        return self.__dict__.setdefault("_steps", {})
+
+    def set_step(self, lvol_uuid: str, step: int) -> None:
+        self.steps[lvol_uuid] = step
+
     def commit(self, lvol_uuid: str) -> None:
         if lvol_uuid in self.next:
             name = self.data[lvol_uuid][0]
             self.data[lvol_uuid] = (name, self.next.pop(lvol_uuid))
+        self.steps.pop(lvol_uuid, None)
+
+    def secret_data(self, lvol_uuid: str) -> dict[str, str]:
+        """The Secret's data as kubelet hands it to a node (KubernetesSecrets'
+        layout: the keys, ``next.*`` and ``rotationStep``)."""
+        out = dict(self.data[lvol_uuid][1].secrets())
+        if lvol_uuid in self.next:
+            out.update({contract.SECRET_NEXT_PREFIX + k: v
+                        for k, v in self.next[lvol_uuid].secrets().items()})
+        if lvol_uuid in self.steps:
+            out[contract.SECRET_ROTATION_STEP] = str(self.steps[lvol_uuid])
+        return out
 
 
 def _wipe_lvstore(raw: SpdkApi, lvs: str) -> None:
