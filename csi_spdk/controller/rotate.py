@@ -2,25 +2,30 @@
 dropping its connections; the old keys are refused afterwards.
 
 Every re-authentication meets the target as it is (a sysfs write on the node
-re-authenticates the live controller at once), so target and node move in
+re-authenticates the live controller at once), so target and nodes move in
 lock-step, one key at a time (docs/DESIGN.md "Rotation"):
 
 0. the next keys N are generated and stored beside the current ones O in the
    volume's Secret (``next.*``; a resumed rotation finds and keeps them);
-1. N goes onto the target (key custody), then for each host entry
-   ``nvmf_subsystem_set_keys`` (N host, O controller), then that node
-   re-keys its live controller to exactly that pair;
-2. set_keys (N, N), then the node again with (N, N);
-3. the Secret's keys become N (one patch), then the target drops every
-   other key of the volume.
+1. N goes onto the target (key custody), then every host entry gets
+   ``nvmf_subsystem_set_keys`` (N host, O controller), then the Secret says
+   so (``rotationStep: 1``, kubelet's republish hands it to the nodes), then
+   every node re-keys its live controller to exactly that pair;
+2. set_keys (N, N) on every entry, ``rotationStep: 2``, the nodes again;
+3. the Secret's keys become N (one patch, the step goes), then the target
+   drops every other key of the volume.
 
-Resumable after a crash anywhere: each step reads where the target is (the
-host entry's key names say which pair it holds) and the node is only ever
-asked for the pair the target holds, which is always safe. A volume no node
-has connected (no host entry) only gets new keys in its Secret. A published
-volume needs its nodes' plugins (``NodeSync``): without them the command
-refuses it (FAILED_PRECONDITION), because a node left with the old keys
-would fail its next reconnect.
+All entries move before any node is asked: the nodes of a volume read one
+Secret. Resumable after a crash anywhere: each step reads where the target
+is (the host entry's key names say which pair it holds), the target moves
+before the Secret says so, and a node is only ever asked for the pair the
+target holds, which is always safe. A volume no node has connected (no host
+entry) only gets new keys in its Secret. A published volume needs a
+``NodeSync`` that reaches its nodes (the cluster's waits for their
+acknowledgements, controller/rotate_nodes.py; the dev one calls their
+endpoints, rotate_cli.py): without one the command refuses it
+(FAILED_PRECONDITION), because a node left with the old keys would fail its
+next reconnect.
 """
 
 from __future__ import annotations

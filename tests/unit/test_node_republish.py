@@ -11,25 +11,19 @@ acknowledgements is tests/e2e/k8s/test_node_acks.py."""
 
 from __future__ import annotations
 
-import os
-import sys
-
+import grpc
 import pytest
+from test_node import UUID1 as UUID
+from test_node import VOL1 as VOL
+from test_node import RpcError, block_cap, make_env, pc
+from test_node_reauth import FakeKernel
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_node import RpcError, block_cap, make_env, pc  # noqa: E402
-from test_node import UUID1 as UUID  # noqa: E402
-from test_node import VOL1 as VOL  # noqa: E402
-from test_node_reauth import FakeKernel  # noqa: E402
-
-from csi_spdk import contract, nvme_keys  # noqa: E402
-from csi_spdk.errors import Unavailable  # noqa: E402
-from csi_spdk.node import reauth  # noqa: E402
-from csi_spdk.node.initiator import NvmeTcpInitiator  # noqa: E402
-from csi_spdk.node.service import NodeServicer  # noqa: E402
-from csi_spdk.proto import csi_pb2  # noqa: E402
-
-import grpc  # noqa: E402,I001
+from csi_spdk import contract, nvme_keys
+from csi_spdk.errors import Unavailable
+from csi_spdk.node import reauth
+from csi_spdk.node.initiator import NvmeTcpInitiator
+from csi_spdk.node.service import NodeServicer
+from csi_spdk.proto import csi_pb2
 
 NQN = contract.subsystem_nqn(UUID)
 
