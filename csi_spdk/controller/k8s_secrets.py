@@ -138,16 +138,14 @@ class KubernetesSecrets:
     def set_step(self, lvol_uuid: str, step: int) -> None:
         """Say in the Secret which pair the target holds (``contract.rotation_pair``):
         kubelet's republish hands it to the nodes."""
-        for secret in self._find(lvol_uuid):
-            if (secret.data or {}).get(STEP) == base64.b64encode(str(step).encode()).decode():
-                continue
-            self._call("patching a Secret", self.api.patch_namespaced_secret,
-                       secret.metadata.name, self.namespace,
-                       {"stringData": {STEP: str(step)}})
-            return
-        if not self._find(lvol_uuid):
+        (secret,) = self._find(lvol_uuid)[:1] or (None,)
+        if secret is None:
             raise Unavailable(f"no Secret labelled {LABEL_VOLUME}={lvol_uuid} in namespace "
                               f"{self.namespace}")
+        if (secret.data or {}).get(STEP) == base64.b64encode(str(step).encode()).decode():
+            return
+        self._call("patching a Secret", self.api.patch_namespaced_secret,
+                   secret.metadata.name, self.namespace, {"stringData": {STEP: str(step)}})
 
     def commit(self, lvol_uuid: str) -> None:
         """The pending keys become the volume's keys (one patch: current keys

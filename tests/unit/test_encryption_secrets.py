@@ -47,7 +47,13 @@ class FakeCore:
 
     def patch_namespaced_secret(self, name, namespace, body):
         self.calls.append("patch")
-        self.secrets[name]["data"].update(body["stringData"])
+        data = self.secrets[name]["data"]
+        data.update(body.get("stringData", {}))
+        for k, v in body.get("data", {}).items():     # a merge patch: null removes
+            if v is None:
+                data.pop(k, None)
+            else:
+                data[k] = base64.b64decode(v).decode()
 
     def delete_namespaced_secret(self, name, namespace):
         self.calls.append("delete")
@@ -93,3 +99,31 @@ def test_a_malformed_key_in_the_secret_is_failed_precondition_naming_it():
     with pytest.raises(FailedPrecondition) as err:
         SecretKeyStore("csi-spdk", api=core).get(UUID)
     assert "csi-spdk-auth-pvc-3" in err.value.message and "nothex" not in err.value.message
+
+
+def test_a_rotation_keeps_the_encryption_key_and_says_its_step():
+    """rotate-keys in the same Secret: ``next.*`` and ``rotationStep`` while it
+    runs (what kubelet's republish hands the nodes: contract.rotation_pair
+    reads the target's pair from it), then one patch makes the next keys
+    current and drops both, and the encryption key stays."""
+    core = FakeCore()
+    auth = KubernetesSecrets("csi-spdk", api=core)
+    old = auth.create(UUID, "pvc-3", VolumeKeys.generate())
+    key = VolumeKey.generate("node")
+    SecretKeyStore("csi-spdk", api=core).put(UUID, "pvc-3", key)
+    new = auth.set_pending(UUID, VolumeKeys.generate())
+    data = core.secrets["csi-spdk-auth-pvc-3"]["data"]
+    assert contract.rotation_pair(data) == (old.dhchap_key, old.dhchap_ctrl_key)
+    auth.set_step(UUID, 1)
+    assert contract.rotation_pair(data) == (new.dhchap_key, old.dhchap_ctrl_key)
+    auth.set_step(UUID, 2)
+    calls = len(core.calls)
+    auth.set_step(UUID, 2)                      # already said: no second patch
+    assert core.calls[calls:] == ["list"]
+    assert contract.rotation_pair(data) == (new.dhchap_key, new.dhchap_ctrl_key)
+    auth.commit(UUID)
+    assert data == {contract.SECRET_DHCHAP_KEY: new.dhchap_key,
+                    contract.SECRET_DHCHAP_CTRL_KEY: new.dhchap_ctrl_key,
+                    contract.SECRET_ENCRYPTION_KEY: key.material,
+                    contract.SECRET_ENCRYPTION_MODE: "node"}
+    assert auth.get(UUID) == new and auth.pending(UUID) is None

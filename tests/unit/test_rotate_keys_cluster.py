@@ -233,3 +233,21 @@ def test_a_publish_mid_rotation_gets_the_steps_pair(tmp_path):
             pending.names(uuid)["dhchap_key"], old.names(uuid)["dhchap_ctrlr_key"])
     finally:
         env.close()
+
+
+def test_the_command_picks_the_cluster_sync_for_kubernetes_secrets():
+    """rotate-keys without --node: with the Kubernetes Secret store, the
+    acknowledgement watch on the store's API and namespace; with a store that
+    cannot say a step (static dev keys, a test's), none (published volumes
+    are then refused before anything changes: test_rotate_keys)."""
+    pytest.importorskip("kubernetes")
+    from controller_fixtures import MemorySecrets
+
+    from csi_spdk.controller.k8s_secrets import KubernetesSecrets
+    from csi_spdk.controller.rotate_cli import cluster_sync
+    api = object()
+    sync = cluster_sync(KubernetesSecrets("csi-spdk", api=api), 42.0)
+    assert isinstance(sync, ClusterNodeSync) and sync.timeout == 42.0
+    assert sync.acks.api is api and sync.acks.namespace == "csi-spdk"
+    assert sync.reaches("any-node")
+    assert cluster_sync(MemorySecrets(), 42.0) is None and cluster_sync(None, 1.0) is None
