@@ -131,24 +131,19 @@ def rotate(target: Target, lv: Lvol, auth: VolumeAuth, node_sync: NodeSync | Non
                                      "Secret's nor the pending ones; publish the volume again "
                                      "to converge it first")
     # Every host entry moves before any node is asked (the cluster's nodes
-    # read one Secret, so one step at a time for all of them):
-    # step 1: (N host, O controller) ...
+    # read one Secret, so one step at a time for all of them): step 1 (N host,
+    # O controller) for the entries still on O's controller key, step 2 (N, N)
     step1 = [h for h in hosts if h.get("dhchap_ctrlr_key", "") == o_c]
-    for h in step1:
-        if h.get("dhchap_key", "") != n_h:
-            api.host_set_keys(nqn, h["nqn"], dhchap_key=n_h, dhchap_ctrlr_key=o_c)
-    if step1:
-        _say_step(store, lv.uuid, 1)
-    sync_nodes(node_sync, vid, lv.uuid, 1, [(node_of(h["nqn"]), h["nqn"]) for h in step1],
-               VolumeKeys(new.dhchap_key, old.dhchap_ctrl_key))
-    # ... step 2: (N, N)
-    for h in hosts:
-        if h.get("dhchap_ctrlr_key", "") != n_c:
-            api.host_set_keys(nqn, h["nqn"], dhchap_key=n_h, dhchap_ctrlr_key=n_c)
-    if hosts:
-        _say_step(store, lv.uuid, 2)
-    sync_nodes(node_sync, vid, lv.uuid, 2, [(node_of(h["nqn"]), h["nqn"]) for h in hosts],
-               new)
+    for step, entries, ctrl, pair in ((1, step1, o_c, VolumeKeys(new.dhchap_key,
+                                                                 old.dhchap_ctrl_key)),
+                                      (2, hosts, n_c, new)):
+        for h in entries:
+            if (h.get("dhchap_key", ""), h.get("dhchap_ctrlr_key", "")) != (n_h, ctrl):
+                api.host_set_keys(nqn, h["nqn"], dhchap_key=n_h, dhchap_ctrlr_key=ctrl)
+        if entries:
+            _say_step(store, lv.uuid, step)
+        sync_nodes(node_sync, vid, lv.uuid, step,
+                   [(node_of(h["nqn"]), h["nqn"]) for h in entries], pair)
     out.hosts = [node_of(h["nqn"]) for h in hosts]
     store.commit(lv.uuid)                                    # step 3
     auth.drop_target_keys(target.name, lv.uuid, keep=(n_h, n_c) if hosts else ())

@@ -10,6 +10,8 @@ tests/e2e/test_guest_auth.py."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from controller_fixtures import call, create_req, make_env, publish_req, uuid_of
 
@@ -116,14 +118,16 @@ def test_rotation_two_steps_in_lock_step(tmp_path):
 STEPS = 8
 
 
-@pytest.mark.parametrize("nth", range(1, STEPS + 1))
-def test_crash_at_a_target_step_then_rerun(tmp_path, nth):
-    """A kill before the nth change on the target (key custody or SPDK call)."""
-    env, vol, uuid, old, fake = _published(tmp_path)
+@contextlib.contextmanager
+def killed_before(env, nth: int, secret_steps: bool = False):
+    """The rotation is killed (RuntimeError) before the nth change on the
+    target (key custody or SPDK set_keys) or, with ``secret_steps``, in the
+    Secret (``rotationStep``); everything is restored on leaving. Yields the
+    count of changes seen."""
     api = env.t0.api
     custody = env.servicer.auth.custody(env.t0.name)
     seen = {"n": 0}
-    originals = {"call": api.call, "put": custody.put, "delete": custody.delete}
+    originals = (api.call, custody.put, custody.delete, env.secrets.set_step)
 
     def maybe_crash(what: str) -> None:
         seen["n"] += 1
@@ -133,33 +137,42 @@ def test_crash_at_a_target_step_then_rerun(tmp_path, nth):
     def call(method, params=None, timeout=None):
         if method == "nvmf_subsystem_set_keys":
             maybe_crash(method)
-        return originals["call"](method, params, timeout)
+        return originals[0](method, params, timeout)
 
     def put(name, material):
         maybe_crash("put")
-        return originals["put"](name, material)
+        return originals[1](name, material)
 
     def delete(name):
         maybe_crash("delete")
-        return originals["delete"](name)
+        return originals[2](name)
+
+    def set_step(lvol_uuid, step):
+        if secret_steps:
+            maybe_crash(f"rotationStep {step}")
+        return originals[3](lvol_uuid, step)
+    api.call, custody.put, custody.delete, env.secrets.set_step = call, put, delete, set_step
     try:
-        api.call, custody.put, custody.delete = call, put, delete
-        with pytest.raises(RuntimeError, match="killed"):
+        yield seen
+    finally:
+        api.call, custody.put, custody.delete, env.secrets.set_step = originals
+
+
+@pytest.mark.parametrize("nth", range(1, STEPS + 1))
+def test_crash_at_a_target_step_then_rerun(tmp_path, nth):
+    """A kill before the nth change on the target (key custody or SPDK call)."""
+    env, vol, uuid, old, fake = _published(tmp_path)
+    try:
+        with killed_before(env, nth) as seen, pytest.raises(RuntimeError, match="killed"):
             _rotate(env, vol, fake)
         assert seen["n"] == nth
-        api.call, custody.put, custody.delete = (originals["call"], originals["put"],
-                                                 originals["delete"])
         pending = env.secrets.pending(uuid)
         out = _rotate(env, vol, fake)
         if pending is not None:                        # not yet committed
             assert out.resumed
             assert env.secrets.get(uuid) == pending    # the interrupted run's keys
-            _assert_rotated(env, uuid, old, fake)
-        else:                                          # killed in the final clean-up:
-            _assert_rotated(env, uuid, old, fake)      # the rerun rotated once more
-    finally:
-        api.call, custody.put, custody.delete = (originals["call"], originals["put"],
-                                                 originals["delete"])
+        _assert_rotated(env, uuid, old, fake)          # (else killed in the final clean-up:
+    finally:                                           # the rerun rotated once more)
         env.close()
 
 

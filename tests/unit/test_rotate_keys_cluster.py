@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_rotate_keys import NODES, FakeNodes, _assert_rotated, _published
+from test_rotate_keys import NODES, FakeNodes, _assert_rotated, _published, killed_before
 
 from csi_spdk import contract
 from csi_spdk.controller.auth import VolumeKeys
@@ -143,52 +143,17 @@ STEPS = 10
 @pytest.mark.parametrize("nth", range(1, STEPS + 1))
 def test_crash_before_a_target_or_secret_step_then_rerun(tmp_path, nth):
     env, vol, uuid, old, nodes, sync = _cluster(tmp_path)
-    api = env.t0.api
-    custody = env.servicer.auth.custody(env.t0.name)
-    seen = {"n": 0}
-    originals = {"call": api.call, "put": custody.put, "delete": custody.delete,
-                 "step": env.secrets.set_step}
-
-    def maybe_crash(what: str) -> None:
-        seen["n"] += 1
-        if seen["n"] == nth:
-            raise RuntimeError(f"killed before {what}")
-
-    def call(method, params=None, timeout=None):
-        if method == "nvmf_subsystem_set_keys":
-            maybe_crash(method)
-        return originals["call"](method, params, timeout)
-
-    def put(name, material):
-        maybe_crash("put")
-        return originals["put"](name, material)
-
-    def delete(name):
-        maybe_crash("delete")
-        return originals["delete"](name)
-
-    def set_step(lvol_uuid, step):
-        maybe_crash(f"rotationStep {step}")
-        return originals["step"](lvol_uuid, step)
-
-    def restore():
-        api.call, custody.put, custody.delete = (originals["call"], originals["put"],
-                                                 originals["delete"])
-        env.secrets.set_step = originals["step"]
     try:
-        api.call, custody.put, custody.delete = call, put, delete
-        env.secrets.set_step = set_step
-        with pytest.raises(RuntimeError, match="killed"):
+        with killed_before(env, nth, secret_steps=True) as seen, \
+                pytest.raises(RuntimeError, match="killed"):
             _rotate(env, vol, sync)
         assert seen["n"] == nth
-        restore()
         pending = env.secrets.pending(uuid)
         out = _rotate(env, vol, sync)
         if pending is not None:
             assert out.resumed and env.secrets.get(uuid) == pending
         _assert_rotated(env, uuid, old, nodes)
     finally:
-        restore()
         env.close()
 
 
