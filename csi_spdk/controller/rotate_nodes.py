@@ -73,7 +73,7 @@ class ConfigMapAckWatch:
         from kubernetes.client.exceptions import ApiException
         try:
             return self.api.list_namespaced_config_map(
-                self.namespace, field_selector=f"metadata.name={name}")
+                self.namespace, field_selector=f"metadata.name={name}", _request_timeout=30)
         except ApiException as e:
             raise Unavailable(f"Kubernetes API: reading ConfigMap {self.namespace}/{name} "
                               f"failed ({e.status} {e.reason})") from None
@@ -94,7 +94,8 @@ class ConfigMapAckWatch:
                 for event in w.stream(self.api.list_namespaced_config_map, self.namespace,
                                       field_selector=f"metadata.name={name}",
                                       resource_version=found.metadata.resource_version,
-                                      timeout_seconds=max(1, int(remaining + 0.999))):
+                                      timeout_seconds=max(1, int(remaining + 0.999)),
+                                      _request_timeout=remaining + 30):
                     obj = event["object"]
                     if event["type"] in ("ADDED", "MODIFIED") and \
                             (getattr(obj, "data", None) or {}).get(lvol_uuid) == want:

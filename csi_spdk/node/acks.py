@@ -38,31 +38,47 @@ class Acks(Protocol):
 
 
 class ConfigMapAcks:
-    def __init__(self, node: str, namespace: str, api=None) -> None:
+    def __init__(self, node: str, namespace: str, api=None, timeout: float = 10.0) -> None:
         """``api``: a ``kubernetes.client.CoreV1Api`` (tests pass their own);
-        by default the Pod's (projected) ServiceAccount token, or $KUBECONFIG."""
-        if api is None:
-            from kubernetes import client, config
-            if os.environ.get("KUBERNETES_SERVICE_HOST") and (SA_DIR / "token").exists():
-                config.load_incluster_config()
-            else:
-                config.load_kube_config(os.environ["KUBECONFIG"])
-            api = client.CoreV1Api()
-        self.api = api
+        by default the Pod's (projected) ServiceAccount token, or $KUBECONFIG,
+        loaded at the first acknowledgement (the node plugin's start stays
+        free of the client). ``timeout``: seconds per API request (a stage or
+        publish waits for it: an unreachable API must not hold them long)."""
+        self._api = api
         self.node = node
         self.namespace = namespace
         self.name = contract.ack_configmap_name(node)
+        self.timeout = timeout
+
+    @property
+    def api(self):
+        if self._api is None:
+            from kubernetes import client, config
+            try:
+                if os.environ.get("KUBERNETES_SERVICE_HOST") and (SA_DIR / "token").exists():
+                    config.load_incluster_config()
+                else:
+                    config.load_kube_config(os.environ["KUBECONFIG"])
+            except (config.ConfigException, OSError, KeyError, ValueError) as e:
+                raise Unavailable(f"Kubernetes API: no usable credentials for ConfigMap "
+                                  f"{self.namespace}/{self.name} ({type(e).__name__})") from None
+            self._api = client.CoreV1Api()
+        return self._api
 
     def _call(self, what: str, fn, *args):
+        import urllib3
         from kubernetes.client.exceptions import ApiException
         try:
-            return fn(*args)
+            return fn(*args, _request_timeout=self.timeout)
         except ApiException as e:
             if e.status in (404, 409):
                 raise
             # the body may echo the request: only the status goes into the error
             raise Unavailable(f"Kubernetes API: {what} ConfigMap {self.namespace}/{self.name} "
                               f"failed ({e.status} {e.reason})") from None
+        except (OSError, urllib3.exceptions.HTTPError) as e:   # unreachable, timed out
+            raise Unavailable(f"Kubernetes API: {what} ConfigMap {self.namespace}/{self.name} "
+                              f"failed ({type(e).__name__})") from None
 
     def record(self, lvol_uuid: str, pair: str) -> None:
         from kubernetes import client
