@@ -360,13 +360,8 @@ def teardown_everything(r) -> None:
             call(s, "DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(
                 snapshot_id=e.snapshot.snapshot_id))
         vols = call(s, "ListVolumes", csi_pb2.ListVolumesRequest()).entries
-        # clones (with a base snapshot) first, so their parents can be reclaimed.
-        # This servicer's kept view (controller/volumes.py) may still list a
-        # volume the killed process's successor deleted, until its next
-        # rescan: SPDK has no bdev for it, and its DeleteVolume is a no-op
-        order = sorted(vols, key=lambda e: "base_snapshot" not in (
-            r.raw.bdev_get(e.volume.volume_id.split(":")[1]) or {}).get(
-                "driver_specific", {}).get("lvol", {}))
+        # clones (with a base snapshot) first, so their parents can be reclaimed
+        order = sorted(vols, key=lambda e: "base_snapshot" not in lvol_of(r, e.volume.volume_id))
         for e in order:
             call(s, "ControllerUnpublishVolume", csi_pb2.ControllerUnpublishVolumeRequest(
                 volume_id=e.volume.volume_id))
