@@ -88,8 +88,7 @@ def rpc(lock: Sequence[str] = (), quiet: bool = False) -> Callable:
                 if message:
                     fields["error"] = message
                 level = ok_level if code == grpc.StatusCode.OK else logging.WARNING
-                if log.isEnabledFor(level):
-                    log.log(level, method, extra={"f": fields})
+                log.log(level, method, extra={"f": fields})
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("request", extra={"f": {"method": method,
                                                        "request": redact(request)}})
