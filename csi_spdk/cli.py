@@ -8,8 +8,10 @@ The Helm chart's flags are checked against this parser (tests/unit).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import os
+import signal
 import sys
 
 from . import DEFAULT_DRIVER_NAME, __version__
@@ -320,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     unreachable socket, a missing file) are one line with the fix, not a
     traceback; a closed stdout (``| head``) ends quietly like other tools."""
     args = build_parser().parse_args(argv)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how an operator
+    # (or a test's bounded stop) sees where a process that will not exit hangs
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     module, _, func = args.impl.partition(":")
     try:
         code = int(getattr(importlib.import_module(module), func)(args) or 0)

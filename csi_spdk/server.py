@@ -4,6 +4,7 @@ health checking, Prometheus endpoint, graceful shutdown on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -135,15 +136,31 @@ def wait_for_signal() -> int:
     return received[0]
 
 
+# How long a process may take to exit after SIGTERM/SIGINT: the server's grace
+# period (10 s) plus cleanup; the agent's is the longest (it stops spdk_tgt:
+# up to 15 s each for its supervisor thread, SIGTERM and SIGKILL).
+SHUTDOWN_DEADLINE = 60.0
+
+
+def bounded_shutdown(deadline: float = SHUTDOWN_DEADLINE) -> None:
+    """From now on the process ends within ``deadline`` seconds: if it is still
+    alive then (a handler or worker thread stuck in a call; the interpreter
+    joins pool threads at exit), every thread's stack goes to stderr and it
+    exits with status 1, so a hang is reported, not waited on forever."""
+    faulthandler.dump_traceback_later(deadline, exit=True)
+
+
 def serve(servers: list[GrpcServer], metrics_address: str,
           cleanup: Callable[[], None] = lambda: None) -> int:
-    """Start ``servers`` (and metrics), block until SIGTERM/SIGINT, stop them."""
+    """Start ``servers`` (and metrics), block until SIGTERM/SIGINT, stop them
+    (bounded: ``bounded_shutdown``)."""
     try:
         start_metrics(metrics_address)
         for server in servers:
             server.start()
         signum = wait_for_signal()
         log.info("shutting down", extra={"f": {"signal": signum}})
+        bounded_shutdown()
     finally:
         for server in servers:
             with contextlib.suppress(Exception):

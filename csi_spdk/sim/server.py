@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -307,5 +308,8 @@ def main(args: argparse.Namespace) -> int:
         while not done.wait(1.0):
             pass
     finally:
+        # bounded, as the driver's processes are (a stuck data plane teardown,
+        # e.g. configfs, shows its stack instead of hanging the caller)
+        faulthandler.dump_traceback_later(60.0, exit=True)
         server.stop()
     return 0

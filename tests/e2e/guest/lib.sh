@@ -178,13 +178,23 @@ _alive() {
 }
 
 # csi_stack_stop: SIGTERM node, controller, agent, sim (in that order); fails
-# if any of them exits non-zero.
+# if any of them exits non-zero or is still running $CSI_STOP_GRACE (90) s later
+# (then its thread stacks and log go to stderr, and it is killed).
 csi_stack_stop() {
   _rc=0
   for _c in node controller agent sim; do
     [ -e "$CSI_RUN/$_c.pid" ] || continue
     _pid=$(cat "$CSI_RUN/$_c.pid")
     kill -TERM "$_pid" 2>/dev/null
+    _n=${CSI_STOP_GRACE:-90}   # bounded: a process that ignores SIGTERM fails the test now
+    while _alive "$_pid" && [ "$_n" -gt 0 ]; do sleep 1; _n=$((_n - 1)); done
+    if _alive "$_pid"; then
+      echo "csi_stack_stop: $_c (pid $_pid) still running ${CSI_STOP_GRACE:-90} s after SIGTERM; its threads (SIGUSR1) and log:" >&2
+      kill -USR1 "$_pid" 2>/dev/null; sleep 3
+      tail -n 120 "$CSI_RUN/$_c.log" >&2
+      kill -KILL "$_pid" 2>/dev/null
+      _rc=1
+    fi
     wait "$_pid"; _e=$?
     [ "$_e" = 0 ] || { echo "csi_stack_stop: $_c exited $_e" >&2; _rc=1; }
     rm -f "$CSI_RUN/$_c.pid"

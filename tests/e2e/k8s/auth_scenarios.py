@@ -9,6 +9,7 @@ deleted by hand).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -241,37 +242,50 @@ def rotate_keys_command(env: Env, sc: str, node: str, kubelet: FakeKubelet,
                   lambda: (lambda v: v if v and v.get("status", {}).get("attached") else None)(
                       env.attachment(pv_name, node)))
     staging, target_path = kubelet.mount(pv, va, pod)
-    before = kubelet.fs_total(pv, target_path)
-    handle = pv["spec"]["csi"]["volumeHandle"]
-    node_id = env.nodes[node]["node_id"]
-    res = run_cli(["rotate-keys", "--volume", handle, "--node", f"{node_id}={node_endpoint}",
-                   "--fs-type", "ext4"])
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert f"{handle}: keys rotated ({node_id})" in res.stdout, res.stdout
-    new = check_secret(env, ref, lv["uuid"])       # two keys only: nothing pending
-    assert_no_keys({**old, **new}, res.stdout + res.stderr)
-    for k in old:
-        assert new[k] != old[k], k
-    names = VolumeKeys.from_secrets(new, "new").names(lv["uuid"])
-    nqn = contract.subsystem_nqn(lv["uuid"])
-    (host,) = env.spdk.subsystem(nqn)["hosts"]
-    assert {k: host[k] for k in names} == names, host
-    prefix = f"csik-{lv['uuid']}-"
-    ring = sorted(k["name"] for k in env.spdk.apis[target].keyring_keys()
-                  if k["name"].startswith(prefix))
-    assert ring == sorted(names.values()), ring
-    # the live connection was kept: the same mount answers
-    assert kubelet.fs_total(pv, target_path) == before
-    # the guest kernel re-authenticates the live controller: old keys refused ...
+    done = False
     try:
-        kubelet.stage(pv, va, secrets=old)
-        raise AssertionError("the guest kernel re-authenticated with the old keys")
-    except grpc.RpcError as err:
-        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
-        assert "does not hold that key pair" in err.details(), err.details()
-    # ... the Secret's (what kubelet passes) accepted, and the mount still there
-    kubelet.stage(pv, va)
-    assert kubelet.fs_total(pv, target_path) == before
+        before = kubelet.fs_total(pv, target_path)
+        handle = pv["spec"]["csi"]["volumeHandle"]
+        node_id = env.nodes[node]["node_id"]
+        res = run_cli(["rotate-keys", "--volume", handle, "--node", f"{node_id}={node_endpoint}",
+                       "--fs-type", "ext4"])
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"{handle}: keys rotated ({node_id})" in res.stdout, res.stdout
+        new = check_secret(env, ref, lv["uuid"])       # two keys only: nothing pending
+        assert_no_keys({**old, **new}, res.stdout + res.stderr)
+        for k in old:
+            assert new[k] != old[k], k
+        names = VolumeKeys.from_secrets(new, "new").names(lv["uuid"])
+        nqn = contract.subsystem_nqn(lv["uuid"])
+        (host,) = env.spdk.subsystem(nqn)["hosts"]
+        assert {k: host[k] for k in names} == names, host
+        prefix = f"csik-{lv['uuid']}-"
+        ring = sorted(k["name"] for k in env.spdk.apis[target].keyring_keys()
+                      if k["name"].startswith(prefix))
+        assert ring == sorted(names.values()), ring
+        # the live connection was kept: the same mount answers
+        assert kubelet.fs_total(pv, target_path) == before
+        # the guest kernel re-authenticates the live controller: old keys refused ...
+        try:
+            # the refusal costs a failed re-authentication, the node's write-back
+            # of the previous key and its re-authentication, each up to 30 s of
+            # the node's waits (node/reauth.py) plus the kernel's work under TCG;
+            # CI once took over 120 s (DEADLINE_EXCEEDED), so a longer deadline
+            kubelet.stage(pv, va, secrets=old, timeout=420)
+            raise AssertionError("the guest kernel re-authenticated with the old keys")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+            assert "does not hold that key pair" in err.details(), err.details()
+        # ... the Secret's (what kubelet passes) accepted, and the mount still there
+        kubelet.stage(pv, va)
+        assert kubelet.fs_total(pv, target_path) == before
+        done = True
+    finally:
+        if not done:   # leave nothing staged or exported for the next test
+            with contextlib.suppress(Exception):
+                kubelet.unmount(pv, staging, target_path)
+            env.delete_pod(name)
+            env.delete_pvc(name)
     kubelet.unmount(pv, staging, target_path)
     env.delete_pod(name)
     env.wait(f"VolumeAttachment {va['metadata']['name']} deleted",
