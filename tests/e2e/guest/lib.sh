@@ -192,8 +192,19 @@ csi_stack_stop() {
       echo "csi_stack_stop: $_c (pid $_pid) still running ${CSI_STOP_GRACE:-90} s after SIGTERM; its threads (SIGUSR1) and log:" >&2
       kill -USR1 "$_pid" 2>/dev/null; sleep 3
       tail -n 120 "$CSI_RUN/$_c.log" >&2
+      for _t in /proc/"$_pid"/task/*; do   # threads in the kernel (D state: a stuck syscall)
+        echo "task ${_t##*/}: $(cut -d' ' -f3 "$_t/stat" 2>/dev/null)" >&2
+        cat "$_t/stack" >&2 2>/dev/null
+      done
       kill -KILL "$_pid" 2>/dev/null
       _rc=1
+      _n=20
+      while _alive "$_pid" && [ "$_n" -gt 0 ]; do sleep 1; _n=$((_n - 1)); done
+      if _alive "$_pid"; then   # unkillable: do not wait on it forever
+        echo "csi_stack_stop: $_c (pid $_pid) survives SIGKILL (stuck in the kernel)" >&2
+        rm -f "$CSI_RUN/$_c.pid"
+        continue
+      fi
     fi
     wait "$_pid"; _e=$?
     [ "$_e" = 0 ] || { echo "csi_stack_stop: $_c exited $_e" >&2; _rc=1; }
