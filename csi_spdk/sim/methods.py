@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import bdev as bdevmod
-from . import lvol as lvolmod
+from . import methods_lvol as lvolmod
 from . import qos as qosmod
 from .method_names import ALIASES, ALL_METHODS, STARTUP_ONLY
 from .state import EINVAL, ENODEV, ETIMEDOUT, NoParams, RpcError, SimState, errno_error

@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from . import lvol as lvolmod
+from . import methods_lvol as lvolmod
 from . import methods
 from .dataplane import DataPlane
 from .state import RpcError, SimState

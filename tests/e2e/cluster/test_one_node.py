@@ -11,9 +11,16 @@ the next attaches one.
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from . import rig
+
+try:
+    from k8s import cluster as k8s
+except ImportError:
+    from ..k8s import cluster as k8s
 
 pytestmark = [pytest.mark.guest, pytest.mark.timeout(4800)]
 NODE = rig.STORAGE_NODE
@@ -155,3 +162,59 @@ def test_online_expansion_seen_by_df(cluster, wl):
     wl.delete_pod("grow-pod")
     wl.wait_detached(pv_name)
     wl.delete_pvc("grow")
+
+
+def test_rotate_keys_keeps_the_pods_connection(cluster, wl):
+    """`csi-spdk rotate-keys` run in the controller Pod, as the README says,
+    while a Pod writes to the volume: kubelet's republish (requiresRepublish)
+    hands the node plugin the Secret's rotationStep pair, the node re-keys its
+    live NVMe controller and acknowledges in its ConfigMap; the command ends
+    with the new keys in the Secret, the Pod's mount answers throughout, and a
+    new Pod (a new connection) authenticates with the new keys only."""
+    from csi_spdk import contract
+    k = cluster.kubectl
+    wl.pvc("rot", "64Mi", rig.SC_FS)
+    pv = k.get("pv", wl.bound("rot")["spec"]["volumeName"])
+    handle = pv["spec"]["csi"]["volumeHandle"]
+    ref = pv["spec"]["csi"]["nodeStageSecretRef"]
+    lvol = contract.parse_id(handle).lvol_uuid
+    old = {key: base64.b64decode(v).decode() for key, v in
+           k.get("secret", ref["name"], ref["namespace"])["data"].items()}
+    wl.pod("rot-pod", "rot", node=NODE)
+    wl.running("rot-pod")
+    wl.sh("rot-pod", "echo before-rotation > /data/a && sync")
+    device = wl.sh("rot-pod", "awk '$2 == \"/data\" {print $1}' /proc/mounts").strip()
+    assert device.startswith("/dev/nvme"), device
+
+    res = k.run("exec", "-n", k8s.NAMESPACE, f"deploy/{k8s.RELEASE}-controller",
+                "-c", "csi-spdk", "--", "csi-spdk", "rotate-keys",
+                "--config", "/etc/csi-spdk/config.yaml", "--volume", handle,
+                "--node-timeout", "900", check=False, timeout=2100)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{handle}: keys rotated" in res.stdout, res.stdout
+    for material in (old[contract.SECRET_DHCHAP_KEY], old[contract.SECRET_DHCHAP_CTRL_KEY]):
+        assert material not in res.stdout + res.stderr
+
+    new = {key: base64.b64decode(v).decode() for key, v in
+           k.get("secret", ref["name"], ref["namespace"])["data"].items()}
+    for key in (contract.SECRET_DHCHAP_KEY, contract.SECRET_DHCHAP_CTRL_KEY):
+        assert new[key].startswith("DHHC-1:") and new[key] != old[key], key
+    assert not [key for key in new if key.startswith(contract.SECRET_NEXT_PREFIX)
+                or key == contract.SECRET_ROTATION_STEP], sorted(new)
+    acks = k.get("configmap", contract.ack_configmap_name(NODE), k8s.NAMESPACE)
+    assert (acks or {}).get("data", {}).get(lvol) == contract.pair_fingerprint(
+        new[contract.SECRET_DHCHAP_KEY], new[contract.SECRET_DHCHAP_CTRL_KEY]), acks
+
+    # the same mount, on the same device, kept working
+    assert wl.sh("rot-pod", "cat /data/a") == "before-rotation\n"
+    wl.sh("rot-pod", "echo after-rotation > /data/b && sync")
+    assert wl.sh("rot-pod", "awk '$2 == \"/data\" {print $1}' /proc/mounts").strip() == device
+    wl.delete_pod("rot-pod")
+    wl.wait_detached(pv["metadata"]["name"])
+    # a new connection: nvme connect with the Secret's (new) keys
+    wl.pod("rot-pod-2", "rot", node=NODE)
+    wl.running("rot-pod-2")
+    assert wl.sh("rot-pod-2", "cat /data/a /data/b") == "before-rotation\nafter-rotation\n"
+    wl.delete_pod("rot-pod-2")
+    wl.wait_detached(pv["metadata"]["name"])
+    wl.delete_pvc("rot")
