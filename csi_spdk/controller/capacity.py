@@ -91,6 +91,13 @@ class KeptCapacity:
         metrics.LVSTORE_TOTAL.labels(self.name, lvs["name"]).set(total)
         metrics.LVSTORE_FREE.labels(self.name, lvs["name"]).set(free)
 
+    def rescan(self) -> None:
+        """Re-read what the target holds now (provisioned figures and the kept
+        volumes, one streamed bdev_get_bdevs), for changes made outside this
+        process (another controller, an operator's rpc.py), which the periodic
+        rescan would show only at its next pass. Safe from any thread."""
+        self._scan_provisioned()
+
     def _scan_provisioned(self) -> None:
         """One bdev_get_bdevs: the provisioned parts of every lvstore.
 

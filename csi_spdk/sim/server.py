@@ -30,8 +30,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from . import methods_lvol as lvolmod
 from . import methods
+from . import methods_lvol as lvolmod
 from .dataplane import DataPlane
 from .state import RpcError, SimState
 

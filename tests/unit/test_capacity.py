@@ -612,7 +612,7 @@ def test_kept_figures_never_report_more_room_than_spdk_has(tmp_path, monkeypatch
         free = env.t0.raw.lvstores(env.t0.lvs)[0]["free_clusters"] * MiB
         assert capacity(env, THICK)[0] <= free
         assert main not in scans
-        target._scan_provisioned()
+        target.rescan()
         check("rescan after the out-of-band lvols", exact=True)
     finally:
         env.close()

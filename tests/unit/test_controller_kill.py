@@ -355,7 +355,7 @@ def teardown_everything(r) -> None:
         # changes behind a controller's back show at its next one): take it
         # now, as the periodic rescan would, instead of racing its timer
         for t in s.targets.values():
-            t._scan_provisioned()
+            t.rescan()
         for e in call(s, "ListSnapshots", csi_pb2.ListSnapshotsRequest()).entries:
             call(s, "DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(
                 snapshot_id=e.snapshot.snapshot_id))

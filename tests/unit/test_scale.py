@@ -339,11 +339,11 @@ def test_kept_volumes_follow_a_scan_and_changes_behind_the_controller(tmp_path, 
         oob = env.t0.raw.lvol_create(env.t0.lvs, contract.volume_lvol_name("oob"), MiB, True)
         oob_id = str(contract.ObjectId(env.t0.name, oob))
         assert oob_id not in listed()                 # not rescanned yet
-        target._scan_provisioned()
+        target.rescan()
         assert oob_id in listed()
         env.t0.raw.lvol_delete(oob)
         assert oob_id in listed()
-        target._scan_provisioned()
+        target.rescan()
         assert oob_id not in listed()
         # changes during a scan: SPDK answered the listing before them
         real = target.api.bdevs
@@ -359,7 +359,7 @@ def test_kept_volumes_follow_a_scan_and_changes_behind_the_controller(tmp_path, 
             call(env.servicer, "DeleteVolume", csi_pb2.DeleteVolumeRequest(volume_id=made[0]))
             return out
         monkeypatch.setattr(target.api, "bdevs", racing)
-        target._scan_provisioned()
+        target.rescan()
         monkeypatch.undo()
         assert listed() == sorted(made[1:] + [during["new"]])
         # a new process: one scan at its first ListVolumes, none after
