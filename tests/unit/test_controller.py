@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from controller_fixtures import (
+    NVMF_PORT,
     MiB,
     Mode,
     block_cap,
@@ -290,7 +291,7 @@ def test_publish_unpublish_spdk_state(env):
     ctx = call(s, "ControllerPublishVolume", publish_req(vol.volume_id, "node-1")).publish_context
     # no volume_context in the request: the volume's keys in the store make it dhchap
     assert dict(ctx) == {"nqn": contract.subsystem_nqn(uuid), "trtype": "tcp",
-                         "traddr": "10.0.2.2", "trsvcid": "4420", "adrfam": "ipv4",
+                         "traddr": "10.0.2.2", "trsvcid": str(NVMF_PORT), "adrfam": "ipv4",
                          "nsUuid": uuid, "serial": contract.serial_number(uuid),
                          "auth": "dhchap"}
     sub = env.t0.raw.subsystem_get(contract.subsystem_nqn(uuid))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from controller_fixtures import Crash
+from controller_fixtures import NVMF_PORT, Crash
 
 from csi_spdk import contract
 from csi_spdk.controller.export import NvmfExporter
@@ -31,7 +31,7 @@ def check_exported(env, uuid, hosts):
     assert sub["max_namespaces"] == 1
     assert [(n["bdev_name"], n["uuid"]) for n in sub["namespaces"]] == [(uuid, uuid)]
     assert [(a["traddr"], str(a["trsvcid"])) for a in sub["listen_addresses"]] == \
-        [("127.0.0.1", "4420")]
+        [("127.0.0.1", str(NVMF_PORT))]
     assert any(t["trtype"].upper() == "TCP" for t in env.t0.raw.transports())
 
 
@@ -40,7 +40,7 @@ def test_export_unexport(env):
     ex = exporter(env)
     ctx = ex.export(uuid, H1)
     assert ctx == {"nqn": contract.subsystem_nqn(uuid), "trtype": "tcp", "traddr": "10.0.2.2",
-                   "trsvcid": "4420", "adrfam": "ipv4", "nsUuid": uuid,
+                   "trsvcid": str(NVMF_PORT), "adrfam": "ipv4", "nsUuid": uuid,
                    "serial": contract.serial_number(uuid)}
     check_exported(env, uuid, [H1])
     assert ex.export(uuid, H1) == ctx          # idempotent
