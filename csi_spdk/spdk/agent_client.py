@@ -29,9 +29,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,35 @@ TLS_RECHECK_INTERVAL = 1.0
 # A retired channel is closed this long after a renewal: longer than any call's
 # deadline (the agent caps a call at 600 s), so no call in flight is cut.
 RETIRED_CHANNEL_GRACE = 600.0 + 2 * DEADLINE_MARGIN
+
+_DECODER = json.JSONDecoder()
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def decode_each(text: str, each: Callable[[Any], Any]) -> Any:
+    """A JSON array's elements decoded one at a time, keeping ``each(element)``
+    when not None: a listing of 10,000 bdevs (~10 MB of text, ten times that
+    as Python objects) is never held as objects whole, only what the caller
+    keeps. A result that is not an array is returned decoded (as SpdkClient)."""
+    pos = _WS.match(text).end()
+    if not text.startswith("[", pos):
+        return json.loads(text)
+    items: list[Any] = []
+    pos = _WS.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        return items
+    while True:
+        obj, pos = _DECODER.raw_decode(text, pos)
+        kept = each(obj)
+        if kept is not None:
+            items.append(kept)
+        pos = _WS.match(text, pos).end()
+        sep = text[pos:pos + 1]
+        if sep == "]":
+            return items
+        if sep != ",":
+            raise ValueError(f"malformed array at offset {pos}")
+        pos = _WS.match(text, pos + 1).end()
 
 log = logging.getLogger("csi_spdk.agent_client")
 
@@ -217,8 +248,13 @@ class AgentClient:
         return Internal(f"{self._label} failed {what}: {details}")
 
     # --- SpdkClient's surface --------------------------------------------------------
-    def call(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
-        """Forward one SPDK call; return its ``result`` or raise a typed error."""
+    streams = True   # ``call`` takes ``each`` (SpdkApi uses it for the listings)
+
+    def call(self, method: str, params: dict | None = None, timeout: float | None = None,
+             each: Callable[[Any], Any] | None = None) -> Any:
+        """Forward one SPDK call; return its ``result`` or raise a typed error.
+        ``each``: keep ``each(element)`` (not None) of an array result, decoded
+        one element at a time from the reply's text (``decode_each``)."""
         timeout = timeout if timeout is not None else self.timeout
         request = agent_pb2.CallRequest(
             method=method, params_json=json.dumps(params) if params is not None else "",
@@ -232,7 +268,11 @@ class AgentClient:
                 raise from_response(method, {"code": reply.error.code,
                                              "message": reply.error.message})
             outcome = "ok"
-            return json.loads(reply.result_json) if reply.result_json else None
+            if not reply.result_json:
+                return None
+            if each is not None:
+                return decode_each(reply.result_json, each)
+            return json.loads(reply.result_json)
         except grpc.RpcError as err:
             if err.code() not in (grpc.StatusCode.UNAVAILABLE,
                                   grpc.StatusCode.DEADLINE_EXCEEDED):

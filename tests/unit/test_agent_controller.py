@@ -89,3 +89,49 @@ def test_unreachable_agent_is_unavailable_naming_it(short_tmp):
         assert up is False and "no-agent.sock" in error
     finally:
         servicer.close()
+
+
+def test_listings_through_the_agent_keep_only_what_the_caller_keeps(env):
+    """SpdkApi's listings pass ``each`` to the agent client too: the reply's
+    array is decoded element by element and only the kept ones are returned."""
+    from csi_spdk.spdk.api import SpdkApi
+    api = SpdkApi(env.t0.api.client)
+    assert isinstance(api.client, AgentClient) == THROUGH_AGENT
+    names = sorted(b["name"] for b in env.t0.raw.call("bdev_get_bdevs"))
+    assert len(names) >= 1
+    got = api.call("bdev_get_bdevs", each=lambda b: b["name"] if b["name"] == names[0] else None)
+    assert got == [names[0]]
+    assert sorted(api.call("bdev_get_bdevs", each=lambda b: b["name"])) == names
+
+
+def test_decode_each_reads_one_element_at_a_time():
+    """The agent reply's text decoded element-wise: odd spacing, an empty
+    array, a result that is no array, a malformed one; and its memory: a
+    ~10 MB listing costs a fraction of what decoding it whole does."""
+    import json
+    import tracemalloc
+
+    import pytest
+
+    from csi_spdk.spdk.agent_client import decode_each
+    assert decode_each(' [ {"a": 1} ,{"a": 2},\n{"a":3} ] ', lambda e: e["a"] % 2 or None) == \
+        [1, 1]
+    assert decode_each("[]", lambda e: e) == [] == decode_each(" [ \n ] ", lambda e: e)
+    assert decode_each('{"x": [1]}', lambda e: e) == {"x": [1]}
+    with pytest.raises(ValueError):
+        decode_each('[{"a": 1} {"a": 2}]', lambda e: e)
+    text = json.dumps([{"name": f"lvs/{i:05d}", "uuid": f"{i:032x}", "num_blocks": 2048 * i,
+                        "driver_specific": {"lvol": {"thin_provision": bool(i % 2),
+                                                     "base_snapshot": None}}}
+                       for i in range(60000)])
+    assert len(text) > 9_000_000
+    peaks = {}
+    for how, fn in (("whole", lambda: len(json.loads(text))),
+                    ("each", lambda: decode_each(text, lambda b: None))):
+        tracemalloc.start()
+        got = fn()
+        peaks[how] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert got == (60000 if how == "whole" else [])
+    assert peaks["whole"] > len(text), peaks
+    assert peaks["each"] < 100_000, peaks
