@@ -37,6 +37,14 @@ READS = frozenset({
     "nvmf_get_subsystems", "keyring_get_keys", "framework_get_config",
 })
 
+# The READS whose result is an array of objects that grows with the volumes:
+# the agent passes them on element by element (agent/server.py), never
+# holding the whole listing as Python objects.
+LISTINGS = frozenset({
+    "bdev_get_bdevs", "bdev_lvol_get_lvstores", "bdev_lvol_get_lvols", "nvmf_get_subsystems",
+    "keyring_get_keys",
+})
+
 # Read-only calls the agent answers itself (never forwarded to spdk_tgt): its
 # own view, which spdk_tgt cannot give (a pool it refused never reached SPDK).
 AGENT_READS = frozenset({"csi_spdk_get_pools"})

@@ -135,3 +135,22 @@ def test_decode_each_reads_one_element_at_a_time():
         assert got == (60000 if how == "whole" else [])
     assert peaks["whole"] > len(text), peaks
     assert peaks["each"] < 100_000, peaks
+
+
+def test_the_agent_passes_listings_on_unchanged(env):
+    """What the agent relays element by element (policy.LISTINGS) equals what
+    spdk_tgt answers directly, for every listing, with filters and without."""
+    if not THROUGH_AGENT:
+        import pytest
+        pytest.skip("CSI_SPDK_TEST_AGENT=0: no agent in the path")
+    from csi_spdk.agent import policy
+    create = env.servicer.CreateVolume(create_req("pvc-list", 16 << 20,
+                                                  params={"auth": "none"}), None).volume
+    uuid = create.volume_id.split(":", 1)[1]
+    env.servicer.ControllerPublishVolume(publish_req(create.volume_id, "node-1"), None)
+    agent = env.t0.api.client
+    for method in sorted(policy.LISTINGS):
+        assert agent.call(method) == env.t0.raw.call(method), method
+    assert agent.call("bdev_get_bdevs", {"name": uuid}) == \
+        env.t0.raw.call("bdev_get_bdevs", {"name": uuid})
+    assert [b["name"] for b in agent.call("bdev_get_bdevs", {"name": uuid})] == [uuid]
