@@ -57,7 +57,7 @@ import yaml
 
 from .. import blkid, metrics
 from ..spdk.api import SpdkApi
-from ..spdk.errors import SpdkError
+from ..spdk.errors import SpdkError, SpdkTransportError
 
 log = logging.getLogger("csi_spdk.agent.pools")
 
@@ -383,14 +383,16 @@ class Pools:
 
     # --- report ----------------------------------------------------------------
     def _lvstores(self, max_age: float = 1.0) -> dict[str, dict[str, Any]]:
-        """lvstores by name, cached ``max_age`` seconds; the last known on errors."""
+        """lvstores by name, cached ``max_age`` seconds; the last known on errors,
+        also when spdk_tgt is unreachable (a scrape of the gauges must answer
+        then, when the other metrics matter most)."""
         with self._cache_lock:
             at, cached = self._lvs_cache
             if time.monotonic() - at < max_age:
                 return cached
             try:
                 cached = {lvs["name"]: lvs for lvs in self.api.lvstores()}
-            except SpdkError:
+            except (SpdkError, SpdkTransportError):
                 return cached
             self._lvs_cache = (time.monotonic(), cached)
             return cached

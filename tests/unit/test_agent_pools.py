@@ -272,3 +272,18 @@ def test_per_volume_io_metrics_come_from_bdev_get_iostat(sim: SimProcess,
     # an unreachable target gives an empty scrape, not a failed one
     assert reg.get_sample_value("csi_spdk_volume_io_bytes_total",
                                 {**labels, "op": "write"}) is None
+
+
+def test_pool_gauges_survive_an_unreachable_target(sim: SimProcess, short_tmp: Path) -> None:
+    """The pool capacity gauges are read at scrape time: with spdk_tgt killed
+    the scrape still answers (the last known figures), it does not fail."""
+    dev = _file(short_tmp / "pool.img")
+    name = f"gauge{time.monotonic_ns()}"
+    with sim.client() as c:
+        Pools(_spec(name, dev), SpdkApi(c)).attach()
+        total = REGISTRY.get_sample_value("csi_spdk_agent_pool_capacity_bytes", {"pool": name})
+        assert total and total > 32 * MiB, total
+        sim.kill9()
+        time.sleep(1.1)   # past the 1 s lvstore cache: the gauge asks SPDK again
+        assert REGISTRY.get_sample_value("csi_spdk_agent_pool_capacity_bytes",
+                                         {"pool": name}) == total
