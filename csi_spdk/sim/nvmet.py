@@ -49,7 +49,6 @@ ports nothing refers to anymore. Every operation is idempotent.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -57,9 +56,11 @@ import subprocess
 import threading
 from pathlib import Path
 
-from . import kernel_keyring, nvmet_leftovers
-from .dataplane import DataPlane, DataPlaneLimit, HostAuth, ListenerInfo, NamespaceInfo
+from . import configfs, nvmet_leftovers
+from .configfs import NvmetError
+from .dataplane import DataPlane, HostAuth, ListenerInfo, NamespaceInfo
 from .nvmet_crypt import CryptError, CryptMappings
+from .nvmet_hosts import NvmetHosts
 
 SYS_MODULE = Path("/sys/module")   # loaded kernel modules
 log = logging.getLogger(__name__)
@@ -77,54 +78,7 @@ DEFAULT_DHCHAP_HASH, DEFAULT_DHCHAP_DHGROUP = "hmac(sha256)", "ffdhe2048"
 PortKey = tuple[str, str, str, str, bool]
 
 
-class NvmetError(RuntimeError):
-    pass
-
-
-class OneKeyPairPerHost(NvmetError, DataPlaneLimit):
-    """nvmet's hosts/<nqn> holds one key pair for every subsystem."""
-
-
-def _write(path: Path, value: str) -> None:
-    try:
-        with open(path, "w") as f:
-            f.write(value)
-    except OSError as e:
-        raise NvmetError(f"writing {value!r} to {path}: {e.strerror or e}") from e
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
-
-
-def _mkdir(path: Path) -> None:
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path)
-
-
-def _rmdir(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(path)
-
-
-def _symlink(target: Path, link: Path) -> None:
-    try:
-        os.symlink(target, link)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise NvmetError(f"linking {link} -> {target}: {e.strerror or e}") from e
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-class NvmetDataPlane(DataPlane):
+class NvmetDataPlane(NvmetHosts, DataPlane):
     """Mirror the simulator's NVMe-oF state into the kernel nvmet target."""
 
     def __init__(self, traddr: str | None = None,
@@ -236,13 +190,13 @@ class NvmetDataPlane(DataPlane):
             path = self._subsys(nqn)
             self.subsystems.setdefault(nqn, {"any": False, "hosts": set()})
             self._save_owned()            # recorded before it exists: never leaked
-            _mkdir(path)
+            configfs.mkdir(path)
             if serial:
                 with contextlib.suppress(NvmetError):  # fixed once a controller exists
-                    _write(path / "attr_serial", serial)
+                    configfs.write(path / "attr_serial", serial)
             if model and (path / "attr_model").exists():
                 try:
-                    _write(path / "attr_model", model)
+                    configfs.write(path / "attr_model", model)
                 except NvmetError as e:
                     log.warning("nvmet: cannot set model of %s: %s", nqn, e)
             self.allow_any_host_changed(nqn, allow_any_host)
@@ -253,14 +207,14 @@ class NvmetDataPlane(DataPlane):
             state = self.subsystems.pop(nqn, {"any": False, "hosts": set()})
             for key, refs in list(self.port_refs.items()):
                 if refs.pop(nqn, None) is not None:
-                    _unlink(self._port(self.ports[key]) / "subsystems" / nqn)
+                    configfs.unlink(self._port(self.ports[key]) / "subsystems" / nqn)
                     self._gc_port(key)
             if path.is_dir():
                 for link in (path / "allowed_hosts").iterdir():
-                    _unlink(link)
+                    configfs.unlink(link)
                 for ns in (path / "namespaces").iterdir():
                     self._remove_ns_dir(ns)
-                _rmdir(path)
+                configfs.rmdir(path)
             self.crypt.close_subsystem(nqn)
             for host in state["hosts"]:
                 self._gc_host(host)
@@ -275,10 +229,10 @@ class NvmetDataPlane(DataPlane):
             path = self._subsys(nqn)
             if allow_any_host:
                 for host in state["hosts"]:
-                    _unlink(path / "allowed_hosts" / host)
-                _write(path / "attr_allow_any_host", "1")
+                    configfs.unlink(path / "allowed_hosts" / host)
+                configfs.write(path / "attr_allow_any_host", "1")
             else:
-                _write(path / "attr_allow_any_host", "0")
+                configfs.write(path / "attr_allow_any_host", "0")
                 for host in state["hosts"]:
                     self._link_host(nqn, host)
             state["any"] = allow_any_host
@@ -292,8 +246,8 @@ class NvmetDataPlane(DataPlane):
             return
         with self.lock:
             path = self._subsys(ns.nqn) / "namespaces" / str(ns.nsid)
-            _mkdir(path)
-            if _read(path / "enable") == "1":
+            configfs.mkdir(path)
+            if configfs.read(path / "enable") == "1":
                 return  # idempotent repeat
             device = ns.path
             if ns.crypto is not None:
@@ -301,16 +255,16 @@ class NvmetDataPlane(DataPlane):
                     device = self.crypt.open(ns)
                 except CryptError as err:
                     raise NvmetError(str(err)) from err
-            _write(path / "device_path", device)
-            _write(path / "device_uuid", ns.uuid)
+            configfs.write(path / "device_path", device)
+            configfs.write(path / "device_uuid", ns.uuid)
             if ns.nguid:
-                _write(path / "device_nguid", ns.nguid)
+                configfs.write(path / "device_nguid", ns.nguid)
             if (path / "buffered_io").exists():
-                _write(path / "buffered_io", "1")
+                configfs.write(path / "buffered_io", "1")
             if ns.read_only:
                 log.warning("nvmet: namespace %d of %s is read-only in SPDK; the kernel "
                             "target (6.1) cannot enforce that", ns.nsid, ns.nqn)
-            _write(path / "enable", "1")
+            configfs.write(path / "enable", "1")
 
     def namespace_removed(self, nqn: str, nsid: int) -> None:
         with self.lock:
@@ -325,153 +279,15 @@ class NvmetDataPlane(DataPlane):
                 raise NvmetError(str(err)) from err
             attr = self._subsys(ns.nqn) / "namespaces" / str(ns.nsid) / "revalidate_size"
             if attr.exists():
-                _write(attr, "1")
+                configfs.write(attr, "1")
 
     @staticmethod
     def _remove_ns_dir(path: Path) -> None:
         if not path.is_dir():
             return
-        if _read(path / "enable") == "1":
-            _write(path / "enable", "0")
-        _rmdir(path)
-
-    # --- hosts -------------------------------------------------------------------------
-    # nvmf.add_host calls host_auth_changed (keys) before host_added (the
-    # allowed_hosts link): the host is never allowed without its keys.
-    def host_added(self, nqn: str, host_nqn: str) -> None:
-        with self.lock:
-            self._check_one_key_pair(nqn, host_nqn, self._pair(nqn, host_nqn))
-            state = self.subsystems.setdefault(nqn, {"any": False, "hosts": set()})
-            state["hosts"].add(host_nqn)
-            if not state["any"]:
-                self._link_host(nqn, host_nqn)
-            self._save_owned()
-
-    def host_removed(self, nqn: str, host_nqn: str) -> None:
-        with self.lock:
-            state = self.subsystems.get(nqn)
-            if state:
-                state["hosts"].discard(host_nqn)
-            _unlink(self._subsys(nqn) / "allowed_hosts" / host_nqn)
-            auths = self.host_auth.get(host_nqn, {})
-            auth = auths.pop(nqn, None)
-            if not auths:
-                self.host_auth.pop(host_nqn, None)
-            if auth is not None and auth.psk:
-                self._unlink_psk(nqn, host_nqn)
-            self._gc_host(host_nqn)
-            self._save_owned()
-
-    def host_auth_changed(self, nqn: str, host_nqn: str, auth: HostAuth) -> None:
-        with self.lock:
-            pair = (auth.dhchap_key, auth.dhchap_ctrlr_key)
-            self._check_one_key_pair(nqn, host_nqn, pair)
-            old = self.host_auth.get(host_nqn, {}).get(nqn, HostAuth())
-            if auth:
-                self.host_auth.setdefault(host_nqn, {})[nqn] = auth
-            else:
-                self.host_auth.get(host_nqn, {}).pop(nqn, None)
-            host = self._host(host_nqn)
-            if not host.is_dir():
-                _mkdir(host)
-                self.hosts_created.add(host_nqn)
-            if pair != (old.dhchap_key, old.dhchap_ctrlr_key):
-                self._write_host_keys(host_nqn, auth)
-            if auth.psk and auth.psk != old.psk:
-                self._insert_psk(nqn, host_nqn, auth.psk)
-            self._save_owned()
-
-    def check_host_auth(self, nqn: str, host_nqn: str, auth: HostAuth) -> None:
-        with self.lock:
-            self._check_one_key_pair(nqn, host_nqn, (auth.dhchap_key, auth.dhchap_ctrlr_key))
-
-    def _pair(self, nqn: str, host_nqn: str) -> tuple[str | None, str | None]:
-        auth = self.host_auth.get(host_nqn, {}).get(nqn, HostAuth())
-        return auth.dhchap_key, auth.dhchap_ctrlr_key
-
-    def _check_one_key_pair(self, nqn: str, host_nqn: str,
-                            pair: tuple[str | None, str | None]) -> None:
-        """hosts/<nqn> is shared by every subsystem: all that allow the host
-        must want the same DH-HMAC-CHAP keys (or all none)."""
-        for other, state in self.subsystems.items():
-            if other == nqn or state["any"] or host_nqn not in state["hosts"]:
-                continue
-            if self._pair(other, host_nqn) != pair:
-                raise OneKeyPairPerHost(
-                    f"kernel nvmet keeps one DH-HMAC-CHAP key pair per host NQN (configfs "
-                    f"hosts/<nqn> is shared by all subsystems; SPDK keeps one per subsystem "
-                    f"and host): {host_nqn} is allowed on {other} with different keys (or "
-                    "none), so this simulator cannot also give it other keys on "
-                    f"{nqn}; use the same keys, or a real spdk_tgt")
-
-    def _write_host_keys(self, host_nqn: str, auth: HostAuth) -> None:
-        """hosts/<nqn>/dhchap_*. Removing keys means a fresh host entry (the
-        kernel's way to clear a key differs between versions)."""
-        host = self._host(host_nqn)
-        if not (host / "dhchap_key").exists():
-            if auth.dhchap_key:
-                raise NvmetError("this kernel's nvmet has no in-band authentication "
-                                 "(CONFIG_NVME_TARGET_AUTH)")
-            return
-        if ((not auth.dhchap_key or not auth.dhchap_ctrlr_key)
-                and (_read(host / "dhchap_key") or _read(host / "dhchap_ctrl_key"))):
-            self._recreate_host(host_nqn)
-        if auth.dhchap_key:
-            _write(host / "dhchap_hash", self.dhchap_hash)
-            _write(host / "dhchap_dhgroup", self.dhchap_dhgroup)
-            _write(host / "dhchap_key", auth.dhchap_key)
-        if auth.dhchap_ctrlr_key:
-            _write(host / "dhchap_ctrl_key", auth.dhchap_ctrlr_key)
-        # never log the keys: only what is set
-        log.info("nvmet: host %s DH-HMAC-CHAP %s", host_nqn,
-                 ("bidirectional" if auth.dhchap_ctrlr_key else "host key only")
-                 if auth.dhchap_key else "off")
-
-    def _recreate_host(self, host_nqn: str) -> None:
-        linked = [nqn for nqn, st in self.subsystems.items()
-                  if host_nqn in st["hosts"] and not st["any"]]
-        for nqn in linked:
-            _unlink(self._subsys(nqn) / "allowed_hosts" / host_nqn)
-        _rmdir(self._host(host_nqn))
-        _mkdir(self._host(host_nqn))
-        self.hosts_created.add(host_nqn)
-        for nqn in linked:
-            _symlink(self._host(host_nqn), self._subsys(nqn) / "allowed_hosts" / host_nqn)
-
-    def _link_host(self, nqn: str, host_nqn: str) -> None:
-        host = self._host(host_nqn)
-        if not host.is_dir():
-            _mkdir(host)
-            self.hosts_created.add(host_nqn)
-        _symlink(host, self._subsys(nqn) / "allowed_hosts" / host_nqn)
-
-    def _gc_host(self, host_nqn: str) -> None:
-        """Remove hosts/<nqn> we created once no subsystem allows it."""
-        if host_nqn not in self.hosts_created:
-            return
-        if any(host_nqn in s["hosts"] and not s["any"] for s in self.subsystems.values()):
-            return
-        if host_nqn in self.host_auth:
-            return
-        try:
-            _rmdir(self._host(host_nqn))
-        except OSError as e:
-            if e.errno != errno.EBUSY:
-                raise
-            log.warning("nvmet: host %s still referenced", host_nqn)
-            return
-        self.hosts_created.discard(host_nqn)
-
-    # --- TLS PSKs (kernel keyring) ---------------------------------------------------
-    def _insert_psk(self, nqn: str, host_nqn: str, psk: str) -> None:
-        try:
-            kernel_keyring.insert_tls_psk(host_nqn, nqn, psk)
-        except kernel_keyring.KeyringError as e:
-            raise NvmetError(str(e)) from None
-
-    @staticmethod
-    def _unlink_psk(nqn: str, host_nqn: str) -> None:
-        kernel_keyring.revoke_tls_psks(host_nqn, nqn)
+        if configfs.read(path / "enable") == "1":
+            configfs.write(path / "enable", "0")
+        configfs.rmdir(path)
 
     # --- listeners --------------------------------------------------------------------
     def _key(self, listener: ListenerInfo) -> PortKey:
@@ -487,7 +303,7 @@ class NvmetDataPlane(DataPlane):
             refs = self.port_refs.setdefault(key, {})
             refs[listener.nqn] = refs.get(listener.nqn, 0) + 1
             port_dir = self._port(port_id)
-            _symlink(self._subsys(listener.nqn), port_dir / "subsystems" / listener.nqn)
+            configfs.symlink(self._subsys(listener.nqn), port_dir / "subsystems" / listener.nqn)
             self._save_owned()
 
     def listener_removed(self, listener: ListenerInfo) -> None:
@@ -499,7 +315,7 @@ class NvmetDataPlane(DataPlane):
             refs[listener.nqn] -= 1
             if refs[listener.nqn] <= 0:
                 del refs[listener.nqn]
-                _unlink(self._port(self.ports[key]) / "subsystems" / listener.nqn)
+                configfs.unlink(self._port(self.ports[key]) / "subsystems" / listener.nqn)
             self._gc_port(key)
             self._save_owned()
 
@@ -511,27 +327,28 @@ class NvmetDataPlane(DataPlane):
         # Reuse a port someone (e.g. an earlier run) left with the same address.
         for pid in sorted(used):
             p = self._port(pid)
-            if (_read(p / "addr_trtype"), _read(p / "addr_adrfam"), _read(p / "addr_traddr"),
-                    _read(p / "addr_trsvcid"), _read(p / "addr_tsas") == "tls1.3") == key:
+            attrs = [configfs.read(p / f"addr_{a}")
+                     for a in ("trtype", "adrfam", "traddr", "trsvcid", "tsas")]
+            if (*attrs[:4], attrs[4] == "tls1.3") == key:
                 self.ports[key] = pid
                 return pid
         pid = next(i for i in range(1, 65535) if i not in used)
         path = self._port(pid)
-        _mkdir(path)
+        configfs.mkdir(path)
         trtype, adrfam, traddr, trsvcid, tls = key
         try:
-            _write(path / "addr_trtype", trtype)
-            _write(path / "addr_adrfam", adrfam)
-            _write(path / "addr_traddr", traddr)
-            _write(path / "addr_trsvcid", trsvcid)
+            configfs.write(path / "addr_trtype", trtype)
+            configfs.write(path / "addr_adrfam", adrfam)
+            configfs.write(path / "addr_traddr", traddr)
+            configfs.write(path / "addr_trsvcid", trsvcid)
             if tls:
                 if not (path / "addr_tsas").exists():
                     raise NvmetError("this kernel's nvmet has no TLS "
                                      "(CONFIG_NVME_TARGET_TCP_TLS)")
-                _write(path / "addr_tsas", "tls1.3")
-                _write(path / "addr_treq", "required")
+                configfs.write(path / "addr_tsas", "tls1.3")
+                configfs.write(path / "addr_treq", "required")
         except NvmetError:
-            _rmdir(path)
+            configfs.rmdir(path)
             raise
         self.ports[key] = pid
         return pid
@@ -547,10 +364,10 @@ class NvmetDataPlane(DataPlane):
         path = self._port(pid)
         if force and path.is_dir():
             for link in (path / "subsystems").iterdir():
-                _unlink(link)
+                configfs.unlink(link)
         if path.is_dir() and any((path / "subsystems").iterdir()):
             return  # someone else's subsystem is linked too
-        _rmdir(path)
+        configfs.rmdir(path)
         self.ports.pop(key, None)
         self.port_refs.pop(key, None)
 

@@ -25,6 +25,7 @@ import pytest
 from controller_fixtures import InProcClient
 
 from csi_spdk import contract, nvme_keys
+from csi_spdk.sim import configfs as configfs_ops
 from csi_spdk.sim import (
     methods,  # noqa: F401  (registers the RPC methods)
     nvmet,
@@ -42,7 +43,7 @@ def configfs(tmp_path, monkeypatch):
     root = tmp_path / "nvmet"
     for d in ("subsystems", "hosts", "ports"):
         (root / d).mkdir(parents=True)
-    real_mkdir = nvmet._mkdir
+    real_mkdir = configfs_ops.mkdir
 
     def mkdir(path: Path) -> None:
         real_mkdir(path)
@@ -56,8 +57,8 @@ def configfs(tmp_path, monkeypatch):
     def rmdir(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
-    monkeypatch.setattr(nvmet, "_mkdir", mkdir)
-    monkeypatch.setattr(nvmet, "_rmdir", rmdir)
+    monkeypatch.setattr(configfs_ops, "mkdir", mkdir)
+    monkeypatch.setattr(configfs_ops, "rmdir", rmdir)
     return root
 
 
