@@ -41,6 +41,9 @@ SPDK listeners that map to the same kernel address share one port.
 Backing files live on tmpfs in the guest, which (before Linux 6.6) has no
 O_DIRECT, so namespaces use buffered I/O.
 
+Hosts, their keys and PSKs are in ``nvmet_hosts.py`` (a mixin of this class),
+the configfs file operations in ``configfs.py``.
+
 Removal order: unlink subsystem from ports, remove allowed_hosts links,
 disable and remove namespaces, remove the subsystem, then remove hosts and
 ports nothing refers to anymore. Every operation is idempotent.
