@@ -8,8 +8,10 @@ The Helm chart's flags are checked against this parser (tests/unit).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import importlib
+import io
 import os
 import signal
 import sys
@@ -324,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # `kill -USR1 <pid>` prints every thread's stack to stderr: how an operator
     # (or a test's bounded stop) sees where a process that will not exit hangs
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # (not when stderr is no file, e.g. captured by a test runner)
+    with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     module, _, func = args.impl.partition(":")
     try:
         code = int(getattr(importlib.import_module(module), func)(args) or 0)

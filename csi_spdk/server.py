@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import io
 import logging
 import os
 import signal
@@ -147,7 +148,8 @@ def bounded_shutdown(deadline: float = SHUTDOWN_DEADLINE) -> None:
     alive then (a handler or worker thread stuck in a call; the interpreter
     joins pool threads at exit), every thread's stack goes to stderr and it
     exits with status 1, so a hang is reported, not waited on forever."""
-    faulthandler.dump_traceback_later(deadline, exit=True)
+    with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+        faulthandler.dump_traceback_later(deadline, exit=True)   # (stderr must be a file)
 
 
 def serve(servers: list[GrpcServer], metrics_address: str,

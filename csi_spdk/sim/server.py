@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import io
 import json
 import logging
 import os
@@ -310,6 +311,7 @@ def main(args: argparse.Namespace) -> int:
     finally:
         # bounded, as the driver's processes are (a stuck data plane teardown,
         # e.g. configfs, shows its stack instead of hanging the caller)
-        faulthandler.dump_traceback_later(60.0, exit=True)
+        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+            faulthandler.dump_traceback_later(60.0, exit=True)
         server.stop()
     return 0
