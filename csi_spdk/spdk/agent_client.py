@@ -56,6 +56,12 @@ TLS_RECHECK_INTERVAL = 1.0
 # A retired channel is closed this long after a renewal: longer than any call's
 # deadline (the agent caps a call at 600 s), so no call in flight is cut.
 RETIRED_CHANNEL_GRACE = 600.0 + 2 * DEADLINE_MARGIN
+# The largest reply the client accepts (gRPC's default is 4 MiB): a listing
+# crosses as one message, and bdev_get_bdevs at 10,000 lvols is ~13 MB (it
+# failed with "Received message larger than max" before this was set). 512 MiB
+# is about 400,000 lvols, beyond what one spdk_tgt holds.
+MAX_REPLY_BYTES = 512 << 20
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_REPLY_BYTES)]
 
 _DECODER = json.JSONDecoder()
 _WS = re.compile(r"[ \t\n\r]*")
@@ -143,7 +149,7 @@ class AgentClient:
         if is_unix(address):
             if tls is not None:
                 raise InvalidArgument(f"agent {address}: TLS files are for a host:port agent")
-            self._channel = grpc.insecure_channel(address)
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         else:
             if tls is None:
                 raise InvalidArgument(f"agent {address}: a host:port agent needs tls "
@@ -161,7 +167,7 @@ class AgentClient:
     def _secure_channel(self, tls: ClientTls) -> grpc.Channel:
         # A subchannel pool of its own: a renewed channel must not reuse the
         # old one's connection (made with the old certificate).
-        options = [("grpc.use_local_subchannel_pool", 1)]
+        options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
         if self._server_name:
             options.append(("grpc.ssl_target_name_override", self._server_name))
         return grpc.secure_channel(self.address, tls.credentials(), options=options)

@@ -154,3 +154,33 @@ def test_the_agent_passes_listings_on_unchanged(env):
     assert agent.call("bdev_get_bdevs", {"name": uuid}) == \
         env.t0.raw.call("bdev_get_bdevs", {"name": uuid})
     assert [b["name"] for b in agent.call("bdev_get_bdevs", {"name": uuid})] == [uuid]
+
+
+def test_a_listing_larger_than_grpcs_default_message_limit(env):
+    """bdev_get_bdevs of ~3,600 lvols (over gRPC's default 4 MiB per message;
+    10,000 lvols are ~13 MB) through the agent: the whole listing arrives
+    (it failed with "Received message larger than max" before)."""
+    import json
+
+    server, raw = env.t0.server, env.t0.raw
+    make = server.call if server is not None else raw.call   # in-process when it can
+    prefix = f"csi-big-{env.t0.malloc[-8:]}"
+    malloc, lvs = f"{env.t0.malloc}big", f"{env.t0.lvs}big"
+    # an lvstore of its own: one metadata page per lvol at least
+    make("bdev_malloc_create", {"name": malloc, "num_blocks": 262144, "block_size": 4096})
+    make("bdev_lvol_create_lvstore", {"bdev_name": malloc, "lvs_name": lvs, "cluster_sz": 1 << 20,
+                                      "num_md_pages_per_cluster_ratio": 2000})
+    made = []
+    try:
+        for i in range(3600):
+            made.append(make("bdev_lvol_create", {"lvs_name": lvs,
+                                                  "lvol_name": f"{prefix}-{i:05d}",
+                                                  "size_in_mib": 1, "thin_provision": True}))
+        direct = raw.call("bdev_get_bdevs")
+        assert len(json.dumps(direct)) > 4 << 20
+        got = env.t0.api.client.call("bdev_get_bdevs", each=lambda b: b["name"])
+        assert sorted(got) == sorted(b["name"] for b in direct)
+        assert set(made) <= set(got)
+    finally:
+        make("bdev_lvol_delete_lvstore", {"lvs_name": lvs})
+        make("bdev_malloc_delete", {"name": malloc})
