@@ -41,3 +41,51 @@ class KeyedLocks:
     def busy(self, key: str) -> bool:
         with self._mutex:
             return key in self._busy
+
+
+class SharedExclusive:
+    """Many holders of the shared side at once, or one of the exclusive side.
+
+    The storage agent's changes to spdk_tgt hold the shared side (they run in
+    parallel with each other) and a replay the exclusive side, so a replay
+    never sees a change half made: SPDK already changed, the record not yet
+    (it would put back a host an unexport just removed). A waiting exclusive
+    holder is served before new shared ones (a replay is not starved). Not
+    reentrant: a thread holding either side must not take it again."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()

@@ -178,6 +178,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             log.log(level, "refused" if outcome == "refused" else rpc, extra={"f": line})
         return reply, code, message
 
+    def _changing(self) -> contextlib.AbstractContextManager:
+        """Held around a change and its record (``DesiredState.changes``):
+        a replay waits for changes in flight and changes wait for a replay."""
+        store = getattr(self.state, "state", self.state)   # StorageSide -> its record
+        changes = getattr(store, "changes", None)
+        return changes.shared() if changes is not None else contextlib.nullcontext()
+
     def _record(self, method: str, params: dict | None, result: Any = None) -> None:
         """Tell the desired-state store; ``result`` is SPDK's reply (e.g. the nsid
         nvmf_subsystem_add_ns chose), never key material."""
@@ -204,6 +211,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             return agent_pb2.CallReply(result_json=json.dumps(self._agent_read(method))), "ok"
         try:
             policy.check(method, params, self.api.bdev_get)
+            if method in policy.MUTATING:
+                with self._changing():
+                    result = self.api.call(method, params, timeout=timeout)
+                    self._record(method, params, result)
+                return agent_pb2.CallReply(result_json=json.dumps(result)), "ok"
             if method in policy.LISTINGS:
                 # element by element: the listing is held as text, not objects
                 # (10,000 volumes: ~10 MB of text, ten times that decoded)
@@ -215,8 +227,6 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         except SpdkError as err:
             return agent_pb2.CallReply(error=agent_pb2.SpdkError(
                 code=err.spdk_code, message=err.spdk_message)), "spdk_error"
-        if method in policy.MUTATING:
-            self._record(method, params, result)
         return agent_pb2.CallReply(result_json=json.dumps(result)), "ok"
 
     def _agent_read(self, method: str) -> Any:
@@ -246,15 +256,16 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             checked = CheckedApi(self.api, self.state, timeout)
             result = None
             try:
-                try:
-                    result = intents.run(checked, name, spec)
-                finally:
-                    # what SPDK applied is recorded, failed intent or not, in
-                    # one atomic write (the parallel steps ran on other threads)
-                    with batch():
-                        checked.flush()
-                        if result is not None:
-                            self._settle(store, name, spec, result)
+                with self._changing():
+                    try:
+                        result = intents.run(checked, name, spec)
+                    finally:
+                        # what SPDK applied is recorded, failed intent or not, in
+                        # one atomic write (the parallel steps ran on other threads)
+                        with batch():
+                            checked.flush()
+                            if result is not None:
+                                self._settle(store, name, spec, result)
             except intents.IntentError as err:
                 return agent_pb2.IntentReply(refusal=agent_pb2.IntentRefusal(
                     reason=err.reason, message=err.message,
@@ -298,8 +309,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
     def _put_key_fn(self, request) -> Callable[[], tuple[Any, str]]:
         def put() -> tuple[agent_pb2.PutKeyReply, str]:
-            path = self.keys.put(request.name, bytes(request.material))
-            self._record("keyring_file_add_key", {"name": request.name, "path": path})
+            with self._changing():
+                path = self.keys.put(request.name, bytes(request.material))
+                self._record("keyring_file_add_key", {"name": request.name, "path": path})
             return agent_pb2.PutKeyReply(name=request.name, path=path), "ok"
         return put
 
@@ -309,8 +321,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
     def _delete_key_fn(self, request) -> Callable[[], tuple[Any, str]]:
         def delete() -> tuple[agent_pb2.DeleteKeyReply, str]:
-            self.keys.delete(request.name)
-            self._record("keyring_file_remove_key", {"name": request.name})
+            with self._changing():
+                self.keys.delete(request.name)
+                self._record("keyring_file_remove_key", {"name": request.name})
             return agent_pb2.DeleteKeyReply(), "ok"
         return delete
 

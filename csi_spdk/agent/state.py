@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomicfile
+from ..locks import SharedExclusive
 from ..spdk.api import SpdkApi
 from ..spdk.errors import SpdkError, SpdkExists
 from . import crypto_state, packed
@@ -73,7 +74,11 @@ class DesiredState:
     Concurrency: ``record``, ``snapshot`` and ``replay`` may be called from any
     thread; one lock orders the changes and the journal appends, so the disk
     always holds a prefix of the recorded calls. ``replay`` holds the lock
-    while it runs: calls recorded meanwhile wait and are not lost. One
+    while it runs: calls recorded meanwhile wait and are not lost. A change
+    is two steps (SPDK, then ``record``): whoever makes one holds
+    ``changes.shared()`` around both, and ``replay`` holds
+    ``changes.exclusive()``, so it never sees SPDK changed but the record not
+    (it would undo an unexport's host removal). One
     process writes a state directory: a second one is refused (``flock``),
     since its compaction would detach the first one's journal.
     ``read_only=True`` loads without writing or locking (reports, doctor).
@@ -86,6 +91,7 @@ class DesiredState:
         self.path = Path(path)
         self.read_only = read_only
         self._lock = threading.RLock()
+        self.changes = SharedExclusive()
         self._batch = threading.local()
         self._pending: list[Op] = []          # ops of a failed append, retried first
         self._lock_fd: int | None = None
@@ -378,8 +384,8 @@ class DesiredState:
         not are removed (the record says exactly who may connect). A failure
         of one object (say, an lvol not loaded yet) does not stop the rest.
         """
-        with self._lock:       # held throughout: the record cannot change under it,
-            try:               # so no copy; each entry is decoded while it is replayed
+        with self.changes.exclusive(), self._lock:   # no change half made; held
+            try:               # throughout, so no copy; each entry decoded as it is replayed
                 return _Replay(api, self._data).run()
             finally:
                 packed.settle(self._data)

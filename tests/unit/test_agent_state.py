@@ -267,3 +267,65 @@ def test_namespaces_recorded_without_the_reply(spdk_rpc: str, short_tmp: Path) -
         assert state.replay(api)["fixed"] == 0
         for nqn in (NQN1, NQN2):
             api.subsystem_delete(nqn)
+
+
+def test_a_replay_never_undoes_a_change_made_while_it_runs(spdk_rpc: str,
+                                                            short_tmp: Path) -> None:
+    """A replay (a spdk_tgt restart seen, or a false alarm on a loaded host)
+    while the controller unexports: the host removal goes through a real
+    agent server and must not be put back by the replay, which read the
+    record before the removal was recorded (seen in the real-kubelet rig:
+    DeleteVolume then refused forever, "still published")."""
+    import threading
+
+    from agent_fixtures import start_agent
+
+    from csi_spdk.spdk.client import SpdkClient
+
+    state = DesiredState(short_tmp / "st" / "d.json")
+    agent = start_agent(spdk_rpc, short_tmp / "agent-state", f"unix://{short_tmp}/a.sock",
+                        state=state)
+    client = agent.client()
+    nqn = "nqn.2024-11.io.csi-spdk:vol:00000000-0000-4000-8000-0000000000aa"
+    try:
+        with SpdkClient(spdk_rpc) as c:
+            raw = SpdkApi(c)
+            client.call("nvmf_create_subsystem", {"nqn": nqn, "allow_any_host": False})
+            client.call("nvmf_subsystem_add_host", {"nqn": nqn, "host": H1})
+            assert [h["nqn"] for h in raw.subsystem_get(nqn)["hosts"]] == [H1]
+
+            started, go_on = threading.Event(), threading.Event()
+
+            class Paused(SpdkApi):
+                """Stops the replay at its first SPDK call until told to go on."""
+                def call(self, method, params=None, timeout=None, each=None):
+                    if not started.is_set():
+                        started.set()
+                        go_on.wait(10)
+                    return raw.call(method, params, timeout=timeout, each=each)
+
+            replay = threading.Thread(target=lambda: state.replay(Paused(c)))
+            replay.start()
+            assert started.wait(10)
+            removed = threading.Thread(target=lambda: client.call(
+                "nvmf_subsystem_remove_host", {"nqn": nqn, "host": H1}))
+            removed.start()
+            removed.join(1.0)
+            # the change waits for the replay (without the lock it ran now and
+            # the replay, going on, put the host back)
+            assert removed.is_alive()
+            assert [h["nqn"] for h in raw.subsystem_get(nqn)["hosts"]] == [H1]
+            go_on.set()
+            replay.join(30)
+            removed.join(30)
+            assert not replay.is_alive() and not removed.is_alive()
+            assert raw.subsystem_get(nqn)["hosts"] == []
+            # and the record agrees: a second replay changes nothing
+            report = state.replay(raw)
+            assert report["fixed"] == 0, report
+            assert raw.subsystem_get(nqn)["hosts"] == []
+            raw.subsystem_delete(nqn)
+    finally:
+        client.close()
+        agent.stop()
+        state.close()
